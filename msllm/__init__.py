@@ -1,0 +1,3 @@
+"""msllm: pretraining multi-scale transformer language models with long context."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,532 @@
+"""Typed recipes: every field is defined, typed and documented here, and validated before anything runs.
+
+A recipe is a YAML file with the sections below. `load_recipe` reads it (following `base:` chains),
+applies `section.key=value` overrides, checks every key and type, and checks that the values agree
+with each other. Any problem is one `RecipeError` line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from msllm.errors import RecipeError
+
+ARCHITECTURES = ("vanilla", "bottom_up", "top_down", "retina")
+
+
+def doc(default: Any, help: str, required: bool = False) -> Any:
+    """A dataclass field with its documentation attached (listed by `msllm show-config --docs`).
+
+    `required` fields keep `default` only so that the dataclass can be built in code; a recipe
+    that does not set them is rejected.
+    """
+    metadata = {"help": help, "required": required}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        # Mutable defaults: each instance gets its own copy.
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("run", "Name of the run, used in logs and as the TensorBoard run name.")
+    output_dir: str = doc(
+        "runs/run",
+        "Folder for checkpoints, metrics.jsonl, TensorBoard events and the resolved recipe. "
+        "Relative paths are relative to the working directory.",
+    )
+    seed: int = doc(1234, "Seed for parameter init, data shuffling, and every RNG in training.")
+
+
+@dataclass
+class TokenizerConfig:
+    model: Optional[str] = doc(
+        None,
+        "Path to an existing sentencepiece .model to reuse. If unset, one is trained on the train "
+        "split and saved next to the shards.",
+    )
+    type: Literal["unigram", "bpe"] = doc("unigram", "sentencepiece model type when training one.")
+    vocab_size: int = doc(8000, "Vocabulary size when training a tokenizer.")
+    byte_fallback: bool = doc(True, "Map unknown characters to UTF-8 byte pieces instead of <unk>.")
+    character_coverage: float = doc(0.9995, "Fraction of characters the vocabulary must cover.")
+    input_sentence_size: int = doc(
+        1_000_000, "At most this many sentences are sampled from the corpus to train the tokenizer."
+    )
+
+
+@dataclass
+class DataConfig:
+    source: Literal["wikipedia-sample", "text", "jsonl", "shards"] = doc(
+        "wikipedia-sample",
+        "Where documents come from: the built-in Wikipedia sample (from gensim's test data), text "
+        "files, jsonl files, or already-written shards (`shards_dir` only).",
+    )
+    paths: list[str] = doc([], "Files or glob patterns for the `text` and `jsonl` sources.")
+    text_field: str = doc("text", "Field holding the document text in jsonl records.")
+    split_on_blank_lines: bool = doc(
+        False, "Text source: split each file into documents at blank lines (else one per file)."
+    )
+    on_decode_error: Literal["fail", "skip"] = doc(
+        "fail", "What to do with bytes that are not UTF-8: stop with an error, or skip the document."
+    )
+    validation_fraction: float = doc(
+        0.05, "Fraction of documents (chosen by a hash of their text) held out for validation."
+    )
+    shards_dir: str = doc(
+        "data/wikipedia-sample",
+        "Folder of the MDS shards: `train/`, `validation/`, `manifest.json`, the tokenizer.",
+    )
+    seq_len: int = doc(
+        1024, "Training sequence length L; shards hold windows of L+1 tokens (inputs and labels)."
+    )
+    tokenizer: TokenizerConfig = doc(TokenizerConfig(), "The sentencepiece tokenizer.")
+    workers: int = doc(2, "Worker processes that tokenize during `msllm prep`.")
+    shard_size_limit: int = doc(1 << 26, "Upper bound on the bytes of one MDS shard.")
+    shuffle: bool = doc(True, "Shuffle training samples (deterministically, from run.seed).")
+    num_workers: int = doc(0, "DataLoader worker processes per rank during training.")
+
+
+@dataclass
+class ScaleConfig:
+    factor: int = doc(
+        1, "Pooling factor k_s from the next finer scale to this one (1 for the token scale)."
+    )
+    layers: int = doc(2, "Transformer layers at this scale.")
+    attention: Literal["local", "full"] = doc(
+        "full", "Causal sliding-window attention over `window` tokens, or full causal attention."
+    )
+    window: int = doc(128, "Window w of local attention (and of retina's fine level).")
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["vanilla", "bottom_up", "top_down", "retina"] = doc(
+        "vanilla", "Architecture: the Llama-layout baseline or one of the paper's three.", required=True
+    )
+    vocab_size: int = doc(
+        0, "Vocabulary size. 0 means: take it from the data's tokenizer (the usual case)."
+    )
+    d_model: int = doc(256, "Width d of every scale.")
+    n_heads: int = doc(4, "Attention heads; must divide d_model.")
+    mlp_hidden: int = doc(0, "SwiGLU hidden width; 0 means Llama's 8/3 * d_model rounded to 64.")
+    scales: list[ScaleConfig] = doc(
+        [ScaleConfig()],
+        "Scales from the tokens (index 0) to the coarsest. Vanilla and retina use one entry for "
+        "their single stack (retina reads `retina_levels`); bottom-up and top-down need >= 2.",
+    )
+    final_layers: int = doc(
+        1, "Bottom-up: local-attention layers at token resolution after the scales are combined."
+    )
+    pooling: Literal["mean", "linear"] = doc(
+        "mean", "Causal pooling: mean of each group of k, or a linear map of their concatenation."
+    )
+    upsampling: Literal["repeat", "linear"] = doc(
+        "repeat", "Upsampling: repeat each vector k times, or a linear d -> k*d map."
+    )
+    aggregation: Literal["sum", "attention"] = doc(
+        "sum", "Bottom-up: combine the scales at each position by a sum or a small attention."
+    )
+    retina_levels: int = doc(3, "Retina: number of levels S (fine window plus S-1 pooled levels).")
+    retina_factor: int = doc(4, "Retina: block factor k between levels (blocks of k, k^2, ...).")
+    rope_theta: float = doc(10000.0, "RoPE base frequency.")
+    norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
+    tie_embeddings: bool = doc(False, "Share the token embedding and LM head weights.")
+    init_std: float = doc(0.02, "Std of the normal init of linear and embedding weights.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+
+    def cumulative_factors(self) -> list[int]:
+        """f_s for each scale: the number of tokens one position of scale s stands for."""
+        out, f = [], 1
+        for s, scale in enumerate(self.scales):
+            f *= scale.factor if s > 0 else 1
+            out.append(f)
+        return out
+
+    def length_multiple(self) -> int:
+        """Training sequence lengths must be a multiple of this (largest cumulative factor)."""
+        if self.arch in ("bottom_up", "top_down"):
+            return self.cumulative_factors()[-1]
+        return 1
+
+
+@dataclass
+class ParallelConfig:
+    sp: int = doc(
+        1, "Sequence-parallel degree: ranks that share one sample, each holding L/sp tokens."
+    )
+    zero_stage: Literal[0, 1, 2, 3] = doc(0, "DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = doc(False, "ZeRO: keep optimizer state in CPU memory.")
+    activation_checkpointing: bool = doc(False, "Recompute each block's activations in backward.")
+    offload_activations: bool = doc(
+        False, "With activation checkpointing: keep the saved block inputs in CPU memory."
+    )
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = doc(1000, "Optimizer steps to train for.")
+    micro_batch_size: int = doc(8, "Samples per rank per forward/backward.")
+    grad_accum_steps: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = doc(3e-4, "Peak learning rate.")
+    min_lr: float = doc(3e-5, "Learning rate at the end of the decay.")
+    warmup_steps: int = doc(100, "Linear warmup steps from 0 to `lr`.")
+    schedule: Literal["cosine", "linear", "constant"] = doc("cosine", "Decay after warmup.")
+    weight_decay: float = doc(0.1, "AdamW weight decay (never applied to norms and biases).")
+    betas: list[float] = doc([0.9, 0.95], "AdamW betas.")
+    eps: float = doc(1e-8, "AdamW epsilon.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this (0 disables).")
+    precision: Literal["fp32", "bf16", "fp16"] = doc(
+        "fp32", "Training precision. bf16 on GPUs; fp32 on CPUs (bf16 matmul is slow there)."
+    )
+    peak_flops: float = doc(
+        0.0, "Peak FLOP/s per device for MFU; 0 means measure a dense fp32 matmul at start-up."
+    )
+
+
+@dataclass
+class EvalConfig:
+    every: int = doc(0, "Evaluate every this many steps (0: only at the end).")
+    max_batches: int = doc(0, "Evaluate on at most this many batches (0: the whole split).")
+    micro_batch_size: int = doc(0, "Eval batch size per rank (0: the train micro-batch size).")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = doc(0, "Save every this many steps (0: only at the end).")
+    keep_last: int = doc(2, "Keep this many most recent complete checkpoints.")
+    resume: bool = doc(True, "Resume from the latest complete checkpoint in output_dir.")
+
+
+@dataclass
+class LogConfig:
+    every: int = doc(10, "Log a console line, a metrics.jsonl row and TensorBoard scalars every N steps.")
+    tensorboard: bool = doc(True, "Write TensorBoard event files under output_dir/tensorboard.")
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = doc(RunConfig(), "The run: name, output folder, seed.")
+    data: DataConfig = doc(DataConfig(), "Corpus, tokenizer and shards.")
+    model: ModelConfig = doc(ModelConfig(), "The architecture and its sizes.")
+    parallel: ParallelConfig = doc(ParallelConfig(), "Sequence parallelism and DeepSpeed ZeRO.")
+    train: TrainConfig = doc(TrainConfig(), "Optimizer and schedule.")
+    eval: EvalConfig = doc(EvalConfig(), "Validation.")
+    checkpoint: CheckpointConfig = doc(CheckpointConfig(), "Checkpoints and resume.")
+    log: LogConfig = doc(LogConfig(), "Console, metrics.jsonl and TensorBoard.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe file, follow its `base:` chain, apply overrides, type-check and validate it."""
+    path = Path(path)
+    raw = _read_with_bases(path, chain=())
+    for item in overrides:
+        _apply_override(raw, item, source=f"--set {item}")
+    recipe = from_dict(raw, source=str(path))
+    validate(recipe, source=str(path))
+    return recipe
+
+
+def from_dict(raw: dict, source: str = "<recipe>") -> Recipe:
+    """Build a Recipe from plain data (a loaded YAML or a checkpoint's saved recipe)."""
+    return _build(Recipe, raw, prefix="", source=source)
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise RecipeError(f"{chain[0]}: `base:` chain has a cycle: {cycle}")
+    if not path.is_file():
+        where = f"{chain[-1]}: base " if chain else ""
+        raise RecipeError(f"{where}recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}:{line} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict = {}
+    for b in bases:
+        if not isinstance(b, str):
+            raise RecipeError(f"{path}: base: expected a path (or a list of paths), got {b!r}")
+        merged = _deep_merge(merged, _read_with_bases(path.parent / b, chain=(*chain, resolved)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(raw: dict, item: str, source: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"{source}: expected section.key=value")
+    dotted, value_text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise RecipeError(f"{source}: expected section.key=value")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, (dict, list)):
+            raise RecipeError(f"{source}: {'.'.join(keys[:-1])} is not a section")
+        if isinstance(child, list):
+            raise RecipeError(f"{source}: {dotted} indexes into a list; set the whole list instead")
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: {prefix or 'recipe'}: expected a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else (
+                f" (valid keys: {', '.join(fields)})"
+            )
+            raise RecipeError(f"{source}: unknown key {where}{hint}")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], key, source)
+        elif dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], {}, key, source)  # so its required fields are checked
+        elif f.metadata.get("required"):
+            raise RecipeError(f"{source}: missing required value {key}")
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, source)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) if isinstance(a, str) else str(a) for a in args)
+            raise RecipeError(f"{source}: {key}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: {key}: expected a list, got {_describe(value)}")
+        return [_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{source}: {key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{source}: {key}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; accept it when it parses as a number.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise RecipeError(f"{source}: {key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{source}: {key}: expected a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"config type {tp} of {key} is not supported")  # a bug in this file
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: values that are each fine but do not fit together
+# ----------------------------------------------------------------------------------------------
+
+
+def validate(recipe: Recipe, source: str = "<recipe>") -> None:
+    def fail(key: str, message: str) -> None:
+        raise RecipeError(f"{source}: {key}: {message}")
+
+    m = recipe.model
+    positive = {
+        "model.d_model": m.d_model,
+        "model.n_heads": m.n_heads,
+        "data.seq_len": recipe.data.seq_len,
+        "data.tokenizer.vocab_size": recipe.data.tokenizer.vocab_size,
+        "data.workers": recipe.data.workers,
+        "train.max_steps": recipe.train.max_steps,
+        "train.micro_batch_size": recipe.train.micro_batch_size,
+        "train.grad_accum_steps": recipe.train.grad_accum_steps,
+        "parallel.sp": recipe.parallel.sp,
+        "log.every": recipe.log.every,
+        "model.retina_levels": m.retina_levels,
+        "model.retina_factor": m.retina_factor,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            fail(key, f"must be at least 1, got {value}")
+    for key, value in {
+        "model.vocab_size": m.vocab_size,
+        "model.mlp_hidden": m.mlp_hidden,
+        "model.final_layers": m.final_layers,
+        "train.warmup_steps": recipe.train.warmup_steps,
+        "eval.every": recipe.eval.every,
+        "eval.max_batches": recipe.eval.max_batches,
+        "checkpoint.every": recipe.checkpoint.every,
+        "checkpoint.keep_last": recipe.checkpoint.keep_last,
+        "data.num_workers": recipe.data.num_workers,
+    }.items():
+        if value < 0:
+            fail(key, f"must not be negative, got {value}")
+    if not 0.0 < recipe.data.validation_fraction < 1.0:
+        fail("data.validation_fraction", f"must be between 0 and 1, got {recipe.data.validation_fraction}")
+    if recipe.data.source in ("text", "jsonl") and not recipe.data.paths:
+        fail("data.paths", f"source {recipe.data.source!r} needs at least one file or glob in data.paths")
+    if m.d_model % m.n_heads:
+        fail("model.n_heads", f"d_model {m.d_model} is not divisible by n_heads {m.n_heads}")
+    if m.head_dim % 2:
+        fail("model.n_heads", f"head dim d_model/n_heads = {m.head_dim} must be even for RoPE")
+    if len(recipe.train.betas) != 2:
+        fail("train.betas", f"expected two numbers [beta1, beta2], got {recipe.train.betas}")
+    if recipe.train.lr < recipe.train.min_lr:
+        fail("train.min_lr", f"{recipe.train.min_lr} is above train.lr {recipe.train.lr}")
+    if not m.scales:
+        fail("model.scales", "needs at least one scale")
+    for s, scale in enumerate(m.scales):
+        key = f"model.scales[{s}]"
+        if s == 0 and scale.factor != 1:
+            fail(f"{key}.factor", f"the token scale has factor 1, got {scale.factor}")
+        if s > 0 and scale.factor < 2:
+            fail(f"{key}.factor", f"a coarser scale needs a pooling factor >= 2, got {scale.factor}")
+        if scale.layers < 0 or (scale.layers == 0 and m.arch in ("vanilla", "retina")):
+            fail(f"{key}.layers", f"must be at least 1, got {scale.layers}")
+        if scale.window < 1:
+            fail(f"{key}.window", f"must be at least 1, got {scale.window}")
+    multi = m.arch in ("bottom_up", "top_down")
+    if multi and len(m.scales) < 2:
+        fail("model.scales", f"{m.arch} needs at least two scales (tokens and one coarser), got {len(m.scales)}")
+    if not multi and len(m.scales) != 1:
+        fail("model.scales", f"{m.arch} has a single stack: give exactly one scale, got {len(m.scales)}")
+    if m.arch == "retina" and m.retina_factor < 2:
+        fail("model.retina_factor", f"must be at least 2, got {m.retina_factor}")
+    multiple = m.length_multiple()
+    if recipe.data.seq_len % multiple:
+        fail(
+            "data.seq_len",
+            f"{recipe.data.seq_len} is not a multiple of the cumulative pooling factor {multiple} "
+            f"(model.scales factors {[s.factor for s in m.scales[1:]]}); use e.g. "
+            f"{max(multiple, recipe.data.seq_len // multiple * multiple)}",
+        )
+    sp = recipe.parallel.sp
+    if sp > 1:
+        if m.n_heads % sp:
+            fail("parallel.sp", f"n_heads {m.n_heads} is not divisible by sp {sp}")
+        for s, f_s in enumerate(m.cumulative_factors() if multi else [1]):
+            if recipe.data.seq_len % (f_s * sp):
+                fail(
+                    "parallel.sp",
+                    f"scale {s} has L/f_s = {recipe.data.seq_len}/{f_s} positions, which do not split "
+                    f"evenly over sp={sp} ranks",
+                )
+    if recipe.parallel.offload_activations and not recipe.parallel.activation_checkpointing:
+        fail("parallel.offload_activations", "needs parallel.activation_checkpointing: true")
+
+
+def field_docs(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every field, for documentation."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(field_docs(tp, key))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+            if isinstance(default, list):
+                default = [dataclasses.asdict(d) if dataclasses.is_dataclass(d) else d for d in default]
+        rows.append((key, _type_name(tp), repr(default), f.metadata.get("help", "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
