@@ -99,6 +99,11 @@ class DataConfig:
     shard_size_limit: int = doc(1 << 26, "Upper bound on the bytes of one MDS shard.")
     shuffle: bool = doc(True, "Shuffle training samples (deterministically, from run.seed).")
     num_workers: int = doc(0, "DataLoader worker processes per rank during training.")
+    cache_dir: str = doc(
+        "",
+        "Local cache folder for shards read from a remote shards_dir (s3://, gs://, ...); empty "
+        "means a folder under the system temp dir. Unused for local shards.",
+    )
 
 
 @dataclass
@@ -338,7 +343,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     for key in raw:
         if key not in fields:
             where = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            close = _suggest(str(key), list(fields))
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else (
                 f" (valid keys: {', '.join(fields)})"
             )
@@ -353,6 +358,19 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         elif f.metadata.get("required"):
             raise RecipeError(f"{source}: missing required value {key}")
     return cls(**values)
+
+
+def _suggest(key: str, valid: list[str]) -> list[str]:
+    """The valid key closest to a mistyped one: by spelling, else an abbreviation (learning_rate -> lr)."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        return close
+
+    def abbreviates(short: str) -> bool:
+        letters = iter(key)
+        return short[0] == key[0] and all(c in letters for c in short)
+
+    return sorted((v for v in valid if abbreviates(v)), key=len, reverse=True)[:1]
 
 
 def _convert(tp: Any, value: Any, key: str, source: str) -> Any:

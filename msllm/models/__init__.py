@@ -1,0 +1,62 @@
+"""The model zoo: `build_model(model_cfg)` returns a plain `torch.nn.Module` whose
+`forward(input_ids [B, L]) -> logits [B, L, vocab]` works for any L >= 1.
+
+    vanilla    the Llama-layout baseline                      (vanilla.py)
+    bottom_up  local token layers, pooled up, scales combined (bottom_up.py)
+    top_down   coarsest scale first, refined down to tokens   (top_down.py)
+    retina     one stack, attention ever coarser with distance (retina.py)
+
+Shared blocks live in layers.py. Parallelism and activation checkpointing are applied from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msllm.models.bottom_up import BottomUpLM
+from msllm.models.layers import Block
+from msllm.models.retina import RetinaLM
+from msllm.models.top_down import TopDownLM
+from msllm.models.vanilla import VanillaLM
+
+MODELS = {"vanilla": VanillaLM, "bottom_up": BottomUpLM, "top_down": TopDownLM, "retina": RetinaLM}
+
+
+def build_model(cfg) -> nn.Module:
+    """Build the architecture `cfg.arch` (a validated `ModelConfig` with vocab_size set)."""
+    if cfg.vocab_size < 1:
+        raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer) before building")
+    return MODELS[cfg.arch](cfg)
+
+
+def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> nn.Module:
+    """Recompute every transformer block in backward instead of keeping its activations; with
+    `offload`, the block inputs that are kept go to CPU memory (fairscale's checkpoint_wrapper).
+    Parameter names do not change, so checkpoints load either way."""
+    from fairscale.nn.checkpoint import checkpoint_wrapper
+
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for i, child in enumerate(module):
+                if isinstance(child, Block):
+                    module[i] = checkpoint_wrapper(child, offload_to_cpu=offload)
+    return model
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward) at sequence length `seq_len`.
+
+    Counted by torch's FlopCounterMode on a forward pass of a model built on the meta device, so it
+    covers every matmul and attention of the architecture as it is actually computed (local and
+    retina attention count their whole blocks of keys, masked ones included).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+        input_ids = torch.zeros(1, seq_len, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(input_ids)
+    return 3.0 * counter.get_total_flops() / seq_len

@@ -1,0 +1,81 @@
+"""Bottom-up: read the tokens locally, then summarise upwards.
+
+    tokens -> embed -> scale 0 blocks (local attention)      -> h0 ---------------------------+
+                         pool k1 -> scale 1 blocks (full)     -> h1 -> upsample f1 ----------+
+                                      pool k2 -> scale 2 ...  -> h2 -> upsample f2 ----------+
+                                                                                              |
+           logits <- lm_head <- norm <- final blocks (local) <- aggregate (sum | attention) <-+
+
+Every pooling is causal (layers.CausalPool): coarse position j of scale s only summarises tokens
+<= j * f_s, and upsampling repeats it onto tokens j * f_s .. j * f_s + f_s - 1, so no token sees
+its future. Sequences of any length are padded at the end to a multiple of the coarsest factor;
+padding after the last real token cannot change any real position's output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from msllm.models.layers import CausalPool, RMSNorm, Upsample, init_weights, make_blocks, make_core
+
+
+class ScaleAttention(nn.Module):
+    """Combine the S scale vectors of one position by a single-head attention, queried by the
+    token scale: each position chooses how much to take from each scale."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.query_norm = RMSNorm(d, eps)
+        self.key_norm = RMSNorm(d, eps)
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(d, d, bias=False)
+
+    def forward(self, per_scale: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(per_scale, dim=2)  # [B, L, S, d]
+        q = self.wq(self.query_norm(per_scale[0])).unsqueeze(2)  # [B, L, 1, d]
+        k = self.wk(self.key_norm(stacked))
+        weights = torch.softmax((q * k).sum(-1) / math.sqrt(q.shape[-1]), dim=-1)  # [B, L, S]
+        return (weights.unsqueeze(-1) * stacked).sum(dim=2)
+
+
+class BottomUpLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        factors = cfg.cumulative_factors()
+        self.multiple = factors[-1]
+        d = cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.scales = nn.ModuleList(
+            make_blocks(cfg, scale.layers, lambda s=scale: make_core(s.attention, s.window)) for scale in cfg.scales
+        )
+        # pools[i] takes scale i to scale i+1; upsamples[i] takes scale i+1 straight to the tokens.
+        self.pools = nn.ModuleList(CausalPool(d, scale.factor, cfg.pooling) for scale in cfg.scales[1:])
+        self.upsamples = nn.ModuleList(Upsample(d, f, cfg.upsampling) for f in factors[1:])
+        self.aggregate = ScaleAttention(d, cfg.norm_eps) if cfg.aggregation == "attention" else None
+        fine = cfg.scales[0]
+        self.final = make_blocks(cfg, cfg.final_layers, lambda: make_core(fine.attention, fine.window))
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_std, sum(s.layers for s in cfg.scales) + cfg.final_layers)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        L = input_ids.shape[1]
+        input_ids = nn.functional.pad(input_ids, (0, -L % self.multiple))
+        h = self.embed(input_ids)
+        outputs = []
+        for s, blocks in enumerate(self.scales):
+            if s > 0:
+                h = self.pools[s - 1](h)
+            for block in blocks:
+                h = block(h)
+            outputs.append(h)
+        per_scale = [outputs[0]] + [up(out) for up, out in zip(self.upsamples, outputs[1:])]
+        h = self.aggregate(per_scale) if self.aggregate is not None else sum(per_scale)
+        for block in self.final:
+            h = block(h)
+        return self.lm_head(self.norm(h))[:, :L]

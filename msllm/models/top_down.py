@@ -1,0 +1,54 @@
+"""Top-down: decide the gist at the coarsest scale first, then refine towards the tokens.
+
+    tokens -> embed = x
+    scale S-1:  pool(x, f_{S-1})                        -> blocks (full) -> h_{S-1}
+    scale s:    pool(x, f_s) + upsample(h_{s+1}, k_{s+1}) -> blocks        -> h_s
+    scale 0:    x            + upsample(h_1, k_1)        -> blocks (local) -> norm -> lm_head
+
+Long range flows through the coarse path; the token scale stays local. Each pooling goes straight
+from the embeddings to its scale with a causal shift of f_s - 1 (layers.CausalPool), so coarse
+position j of scale s summarises tokens <= j * f_s, and upsampling by k_s places it on positions of
+scale s-1 that already cover token j * f_s. Sequences of any length are padded at the end to a
+multiple of the coarsest factor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msllm.models.layers import CausalPool, RMSNorm, Upsample, init_weights, make_blocks, make_core
+
+
+class TopDownLM(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        factors = cfg.cumulative_factors()
+        self.multiple = factors[-1]
+        d = cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.scales = nn.ModuleList(
+            make_blocks(cfg, scale.layers, lambda s=scale: make_core(s.attention, s.window)) for scale in cfg.scales
+        )
+        # pools[i] takes the embeddings to scale i+1; upsamples[i] takes scale i+1 to scale i.
+        self.pools = nn.ModuleList(CausalPool(d, f, cfg.pooling) for f in factors[1:])
+        self.upsamples = nn.ModuleList(Upsample(d, scale.factor, cfg.upsampling) for scale in cfg.scales[1:])
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_std, sum(s.layers for s in cfg.scales))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        L = input_ids.shape[1]
+        input_ids = nn.functional.pad(input_ids, (0, -L % self.multiple))
+        x = self.embed(input_ids)
+        h = None  # output of the next coarser scale
+        for s in reversed(range(len(self.scales))):
+            inputs = x if s == 0 else self.pools[s - 1](x)
+            if h is not None:
+                inputs = inputs + self.upsamples[s](h)
+            h = inputs
+            for block in self.scales[s]:
+                h = block(h)
+        return self.lm_head(self.norm(h))[:, :L]

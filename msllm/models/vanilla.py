@@ -1,0 +1,34 @@
+"""Vanilla: the baseline every claim is measured against. The Llama layout (pre-norm RMSNorm,
+RoPE, SwiGLU, no biases), so that it exports to a Hugging Face Llama checkpoint.
+
+    tokens -> embed -> N x Block -> norm -> lm_head -> logits
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msllm.models.layers import RMSNorm, init_weights, make_blocks, make_core
+
+
+class VanillaLM(nn.Module):
+    def __init__(self, cfg, core_factory=None):
+        """`core_factory` makes each layer's attention core; by default the one scales[0] names
+        (retina.py passes its own)."""
+        super().__init__()
+        scale = cfg.scales[0]
+        core_factory = core_factory or (lambda: make_core(scale.attention, scale.window))
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = make_blocks(cfg, scale.layers, core_factory)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_std, scale.layers)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.lm_head(self.norm(h))

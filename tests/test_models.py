@@ -1,0 +1,266 @@
+"""The model zoo: causality, the attention kinds against dense references, memory that grows
+linearly with length, activation checkpointing, determinism and a small overfit."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msllm.config import ModelConfig, ScaleConfig
+from msllm.inspect import saved_activation_bytes
+from msllm.models import apply_activation_checkpointing, build_model
+from msllm.models.layers import CausalPool, RetinaAttention, Upsample, local_attention
+
+VOCAB = 97
+
+
+def tiny(arch: str, **overrides) -> ModelConfig:
+    """A small model of `arch`; multi-scale ones get two scales (factor 4) unless overridden."""
+    if arch in ("bottom_up", "top_down"):
+        scales = [ScaleConfig(1, 1, "local", 8), ScaleConfig(4, 1, "full")]
+    else:
+        scales = [ScaleConfig(1, 2, "full" if arch == "vanilla" else "local", 8)]
+    cfg = ModelConfig(arch=arch, vocab_size=VOCAB, d_model=32, n_heads=2, scales=scales, retina_levels=3,
+                      retina_factor=2, final_layers=1)
+    return dataclasses.replace(cfg, **overrides)
+
+
+CONFIGS = {
+    "vanilla-full": tiny("vanilla"),
+    "vanilla-local": tiny("vanilla", scales=[ScaleConfig(1, 2, "local", 5)]),
+    "bottom_up-k4": tiny("bottom_up"),
+    "bottom_up-k2-3scales-attnagg-linear": tiny(
+        "bottom_up",
+        scales=[ScaleConfig(1, 1, "local", 3), ScaleConfig(2, 1, "full"), ScaleConfig(2, 1, "full")],
+        aggregation="attention", pooling="linear", upsampling="linear",
+    ),
+    "bottom_up-window-smaller-than-block": tiny(
+        "bottom_up", scales=[ScaleConfig(1, 1, "local", 2), ScaleConfig(4, 1, "local", 3), ScaleConfig(4, 1, "full")]
+    ),
+    "top_down-k4": tiny("top_down"),
+    "top_down-k2-3scales-linear": tiny(
+        "top_down",
+        scales=[ScaleConfig(1, 1, "local", 16), ScaleConfig(2, 1, "full"), ScaleConfig(2, 1, "full")],
+        pooling="linear", upsampling="linear",
+    ),
+    "top_down-window-smaller-than-block": tiny(
+        "top_down", scales=[ScaleConfig(1, 1, "local", 3), ScaleConfig(4, 1, "full"), ScaleConfig(2, 1, "full")]
+    ),
+    "retina-k2": tiny("retina"),
+    "retina-k4-window-smaller-than-block": tiny(
+        "retina", scales=[ScaleConfig(1, 2, "local", 3)], retina_factor=4, retina_levels=3
+    ),
+}
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(cfg).double()
+
+
+# ----------------------------------------------------------------------------------------------
+# Causality
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_changing_a_token_changes_no_earlier_logit(name):
+    model = build(CONFIGS[name])
+    torch.manual_seed(1)
+    L = 45  # not a multiple of any factor or window: the model pads internally
+    ids = torch.randint(0, VOCAB, (3, L))
+    base = model(ids)
+    for p in (0, 7, 16, 17, 31, 44):
+        changed = ids.clone()
+        changed[:, p] = (changed[:, p] + 1 + torch.arange(3)) % VOCAB
+        out = model(changed)
+        assert torch.equal(out[:, :p], base[:, :p]), f"{name}: token {p} changed an earlier logit"
+        assert not torch.allclose(out[:, p], base[:, p]), f"{name}: token {p} did not change its own logit"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_no_gradient_flows_from_a_logit_to_later_positions(name):
+    model = build(CONFIGS[name])
+    torch.manual_seed(2)
+    L = 40
+    ids = torch.randint(0, VOCAB, (2, L))
+    embeddings = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        embeddings.append(output)
+
+    model.embed.register_forward_hook(keep)
+    logits = model(ids)
+    for t in (0, 5, 12, 23, 39):
+        embeddings[0].grad = None
+        logits[:, t].sum().backward(retain_graph=True)
+        grad = embeddings[0].grad
+        assert torch.count_nonzero(grad[:, t + 1 :]) == 0, f"{name}: logit {t} depends on a later position"
+        assert torch.count_nonzero(grad[:, t]) > 0, f"{name}: logit {t} does not depend on its own token"
+
+
+def test_causal_pool_shift_is_exactly_what_keeps_it_causal():
+    """Coarse position j, repeated onto fine j*k .. j*k+k-1, must only summarise fine positions
+    <= j*k. With the shift of k-1 it does; with one less it leaks (the Hourglass argument)."""
+    k, L = 4, 16
+    pool = CausalPool(1, k, "mean")
+    up = Upsample(1, k, "repeat")
+    x = torch.zeros(1, L, 1, requires_grad=True)
+    out = up(pool(x))
+    for t in range(L):
+        (grad,) = torch.autograd.grad(out[0, t].sum(), x, retain_graph=True)
+        assert torch.count_nonzero(grad[0, t + 1 :]) == 0
+    pool.shift.shift = k - 2  # one short: now fine position j*k sees j*k + 1
+    out = up(pool(x))
+    (grad,) = torch.autograd.grad(out[0, 4].sum(), x)
+    assert torch.count_nonzero(grad[0, 5:]) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention kinds against dense references
+# ----------------------------------------------------------------------------------------------
+
+
+def dense_attention(q, k, v, allowed):
+    """Reference: explicit scores under an explicit [L, Lk] mask."""
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("L,window", [(37, 8), (8, 8), (5, 8), (64, 1), (50, 7)])
+def test_local_attention_matches_a_dense_banded_reference(L, window):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, L, 4, dtype=torch.float64) for _ in range(3))
+    t = torch.arange(L).view(L, 1)
+    s = torch.arange(L).view(1, L)
+    expected = dense_attention(q, k, v, (s <= t) & (s > t - window))
+    torch.testing.assert_close(local_attention(q, k, v, window), expected)
+
+
+def retina_reference_keys(t: int, window: int, factor: int, levels: int, L: int):
+    """The keys query t sees, straight from the definition: fine tokens (t-w, t], then for each
+    coarser level the last w blocks of factor^level tokens lying wholly before the previous region."""
+    fine = [i for i in range(t - window + 1, t + 1) if i >= 0]
+    pooled = []
+    region_start = t - window + 1
+    for level in range(1, levels):
+        size = factor**level
+        blocks = [b for b in range(region_start // size - window, region_start // size) if b >= 0]
+        blocks = [b for b in blocks if (b + 1) * size <= L]
+        pooled.append((size, blocks))
+        region_start = (region_start // size - window) * size
+    return fine, pooled
+
+
+@pytest.mark.parametrize("L,window,factor,levels", [(40, 4, 2, 3), (64, 3, 4, 3), (30, 5, 2, 4), (9, 4, 2, 2)])
+def test_retina_attention_matches_its_definition(L, window, factor, levels):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, L, 4, dtype=torch.float64) for _ in range(3))
+    out = RetinaAttention(window, factor, levels)(q, k, v)
+    for t in range(L):
+        fine, pooled = retina_reference_keys(t, window, factor, levels, L)
+        keys = [k[:, :, fine]]
+        values = [v[:, :, fine]]
+        for size, blocks in pooled:
+            for b in blocks:
+                keys.append(k[:, :, b * size : (b + 1) * size].mean(dim=2, keepdim=True))
+                values.append(v[:, :, b * size : (b + 1) * size].mean(dim=2, keepdim=True))
+        kk, vv = torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        expected = F.scaled_dot_product_attention(q[:, :, t : t + 1], kk, vv)
+        torch.testing.assert_close(out[:, :, t : t + 1], expected, msg=f"query {t}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory, checkpointing, determinism, learning
+# ----------------------------------------------------------------------------------------------
+
+
+MEMORY_CONFIGS = {
+    "vanilla": tiny("vanilla", d_model=64),
+    "bottom_up": tiny("bottom_up", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
+    "top_down": tiny("top_down", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
+    "retina": tiny("retina", d_model=64, scales=[ScaleConfig(1, 1, "local", 64)], retina_factor=4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(MEMORY_CONFIGS))
+def test_activation_bytes_per_token_stay_flat_from_1k_to_16k(arch):
+    """No L x L tensor is saved for backward: bytes per token at 16k are those at 1k (+-15%)."""
+    torch.manual_seed(0)
+    model = build_model(MEMORY_CONFIGS[arch])
+    per_token = {}
+    for L in (1024, 16384):
+        per_token[L] = saved_activation_bytes(model, torch.randint(0, VOCAB, (1, L))) / L
+    assert per_token[16384] <= 1.15 * per_token[1024], per_token
+    assert per_token[16384] >= 0.85 * per_token[1024], per_token
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+def test_forward_and_backward_at_16k_tokens_and_d256(arch):
+    scales = {
+        "vanilla": [ScaleConfig(1, 1, "full")],
+        "retina": [ScaleConfig(1, 1, "local", 128)],
+    }.get(arch, [ScaleConfig(1, 1, "local", 128), ScaleConfig(4, 1, "full"), ScaleConfig(4, 1, "full")])
+    cfg = ModelConfig(arch=arch, vocab_size=512, d_model=256, n_heads=4, scales=scales, final_layers=1)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, 512, (1, 16384))
+    logits = model(ids)
+    loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(arch, offload):
+    cfg = tiny(arch)
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointed in (False, True):
+        model = build(cfg)
+        if checkpointed:
+            apply_activation_checkpointing(model, offload=offload)
+        logits = model(ids)
+        F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+def test_same_seed_same_logits(arch):
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    a, b, c = build(tiny(arch), seed=5), build(tiny(arch), seed=5), build(tiny(arch), seed=6)
+    assert torch.equal(a(ids), b(ids))
+    assert not torch.equal(a(ids), c(ids))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+def test_a_tiny_model_overfits_a_short_repeated_text(arch):
+    text = b"the quick brown fox jumps over the lazy dog; "
+    torch.manual_seed(0)
+    model = build_model(tiny(arch, vocab_size=256, d_model=64, n_heads=4))
+    stream = torch.tensor(list(text * 40))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    windows = stream.unfold(0, 65, 7)  # overlapping windows of 64 inputs + 1 label
+    for step in range(300):
+        batch = windows[(torch.arange(8) + step * 8) % len(windows)]
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.1:
+            break
+    assert loss.item() < 0.1, f"{arch}: loss {loss.item():.3f} after {step + 1} steps"
