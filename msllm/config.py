@@ -210,6 +210,11 @@ class TrainConfig:
     peak_flops: float = doc(
         0.0, "Peak FLOP/s per device for MFU; 0 means measure a dense fp32 matmul at start-up."
     )
+    stop_at_step: int = doc(
+        0,
+        "Stop after this step with a checkpoint, as on preemption, while the schedule still runs to "
+        "max_steps (for jobs shorter than the run; rerun with 0 to finish). 0: train to max_steps.",
+    )
 
 
 @dataclass
@@ -455,6 +460,9 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "model.mlp_hidden": m.mlp_hidden,
         "model.final_layers": m.final_layers,
         "train.warmup_steps": recipe.train.warmup_steps,
+        "train.stop_at_step": recipe.train.stop_at_step,
+        "train.grad_clip": recipe.train.grad_clip,
+        "train.peak_flops": recipe.train.peak_flops,
         "eval.every": recipe.eval.every,
         "eval.max_batches": recipe.eval.max_batches,
         "checkpoint.every": recipe.checkpoint.every,
@@ -512,6 +520,24 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
                     "parallel.sp",
                     f"scale {s} has L/f_s = {recipe.data.seq_len}/{f_s} positions, which do not split "
                     f"evenly over sp={sp} ranks",
+                )
+        # Halos come from the previous rank only: a window must fit in one rank's slice.
+        for s, (scale, f_s) in enumerate(zip(m.scales, m.cumulative_factors())):
+            per_rank = recipe.data.seq_len // (f_s * sp)
+            uses_window = scale.attention == "local" or m.arch == "retina"
+            if uses_window and scale.window > per_rank:
+                fail(
+                    f"model.scales[{s}].window",
+                    f"window {scale.window} is longer than the {per_rank} positions each of the sp={sp} "
+                    f"ranks holds at scale {s}; lower the window or sp, or raise data.seq_len",
+                )
+        if m.arch == "retina":
+            block = m.retina_factor ** (m.retina_levels - 1)
+            if (recipe.data.seq_len // sp) % block:
+                fail(
+                    "parallel.sp",
+                    f"retina's coarsest blocks of {block} tokens must not straddle ranks: "
+                    f"data.seq_len/sp = {recipe.data.seq_len // sp} is not a multiple of {block}",
                 )
     if recipe.parallel.offload_activations and not recipe.parallel.activation_checkpointing:
         fail("parallel.offload_activations", "needs parallel.activation_checkpointing: true")

@@ -73,6 +73,8 @@ BAD = [
     ("text source without paths", GOOD + "data: {source: text, seq_len: 128}\n", "data.paths: source 'text' needs at least one file"),
     ("sp does not divide heads", GOOD + "parallel: {sp: 3}\n", "parallel.sp: n_heads 4 is not divisible by sp 3"),
     ("sp does not split a scale", GOOD.replace("seq_len: 128", "seq_len: 4") + "parallel: {sp: 2}\n", "parallel.sp: scale 1 has L/f_s = 4/4 positions, which do not split evenly over sp=2 ranks"),
+    ("window longer than a rank's slice", GOOD.replace("window: 16", "window: 128") + "parallel: {sp: 2}\n", "model.scales[0].window: window 128 is longer than the 64 positions each of the sp=2 ranks holds at scale 0"),
+    ("retina blocks straddle ranks", "model: {arch: retina, n_heads: 4, retina_factor: 4, retina_levels: 3, scales: [{window: 8}]}\ndata: {seq_len: 72}\nparallel: {sp: 2}\n", "parallel.sp: retina's coarsest blocks of 16 tokens must not straddle ranks: data.seq_len/sp = 36"),
     ("list expected", GOOD + "train: {betas: 0.9}\n", "train.betas: expected a list, got float 0.9"),
     ("section not a mapping", GOOD + "eval: 5\n", "eval: expected a mapping, got int 5"),
     ("not yaml", "model: {arch: [vanilla\n", "is not valid YAML"),

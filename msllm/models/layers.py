@@ -124,23 +124,24 @@ def local_attention(
     window: int,
     k_past: torch.Tensor | None = None,
     v_past: torch.Tensor | None = None,
+    past_visible: bool = True,
 ) -> torch.Tensor:
     """Causal sliding-window attention over keys (t - window, t], in O(L * window) time and memory.
 
     Queries go in blocks of `window`; each block attends to its own keys and the previous block's,
     under one [n, w, 2w] mask. `k_past`/`v_past` ([B, H, window, D]) are the keys just before this
-    sequence (another rank's, under sequence parallelism); without them the sequence starts here.
+    sequence (the previous rank's, under sequence parallelism); without them, or when
+    `past_visible` is False, the sequence starts here.
     """
     L = q.shape[2]
     q, k, v = (_pad_to_multiple(t, window, dim=2) for t in (q, k, v))
     n = q.shape[2] // window
-    has_past = k_past is not None
-    if not has_past:
-        k_past = k.new_zeros(k.shape[0], k.shape[1], window, k.shape[3])
-        v_past = k_past
+    if k_past is None:
+        k_past = v_past = k.new_zeros(k.shape[0], k.shape[1], window, k.shape[3])
+        past_visible = False
     kb = _with_previous_block(_blocks(k, window), k_past)
     vb = _with_previous_block(_blocks(v, window), v_past)
-    mask = local_window_mask(n, window, has_past, q.device)
+    mask = local_window_mask(n, window, past_visible, q.device)
     out = F.scaled_dot_product_attention(_blocks(q, window), kb, vb, attn_mask=mask)
     return out.reshape(q.shape)[:, :, :L]
 
@@ -150,11 +151,16 @@ class LocalCausalAttention(nn.Module):
         super().__init__()
         self.window = window
 
+    def past(self, k: torch.Tensor, v: torch.Tensor):
+        """Keys and values of the `window` positions before this sequence, and whether they exist."""
+        return None, None, False
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return local_attention(q, k, v, self.window)
+        k_past, v_past, visible = self.past(k, v)
+        return local_attention(q, k, v, self.window, k_past, v_past, visible)
 
 
-class RetinaAttention(nn.Module):
+class RetinaAttention(LocalCausalAttention):
     """Query t sees fine keys in (t - w, t], then the mean-pooled keys of the w blocks of k tokens
     lying wholly before that window, then the w blocks of k^2 tokens wholly before those, and so on
     for `levels` levels: ever coarser with distance. Cost O(L * w * levels).
@@ -164,24 +170,31 @@ class RetinaAttention(nn.Module):
     """
 
     def __init__(self, window: int, factor: int, levels: int):
-        super().__init__()
-        self.window, self.factor, self.levels = window, factor, levels
+        super().__init__(window)
+        self.factor, self.levels = factor, levels
 
-    def pooled(self, x: torch.Tensor, size: int) -> torch.Tensor:
-        """Mean of each complete block of `size` positions: [B, H, L, D] -> [B, H, L // size, D]."""
-        B, H, L, D = x.shape
+    def pooled(self, k: torch.Tensor, v: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means of each complete block of `size` positions: [B, H, L, D] -> [B, H, L // size, D]."""
+        B, H, L, D = k.shape
         n = L // size
-        return x[:, :, : n * size].view(B, H, n, size, D).mean(dim=3)
+        return tuple(x[:, :, : n * size].view(B, H, n, size, D).mean(dim=3) for x in (k, v))
+
+    def first_position(self, L: int) -> int:
+        """Position of this sequence's first query in the whole sequence (non-zero when split)."""
+        return 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         w, L = self.window, q.shape[2]
+        k_past, v_past, visible = self.past(k, v)
+        pooled = [self.pooled(k, v, self.factor**level) for level in range(1, self.levels)]
         q, k, v = (_pad_to_multiple(t, w, dim=2) for t in (q, k, v))
         n = q.shape[2] // w
-        zeros = k.new_zeros(k.shape[0], k.shape[1], w, k.shape[3])
-        keys = [_with_previous_block(_blocks(k, w), zeros)]
-        values = [_with_previous_block(_blocks(v, w), zeros)]
-        masks = [local_window_mask(n, w, False, q.device)]
-        for k_level, v_level, mask in self._pooled_levels(k, v, n):
+        if k_past is None:
+            k_past = v_past = k.new_zeros(k.shape[0], k.shape[1], w, k.shape[3])
+        keys = [_with_previous_block(_blocks(k, w), k_past)]
+        values = [_with_previous_block(_blocks(v, w), v_past)]
+        masks = [local_window_mask(n, w, visible, q.device)]
+        for k_level, v_level, mask in self._pooled_levels(pooled, n, self.first_position(L)):
             keys.append(k_level)
             values.append(v_level)
             masks.append(mask)
@@ -190,16 +203,18 @@ class RetinaAttention(nn.Module):
         )
         return out.reshape(q.shape)[:, :, :L]
 
-    def _pooled_levels(self, k: torch.Tensor, v: torch.Tensor, n_blocks: int):
+    def _pooled_levels(self, pooled: list, n_blocks: int, first: int):
         """For each coarse level: gathered keys and values [B, H, n, slab, D] and the mask [n, w, slab].
 
-        The index arithmetic is small (O(L) integers) and done on the CPU, then moved to k's device.
+        `pooled[l-1]` holds level l's block means over the whole sequence; queries are at positions
+        first .. first + n*w - 1 of it. The index arithmetic is small (O(L) integers) and done on the
+        CPU, then moved to the keys' device.
         """
         w = self.window
-        region_start = torch.arange(n_blocks * w) - w + 1  # first token of query t's fine window
-        for level in range(1, self.levels):
+        region_start = first + torch.arange(n_blocks * w) - w + 1  # first token of query t's fine window
+        for level, (k_pool, v_pool) in enumerate(pooled, start=1):
             size = self.factor**level
-            n_pooled = k.shape[2] // size
+            n_pooled = k_pool.shape[2]
             # Blocks of `size` tokens lying wholly before region_start: indices < end; keep the last w.
             end = torch.div(region_start, size, rounding_mode="floor")
             start = end - w
@@ -209,12 +224,11 @@ class RetinaAttention(nn.Module):
             slab_len = max(int((end_q[:, -1, 0] - slab_start).max()), 1)
             index = slab_start.view(n_blocks, 1, 1) + torch.arange(slab_len).view(1, 1, slab_len)
             mask = (index >= 0) & (index < n_pooled) & (index >= start_q) & (index < end_q)
-            safe = index.view(n_blocks, slab_len).clamp(0, max(n_pooled - 1, 0)).reshape(-1).to(k.device)
-            k_pool, v_pool = self.pooled(k, size), self.pooled(v, size)
+            safe = index.view(n_blocks, slab_len).clamp(0, max(n_pooled - 1, 0)).reshape(-1).to(k_pool.device)
             yield (
                 self._gather(k_pool, safe, n_blocks, slab_len),
                 self._gather(v_pool, safe, n_blocks, slab_len),
-                mask.to(k.device),
+                mask.to(k_pool.device),
             )
 
     @staticmethod
@@ -288,11 +302,14 @@ class ShiftRight(nn.Module):
         super().__init__()
         self.shift = shift
 
+    def fill(self, x: torch.Tensor) -> torch.Tensor:
+        """What enters at the start: zeros, as nothing comes before the sequence."""
+        return x.new_zeros(x.shape[0], self.shift, x.shape[2])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift == 0:
             return x
-        fill = x.new_zeros(x.shape[0], self.shift, x.shape[2])
-        return torch.cat((fill, x[:, : x.shape[1] - self.shift]), dim=1)
+        return torch.cat((self.fill(x), x[:, : x.shape[1] - self.shift]), dim=1)
 
 
 class CausalPool(nn.Module):

@@ -1,0 +1,1 @@
+"""Parallelism applied to plain models from outside (see sequence.py)."""

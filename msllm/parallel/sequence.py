@@ -1,0 +1,208 @@
+"""Sequence parallelism for the multi-scale models, applied from outside the model code.
+
+The ranks of a sequence-parallel group hold contiguous, equal slices of one sample: rank r holds
+positions r*L/sp .. (r+1)*L/sp - 1 at the tokens, and the same fraction of every coarser scale.
+`apply_sequence_parallel` swaps the few modules that look across positions for forms that talk
+to the other ranks of the group:
+
+- local attention (fine scales, and retina's fine level): the previous rank's last w keys and
+  values (a halo exchange; O(w * d) per layer whatever L is);
+- causal pooling's shift: the previous rank's last k-1 positions (a halo exchange);
+- full attention (coarse scales): DeepSpeed-Ulysses, an all-to-all that trades the sequence split
+  for a head split, attention over the whole scale, and the reverse all-to-all;
+- retina's pooled distant keys: all-gathered over the group (L/k long, small);
+- RoPE positions: offset by the rank's first position.
+
+Each exchange is an autograd function whose backward returns the gradient to the rank that owns
+the tensor, so the gradients are those of the unsplit model. With each rank averaging its loss over
+its own tokens and gradients averaged over all dp * sp ranks (DeepSpeed's default), sp = N takes the
+same optimizer step as sp = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from msllm.models.layers import FullCausalAttention, LocalCausalAttention, RetinaAttention, Rotary, ShiftRight
+
+
+def new_sequence_parallel_group(sp: int) -> dist.ProcessGroup | None:
+    """Split the world into groups of `sp` contiguous ranks and return this rank's group.
+
+    Every rank takes part in creating every group (torch.distributed requires it). Returns None for
+    sp = 1. Contiguous ranks keep a group inside a node, where the all-to-all is cheap.
+    """
+    if sp == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for first in range(0, world, sp):
+        group = dist.new_group(list(range(first, first + sp)))
+        if first <= rank < first + sp:
+            mine = group
+    return mine
+
+
+class _FromPreviousRank(torch.autograd.Function):
+    """Forward: each rank receives the previous rank's `tail` (rank 0 receives zeros).
+    Backward: the gradient of what was received goes back to the rank that sent it."""
+
+    @staticmethod
+    def forward(ctx, tail: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _shift_along_group(tail.contiguous(), group, step=+1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _shift_along_group(grad.contiguous(), ctx.group, step=-1), None
+
+
+def _shift_along_group(x: torch.Tensor, group: dist.ProcessGroup, step: int) -> torch.Tensor:
+    """Send x to group rank (r + step) and receive from rank (r - step); zeros where no one sends."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    received = torch.zeros_like(x)
+    ops = []
+    if 0 <= rank + step < size:
+        ops.append(dist.P2POp(dist.isend, x, dist.get_global_rank(group, rank + step), group))
+    if 0 <= rank - step < size:
+        ops.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(group, rank - step), group))
+    for work in dist.batch_isend_irecv(ops) if ops else []:
+        work.wait()
+    return received
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Concatenate every rank's `x` along `dim`, in rank order. Backward: each rank gets the sum,
+    over the group, of the gradients of its own part (an all-reduce: these tensors are small, and
+    gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        mine = grad.chunk(dist.get_world_size(ctx.group), dim=ctx.dim)[dist.get_rank(ctx.group)]
+        return mine, None, None
+
+
+def gather_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """The whole sequence of `x` along `dim`, from every rank's slice (differentiable)."""
+    return _GatherSequence.apply(x, dim, group)
+
+
+def previous_rank_tail(x: torch.Tensor, n: int, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """The last `n` positions (along `dim`) of the previous rank's slice; zeros on the first rank."""
+    return _FromPreviousRank.apply(x.narrow(dim, x.shape[dim] - n, n), group)
+
+
+class _GroupMember:
+    """What every sequence-parallel module knows: its group and its place in it."""
+
+    def _join(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.sp_rank = dist.get_rank(group)
+        self.sp_size = dist.get_world_size(group)
+
+
+class HaloShiftRight(ShiftRight, _GroupMember):
+    """Causal pooling's shift, filled with the previous rank's last positions."""
+
+    def __init__(self, shift: int, group: dist.ProcessGroup):
+        super().__init__(shift)
+        self._join(group)
+
+    def fill(self, x: torch.Tensor) -> torch.Tensor:
+        return previous_rank_tail(x, self.shift, dim=1, group=self.group)
+
+
+class HaloLocalAttention(LocalCausalAttention, _GroupMember):
+    """Sliding-window attention whose first queries see the previous rank's last w keys."""
+
+    def __init__(self, window: int, group: dist.ProcessGroup):
+        super().__init__(window)
+        self._join(group)
+
+    def past(self, k: torch.Tensor, v: torch.Tensor):
+        # One message for keys and values. Rank 0 takes part too (it sends), and keeps the zeros it
+        # receives in the graph, masked, so that its backward sends the matching gradient message.
+        kv = previous_rank_tail(torch.stack((k, v)), self.window, dim=3, group=self.group)
+        return kv[0], kv[1], self.sp_rank > 0
+
+
+class SequenceParallelRetina(RetinaAttention, _GroupMember):
+    """Retina attention over a split sequence: the fine window's halo from the previous rank, and
+    each level's pooled keys gathered from the whole group (blocks never straddle ranks)."""
+
+    def __init__(self, window: int, factor: int, levels: int, group: dist.ProcessGroup):
+        super().__init__(window, factor, levels)
+        self._join(group)
+
+    past = HaloLocalAttention.past
+
+    def pooled(self, k: torch.Tensor, v: torch.Tensor, size: int):
+        k_local, v_local = super().pooled(k, v, size)
+        both = gather_sequence(torch.stack((k_local, v_local)), dim=3, group=self.group)
+        return both[0], both[1]  # [B, H, sp * L_local / size, D] each, ranks in order
+
+    def first_position(self, L: int) -> int:
+        return self.sp_rank * L
+
+
+class UlyssesAttention(nn.Module, _GroupMember):
+    """Full causal attention over a split sequence through DeepSpeed-Ulysses: all-to-all from
+    [B, L/sp, H, D] to [B, L, H/sp, D], causal SDPA over the whole scale, and back."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        super().__init__()
+        from deepspeed.sequence.layer import DistributedAttention
+
+        self._join(group)
+        self.attention = DistributedAttention(_SdpaOverSequenceDim(), group, scatter_idx=2, gather_idx=1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D] -> [B, L, H, D]
+        return self.attention(q, k, v, batch_dim_idx=0).transpose(1, 2)
+
+
+class _SdpaOverSequenceDim(nn.Module):
+    """Causal SDPA on [B, L, H, D] tensors, as DistributedAttention hands them over."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
+    """Swap a built model's cross-position modules for their sequence-parallel forms, in place.
+
+    The parameters are untouched (none of these modules has any), so checkpoints are the same
+    with or without sequence parallelism. Returns the model.
+    """
+    if group is None:
+        return model
+    rank = dist.get_rank(group)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            replacement = None
+            if isinstance(child, RetinaAttention):
+                replacement = SequenceParallelRetina(child.window, child.factor, child.levels, group)
+            elif isinstance(child, LocalCausalAttention):
+                replacement = HaloLocalAttention(child.window, group)
+            elif isinstance(child, FullCausalAttention):
+                replacement = UlyssesAttention(group)
+            elif isinstance(child, ShiftRight):
+                replacement = HaloShiftRight(child.shift, group)
+            elif isinstance(child, Rotary):
+                child.sp_rank = rank
+            if replacement is not None:
+                setattr(parent, name, replacement)
+    return model

@@ -1,0 +1,37 @@
+"""Start a script under torchrun from a test: free port, clean env, one thread per rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+# Variables of an outer launcher that would confuse the one a test starts.
+LAUNCHER_VARIABLES = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def torchrun(nproc: int, *args: str | Path, env: dict | None = None, timeout: float = 600, cwd=None):
+    """Run `torchrun --nproc_per_node=nproc ARGS...` (ARGS: a script and its arguments, or `-m module ...`)
+    and return the CompletedProcess (stdout and stderr captured as text)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", *map(str, args),
+    ]
+    return subprocess.run(command, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
