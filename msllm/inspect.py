@@ -87,3 +87,25 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
             f"(fp32, {saved / 2**20:,.1f} MiB per sample; forward took {elapsed:.1f} s)"
         )
     return report
+
+
+def compare_recipes(paths: list[str], seq_len: int = 0) -> str:
+    """A markdown table of parameters, train FLOPs per token and activation bytes per sample for
+    several recipes' models (each at its own data.seq_len unless `seq_len` is given): the memory
+    comparison the paper makes, measured rather than estimated."""
+    from msllm.config import load_recipe
+
+    rows = ["| recipe | arch | layers | parameters | train GFLOP/token | activation MiB per sample | "
+            "KiB per token |", "|---|---|---|---|---|---|---|"]
+    for path in paths:
+        recipe = load_recipe(path)
+        report = inspect_recipe(recipe, seq_len=seq_len)
+        m = recipe.model
+        layers = sum(s.layers for s in m.scales) + (m.final_layers if m.arch == "bottom_up" else 0)
+        per_token = report["activation_bytes_per_token"]
+        rows.append(
+            f"| {path} | {m.arch} | {layers} | {report['parameters'] / 1e6:.1f} M | "
+            f"{report['train_flops_per_token'] / 1e9:.2f} | {per_token * report['seq_len'] / 2**20:.1f} | "
+            f"{per_token / 1024:.1f} |"
+        )
+    return "\n".join(rows)

@@ -29,6 +29,15 @@ from torch import nn
 from msllm.models.layers import FullCausalAttention, LocalCausalAttention, RetinaAttention, Rotary, ShiftRight
 
 
+# Bytes this process has sent to other ranks of its sequence-parallel group, by operation (the
+# benchmark reads it; the counts are exact for our exchanges and for Ulysses' all-to-alls).
+bytes_sent: dict[str, int] = {"halo": 0, "all_to_all": 0, "all_gather": 0}
+
+
+def _count(kind: str, tensor: torch.Tensor, fraction: float = 1.0) -> None:
+    bytes_sent[kind] += int(tensor.numel() * tensor.element_size() * fraction)
+
+
 def new_sequence_parallel_group(sp: int) -> dist.ProcessGroup | None:
     """Split the world into groups of `sp` contiguous ranks and return this rank's group.
 
@@ -67,6 +76,7 @@ def _shift_along_group(x: torch.Tensor, group: dist.ProcessGroup, step: int) -> 
     ops = []
     if 0 <= rank + step < size:
         ops.append(dist.P2POp(dist.isend, x, dist.get_global_rank(group, rank + step), group))
+        _count("halo", x)
     if 0 <= rank - step < size:
         ops.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(group, rank - step), group))
     for work in dist.batch_isend_irecv(ops) if ops else []:
@@ -82,14 +92,17 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
         ctx.dim, ctx.group = dim, group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        size = dist.get_world_size(group)
+        parts = [torch.empty_like(x) for _ in range(size)]
         dist.all_gather(parts, x.contiguous(), group=group)
+        _count("all_gather", x, size - 1)
         return torch.cat(parts, dim=dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
+        _count("all_gather", grad, 2 * (dist.get_world_size(ctx.group) - 1) / dist.get_world_size(ctx.group))
         mine = grad.chunk(dist.get_world_size(ctx.group), dim=ctx.dim)[dist.get_rank(ctx.group)]
         return mine, None, None
 
@@ -169,6 +182,9 @@ class UlyssesAttention(nn.Module, _GroupMember):
         self.attention = DistributedAttention(_SdpaOverSequenceDim(), group, scatter_idx=2, gather_idx=1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Four all-to-alls forward (q, k, v, output) and four backward, each sending all but this
+        # rank's own 1/sp of a tensor the size of q.
+        _count("all_to_all", q, 8 * (self.sp_size - 1) / self.sp_size)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D] -> [B, L, H, D]
         return self.attention(q, k, v, batch_dim_idx=0).transpose(1, 2)
 

@@ -1,0 +1,107 @@
+"""`msllm bench sequence-parallel`: per-rank activation memory, step time and traffic of the
+multi-scale models at 16k tokens with sp = 1, 2 and 4.
+
+For each architecture's recipe in recipes/long_context/*-16k-cpu.yaml and each sp, it starts
+`torchrun --nproc_per_node=sp python -m msllm.parallel.benchmark RECIPE` (one sequence-parallel
+group, batch 1) and reads one JSON line back from rank 0. Each rank measures:
+- activation bytes: what autograd saves for backward in one forward (msllm.inspect), the largest
+  over the ranks;
+- step time: forward + backward of one sample, the median of 3 after a warm-up, the slowest rank;
+- bytes sent per step by each rank (halo exchanges, all-to-alls, all-gathers; the largest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ARCHS = ("bottom_up", "top_down", "retina")
+
+
+def _worker(recipe_path: str) -> None:
+    import dataclasses
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from msllm.config import load_recipe
+    from msllm.inspect import saved_activation_bytes
+    from msllm.models import build_model
+    from msllm.parallel import sequence
+
+    deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
+    sp = dist.get_world_size()
+    recipe = load_recipe(recipe_path, [f"parallel.sp={sp}"])
+    cfg = dataclasses.replace(recipe.model, vocab_size=recipe.data.tokenizer.vocab_size)
+    L = recipe.data.seq_len
+    torch.manual_seed(0)
+    model = sequence.apply_sequence_parallel(build_model(cfg), sequence.new_sequence_parallel_group(sp))
+    ids = torch.randint(0, cfg.vocab_size, (1, L + 1), generator=torch.Generator().manual_seed(0))
+    rank = dist.get_rank()
+    inputs = ids[:, rank * L // sp : (rank + 1) * L // sp]
+    labels = ids[:, rank * L // sp + 1 : (rank + 1) * L // sp + 1]
+
+    saved = saved_activation_bytes(model, inputs)
+
+    def step() -> float:
+        start = time.perf_counter()
+        logits = model(inputs)
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step()  # warm-up
+    for kind in sequence.bytes_sent:
+        sequence.bytes_sent[kind] = 0
+    times = [step() for _ in range(3)]
+    sent = sum(sequence.bytes_sent.values()) / 3
+    figures = torch.tensor([saved, statistics.median(times), sent], dtype=torch.float64)
+    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        saved, seconds, sent = figures.tolist()
+        print("RESULT " + json.dumps({"arch": cfg.arch, "sp": sp, "seq_len": L, "activation_bytes": saved,
+                                      "step_seconds": seconds, "bytes_sent": sent}), flush=True)
+    dist.destroy_process_group()
+
+
+def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2, 4)) -> list[dict]:
+    results = []
+    for arch in ARCHS:
+        recipe = Path(recipes_dir) / f"{arch}-16k-cpu.yaml"
+        for sp in sps:
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // sp))}
+            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={sp}",
+                       "--master_addr=127.0.0.1", f"--master_port={29600 + sp}",
+                       "-m", "msllm.parallel.benchmark", str(recipe)]
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                raise RuntimeError(f"benchmark of {recipe} with sp={sp} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(lines[-1][len("RESULT "):])
+            results.append(result)
+            print(f"{arch:<10} sp={sp}  activations {result['activation_bytes'] / 2**20:8.1f} MiB/rank  "
+                  f"step {result['step_seconds']:6.2f} s  sent {result['bytes_sent'] / 2**20:7.2f} MiB/rank",
+                  flush=True)
+    return results
+
+
+def to_markdown(results: list[dict]) -> str:
+    base = {r["arch"]: r for r in results if r["sp"] == 1}
+    rows = ["| arch | sp | activation MiB per rank | vs sp=1 | step s (fwd+bwd) | MiB sent per rank per step |",
+            "|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = r["activation_bytes"] / base[r["arch"]]["activation_bytes"] if r["arch"] in base else float("nan")
+        rows.append(f"| {r['arch']} | {r['sp']} | {r['activation_bytes'] / 2**20:.1f} | {ratio:.3f} | "
+                    f"{r['step_seconds']:.2f} | {r['bytes_sent'] / 2**20:.2f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
