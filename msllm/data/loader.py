@@ -1,0 +1,264 @@
+"""Reading shards for training: batches of token windows over mosaicml-streaming.
+
+`build_dataloader` returns a `TokenLoader`: iterate it for batches
+
+    {"input_ids": LongTensor[B, L/sp], "labels": LongTensor[B, L/sp]}
+
+A sample of L+1 tokens gives input_ids = tokens[:-1] and labels = tokens[1:]; rank r of a
+sequence-parallel group of sp ranks keeps positions [r*L/sp, (r+1)*L/sp) of both. The groups are
+contiguous ranks (ranks 0..sp-1 are group 0) and read the same samples: StreamingDataset's
+`replication=sp` makes every rank of a group act as one data-parallel rank.
+
+Train loaders repeat: at the end of an epoch the next one starts (reshuffled by streaming from the
+seed and the epoch number). `state_dict()` / `load_state_dict()` are streaming's (epoch, sample in
+epoch), so a resumed run continues with exactly the batch the interrupted one would have read,
+across epoch boundaries too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+from streaming.base.util import clean_stale_shared_memory
+
+from msllm.config import DataConfig
+from msllm.data.manifest import MANIFEST_FILENAME, is_remote, remote_cache_root, streaming_remote
+from msllm.errors import DataError
+
+# LLM Foundry's scripts name the held-out split `val`; ours is `validation`. Either is read.
+_SPLIT_FOLDER_ALIASES = {"validation": ("validation", "val"), "train": ("train",)}
+
+_stale_shared_memory_cleaned = False
+_loaders_built = 0
+
+
+def tokens_of(sample: dict[str, Any], sample_len: int) -> np.ndarray:
+    """The token ids of an MDS sample, whichever way its `tokens` column was encoded.
+
+    Accepts `ndarray:int32` (what msllm and recent LLM Foundry write) and `bytes` holding a raw
+    int32 or int64 array (older LLM Foundry shards wrote int64 bytes); the width is told apart by
+    the byte length, since every sample holds `sample_len` tokens.
+    """
+    if "tokens" not in sample:
+        raise DataError(f"a shard sample has no `tokens` column (columns: {', '.join(sample)})")
+    value = sample["tokens"]
+    if isinstance(value, np.ndarray):
+        tokens = value.reshape(-1)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        width, remainder = divmod(len(value), sample_len)
+        if remainder or width not in (4, 8):
+            raise DataError(
+                f"a shard sample holds {len(value)} bytes of tokens, not the {sample_len} int32 or int64 "
+                f"tokens that data.seq_len {sample_len - 1} needs: set data.seq_len to the shards' "
+                "sample length minus 1"
+            )
+        tokens = np.frombuffer(value, dtype=np.int32 if width == 4 else np.int64)
+    else:
+        raise DataError(f"a shard sample's `tokens` column is a {type(value).__name__}, not an array")
+    if tokens.shape[0] != sample_len:
+        raise DataError(
+            f"a shard sample has {tokens.shape[0]} tokens but data.seq_len {sample_len - 1} needs "
+            f"seq_len+1 = {sample_len}: the shards were written for seq_len {tokens.shape[0] - 1}; run "
+            "`msllm prep RECIPE --force` or set data.seq_len to match"
+        )
+    return tokens
+
+
+class TokenWindowDataset(StreamingDataset):
+    """A StreamingDataset of token windows that returns this rank's slice of inputs and labels."""
+
+    def __init__(self, *, seq_len: int, sp_size: int, sp_rank: int, **streaming_kwargs: Any):
+        super().__init__(**streaming_kwargs)
+        self.seq_len = seq_len
+        self.slice_len = seq_len // sp_size
+        self.slice_start = sp_rank * self.slice_len
+
+    def __getitem__(self, index: Any) -> dict[str, torch.Tensor]:
+        tokens = tokens_of(super().__getitem__(index), self.seq_len + 1)
+        start, end = self.slice_start, self.slice_start + self.slice_len
+        return {
+            "input_ids": torch.from_numpy(tokens[start:end].astype(np.int64)),
+            "labels": torch.from_numpy(tokens[start + 1 : end + 1].astype(np.int64)),
+        }
+
+
+class TokenLoader:
+    """Batches of one split, with streaming's resumable state. Train loaders repeat forever."""
+
+    def __init__(self, loader: StreamingDataLoader, split: str, repeat: bool):
+        self.loader = loader
+        self.dataset: TokenWindowDataset = loader.dataset
+        self.split = split
+        self.repeat = repeat
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return len(self.loader)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch being read (the next one if none has started)."""
+        return max(self.dataset.next_epoch - 1, 0)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        empty_epochs = 0
+        while True:
+            yielded = False
+            try:
+                for batch in self.loader:
+                    yielded = True
+                    yield batch
+            except Exception as exc:
+                _raise_if_checksum_failure(exc)
+                raise
+            if not self.repeat:
+                return
+            # A resumed epoch may have nothing left in it; two empty epochs in a row mean no data.
+            empty_epochs = 0 if yielded else empty_epochs + 1
+            if empty_epochs >= 2:
+                raise DataError(
+                    f"the {self.split} split gives no batches: it has fewer samples than one batch per rank"
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is: {epoch, sample_in_epoch, ...} (streaming's resumption state)."""
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state_dict(); takes effect at the next iteration."""
+        self.loader.load_state_dict(state)
+
+
+def build_dataloader(
+    data_cfg: DataConfig,
+    split: str,
+    batch_size: int,
+    seed: int,
+    sp_size: int = 1,
+    sp_rank: int = 0,
+    shuffle: Optional[bool] = None,
+    repeat: Optional[bool] = None,
+    num_workers: Optional[int] = None,
+) -> TokenLoader:
+    """A loader of `split` ("train" or "validation") of the shards in data.shards_dir.
+
+    shuffle: default data.shuffle for train, False for validation (deterministic from `seed`).
+    repeat: default True for train (epochs follow each other forever), False for validation
+      (one pass over the whole split, every data-parallel rank its share; streaming pads the
+      shares to equal length by repeating a few samples).
+    sp_size, sp_rank: the sequence-parallel group size and this rank's place in it (rank % sp).
+    num_workers: DataLoader worker processes (default data.num_workers).
+
+    Works in one process with no environment, and under torchrun / the deepspeed launcher
+    (streaming reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE).
+    """
+    global _loaders_built
+    if split not in _SPLIT_FOLDER_ALIASES:
+        raise DataError(f"unknown split {split!r}: use 'train' or 'validation'")
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    if sp_size < 1 or not 0 <= sp_rank < sp_size:
+        raise DataError(f"sequence-parallel rank {sp_rank} is not in a group of {sp_size}")
+    if data_cfg.seq_len % sp_size:
+        raise DataError(f"data.seq_len {data_cfg.seq_len} does not split evenly over sp={sp_size} ranks")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size % sp_size and world_size > 1:
+        raise DataError(f"{world_size} ranks do not form whole sequence-parallel groups of {sp_size}")
+
+    if shuffle is None:
+        shuffle = data_cfg.shuffle and split == "train"
+    _clean_stale_shared_memory_once()
+    local, remote = _split_location(data_cfg, split)
+    _loaders_built += 1
+    dataset = TokenWindowDataset(
+        seq_len=data_cfg.seq_len,
+        sp_size=sp_size,
+        sp_rank=sp_rank,
+        local=local,
+        remote=remote,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        # In one process (tests, tools) a slice can be read without a group to replicate over.
+        replication=sp_size if sp_size > 1 and world_size > 1 else None,
+        validate_hash=_hash_to_validate(data_cfg, local, remote),
+    )
+    try:  # fail early and clearly: a sample of the wrong length, a corrupt first shard
+        tokens_of(StreamingDataset.__getitem__(dataset, 0), data_cfg.seq_len + 1)
+    except ValueError as exc:
+        _raise_if_checksum_failure(exc)
+        raise
+    loader = StreamingDataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=data_cfg.num_workers if num_workers is None else num_workers,
+        drop_last=split == "train",
+    )
+    return TokenLoader(loader, split, repeat=split == "train" if repeat is None else repeat)
+
+
+def _clean_stale_shared_memory_once() -> None:
+    """Free the shared memory that crashed streaming runs left behind, once per process.
+
+    Streaming's advice is to do this once per job, before the first StreamingDataset. It unlinks
+    every streaming shared-memory block on the machine, so it must not run while this process
+    already has datasets open: hence only before the first one.
+    """
+    global _stale_shared_memory_cleaned
+    if not _stale_shared_memory_cleaned:
+        clean_stale_shared_memory()
+        _stale_shared_memory_cleaned = True
+
+
+def _split_location(data_cfg: DataConfig, split: str) -> tuple[str, Optional[str]]:
+    """(local, remote) for StreamingDataset: the split folder, or a fresh cache of a remote one."""
+    shards_dir = data_cfg.shards_dir
+    if is_remote(shards_dir):
+        remote = streaming_remote(shards_dir).rstrip("/") + "/" + split
+        # A cache folder of this run's own: streaming refuses a local folder that another live
+        # dataset with a remote uses. Ranks of a node share their launcher's pid, and call
+        # build_dataloader the same number of times, so they agree on the name.
+        run = os.getppid() if "LOCAL_WORLD_SIZE" in os.environ else os.getpid()
+        name = f"{hashlib.sha1(remote.encode()).hexdigest()[:12]}-{split}-{run}-{_loaders_built}"
+        return str(remote_cache_root(data_cfg) / name), remote
+    root = Path(shards_dir)
+    for folder in _SPLIT_FOLDER_ALIASES[split]:
+        if (root / folder / "index.json").is_file():
+            return str(root / folder), None
+    if not root.exists():
+        raise DataError(f"no shards at {root}: run `msllm prep RECIPE` first")
+    if not (root / MANIFEST_FILENAME).is_file() and data_cfg.source != "shards":
+        raise DataError(f"{root} holds no complete dataset (no {MANIFEST_FILENAME}): run `msllm prep RECIPE`")
+    raise DataError(f"no {split} shards in {root} (expected {root / split / 'index.json'})")
+
+
+def _hash_to_validate(data_cfg: DataConfig, local: str, remote: Optional[str]) -> Optional[str]:
+    """xxh64 (else sha1) if every shard records it, so a corrupt shard is caught when opened."""
+    if remote is not None:
+        return None  # the index is not here yet; streaming checks sizes while downloading
+    try:
+        index = json.loads((Path(local) / "index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise DataError(f"{local}/index.json is not a readable MDS index: run `msllm prep RECIPE --force`") from None
+    recorded = [set(shard.get("hashes", [])) for shard in index.get("shards", [])]
+    for algorithm in ("xxh64", "sha1"):
+        if recorded and all(algorithm in hashes for hashes in recorded):
+            return algorithm
+    return None
+
+
+def _raise_if_checksum_failure(exc: BaseException) -> None:
+    text = str(exc)
+    if "Checksum failure" in text:
+        where = text.split("Checksum failure:", 1)[1].strip().splitlines()[0]
+        raise DataError(
+            f"shard {where} fails its hash check (corrupt or changed): run `msllm prep RECIPE --force` "
+            "to rewrite the shards"
+        ) from None

@@ -1,0 +1,151 @@
+"""The manifest: what a shards folder holds, and the checks that it fits a recipe.
+
+`manifest.json` is written last, after every shard, so its presence marks a complete dataset.
+Its fields are described in notes/readme-data.md ("The manifest"); the ones the trainer uses:
+
+    vocab_size, seq_len, pad_id, unk_id, bos_id, eos_id, tokenizer_path, tokenizer_sha256,
+    splits: {train: {documents, tokens, samples, bytes, ...}, validation: {...}}
+
+A `shards_dir` may be a remote URI that mosaicml-streaming can read (s3://, gs://, oci://, ...):
+the manifest and tokenizer are then downloaded into a local cache folder first (data.cache_dir).
+`file:///path` reads a mounted folder the same way, through the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from msllm.config import DataConfig
+from msllm.errors import DataError
+
+MANIFEST_FILENAME = "manifest.json"
+MANIFEST_FORMAT = "msllm-shards/1"
+SPLITS = ("train", "validation")
+
+
+def is_remote(shards_dir: str) -> bool:
+    """A URI is read through a local cache; `file://PATH` does so for a mounted folder (e.g. NFS)."""
+    return "://" in shards_dir
+
+
+def streaming_remote(uri: str) -> str:
+    """The remote as streaming names it: its downloaders take a plain path for local files."""
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def remote_cache_root(data_cfg: DataConfig | None = None) -> Path:
+    """Where copies of remote shards go: data.cache_dir, or a folder under the system temp dir."""
+    if data_cfg is not None and data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir)
+    return Path(tempfile.gettempdir()) / "msllm-streaming-cache"
+
+
+def _local_copy(shards_dir: str, filename: str, cache_root: Path) -> Path:
+    """The local path of a file of shards_dir, downloading it first if shards_dir is remote."""
+    if not is_remote(shards_dir):
+        return Path(shards_dir) / filename
+    from streaming.base.storage.download import CloudDownloader
+
+    folder = cache_root / hashlib.sha1(shards_dir.encode()).hexdigest()[:16]
+    local = folder / filename
+    remote = streaming_remote(shards_dir).rstrip("/") + "/" + filename
+    tmp = folder / f".{filename}.{os.getpid()}.tmp"
+    try:
+        CloudDownloader.direct_download(remote, str(tmp))
+    except FileNotFoundError:
+        raise DataError(f"{remote} does not exist") from None
+    except Exception as exc:  # each cloud client raises its own types
+        raise DataError(f"cannot download {remote}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    os.replace(tmp, local)
+    return local
+
+
+def read_manifest(shards_dir: str | Path, data_cfg: DataConfig | None = None) -> dict[str, Any]:
+    """The manifest of a shards folder, or a DataError saying how to make one."""
+    shards_dir = str(shards_dir)
+    path = _local_copy(shards_dir, MANIFEST_FILENAME, remote_cache_root(data_cfg))
+    if not path.is_file():
+        if not is_remote(shards_dir) and not Path(shards_dir).exists():
+            raise DataError(f"no shards at {shards_dir}: run `msllm prep RECIPE` first")
+        raise DataError(
+            f"{shards_dir} has no {MANIFEST_FILENAME}, so it is not a complete msllm dataset: "
+            "run `msllm prep RECIPE` (add --force to replace what is there)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path} is not valid JSON: run `msllm prep RECIPE --force` to rewrite it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path} is not an msllm manifest ({MANIFEST_FORMAT}); run `msllm prep RECIPE --force`")
+    return manifest
+
+
+def tokenizer_path(shards_dir: str | Path, data_cfg: DataConfig | None = None) -> Path:
+    """The local path of the tokenizer saved with the shards (downloaded if shards_dir is remote)."""
+    from msllm.data.tokenizer import TOKENIZER_FILENAME
+
+    return _local_copy(str(shards_dir), TOKENIZER_FILENAME, remote_cache_root(data_cfg))
+
+
+def load_tokenizer(shards_dir: str | Path, data_cfg: DataConfig | None = None):
+    """The sentencepiece processor saved with the shards (`shards_dir/tokenizer.model`)."""
+    from msllm.data.tokenizer import load_sentencepiece
+
+    path = tokenizer_path(shards_dir, data_cfg)
+    if not path.is_file():
+        raise DataError(f"{shards_dir} has no tokenizer.model: run `msllm prep RECIPE` first")
+    return load_sentencepiece(path)
+
+
+def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> dict[str, Any]:
+    """Check that the shards in data.shards_dir fit the recipe; return their manifest.
+
+    DataError (one line) when: the shards are missing or incomplete; their seq_len is not the
+    recipe's; their tokenizer is not the one the recipe names (data.tokenizer.model) or the saved
+    tokenizer file was changed; the recipe trains a tokenizer of another vocab size; or the model's
+    `vocab_size` is too small for the token ids in the shards.
+    """
+    from msllm.data.tokenizer import file_sha256
+
+    shards_dir = data_cfg.shards_dir
+    manifest = read_manifest(shards_dir, data_cfg)
+    fix = f"run `msllm prep RECIPE --force` to rebuild them, or set data.shards_dir elsewhere"
+    if manifest["seq_len"] != data_cfg.seq_len:
+        raise DataError(
+            f"the shards in {shards_dir} hold samples for seq_len {manifest['seq_len']} but the recipe "
+            f"has data.seq_len {data_cfg.seq_len}: {fix}"
+        )
+    saved_tokenizer = tokenizer_path(shards_dir, data_cfg)
+    if not saved_tokenizer.is_file() or file_sha256(saved_tokenizer) != manifest["tokenizer_sha256"]:
+        raise DataError(
+            f"{saved_tokenizer} is missing or differs from the tokenizer the shards were written "
+            f"with (sha256 {manifest['tokenizer_sha256'][:12]}...): {fix}"
+        )
+    if data_cfg.source != "shards":
+        if data_cfg.tokenizer.model:
+            given = Path(data_cfg.tokenizer.model)
+            if not given.is_file():
+                raise DataError(f"data.tokenizer.model: no such file: {given}")
+            given_sha = file_sha256(given)
+            if given_sha != manifest["tokenizer_sha256"]:
+                raise DataError(
+                    f"data.tokenizer.model {given} (sha256 {given_sha[:12]}...) is not the tokenizer the "
+                    f"shards in {shards_dir} were written with ({manifest['tokenizer_sha256'][:12]}...): {fix}"
+                )
+        elif manifest["vocab_size"] != data_cfg.tokenizer.vocab_size:
+            raise DataError(
+                f"the shards in {shards_dir} were tokenized with a vocabulary of {manifest['vocab_size']} "
+                f"but the recipe has data.tokenizer.vocab_size {data_cfg.tokenizer.vocab_size}: {fix}"
+            )
+    if vocab_size is not None and vocab_size > 0 and vocab_size < manifest["vocab_size"]:
+        raise DataError(
+            f"model.vocab_size {vocab_size} is smaller than the shards' tokenizer vocabulary "
+            f"{manifest['vocab_size']}: set model.vocab_size to 0 (take it from the data) or "
+            f"{manifest['vocab_size']} or more"
+        )
+    return manifest

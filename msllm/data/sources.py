@@ -1,0 +1,201 @@
+"""Where documents come from: text files, jsonl files, or the built-in Wikipedia sample.
+
+Every source is read the same way: `iter_documents(data_cfg)` yields one `str` per document, in a
+fixed order (sorted paths, file order), so that two passes over a corpus see the same documents.
+`input_files(data_cfg)` lists the files a source reads; their sizes and modification times go into
+the fingerprint that tells `msllm prep` whether the shards are up to date.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import io
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+from msllm.config import DataConfig
+from msllm.errors import DataError
+
+# The shortened English Wikipedia dump that gensim ships with its tests (CC BY-SA).
+WIKIPEDIA_SAMPLE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def input_files(data_cfg: DataConfig) -> list[Path]:
+    """The files a source reads, sorted; a DataError if a path or glob matches nothing."""
+    if data_cfg.source == "wikipedia-sample":
+        return [_wikipedia_sample_path()]
+    if data_cfg.source not in ("text", "jsonl"):
+        raise DataError(f"data.source {data_cfg.source!r} has no input files to read")
+    if not data_cfg.paths:
+        raise DataError(f"data.source {data_cfg.source!r} needs files or globs in data.paths")
+    files: list[Path] = []
+    for pattern in data_cfg.paths:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise DataError(f"data.paths: the glob {pattern!r} matches no files")
+            files.extend(Path(p) for p in matches)
+        elif os.path.isfile(expanded):
+            files.append(Path(expanded))
+        elif os.path.isdir(expanded):
+            raise DataError(
+                f"data.paths: {pattern!r} is a folder; give files or a glob such as '{pattern}/*.txt'"
+            )
+        else:
+            raise DataError(f"data.paths: no such file: {pattern}")
+    # The same file named twice (by two globs) would be read twice: keep the first mention.
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique
+
+
+def iter_documents(data_cfg: DataConfig) -> Iterator[str]:
+    """Yield the documents of the recipe's source, one string each, skipping empty ones."""
+    if data_cfg.source == "wikipedia-sample":
+        yield from wikipedia_sample_documents()
+        return
+    decode_errors = DecodeErrorCounter(data_cfg.on_decode_error)
+    for path in input_files(data_cfg):
+        if data_cfg.source == "text":
+            yield from _text_documents(path, data_cfg.split_on_blank_lines, decode_errors)
+        else:
+            yield from _jsonl_documents(path, data_cfg.text_field, decode_errors)
+    decode_errors.report()
+
+
+class DecodeErrorCounter:
+    """Bytes that are not UTF-8: fail at the first one, or skip the document and count it."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.skipped: dict[Path, int] = {}
+
+    def bad(self, path: Path, where: str) -> None:
+        if self.policy == "fail":
+            raise DataError(
+                f"{where}: bytes that are not UTF-8; fix the file or set data.on_decode_error: skip"
+            )
+        self.skipped[path] = self.skipped.get(path, 0) + 1
+
+    def report(self) -> None:
+        if self.skipped:
+            total = sum(self.skipped.values())
+            files = ", ".join(f"{p} ({n})" for p, n in self.skipped.items())
+            message = f"msllm prep: skipped {total} document(s) with bytes that are not UTF-8: {files}"
+            if message not in _reported:  # prep reads the corpus more than once: say it once
+                _reported.add(message)
+                print(message)
+
+
+_reported: set[str] = set()
+
+
+def _text_documents(path: Path, split_on_blank_lines: bool, errors: DecodeErrorCounter) -> Iterator[str]:
+    raw = path.read_bytes()
+    if not split_on_blank_lines:
+        text = _decode(raw, path, str(path), errors)
+        if text is not None and text.strip():
+            yield text.strip()
+        return
+    # Decode each blank-line-separated block on its own, so that one bad byte costs one document.
+    for block in re.split(rb"\r?\n(?:[ \t]*\r?\n)+", raw):
+        text = _decode(block, path, str(path), errors)
+        if text is not None and text.strip():
+            yield text.strip()
+
+
+def _jsonl_documents(path: Path, text_field: str, errors: DecodeErrorCounter) -> Iterator[str]:
+    with _open_binary(path) as f:
+        for line_number, raw_line in enumerate(f, start=1):
+            where = f"{path}:{line_number}"
+            line = _decode(raw_line, path, where, errors)
+            if line is None or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                keys = ", ".join(list(record)[:5]) if isinstance(record, dict) else type(record).__name__
+                raise DataError(
+                    f"{where}: no field {text_field!r} (has: {keys}); set data.text_field to the "
+                    "field that holds the text"
+                )
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+            if text.strip():
+                yield text
+
+
+def _decode(raw: bytes, path: Path, where: str, errors: DecodeErrorCounter) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        errors.bad(path, where)
+        return None
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    """Open a jsonl file, decompressing .gz and .zst by their suffix."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if path.suffix == ".zst":
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb")))
+    return path.open("rb")
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in corpus
+# ----------------------------------------------------------------------------------------------
+
+
+def _wikipedia_sample_path() -> Path:
+    try:
+        import gensim
+    except ImportError:
+        raise DataError(
+            "data.source wikipedia-sample reads gensim's test data: pip install 'msllm[corpus]' "
+            "(or pip install gensim)"
+        ) from None
+    path = Path(gensim.__file__).parent / WIKIPEDIA_SAMPLE
+    if not path.is_file():
+        raise DataError(f"gensim {gensim.__version__} does not ship the Wikipedia sample at {path}")
+    return path
+
+
+@lru_cache(maxsize=1)
+def _wikipedia_sample_cached() -> tuple[str, ...]:
+    # Stripping the markup takes a few seconds; prep reads the corpus twice (tokenizer, shards).
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    articles = []
+    with bz2.open(_wikipedia_sample_path(), "rb") as dump:
+        for _title, wikitext, _page_id in extract_pages(dump):
+            if wikitext.lstrip().lower().startswith("#redirect"):
+                continue
+            text = _tidy_wiki_text(filter_wiki(wikitext))
+            if text:
+                articles.append(text)
+    return tuple(articles)
+
+
+def wikipedia_sample_documents() -> list[str]:
+    """The 106 articles of gensim's Wikipedia sample as plain text, one document per article."""
+    return list(_wikipedia_sample_cached())
+
+
+def _tidy_wiki_text(text: str) -> str:
+    """filter_wiki leaves bold/italic quote marks and runs of blank lines: remove them."""
+    text = re.sub(r"'{2,}", "", text)
+    lines = [line.strip() for line in text.splitlines()]
+    text = "\n".join(lines)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()

@@ -1,0 +1,135 @@
+"""The sentencepiece tokenizer: train one on the train split, or reuse a given `.model`.
+
+A trained tokenizer always has the same special ids, so that the model and the shards agree on
+them without looking: pad=0, unk=1, bos=2, eos=3. It uses Llama's choices of normalisation
+(`identity`, keep whitespace as it is, byte fallback by default), so that decoding the tokens of a
+text gives the text back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+
+from msllm.config import TokenizerConfig
+from msllm.errors import DataError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+TOKENIZER_FILENAME = "tokenizer.model"
+
+# sentencepiece skips training lines longer than this (bytes); Wikipedia paragraphs can be long.
+MAX_SENTENCE_BYTES = 1 << 16
+
+
+def train_tokenizer(
+    train_documents: Iterable[str], cfg: TokenizerConfig, out_path: Path, num_threads: int, seed: int = 0
+) -> None:
+    """Train a sentencepiece model on the documents (one training "sentence" per non-empty line)."""
+    spm.set_random_generator_seed(seed)  # sentencepiece samples input_sentence_size lines at random
+    try:
+        with out_path.open("wb") as model_file:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=_lines(train_documents),
+                model_writer=model_file,
+                model_type=cfg.type,
+                vocab_size=cfg.vocab_size,
+                byte_fallback=cfg.byte_fallback,
+                character_coverage=cfg.character_coverage,
+                input_sentence_size=cfg.input_sentence_size,
+                shuffle_input_sentence=True,
+                max_sentence_length=MAX_SENTENCE_BYTES,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                pad_id=PAD_ID,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                num_threads=num_threads,
+                minloglevel=2,  # warnings and errors only: prep shows its own progress
+            )
+    except RuntimeError as exc:
+        raise _explain_training_error(exc, cfg) from None
+
+
+def _lines(documents: Iterable[str]) -> Iterator[str]:
+    for document in documents:
+        for line in document.splitlines():
+            if line.strip():
+                yield line
+
+
+def _explain_training_error(exc: RuntimeError, cfg: TokenizerConfig) -> DataError:
+    message = str(exc)
+    too_high = re.search(r"Vocabulary size (?:is )?too high \((\d+)\).*<= (\d+)", message)
+    if too_high:
+        largest = int(too_high.group(2))
+        return DataError(
+            f"data.tokenizer.vocab_size {cfg.vocab_size} is more than this corpus supports "
+            f"(at most {largest} for a {cfg.type} model); set data.tokenizer.vocab_size to {largest} "
+            "or less, or add text"
+        )
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        needed = int(too_low.group(2))
+        return DataError(
+            f"data.tokenizer.vocab_size {cfg.vocab_size} is too small: this corpus needs at least "
+            f"{needed} pieces (its characters, the special pieces"
+            + (", 256 byte pieces for byte_fallback" if cfg.byte_fallback else "")
+            + f"); set data.tokenizer.vocab_size to {needed} or more, or lower character_coverage"
+        )
+    first_line = message.strip().splitlines()[0] if message.strip() else repr(exc)
+    return DataError(f"sentencepiece could not train the tokenizer: {first_line}")
+
+
+def load_sentencepiece(path: str | Path) -> spm.SentencePieceProcessor:
+    """A sentencepiece processor for a `.model` file, or a DataError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer model not found: {path}")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.Load(str(path))
+    except (OSError, RuntimeError):
+        raise DataError(f"{path} is not a sentencepiece model") from None
+    return processor
+
+
+def special_ids(processor: spm.SentencePieceProcessor) -> dict[str, int]:
+    """The special ids of a tokenizer (-1 where it has none)."""
+    return {
+        "pad_id": processor.pad_id(),
+        "unk_id": processor.unk_id(),
+        "bos_id": processor.bos_id(),
+        "eos_id": processor.eos_id(),
+    }
+
+
+def bytes_per_token(processor: spm.SentencePieceProcessor) -> np.ndarray:
+    """UTF-8 bytes of text that each token id stands for (0 for control tokens, 1 for byte pieces).
+
+    Summing it over tokens counts the bytes of text they decode to (up to sentencepiece's dummy
+    prefix: the '▁' it puts before each document counts as one space).
+    """
+    table = np.zeros(processor.GetPieceSize(), dtype=np.int64)
+    for token_id in range(processor.GetPieceSize()):
+        if processor.IsControl(token_id) or processor.IsUnknown(token_id):
+            continue
+        if processor.IsByte(token_id):
+            table[token_id] = 1
+        else:
+            table[token_id] = len(processor.IdToPiece(token_id).replace("\u2581", " ").encode("utf-8"))
+    return table
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
