@@ -33,9 +33,27 @@ def _data_loader(args: argparse.Namespace) -> str:
     return bench_data_loader(args)
 
 
+def _sequence_parallel(args: argparse.Namespace) -> str:
+    """Per-rank activation bytes, step time and bytes sent at 16k tokens, sp = 1, 2, 4, per multi-scale arch."""
+    from msllm.parallel.benchmark import run, to_markdown
+
+    return to_markdown(run())
+
+
+def _models(args: argparse.Namespace) -> str:
+    """Parameters, FLOPs/token and activation memory of the paper-comparison recipes (vanilla-14 vs 30-layer)."""
+    import glob
+
+    from msllm.inspect import compare_recipes
+
+    return compare_recipes(sorted(glob.glob("recipes/models/*-bookcorpus.yaml")))
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "data-prep": _data_prep,
     "data-loader": _data_loader,
+    "sequence-parallel": _sequence_parallel,
+    "models": _models,
 }
 
 
