@@ -49,11 +49,19 @@ def _models(args: argparse.Namespace) -> str:
     return compare_recipes(sorted(glob.glob("recipes/models/*-bookcorpus.yaml")))
 
 
+def _quickstart(args: argparse.Namespace) -> str:
+    """Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."""
+    from msllm.train.bench import bench_quickstart
+
+    return bench_quickstart(args)
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "data-prep": _data_prep,
     "data-loader": _data_loader,
     "sequence-parallel": _sequence_parallel,
     "models": _models,
+    "quickstart": _quickstart,
 }
 
 

@@ -1,0 +1,319 @@
+"""Checkpoints: DeepSpeed's own files plus what an exact resume needs, made visible only when complete.
+
+Layout of one checkpoint (`output_dir/checkpoints/step_0000200/`):
+
+    mp_rank_00_model_states.pt, zero_pp_rank_*   DeepSpeed's save_checkpoint (weights, optimizer,
+                                                 scheduler; the client state below)
+    trainer_state_rank{r}.pt                     per rank: RNG states of python, numpy, torch (and the
+                                                 accelerator), and the dataloader state
+    meta.json                                    step, tokens seen, arch, ZeRO stage, world size,
+                                                 tokenizer path and sha256
+    recipe.yaml                                  the resolved recipe (vocab_size filled in)
+    tokenizer.model                              a copy of the sentencepiece model
+    COMPLETE                                     written last by rank 0 after every rank finished
+
+A folder without COMPLETE is ignored by resume, eval, export and generate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from msllm.errors import CheckpointError
+from msllm.train import dist
+
+COMPLETE = "COMPLETE"
+META = "meta.json"
+_TAG = re.compile(r"^step_(\d{7,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / COMPLETE).is_file() and (ckpt / META).is_file()
+
+
+def list_complete(root: Path) -> list[Path]:
+    """Complete checkpoints under `root` (a checkpoints folder), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _TAG.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_complete(root: Path) -> Path | None:
+    done = list_complete(root)
+    return done[-1] if done else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint folder, a run's output_dir or its checkpoints/ folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if _TAG.match(p.name) and p.is_dir():
+        if not is_complete(p):
+            raise CheckpointError(f"{p} is an incomplete checkpoint (no {COMPLETE} marker): use an older one")
+        return p
+    for root in (p / "checkpoints", p):
+        latest = latest_complete(root)
+        if latest is not None:
+            return latest
+    raise CheckpointError(f"no complete checkpoint in {p}")
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / META).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt}: cannot read {META}: {exc}") from None
+
+
+def read_recipe(ckpt: Path):
+    """The resolved recipe saved in a checkpoint, as a Recipe."""
+    from msllm.config import from_dict
+
+    try:
+        raw = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{ckpt}: cannot read recipe.yaml: {exc}") from None
+    return from_dict(raw, source=str(ckpt / "recipe.yaml"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture check
+# ----------------------------------------------------------------------------------------------
+
+
+def describe_model(model: dict) -> str:
+    scales = "/".join(f"{s['factor']}x{s['layers']}{s['attention'][0]}" for s in model.get("scales", []))
+    return (
+        f"{model.get('arch')} (d_model={model.get('d_model')}, n_heads={model.get('n_heads')}, "
+        f"vocab={model.get('vocab_size')}, scales={scales})"
+    )
+
+
+_INIT_ONLY = ("init_std",)  # model fields that do not change what a checkpoint holds
+
+
+def check_same_model(ckpt: Path, saved: dict, wanted: dict) -> None:
+    """Raise a one-line CheckpointError when the checkpoint's model section differs from the recipe's."""
+    saved = {k: v for k, v in saved.items() if k not in _INIT_ONLY}
+    wanted = {k: v for k, v in wanted.items() if k not in _INIT_ONLY}
+    if saved == wanted:
+        return
+    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    raise CheckpointError(
+        f"{ckpt} holds a different architecture: checkpoint {describe_model(saved)} vs recipe "
+        f"{describe_model(wanted)} (differs in model.{', model.'.join(diff)})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states
+# ----------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        state["accelerator"] = acc.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load (collective: every rank calls these)
+# ----------------------------------------------------------------------------------------------
+
+
+def _estimate_bytes(engine) -> int:
+    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    return int(n * 4 * 4)  # weights + two Adam moments (+ master copy or slack), fp32
+
+
+class CheckpointManager:
+    def __init__(self, output_dir: str | Path, keep_last: int, rank: int, world_size: int):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def latest(self) -> Path | None:
+        return latest_complete(self.root)
+
+    def save(self, engine, step: int, client: dict, rank_state: dict, recipe_yaml: str, tokenizer_path: str | None) -> Path:
+        """Write checkpoint `step`. On any OSError (a full disk, a vanished folder) the partial
+        folder is removed, earlier checkpoints are untouched, and every rank raises CheckpointError."""
+        tag = tag_for(step)
+        path = self.root / tag
+        failure = ""
+        # A cheap check first, so that a full disk is usually caught before anything is written.
+        if self.rank == 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if path.exists():
+                    shutil.rmtree(path)  # an incomplete attempt at the same step
+                free = shutil.disk_usage(self.root).free
+                need = _estimate_bytes(engine)
+                if free < need:
+                    failure = f"needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
+            except OSError as exc:
+                failure = _oserror(exc)
+        failure = dist.broadcast_object(failure)
+        if not failure:
+            in_deepspeed = True
+            try:
+                engine.save_checkpoint(str(self.root), tag=tag, client_state={"msllm": client}, save_latest=False)
+                in_deepspeed = False
+                torch.save(rank_state, path / f"trainer_state_rank{self.rank}.pt")
+                if self.rank == 0:
+                    (path / "recipe.yaml").write_text(recipe_yaml)
+                    if tokenizer_path:
+                        shutil.copyfile(tokenizer_path, path / "tokenizer.model")
+                    (path / META).write_text(json.dumps({k: v for k, v in client.items() if k != "recipe"}, indent=1) + "\n")
+            except OSError as exc:
+                failure = _oserror(exc)
+                if in_deepspeed:
+                    dist.barrier()  # DeepSpeed's save ends with a barrier the other ranks are waiting in
+            except RuntimeError as exc:  # torch.save wraps some write errors
+                if "No space left" not in str(exc) and "write" not in str(exc).lower():
+                    raise
+                failure = str(exc).splitlines()[0]
+                if in_deepspeed:
+                    dist.barrier()
+        flag = torch.tensor([1.0 if failure else 0.0])
+        dist.all_reduce_max(flag)
+        if flag.item() > 0:
+            failures = [failure]
+            if dist.is_initialized() and self.world_size > 1:
+                failures = [None] * self.world_size
+                torch.distributed.all_gather_object(failures, failure)
+            first = next(f for f in failures if f)
+            if self.rank == 0:
+                shutil.rmtree(path, ignore_errors=True)
+            previous = self.latest()
+            kept = f"latest complete checkpoint is still {previous}" if previous else "no earlier checkpoint"
+            raise CheckpointError(f"could not save checkpoint {path}: {first}; {kept}")
+        dist.barrier()
+        if self.rank == 0:
+            tmp = path / (COMPLETE + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(f"step {step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path / COMPLETE)
+            self.prune()
+        dist.barrier()
+        return path
+
+    def prune(self) -> None:
+        """Keep the last `keep_last` complete checkpoints (0 keeps all); drop older incomplete ones."""
+        done = list_complete(self.root)
+        if self.keep_last:
+            for old in done[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        if done:
+            newest = int(_TAG.match(done[-1].name).group(1))
+            for p in self.root.iterdir():
+                m = _TAG.match(p.name)
+                if m and int(m.group(1)) < newest and not is_complete(p):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def load(self, engine, ckpt: Path, state_rank: int | None = None) -> tuple[dict, dict]:
+        """Load weights, optimizer and scheduler into `engine`; return (client state, the trainer state
+        saved by rank `state_rank`, by default this rank)."""
+        try:
+            load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        except (OSError, RuntimeError, KeyError, AssertionError) as exc:
+            raise CheckpointError(f"cannot load {ckpt}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if load_path is None:
+            raise CheckpointError(f"cannot load {ckpt}: DeepSpeed found no checkpoint files there")
+        own = ckpt / f"trainer_state_rank{self.rank if state_rank is None else state_rank}.pt"
+        if not own.is_file():
+            raise CheckpointError(f"{ckpt} has no {own.name}: it was saved by fewer ranks than {self.world_size}")
+        try:
+            rank_state = torch.load(own, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot read {own}: {exc}") from None
+        return client["msllm"], rank_state
+
+
+def _oserror(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device ({exc.filename or 'while writing'})"
+    return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Consolidated weights (eval, export, generate): no DeepSpeed engine needed
+# ----------------------------------------------------------------------------------------------
+
+_WRAP = "_checkpoint_wrapped_module."
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a complete checkpoint, whatever its ZeRO stage and world size."""
+    meta = read_meta(ckpt)
+    try:
+        if int(meta.get("zero_stage", 0)) == 0:
+            states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            sd = states["module"]
+        else:
+            import contextlib
+            import io
+
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"cannot read the weights of {ckpt}: {exc}") from None
+    return {k.replace(_WRAP, ""): v.detach().to(torch.float32).clone().contiguous() for k, v in sd.items()}
+
+
+def model_config_of(ckpt: Path):
+    """The checkpoint's ModelConfig (vocab_size filled in)."""
+    return read_recipe(ckpt).model
+
+
+def model_dict(model_cfg) -> dict:
+    return dataclasses.asdict(model_cfg)

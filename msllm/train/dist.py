@@ -1,0 +1,151 @@
+"""Who am I in the job, and the few collectives the trainer needs.
+
+The launcher decides the environment; `read_env` maps each of them to (rank, world, local rank):
+
+- torchrun and the deepspeed launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+- srun alone (or `deepspeed --launcher slurm`) sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID:
+  MASTER_ADDR defaults to the first host of the step's node list and MASTER_PORT to a port derived
+  from the job id;
+- a plain process with none of these is rank 0 of a world of 1 (on a free local port).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+from msllm.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(env: dict) -> str | None:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
+        return out[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        # Without scontrol, a plain "node1" or "node[1-3]" list still names its first host.
+        head = nodelist.split(",")[0]
+        if "[" in head:
+            prefix, rest = head.split("[", 1)
+            head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+        return head
+
+
+def read_env(environ: dict | None = None) -> DistEnv:
+    """Read (and complete) the launcher's environment variables; nothing is started here."""
+    env = os.environ if environ is None else environ
+    try:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+            local = int(env.get("LOCAL_RANK", "0"))
+            launcher = "deepspeed launcher" if "LOCAL_SIZE" in env else "torchrun"
+            if "LOCAL_WORLD_SIZE" not in env and "LOCAL_SIZE" in env:
+                env["LOCAL_WORLD_SIZE"] = env["LOCAL_SIZE"]  # the deepspeed launcher's name; streaming reads ours
+        elif "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
+            rank = int(env["SLURM_PROCID"])
+            world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+            local = int(env.get("SLURM_LOCALID", "0"))
+            launcher = "srun"
+            if "MASTER_ADDR" not in env:
+                env["MASTER_ADDR"] = _first_slurm_host(env) or "127.0.0.1"
+            if "MASTER_PORT" not in env:
+                env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+            per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+            if "LOCAL_WORLD_SIZE" not in env and per_node.split("(")[0].isdigit():
+                env["LOCAL_WORLD_SIZE"] = per_node.split("(")[0]  # streaming reads it
+        else:
+            rank, world, local, launcher = 0, 1, 0, "single process"
+            env.setdefault("LOCAL_WORLD_SIZE", "1")
+            env.setdefault("MASTER_ADDR", "127.0.0.1")
+            env.setdefault("MASTER_PORT", str(_free_port()))
+    except ValueError as exc:
+        raise RecipeError(f"launcher environment: rank variables are not integers ({exc})") from None
+    if world < 1 or not 0 <= rank < world:
+        raise RecipeError(f"launcher environment: rank {rank} is not within world size {world}")
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+    return DistEnv(rank=rank, world_size=world, local_rank=local, launcher=launcher)
+
+
+def check_parallel(recipe, world_size: int, source: str = "recipe") -> int:
+    """Validate the parallel degrees against the world size; return the data-parallel degree."""
+    sp = recipe.parallel.sp
+    if world_size % sp:
+        raise RecipeError(
+            f"{source}: parallel.sp: {sp} does not divide the world size {world_size} "
+            f"(launch a multiple of {sp} ranks, or change parallel.sp)"
+        )
+    return world_size // sp
+
+
+def init_distributed(denv: DistEnv) -> None:
+    """Start torch.distributed (through DeepSpeed, on its accelerator's backend) if not started."""
+    import datetime
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(denv.local_rank)
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=datetime.timedelta(minutes=60),
+    )
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    if is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj

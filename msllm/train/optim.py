@@ -1,0 +1,92 @@
+"""AdamW parameter groups, the learning-rate schedule and the DeepSpeed config, all from the recipe."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: weight matrices and embeddings decay; norms and biases (ndim < 2) do not."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_at(step: int, train_cfg) -> float:
+    """Learning rate for optimizer step `step` (0-based: the first update uses lr_at(0)).
+
+    Linear warmup from lr/warmup to lr over `warmup_steps` updates, then cosine or linear decay to
+    `min_lr` at `max_steps` (or constant)."""
+    lr, min_lr, warmup, total = train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_steps, train_cfg.max_steps
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if train_cfg.schedule == "constant":
+        return lr
+    span = max(1, total - warmup)
+    progress = min(1.0, max(0.0, (step - warmup) / span))
+    if train_cfg.schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0 - progress
+    return min_lr + (lr - min_lr) * factor
+
+
+def build_optimizer(model: torch.nn.Module, recipe, device_name: str) -> torch.optim.Optimizer:
+    """AdamW over the two groups. With optimizer offload on an accelerator, DeepSpeed's CPU Adam
+    (its AdamW mode); otherwise torch's AdamW, which needs no compiled op and is deterministic."""
+    t = recipe.train
+    groups = param_groups(model, t.weight_decay)
+    kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    if recipe.parallel.offload_optimizer and device_name != "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR that DeepSpeed steps after every optimizer update and saves in its checkpoints."""
+    peak = train_cfg.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train_cfg) / peak)
+
+
+def deepspeed_config(recipe) -> dict:
+    """The DeepSpeed config dict for this recipe (optimizer and scheduler are passed as objects)."""
+    t, par = recipe.train, recipe.parallel
+    zero: dict = {"stage": par.zero_stage}
+    if par.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if par.zero_stage == 3:
+        # Keep the exchange buckets small: the models here are small, and CPU ranks share memory.
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7})
+    cfg = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": float(t.grad_clip),
+        "zero_optimization": zero,
+        # The optimizer is torch's AdamW (or DeepSpeedCPUAdam when offloading on an accelerator).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        cfg["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    return cfg

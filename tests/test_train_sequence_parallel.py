@@ -1,0 +1,92 @@
+"""Sequence parallelism in training: the same recipe logs the same losses and gradient norms step
+after step with sp=2 as with sp=1 (and with dp=2 x sp=2 as with dp=2 x sp=1), for every
+architecture; checkpoints move between sp degrees; a recipe that does not fit the world fails
+before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_train_support import check, error_lines, make_recipe, rows, tiny_data, torchrun  # noqa: F401
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+STEPS = 5
+MODELS = {
+    "vanilla": {"arch": "vanilla", "scales": [{"factor": 1, "layers": 2, "attention": "full"}]},
+    "bottom_up": {
+        "arch": "bottom_up",
+        "scales": [{"factor": 1, "layers": 1, "attention": "local", "window": 8}, {"factor": 4, "layers": 1}],
+        "final_layers": 1,
+        "aggregation": "attention",
+    },
+    "top_down": {
+        "arch": "top_down",
+        "scales": [{"factor": 1, "layers": 1, "attention": "local", "window": 8}, {"factor": 2, "layers": 1},
+                   {"factor": 2, "layers": 1}],
+        "pooling": "linear",
+    },
+    "retina": {"arch": "retina", "scales": [{"factor": 1, "layers": 2, "window": 8}], "retina_factor": 2,
+               "retina_levels": 3},
+}
+
+
+def run(tmp, tiny_data, arch: str, nproc: int, sp: int, zero_stage: int = 0):
+    recipe, out = make_recipe(
+        tmp, tiny_data, name=f"{arch}-n{nproc}-sp{sp}.yaml", model=MODELS[arch],
+        parallel={"sp": sp, "zero_stage": zero_stage}, train={"max_steps": STEPS, "micro_batch_size": 2},
+        eval={"every": 0, "max_batches": 2}, checkpoint={"every": 0},
+    )
+    proc = check(torchrun(nproc, "train", recipe, cwd=tmp))
+    assert f"(dp {nproc // sp} x sp {sp}" in proc.stdout
+    return recipe, out
+
+
+def assert_same_run(got, ref):
+    got_rows, ref_rows = rows(got), rows(ref)
+    assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows] == list(range(1, STEPS + 1))
+    for g, r in zip(got_rows, ref_rows):
+        assert g["loss"] == pytest.approx(r["loss"], rel=1e-5), (g["step"], g["loss"], r["loss"])
+        assert g["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-5), (g["step"], g["grad_norm"], r["grad_norm"])
+    assert got_rows[-1]["tokens"] == ref_rows[-1]["tokens"]
+    evals = rows(got, "eval"), rows(ref, "eval")
+    assert evals[0][-1]["loss"] == pytest.approx(evals[1][-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_sp2_logs_the_losses_of_sp1(tmp_path, tiny_data, arch):
+    _, ref = run(tmp_path, tiny_data, arch, nproc=1, sp=1)
+    _, got = run(tmp_path, tiny_data, arch, nproc=2, sp=2)
+    assert_same_run(got, ref)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_dp2_sp2_logs_the_losses_of_dp2_sp1(tmp_path, tiny_data, arch):
+    _, ref = run(tmp_path, tiny_data, arch, nproc=2, sp=1, zero_stage=1)
+    _, got = run(tmp_path, tiny_data, arch, nproc=4, sp=2, zero_stage=1)
+    assert_same_run(got, ref)
+
+
+def test_checkpoint_saved_with_sp2_resumes_with_sp1_and_back(tmp_path, tiny_data):
+    """The parameters do not depend on sp, and neither does the data order: a run that switches sp
+    at a checkpoint logs the losses of a run that never did."""
+    _, ref = run(tmp_path, tiny_data, "bottom_up", nproc=1, sp=1)
+    recipe, out = make_recipe(
+        tmp_path, tiny_data, name="switch.yaml", model=MODELS["bottom_up"], parallel={"sp": 2},
+        train={"max_steps": STEPS, "micro_batch_size": 2}, eval={"every": 0, "max_batches": 2},
+        checkpoint={"every": 2},
+    )
+    check(torchrun(2, "train", recipe, "--set", "train.stop_at_step=2", cwd=tmp_path))
+    proc = check(torchrun(1, "train", recipe, "--set", "parallel.sp=1", "--set", "train.stop_at_step=4", cwd=tmp_path))
+    assert "resumed from" in proc.stdout
+    proc = check(torchrun(2, "train", recipe, cwd=tmp_path))
+    assert "resumed from" in proc.stdout
+    assert_same_run(out, ref)
+
+
+def test_a_recipe_that_does_not_fit_the_world_fails_before_starting(tmp_path, tiny_data):
+    recipe, out = make_recipe(tmp_path, tiny_data, name="bad.yaml", model=MODELS["bottom_up"], parallel={"sp": 2})
+    proc = torchrun(3, "train", recipe, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert any("parallel.sp: 2 does not divide the world size 3" in line for line in error_lines(proc)), proc.stderr[-2000:]
+    assert not (out / "checkpoints").exists()
