@@ -61,7 +61,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "data-loader": _data_loader,
     "sequence-parallel": _sequence_parallel,
     "models": _models,
-    "quickstart": _quickstart,
+    "train-quickstart": _quickstart,
 }
 
 

@@ -91,3 +91,17 @@ def test_srun_environment_without_torchrun(tmp_path, tiny_data):
     assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     assert "world 2 (dp 2 x sp 1, srun)" in results[0][0]
     assert sorted(losses(out)) == [1, 2]
+
+
+def test_two_ranks_equal_one_rank_with_two_accumulation_steps(zero_runs, tmp_path, tiny_data):
+    """The loss is over the global batch: 2 ranks x 1 micro-batch = 1 rank x 2 accumulated ones."""
+    _, outs = zero_runs
+    recipe, out = make_recipe(
+        tmp_path, tiny_data, train={"max_steps": STEPS, "grad_accum_steps": 2}, eval={"every": 0},
+        checkpoint={"every": 0},
+    )
+    check(msllm("train", recipe))
+    ref, got = losses(outs[0][1]), losses(out)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-5), step

@@ -8,6 +8,7 @@ that .ci/install-system.sh installs.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,16 @@ def shards_dir(tmp_path_factory, trainer) -> Path:
             timeout=600,
         )
         assert proc.returncode == 0, f"`msllm prep` of the tiny recipe failed:\n{proc.stdout[-3000:]}"
+        # One single-process step, so that the loader has unpacked the (zstd) shards before two
+        # "nodes" share the folder: first use by two nodes at once raced here (FileNotFoundError
+        # on train/shard.00000.mds), a data-loader matter that these launcher tests sidestep.
+        warm = path.parent / "warmup"
+        proc = run(
+            [sys.executable, "-m", "msllm.cli", "train", str(TINY_RECIPE), "--set", f"data.shards_dir={path}",
+             "--set", f"run.output_dir={warm}", "--set", "train.max_steps=1"],
+            check=False, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"},
+        )
+        assert proc.returncode == 0, f"a one-step `msllm train` of the tiny recipe failed:\n{proc.stdout[-3000:]}"
     return path
 
 

@@ -71,7 +71,9 @@ class SlurmCluster:
             f"SlurmctldPort={ctld_port}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire also sets how long a requeued job waits before it may start again
+            # (default 120 s); a shorter one keeps the requeue test quick.
+            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={self.root / 'state'}",
