@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import free_port
 from data_helpers import data_small_corpus  # noqa: F401
 
 from msllm.data import build_dataloader
 
 SCRIPT = Path(__file__).parent / "data_torchrun_script.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _windows(batch: dict) -> list[tuple]:
@@ -38,7 +32,7 @@ def test_two_ranks_data_parallel_and_sequence_parallel(data_small_corpus, tmp_pa
         env.pop(key, None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", str(SCRIPT), cfg.shards_dir, str(cfg.seq_len), str(tmp_path / "out"),
+        f"--master_port={free_port()}", str(SCRIPT), cfg.shards_dir, str(cfg.seq_len), str(tmp_path / "out"),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -7,20 +7,15 @@ A tiny corpus written here, its shards built once per session, a recipe writer, 
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from launch import clean_env, free_port  # noqa: F401 (re-exported for the trainer tests)
 
-LAUNCHER_VARIABLES = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-    "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_STEP_NUM_TASKS",
-)
 
 _NOUNS = "cat dog bird river mountain city king queen child teacher ship road garden house forest storm".split()
 _VERBS = "sees finds builds crosses follows paints carries remembers watches opens".split()
@@ -70,18 +65,6 @@ def base_recipe(shards: Path, corpus: Path, output_dir: Path) -> dict:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 def msllm(*args, env: dict | None = None, timeout: float = 300, python_code: str | None = None) -> subprocess.CompletedProcess:

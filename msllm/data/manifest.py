@@ -114,7 +114,7 @@ def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> dict[st
 
     shards_dir = data_cfg.shards_dir
     manifest = read_manifest(shards_dir, data_cfg)
-    fix = f"run `msllm prep RECIPE --force` to rebuild them, or set data.shards_dir elsewhere"
+    fix = "run `msllm prep RECIPE --force` to rebuild them, or set data.shards_dir elsewhere"
     if manifest["seq_len"] != data_cfg.seq_len:
         raise DataError(
             f"the shards in {shards_dir} hold samples for seq_len {manifest['seq_len']} but the recipe "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import random
@@ -42,13 +41,6 @@ _TAG = re.compile(r"^step_(\d{7,})$")
 def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_complete(ckpt: Path) -> bool:

@@ -93,7 +93,8 @@ def export_checkpoint(checkpoint: str, out: str, force: bool = False) -> Path:
     from safetensors.torch import save_file
 
     from msllm.models import build_model
-    from msllm.train.checkpoint import consolidated_state_dict, read_meta, read_recipe, resolve_checkpoint, sha256_file
+    from msllm.data.tokenizer import file_sha256
+    from msllm.train.checkpoint import consolidated_state_dict, read_meta, read_recipe, resolve_checkpoint
 
     out_dir = Path(out)
     if out_dir.exists() and not force:
@@ -115,7 +116,7 @@ def export_checkpoint(checkpoint: str, out: str, force: bool = False) -> Path:
         tokenizer = Path(meta["tokenizer_path"])
     if not tokenizer.is_file():
         raise CheckpointError(f"{ckpt}: no tokenizer.model in the checkpoint nor at {meta.get('tokenizer_path')}")
-    if meta.get("tokenizer_sha256") and sha256_file(tokenizer) != meta["tokenizer_sha256"]:
+    if meta.get("tokenizer_sha256") and file_sha256(tokenizer) != meta["tokenizer_sha256"]:
         raise CheckpointError(f"{tokenizer} is not the tokenizer {ckpt} was trained with (sha256 differs)")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

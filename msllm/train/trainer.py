@@ -39,7 +39,8 @@ from msllm.train.callbacks import (
     cpu_peak_flops,
     fmt_duration,
 )
-from msllm.train.checkpoint import CheckpointManager, check_same_model, read_recipe, rng_state, set_rng_state, sha256_file
+from msllm.data.tokenizer import file_sha256
+from msllm.train.checkpoint import CheckpointManager, check_same_model, read_recipe, rng_state, set_rng_state
 from msllm.train.evaluate import evaluate, token_cross_entropy_sum
 from msllm.train.optim import build_optimizer, build_scheduler, deepspeed_config, lr_at
 
@@ -142,7 +143,7 @@ class Trainer:
         self.grad_scale = denv.world_size * self.gas / self.tokens_per_step
         self.tokenizer_path = tokenizer_file(recipe)
         self.tokenizer_sha = self.manifest.get("tokenizer_sha256") or (
-            sha256_file(self.tokenizer_path) if self.tokenizer_path else None
+            file_sha256(self.tokenizer_path) if self.tokenizer_path else None
         )
 
         seed_everything(recipe.run.seed)  # identical initial weights on every rank

@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import socket
-import subprocess
 import tempfile
 from pathlib import Path
 

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from integ_helpers import REPO, TINY_RECIPE, need, need_root_and_tools, tail
+from integ_helpers import REPO, TINY_RECIPE, need, need_root_and_tools
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BASE_TAG = "msllm-test-base:latest"

@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from integ_helpers import REPO, Procs, base_env, need, need_root_and_tools, run, tail, wait_for
+from integ_helpers import REPO, Procs, base_env, need, need_root_and_tools, run, tail
 
 LOCAL_SH = REPO / "launchers" / "local.sh"
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
