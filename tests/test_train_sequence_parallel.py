@@ -31,10 +31,10 @@ MODELS = {
 }
 
 
-def run(tmp, tiny_data, arch: str, nproc: int, sp: int, zero_stage: int = 0):
+def run(tmp, tiny_data, arch: str, nproc: int, sp: int, zero_stage: int = 0, **parallel):
     recipe, out = make_recipe(
-        tmp, tiny_data, name=f"{arch}-n{nproc}-sp{sp}.yaml", model=MODELS[arch],
-        parallel={"sp": sp, "zero_stage": zero_stage}, train={"max_steps": STEPS, "micro_batch_size": 2},
+        tmp, tiny_data, name=f"{arch}-n{nproc}-sp{sp}-z{zero_stage}.yaml", model=MODELS[arch],
+        parallel={"sp": sp, "zero_stage": zero_stage, **parallel}, train={"max_steps": STEPS, "micro_batch_size": 2},
         eval={"every": 0, "max_batches": 2}, checkpoint={"every": 0},
     )
     proc = check(torchrun(nproc, "train", recipe, cwd=tmp))
@@ -64,6 +64,15 @@ def test_sp2_logs_the_losses_of_sp1(tmp_path, tiny_data, arch):
 def test_dp2_sp2_logs_the_losses_of_dp2_sp1(tmp_path, tiny_data, arch):
     _, ref = run(tmp_path, tiny_data, arch, nproc=2, sp=1, zero_stage=1)
     _, got = run(tmp_path, tiny_data, arch, nproc=4, sp=2, zero_stage=1)
+    assert_same_run(got, ref)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_sp2_with_zero_and_activation_checkpointing_logs_the_losses_of_sp1(tmp_path, tiny_data, zero_stage):
+    """The exchanges also run inside the recomputation of checkpointed blocks, under ZeRO 2 and 3."""
+    _, ref = run(tmp_path, tiny_data, "top_down", nproc=1, sp=1)
+    _, got = run(tmp_path, tiny_data, "top_down", nproc=2, sp=2, zero_stage=zero_stage,
+                 activation_checkpointing=True, offload_activations=zero_stage == 3)
     assert_same_run(got, ref)
 
 
