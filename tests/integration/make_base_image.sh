@@ -12,7 +12,12 @@ set -euo pipefail
 
 out=${1:?usage: make_base_image.sh OUT.tar}
 suite=${DEBIAN_SUITE:-bookworm}
-prefix=${PYTHON_PREFIX:-$(python3 -c 'import sys; print(sys.prefix)')}
+# Under a virtual environment the interpreter and standard library live in the base prefix and the
+# packages in the venv's site-packages: the image gets the first, with the second in place of the
+# base's own site-packages.
+prefix=${PYTHON_PREFIX:-$(python3 -c 'import sys; print(sys.base_prefix)')}
+venv=$(python3 -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "")')
+site_rel=$(python3 -c 'import sys; print(f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages")')
 
 if [[ -z "${DEBIAN_MIRROR:-}" ]]; then
     # The mirror apt already uses (deb822 "URIs:" lines or one-line "deb URI suite" entries).
@@ -45,11 +50,22 @@ debootstrap --variant=minbase \
 mkdir -p "$root/opt/python/lib"
 cp -a "$prefix/bin" "$root/opt/python/bin"
 cp -a "$prefix"/lib/libpython* "$root/opt/python/lib/"
-old_shebang="#!$prefix/bin/python"
+if [[ -n "$venv" ]]; then
+    # The venv's console scripts (torchrun, deepspeed, ...); its python links stay the base's.
+    for f in "$venv"/bin/*; do
+        name=$(basename "$f")
+        if [[ -f "$f" && ! -L "$f" && ! -e "$root/opt/python/bin/$name" ]]; then
+            cp -a "$f" "$root/opt/python/bin/$name"
+        fi
+    done
+fi
 for f in "$root"/opt/python/bin/*; do
-    if [[ -f "$f" && ! -L "$f" ]] && head -c 200 "$f" | grep -q "^$old_shebang"; then
-        sed -i "1s|^$old_shebang|#!/opt/python/bin/python|" "$f"
-    fi
+    for old_prefix in "$prefix" ${venv:+"$venv"}; do
+        old_shebang="#!$old_prefix/bin/python"
+        if [[ -f "$f" && ! -L "$f" ]] && head -c 200 "$f" | grep -q "^$old_shebang"; then
+            sed -i "1s|^${old_shebang}[0-9.]*|#!/opt/python/bin/python3|" "$f"
+        fi
+    done
 done
 for exe in python python3 pip pip3 torchrun deepspeed; do
     if [[ -e "$root/opt/python/bin/$exe" ]]; then
@@ -78,10 +94,21 @@ done
 # Without this checkout's editable msllm install, and without packages that have nothing to do
 # with training (cloud CLIs, linters). Names are rewritten to ./opt/python/..., symlink targets
 # (relative ones) are left alone.
-tar -C "$prefix" -rf "$partial" \
-    --exclude='__editable__*msllm*' --exclude='msllm-*.dist-info' \
-    --exclude='site-packages/oci' --exclude='site-packages/awscli' \
-    --exclude='site-packages/moto' --exclude='site-packages/cfnlint' \
+excludes=(
+    --exclude='__editable__*msllm*' --exclude='msllm-*.dist-info'
+    --exclude='site-packages/oci' --exclude='site-packages/awscli'
+    --exclude='site-packages/moto' --exclude='site-packages/cfnlint'
+)
+if [[ -n "$venv" ]]; then
+    excludes+=(--exclude="$site_rel")
+fi
+tar -C "$prefix" -rf "$partial" "${excludes[@]}" \
     --transform='flags=rh;s,^\./,./opt/python/,' \
     "${members[@]}"
+if [[ -n "$venv" ]]; then
+    mapfile -t site_members < <(find "$venv/$site_rel" -mindepth 1 -maxdepth 1 -printf './%f\n')
+    tar -C "$venv/$site_rel" -rf "$partial" "${excludes[@]}" \
+        --transform="flags=rh;s,^\./,./opt/python/$site_rel/," \
+        "${site_members[@]}"
+fi
 mv "$partial" "$out"
