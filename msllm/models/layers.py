@@ -117,6 +117,21 @@ def local_window_mask(n_blocks: int, window: int, first_block_has_past: bool, de
     return mask
 
 
+def _sliding_window_blocks(q, k, v, window, k_past, v_past, past_visible):
+    """Queries in blocks of `window` ([B, H, n, w, D]), the keys and values each block may see (its
+    own and the previous block's, [B, H, n, 2w, D]), and the mask of keys (t - window, t] ([n, w, 2w]).
+    `k_past`/`v_past` ([B, H, window, D]) stand before the first block; without them (or when
+    `past_visible` is False) the sequence starts here. Sequences are padded at the end."""
+    q, k, v = (_pad_to_multiple(t, window, dim=2) for t in (q, k, v))
+    n = q.shape[2] // window
+    if k_past is None:
+        k_past = v_past = k.new_zeros(k.shape[0], k.shape[1], window, k.shape[3])
+        past_visible = False
+    kb = _with_previous_block(_blocks(k, window), k_past)
+    vb = _with_previous_block(_blocks(v, window), v_past)
+    return _blocks(q, window), kb, vb, local_window_mask(n, window, past_visible, q.device)
+
+
 def local_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -133,17 +148,9 @@ def local_attention(
     sequence (the previous rank's, under sequence parallelism); without them, or when
     `past_visible` is False, the sequence starts here.
     """
-    L = q.shape[2]
-    q, k, v = (_pad_to_multiple(t, window, dim=2) for t in (q, k, v))
-    n = q.shape[2] // window
-    if k_past is None:
-        k_past = v_past = k.new_zeros(k.shape[0], k.shape[1], window, k.shape[3])
-        past_visible = False
-    kb = _with_previous_block(_blocks(k, window), k_past)
-    vb = _with_previous_block(_blocks(v, window), v_past)
-    mask = local_window_mask(n, window, past_visible, q.device)
-    out = F.scaled_dot_product_attention(_blocks(q, window), kb, vb, attn_mask=mask)
-    return out.reshape(q.shape)[:, :, :L]
+    qb, kb, vb, mask = _sliding_window_blocks(q, k, v, window, k_past, v_past, past_visible)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+    return out.flatten(2, 3)[:, :, : q.shape[2]]
 
 
 class LocalCausalAttention(nn.Module):
@@ -187,21 +194,16 @@ class RetinaAttention(LocalCausalAttention):
         w, L = self.window, q.shape[2]
         k_past, v_past, visible = self.past(k, v)
         pooled = [self.pooled(k, v, self.factor**level) for level in range(1, self.levels)]
-        q, k, v = (_pad_to_multiple(t, w, dim=2) for t in (q, k, v))
-        n = q.shape[2] // w
-        if k_past is None:
-            k_past = v_past = k.new_zeros(k.shape[0], k.shape[1], w, k.shape[3])
-        keys = [_with_previous_block(_blocks(k, w), k_past)]
-        values = [_with_previous_block(_blocks(v, w), v_past)]
-        masks = [local_window_mask(n, w, visible, q.device)]
-        for k_level, v_level, mask in self._pooled_levels(pooled, n, self.first_position(L)):
+        qb, kb, vb, mask = _sliding_window_blocks(q, k, v, w, k_past, v_past, visible)
+        keys, values, masks = [kb], [vb], [mask]
+        for k_level, v_level, mask in self._pooled_levels(pooled, qb.shape[2], self.first_position(L)):
             keys.append(k_level)
             values.append(v_level)
             masks.append(mask)
         out = F.scaled_dot_product_attention(
-            _blocks(q, w), torch.cat(keys, dim=3), torch.cat(values, dim=3), attn_mask=torch.cat(masks, dim=2)
+            qb, torch.cat(keys, dim=3), torch.cat(values, dim=3), attn_mask=torch.cat(masks, dim=2)
         )
-        return out.reshape(q.shape)[:, :, :L]
+        return out.flatten(2, 3)[:, :, :L]
 
     def _pooled_levels(self, pooled: list, n_blocks: int, first: int):
         """For each coarse level: gathered keys and values [B, H, n, slab, D] and the mask [n, w, slab].
