@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch import free_port
+from launch import torchrun
 from data_helpers import data_small_corpus  # noqa: F401
 
 from msllm.data import build_dataloader
@@ -27,14 +24,7 @@ def _windows(batch: dict) -> list[tuple]:
 @pytest.mark.distributed
 def test_two_ranks_data_parallel_and_sequence_parallel(data_small_corpus, tmp_path):
     cfg, _ = data_small_corpus
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", str(SCRIPT), cfg.shards_dir, str(cfg.seq_len), str(tmp_path / "out"),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun(2, SCRIPT, cfg.shards_dir, cfg.seq_len, tmp_path / "out", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in range(2)]
 
