@@ -15,3 +15,11 @@ class DataError(MsllmError):
 
 class CheckpointError(MsllmError):
     """A checkpoint that cannot be loaded or saved."""
+
+
+class LauncherError(MsllmError):
+    """A launcher environment (torchrun, srun, the deepspeed launcher) that does not describe a job."""
+
+
+class DivergenceError(MsllmError):
+    """Training that stopped making sense: a loss that is not a finite number."""

@@ -15,7 +15,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from msllm.models import apply_activation_checkpointing, build_model, flops_per_token
+from msllm.models import build_model, flops_per_token
+from msllm.parallel.parallelize import apply_activation_checkpointing
 
 
 def parameters_by_part(model: nn.Module) -> dict[str, int]:

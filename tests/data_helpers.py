@@ -5,8 +5,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import pytest
-
 from msllm.config import DataConfig, TokenizerConfig
 
 # Syllables make words; words make sentences: text varied enough for a tokenizer, made in ms.
@@ -51,19 +49,3 @@ def text_config(folder: Path, shards_dir: Path, **overrides) -> DataConfig:
     )
     settings.update(overrides)
     return DataConfig(**settings)
-
-
-@pytest.fixture(scope="session")
-def data_small_corpus(tmp_path_factory) -> tuple[DataConfig, list[str]]:
-    """A prepared text corpus of 120 documents (seq_len 64), shared by the loader tests.
-
-    Tests must not write into it; copy it (shutil.copytree) to change it.
-    """
-    from msllm.data import prepare_dataset
-
-    root = tmp_path_factory.mktemp("data_small_corpus")
-    documents = make_documents(120, seed=1)
-    write_text_files(root / "text", documents)
-    cfg = text_config(root / "text", root / "shards", tokenizer=TokenizerConfig(vocab_size=512))
-    prepare_dataset(cfg, quiet=True)
-    return cfg, documents

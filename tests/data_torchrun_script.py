@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from msllm.config import DataConfig
 from msllm.data import build_dataloader
+from msllm.parallel import ParallelDims
 
 
 def rows(batch):
@@ -38,7 +39,10 @@ def main() -> None:
     result["validation"] = [rows(b) for b in build_dataloader(cfg, "validation", batch_size=4, seed=0)]
 
     # Sequence parallel: one group of sp=2 (ranks 0 and 1) reads the same samples, a slice each.
-    sp = build_dataloader(cfg, "train", batch_size=4, seed=5, sp_size=2, sp_rank=rank % 2)
+    dims = ParallelDims(world_size=dist.get_world_size(), rank=rank, sp=2)
+    sp = build_dataloader(
+        cfg, "train", batch_size=4, seed=5, sp_size=dims.sp, sp_rank=dims.sp_rank, replication=dims.replication
+    )
     stream = iter(sp)
     result["sp"] = [rows(next(stream)) for _ in range(3)]
     result["sp_state"] = sp.state_dict()

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from launch import torchrun
-from data_helpers import data_small_corpus  # noqa: F401
 
 from msllm.data import build_dataloader
 

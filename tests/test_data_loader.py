@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from data_helpers import data_small_corpus, make_documents, write_text_files  # noqa: F401
+from data_helpers import make_documents, write_text_files
 from streaming import MDSWriter, StreamingDataset
 
 from msllm.config import DataConfig, TokenizerConfig
@@ -136,7 +136,7 @@ def test_reads_shards_written_in_llm_foundry_schema(tmp_path, encoding):
 
 def test_check_shards_seq_len_differs(data_small_corpus):
     cfg, _ = data_small_corpus
-    assert check_shards(cfg)["seq_len"] == 64
+    assert check_shards(cfg).manifest["seq_len"] == 64
     with pytest.raises(DataError) as e:
         check_shards(dataclasses.replace(cfg, seq_len=512))
     assert str(e.value) == (
@@ -194,7 +194,7 @@ def test_remote_shards_read_through_a_per_run_local_cache(data_small_corpus, tmp
     """A URI shards_dir (file:// here; s3://, gs://... the same way) is copied into data.cache_dir."""
     cfg, _ = data_small_corpus
     remote = dataclasses.replace(cfg, shards_dir=f"file://{cfg.shards_dir}", cache_dir=str(tmp_path / "cache"))
-    assert check_shards(remote)["seq_len"] == cfg.seq_len
+    assert check_shards(remote).manifest["seq_len"] == cfg.seq_len
     local_batches = _take(iter(build_dataloader(cfg, "train", batch_size=4, seed=2)), 3)
     for _ in range(2):  # two loaders in a row (as two runs would) do not collide
         remote_batches = _take(iter(build_dataloader(remote, "train", batch_size=4, seed=2)), 3)

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import zstandard
-from data_helpers import data_small_corpus, make_documents, text_config, write_text_files  # noqa: F401
+from data_helpers import make_documents, text_config, write_text_files
 
 from msllm.config import DataConfig, TokenizerConfig
 from msllm.data import build_dataloader, load_tokenizer, prepare_dataset, read_manifest

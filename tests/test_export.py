@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from test_train_support import check, msllm, reference_run, tiny_data  # noqa: F401
+from train_helpers import check, msllm
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from msllm.config import ModelConfig, ScaleConfig
-from test_train_support import tiny_data  # noqa: F401
 
 ARCHS = {
     "vanilla": dict(scales=[ScaleConfig(layers=1, attention="full")]),

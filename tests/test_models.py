@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from msllm.config import ModelConfig, ScaleConfig
 from msllm.inspect import saved_activation_bytes
-from msllm.models import apply_activation_checkpointing, build_model
+from msllm.models import build_model
+from msllm.parallel.parallelize import apply_activation_checkpointing
 from msllm.models.layers import CausalPool, RetinaAttention, Upsample, local_attention
 
 VOCAB = 97

@@ -14,17 +14,8 @@ import pytest
 
 from msllm.config import from_dict
 from msllm.errors import RecipeError
-from test_train_support import (  # noqa: F401  (fixtures)
-    check,
-    clean_env,
-    error_lines,
-    losses,
-    make_recipe,
-    msllm,
-    reference_run,
-    rows,
-    tiny_data,
-)
+from launch import clean_env
+from train_helpers import check, error_lines, losses, make_recipe, msllm, rows
 
 # ----------------------------------------------------------------------------------------------
 # Pieces
@@ -103,12 +94,29 @@ def test_launcher_environments():
 
 
 def test_world_size_must_be_a_multiple_of_sp():
-    from msllm.train.dist import check_parallel
+    from msllm.parallel import ParallelDims
 
     r = from_dict({"model": {"arch": "vanilla"}, "parallel": {"sp": 2}})
-    assert check_parallel(r, 4) == 2
+    assert ParallelDims.from_recipe(r, world_size=4, rank=0).dp == 2
     with pytest.raises(RecipeError, match=r"parallel.sp: 2 does not divide the world size 3"):
-        check_parallel(r, 3)
+        ParallelDims.from_recipe(r, world_size=3, rank=0)
+
+
+def test_parallel_dims_lay_out_contiguous_sequence_parallel_groups():
+    """rank = dp_rank * sp + sp_rank: groups of sp contiguous ranks read the same samples (one
+    replica each), and on resume a rank continues from its replica's first rank in the saved run."""
+    from msllm.parallel import ParallelDims
+
+    dims = [ParallelDims(world_size=8, rank=r, sp=4) for r in range(8)]
+    assert [d.dp for d in dims] == [2] * 8
+    assert [d.dp_rank for d in dims] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [d.sp_rank for d in dims] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert dims[5].sp_group_ranks() == [4, 5, 6, 7] and dims[5].sp_group_ranks(0) == [0, 1, 2, 3]
+    assert dims[0].replication == 4
+    assert ParallelDims(world_size=1, rank=0, sp=1).replication is None
+    assert ParallelDims(world_size=2, rank=0, sp=1).replication is None
+    assert [d.resume_state_rank(saved_sp=1) for d in dims] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [d.resume_state_rank(saved_sp=2) for d in dims] == [0, 0, 0, 0, 2, 2, 2, 2]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_train_support import check, losses, make_recipe, msllm, rows, tiny_data, torchrun  # noqa: F401
+from train_helpers import check, losses, make_recipe, msllm, msllm_torchrun, rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -21,7 +21,7 @@ def zero_runs(tmp_path_factory, tiny_data):
             tmp, tiny_data, name=f"zero{stage}.yaml", parallel={"zero_stage": stage},
             train={"max_steps": STEPS}, eval={"every": 0}, checkpoint={"every": 3},
         )
-        proc = check(torchrun(2, "train", recipe, cwd=tmp))
+        proc = check(msllm_torchrun(2, "train", recipe, cwd=tmp))
         assert "world 2 (dp 2 x sp 1" in proc.stdout and "512 tokens/step" in proc.stdout
         outs[stage] = (recipe, out)
     return tmp, outs
@@ -48,9 +48,9 @@ def test_exact_resume_two_ranks(zero_runs, stage):
     resumed_recipe = tmp / f"resumed{stage}.yaml"
     resumed_out = tmp / f"resumed{stage}_run"
     resumed_recipe.write_text(recipe.read_text().replace(str(ref_out), str(resumed_out)))
-    check(torchrun(2, "train", resumed_recipe, "--set", "train.stop_at_step=2", cwd=tmp))
+    check(msllm_torchrun(2, "train", resumed_recipe, "--set", "train.stop_at_step=2", cwd=tmp))
     assert sorted(losses(resumed_out)) == [1, 2]
-    proc = check(torchrun(2, "train", resumed_recipe, cwd=tmp))
+    proc = check(msllm_torchrun(2, "train", resumed_recipe, cwd=tmp))
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     assert losses(resumed_out) == losses(ref_out)
 
@@ -73,7 +73,7 @@ def test_srun_environment_without_torchrun(tmp_path, tiny_data):
     import subprocess
     import sys
 
-    from test_train_support import clean_env, free_port
+    from launch import clean_env, free_port
 
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 2}, eval={"every": 0}, checkpoint={"every": 0})
     code = "import sys; from msllm.cli import main; sys.exit(main(sys.argv[1:]))"

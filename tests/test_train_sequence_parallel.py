@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_train_support import check, error_lines, make_recipe, rows, tiny_data, torchrun  # noqa: F401
+from train_helpers import check, error_lines, make_recipe, msllm_torchrun, rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -37,7 +37,7 @@ def run(tmp, tiny_data, arch: str, nproc: int, sp: int, zero_stage: int = 0, **p
         parallel={"sp": sp, "zero_stage": zero_stage, **parallel}, train={"max_steps": STEPS, "micro_batch_size": 2},
         eval={"every": 0, "max_batches": 2}, checkpoint={"every": 0},
     )
-    proc = check(torchrun(nproc, "train", recipe, cwd=tmp))
+    proc = check(msllm_torchrun(nproc, "train", recipe, cwd=tmp))
     assert f"(dp {nproc // sp} x sp {sp}" in proc.stdout
     return recipe, out
 
@@ -85,17 +85,17 @@ def test_checkpoint_saved_with_sp2_resumes_with_sp1_and_back(tmp_path, tiny_data
         train={"max_steps": STEPS, "micro_batch_size": 2}, eval={"every": 0, "max_batches": 2},
         checkpoint={"every": 2},
     )
-    check(torchrun(2, "train", recipe, "--set", "train.stop_at_step=2", cwd=tmp_path))
-    proc = check(torchrun(1, "train", recipe, "--set", "parallel.sp=1", "--set", "train.stop_at_step=4", cwd=tmp_path))
+    check(msllm_torchrun(2, "train", recipe, "--set", "train.stop_at_step=2", cwd=tmp_path))
+    proc = check(msllm_torchrun(1, "train", recipe, "--set", "parallel.sp=1", "--set", "train.stop_at_step=4", cwd=tmp_path))
     assert "resumed from" in proc.stdout
-    proc = check(torchrun(2, "train", recipe, cwd=tmp_path))
+    proc = check(msllm_torchrun(2, "train", recipe, cwd=tmp_path))
     assert "resumed from" in proc.stdout
     assert_same_run(out, ref)
 
 
 def test_a_recipe_that_does_not_fit_the_world_fails_before_starting(tmp_path, tiny_data):
     recipe, out = make_recipe(tmp_path, tiny_data, name="bad.yaml", model=MODELS["bottom_up"], parallel={"sp": 2})
-    proc = torchrun(3, "train", recipe, cwd=tmp_path)
+    proc = msllm_torchrun(3, "train", recipe, cwd=tmp_path)
     assert proc.returncode != 0
     assert any("parallel.sp: 2 does not divide the world size 3" in line for line in error_lines(proc)), proc.stderr[-2000:]
     assert not (out / "checkpoints").exists()
@@ -107,7 +107,7 @@ def test_the_16k_cpu_recipe_trains_with_sp2(tmp_path):
     recipe = "recipes/long_context/bottom_up-16k-cpu.yaml"
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    proc = check(torchrun(
+    proc = check(msllm_torchrun(
         2, "train", repo / recipe, "--set", f"run.output_dir={out}", "--set", f"data.shards_dir={tmp_path / 'shards'}",
         "--set", "train.max_steps=3", "--set", "eval.max_batches=1", cwd=tmp_path, timeout=900,
     ))

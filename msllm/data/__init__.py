@@ -9,11 +9,11 @@ Public API (what the trainer and the CLI use):
     read_manifest(shards_dir) -> dict
         The manifest: "vocab_size", "seq_len", "pad_id", "unk_id", "bos_id", "eos_id",
         "tokenizer_sha256", "splits": {"train": {"documents", "tokens", "samples", "bytes", ...},
-        "validation": {...}}; see notes/readme-data.md for every field.
-    check_shards(data_cfg, vocab_size=None) -> manifest dict
+        "validation": {...}}; README.md's section "The manifest (`manifest.json`)" lists every field.
+    check_shards(data_cfg, vocab_size=None) -> Shards(manifest, tokenizer_path, tokenizer_sha256)
         DataError unless the shards fit the recipe (seq_len, tokenizer hash, vocab size).
-    build_dataloader(data_cfg, split, batch_size, seed, sp_size=1, sp_rank=0, shuffle=None,
-                     repeat=None, num_workers=None) -> TokenLoader
+    build_dataloader(data_cfg, split, batch_size, seed, sp_size=1, sp_rank=0, replication=None,
+                     shuffle=None, repeat=None, num_workers=None, pin_memory=False) -> TokenLoader
         Batches {"input_ids": LongTensor[B, L/sp], "labels": LongTensor[B, L/sp]}; train loaders
         repeat epochs forever; state_dict() / load_state_dict() resume exactly.
     load_tokenizer(shards_dir) -> sentencepiece.SentencePieceProcessor
@@ -21,7 +21,7 @@ Public API (what the trainer and the CLI use):
 Every bad input is a one-line msllm.errors.DataError.
 """
 
-from msllm.data.manifest import check_shards, load_tokenizer, read_manifest
+from msllm.data.manifest import Shards, check_shards, load_tokenizer, read_manifest
 from msllm.data.prepare import prepare_dataset
 
 
@@ -40,4 +40,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'msllm.data' has no attribute {name!r}")
 
 
-__all__ = ["prepare_dataset", "read_manifest", "check_shards", "build_dataloader", "load_tokenizer", "TokenLoader"]
+__all__ = ["prepare_dataset", "read_manifest", "check_shards", "Shards", "build_dataloader", "load_tokenizer", "TokenLoader"]

@@ -5,9 +5,9 @@
     {"input_ids": LongTensor[B, L/sp], "labels": LongTensor[B, L/sp]}
 
 A sample of L+1 tokens gives input_ids = tokens[:-1] and labels = tokens[1:]; rank r of a
-sequence-parallel group of sp ranks keeps positions [r*L/sp, (r+1)*L/sp) of both. The groups are
-contiguous ranks (ranks 0..sp-1 are group 0) and read the same samples: StreamingDataset's
-`replication=sp` makes every rank of a group act as one data-parallel rank.
+sequence-parallel group of sp ranks keeps positions [r*L/sp, (r+1)*L/sp) of both. The ranks of a
+group read the same samples: StreamingDataset's `replication` makes them act as one data-parallel
+rank. Which slice and which replication is the trainer's msllm.parallel.ParallelDims' to say.
 
 Train loaders repeat: at the end of an epoch the next one starts (reshuffled by streaming from the
 seed and the epoch number). `state_dict()` / `load_state_dict()` are streaming's (epoch, sample in
@@ -143,9 +143,11 @@ def build_dataloader(
     seed: int,
     sp_size: int = 1,
     sp_rank: int = 0,
+    replication: Optional[int] = None,
     shuffle: Optional[bool] = None,
     repeat: Optional[bool] = None,
     num_workers: Optional[int] = None,
+    pin_memory: bool = False,
 ) -> TokenLoader:
     """A loader of `split` ("train" or "validation") of the shards in data.shards_dir.
 
@@ -153,8 +155,11 @@ def build_dataloader(
     repeat: default True for train (epochs follow each other forever), False for validation
       (one pass over the whole split, every data-parallel rank its share; streaming pads the
       shares to equal length by repeating a few samples).
-    sp_size, sp_rank: the sequence-parallel group size and this rank's place in it (rank % sp).
+    sp_size, sp_rank: keep slice `sp_rank` of `sp_size` equal slices of every sample.
+    replication: how many consecutive ranks read the same samples (streaming's `replication`;
+      None: every rank its own). The trainer takes all three from its ParallelDims.
     num_workers: DataLoader worker processes (default data.num_workers).
+    pin_memory: batches in page-locked memory, so that the copy to an accelerator is asynchronous.
 
     Works in one process with no environment, and under torchrun / the deepspeed launcher
     (streaming reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE).
@@ -168,9 +173,6 @@ def build_dataloader(
         raise DataError(f"sequence-parallel rank {sp_rank} is not in a group of {sp_size}")
     if data_cfg.seq_len % sp_size:
         raise DataError(f"data.seq_len {data_cfg.seq_len} does not split evenly over sp={sp_size} ranks")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size % sp_size and world_size > 1:
-        raise DataError(f"{world_size} ranks do not form whole sequence-parallel groups of {sp_size}")
 
     if shuffle is None:
         shuffle = data_cfg.shuffle and split == "train"
@@ -186,8 +188,7 @@ def build_dataloader(
         batch_size=batch_size,
         shuffle=shuffle,
         shuffle_seed=seed,
-        # In one process (tests, tools) a slice can be read without a group to replicate over.
-        replication=sp_size if sp_size > 1 and world_size > 1 else None,
+        replication=replication,
         validate_hash=_hash_to_validate(data_cfg, local, remote),
     )
     try:  # fail early and clearly: a sample of the wrong length, a corrupt first shard
@@ -200,6 +201,7 @@ def build_dataloader(
         batch_size=batch_size,
         num_workers=data_cfg.num_workers if num_workers is None else num_workers,
         drop_last=split == "train",
+        pin_memory=pin_memory,
     )
     return TokenLoader(loader, split, repeat=split == "train" if repeat is None else repeat)
 

@@ -1,7 +1,7 @@
 """The manifest: what a shards folder holds, and the checks that it fits a recipe.
 
 `manifest.json` is written last, after every shard, so its presence marks a complete dataset.
-Its fields are described in notes/readme-data.md ("The manifest"); the ones the trainer uses:
+Its fields are described in README.md, section "The manifest (`manifest.json`)"; the ones the trainer uses:
 
     vocab_size, seq_len, pad_id, unk_id, bos_id, eos_id, tokenizer_path, tokenizer_sha256,
     splits: {train: {documents, tokens, samples, bytes, ...}, validation: {...}}
@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,21 @@ def load_tokenizer(shards_dir: str | Path, data_cfg: DataConfig | None = None):
     return load_sentencepiece(path)
 
 
-def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> dict[str, Any]:
-    """Check that the shards in data.shards_dir fit the recipe; return their manifest.
+@dataclass(frozen=True)
+class Shards:
+    """Shards checked against a recipe, read once: their manifest and their tokenizer."""
+
+    manifest: dict[str, Any]
+    tokenizer_path: Path  # a local file (downloaded first when shards_dir is remote)
+    tokenizer_sha256: str
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+
+def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
+    """Check that the shards in data.shards_dir fit the recipe; return them as a `Shards` record.
 
     DataError (one line) when: the shards are missing or incomplete; their seq_len is not the
     recipe's; their tokenizer is not the one the recipe names (data.tokenizer.model) or the saved
@@ -148,4 +162,4 @@ def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> dict[st
             f"{manifest['vocab_size']}: set model.vocab_size to 0 (take it from the data) or "
             f"{manifest['vocab_size']} or more"
         )
-    return manifest
+    return Shards(manifest=manifest, tokenizer_path=saved_tokenizer, tokenizer_sha256=manifest["tokenizer_sha256"])

@@ -6,7 +6,8 @@
     top_down   coarsest scale first, refined down to tokens   (top_down.py)
     retina     one stack, attention ever coarser with distance (retina.py)
 
-Shared blocks live in layers.py. Parallelism and activation checkpointing are applied from outside.
+Shared blocks live in layers.py. Parallelism and activation checkpointing are applied from outside
+(msllm.parallel.parallelize).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 from torch import nn
 
 from msllm.models.bottom_up import BottomUpLM
-from msllm.models.layers import Block
 from msllm.models.retina import RetinaLM
 from msllm.models.top_down import TopDownLM
 from msllm.models.vanilla import VanillaLM
@@ -28,20 +28,6 @@ def build_model(cfg) -> nn.Module:
     if cfg.vocab_size < 1:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer) before building")
     return MODELS[cfg.arch](cfg)
-
-
-def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> nn.Module:
-    """Recompute every transformer block in backward instead of keeping its activations; with
-    `offload`, the block inputs that are kept go to CPU memory (fairscale's checkpoint_wrapper).
-    Parameter names do not change, so checkpoints load either way."""
-    from fairscale.nn.checkpoint import checkpoint_wrapper
-
-    for module in list(model.modules()):
-        if isinstance(module, nn.ModuleList):
-            for i, child in enumerate(module):
-                if isinstance(child, Block):
-                    module[i] = checkpoint_wrapper(child, offload_to_cpu=offload)
-    return model
 
 
 def flops_per_token(cfg, seq_len: int) -> float:

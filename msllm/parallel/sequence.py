@@ -38,23 +38,6 @@ def _count(kind: str, tensor: torch.Tensor, fraction: float = 1.0) -> None:
     bytes_sent[kind] += int(tensor.numel() * tensor.element_size() * fraction)
 
 
-def new_sequence_parallel_group(sp: int) -> dist.ProcessGroup | None:
-    """Split the world into groups of `sp` contiguous ranks and return this rank's group.
-
-    Every rank takes part in creating every group (torch.distributed requires it). Returns None for
-    sp = 1. Contiguous ranks keep a group inside a node, where the all-to-all is cheap.
-    """
-    if sp == 1:
-        return None
-    world, rank = dist.get_world_size(), dist.get_rank()
-    mine = None
-    for first in range(0, world, sp):
-        group = dist.new_group(list(range(first, first + sp)))
-        if first <= rank < first + sp:
-            mine = group
-    return mine
-
-
 class _FromPreviousRank(torch.autograd.Function):
     """Forward: each rank receives the previous rank's `tail` (rank 0 receives zeros).
     Backward: the gradient of what was received goes back to the rank that sent it."""

@@ -246,30 +246,81 @@ class TensorBoardLogger(Callback):
 
 
 class EvalCallback(Callback):
-    def __init__(self, every: int, run_eval):
-        self.every = every
-        self.run_eval = run_eval  # trainer -> row dict
-        self.last_step = -1
+    """Validation loss, perplexity and bits per byte every eval.every steps and at the end: one pass
+    over this rank's share of the validation split (at most eval.max_batches batches)."""
 
-    def _run(self, trainer) -> None:
-        row = self.run_eval(trainer)
-        self.last_step = trainer.step
+    def __init__(self, recipe, dims, shards):
+        self.every = recipe.eval.every
+        self.recipe = recipe
+        self.dims = dims
+        self.manifest = shards.manifest
+        self.batch_size = recipe.eval.micro_batch_size or recipe.train.micro_batch_size
+        self.loader = None  # built at the first evaluation, once: streaming refuses two datasets on one folder
+        self.last_step = -1
+        self.last_row: dict | None = None
+
+    def evaluate(self, trainer) -> dict:
+        from msllm.data import build_dataloader
+        from msllm.train.evaluate import evaluate
+
+        r, dims = self.recipe, self.dims
+        if self.loader is None:
+            self.loader = build_dataloader(
+                r.data, "validation", self.batch_size, r.run.seed, sp_size=dims.sp, sp_rank=dims.sp_rank,
+                replication=dims.replication, shuffle=False,
+            )
+        trainer.engine.eval()
+        try:
+            row = evaluate(trainer.engine, self.loader, self.manifest, self.batch_size, r.eval.max_batches,
+                           trainer.device, dp_size=dims.dp)
+        finally:
+            trainer.engine.train()
+        row.update(step=trainer.step, tokens=trainer.tokens, time=time.time())
+        self.last_step, self.last_row = trainer.step, row
         trainer.log(row)
+        return row
 
     def on_step_end(self, trainer) -> None:
         if self.every and trainer.step % self.every == 0 and trainer.step != trainer.max_steps and not trainer.should_stop:
-            self._run(trainer)
+            self.evaluate(trainer)
 
     def on_train_end(self, trainer) -> None:
         if not trainer.should_stop and self.last_step != trainer.step:
-            self._run(trainer)
+            self.evaluate(trainer)
 
 
 class CheckpointCallback(Callback):
-    def __init__(self, every: int, save):
-        self.every = every
-        self.save = save  # trainer -> path
+    """A complete checkpoint every checkpoint.every steps, at the end, and when the run stops early
+    (preemption, train.stop_at_step): DeepSpeed's state plus what an exact resume needs."""
+
+    def __init__(self, recipe, dims, shards):
+        self.every = recipe.checkpoint.every
+        self.recipe = recipe
+        self.dims = dims
+        self.shards = shards
         self.last_step = -1
+
+    def save(self, trainer) -> Path:
+        from msllm.train.checkpoint import rng_state
+        from msllm.train.dist import say
+
+        r = self.recipe
+        client = {
+            "step": trainer.step,
+            "tokens": trainer.tokens,
+            "arch": r.model.arch,
+            "zero_stage": r.parallel.zero_stage,
+            "world_size": self.dims.world_size,
+            "tokenizer_path": str(Path(self.shards.tokenizer_path).resolve()),
+            "tokenizer_sha256": self.shards.tokenizer_sha256,
+            "recipe": r.to_dict(),
+        }
+        rank_state = {"rng": rng_state(), "dataloader": trainer.loader.state_dict(), "step": trainer.step}
+        t0 = time.perf_counter()
+        path = trainer.ckpt.save(trainer.engine, trainer.step, client, rank_state, r.to_yaml(), str(self.shards.tokenizer_path))
+        say(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f}s)")
+        self.last_step = trainer.step
+        return path
 
     def on_train_start(self, trainer) -> None:
         self.last_step = trainer.step if trainer.resumed else -1
@@ -277,12 +328,10 @@ class CheckpointCallback(Callback):
     def on_step_end(self, trainer) -> None:
         if trainer.should_stop or (self.every and trainer.step % self.every == 0):
             self.save(trainer)
-            self.last_step = trainer.step
 
     def on_train_end(self, trainer) -> None:
         if self.last_step != trainer.step:
             self.save(trainer)
-            self.last_step = trainer.step
 
 
 class PreemptionCallback(Callback):

@@ -268,6 +268,46 @@ class CheckpointManager:
             raise CheckpointError(f"cannot read {own}: {exc}") from None
         return client["msllm"], rank_state
 
+    # -- resume: whether a checkpoint fits this run, and which saved state each rank takes ------
+
+    def check_resumable(self, ckpt: Path, recipe, dims, tokenizer_sha256: str | None) -> int:
+        """Raise a one-line CheckpointError unless this run can continue from `ckpt`: the same
+        model, the same tokenizer, and a new world size only with the same data-parallel degree
+        and ZeRO stage 0 (DeepSpeed splits ZeRO 1-3 states by rank). Returns the saved rank whose
+        data-loader and RNG state this rank continues from (`dims` decides the mapping)."""
+        saved = read_recipe(ckpt)
+        check_same_model(ckpt, dataclasses.asdict(saved.model), dataclasses.asdict(recipe.model))
+        meta = read_meta(ckpt)
+        saved_sha = meta.get("tokenizer_sha256")
+        if saved_sha and tokenizer_sha256 and saved_sha != tokenizer_sha256:
+            raise CheckpointError(
+                f"{ckpt} was trained with tokenizer sha256 {saved_sha[:12]}..., the shards in "
+                f"{recipe.data.shards_dir} use {tokenizer_sha256[:12]}..."
+            )
+        saved_world, saved_sp = int(meta.get("world_size", 1)), saved.parallel.sp
+        saved_dp = saved_world // saved_sp
+        zero = saved.parallel.zero_stage or recipe.parallel.zero_stage
+        if saved_world != dims.world_size and (saved_dp != dims.dp or zero):
+            raise CheckpointError(
+                f"{ckpt} was saved by {saved_world} ranks (dp {saved_dp} x sp {saved_sp}), this run has "
+                f"{dims.world_size} ({dims.describe()}): changing the world size needs the same "
+                f"data-parallel degree and ZeRO stage 0 (DeepSpeed splits ZeRO 1-3 states by rank); keep the "
+                f"world size or start a new output_dir"
+            )
+        return dims.resume_state_rank(saved_sp)
+
+    def resume(self, engine, recipe, dims, tokenizer_sha256: str | None) -> tuple[Path, dict, dict] | None:
+        """Load the latest complete checkpoint into `engine` when the recipe resumes and there is
+        one: (its path, the client state, this rank's trainer state); None otherwise."""
+        if not recipe.checkpoint.resume:
+            return None
+        latest = self.latest()
+        if latest is None:
+            return None
+        state_rank = self.check_resumable(latest, recipe, dims, tokenizer_sha256)
+        client, rank_state = self.load(engine, latest, state_rank=state_rank)
+        return latest, client, rank_state
+
 
 def _oserror(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
@@ -278,9 +318,6 @@ def _oserror(exc: OSError) -> str:
 # ----------------------------------------------------------------------------------------------
 # Consolidated weights (eval, export, generate): no DeepSpeed engine needed
 # ----------------------------------------------------------------------------------------------
-
-_WRAP = "_checkpoint_wrapped_module."
-
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a complete checkpoint, whatever its ZeRO stage and world size."""
@@ -299,13 +336,6 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
                 sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except (OSError, RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"cannot read the weights of {ckpt}: {exc}") from None
-    return {k.replace(_WRAP, ""): v.detach().to(torch.float32).clone().contiguous() for k, v in sd.items()}
+    # fairscale's checkpoint_wrapper patches forward in place, so the names need no stripping.
+    return {k: v.detach().to(torch.float32).clone().contiguous() for k, v in sd.items()}
 
-
-def model_config_of(ckpt: Path):
-    """The checkpoint's ModelConfig (vocab_size filled in)."""
-    return read_recipe(ckpt).model
-
-
-def model_dict(model_cfg) -> dict:
-    return dataclasses.asdict(model_cfg)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from msllm.errors import RecipeError
+from msllm.errors import LauncherError
 
 
 @dataclass(frozen=True)
@@ -85,22 +85,17 @@ def read_env(environ: dict | None = None) -> DistEnv:
             env.setdefault("MASTER_ADDR", "127.0.0.1")
             env.setdefault("MASTER_PORT", str(_free_port()))
     except ValueError as exc:
-        raise RecipeError(f"launcher environment: rank variables are not integers ({exc})") from None
+        raise LauncherError(f"launcher environment: rank variables are not integers ({exc})") from None
     if world < 1 or not 0 <= rank < world:
-        raise RecipeError(f"launcher environment: rank {rank} is not within world size {world}")
+        raise LauncherError(f"launcher environment: rank {rank} is not within world size {world}")
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
     return DistEnv(rank=rank, world_size=world, local_rank=local, launcher=launcher)
 
 
-def check_parallel(recipe, world_size: int, source: str = "recipe") -> int:
-    """Validate the parallel degrees against the world size; return the data-parallel degree."""
-    sp = recipe.parallel.sp
-    if world_size % sp:
-        raise RecipeError(
-            f"{source}: parallel.sp: {sp} does not divide the world size {world_size} "
-            f"(launch a multiple of {sp} ranks, or change parallel.sp)"
-        )
-    return world_size // sp
+def say(*args) -> None:
+    """Print on rank 0 only (callable before the process group starts)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, flush=True)
 
 
 def init_distributed(denv: DistEnv) -> None:

@@ -68,7 +68,7 @@ def evaluate_checkpoint(recipe, path: str) -> dict:
     denv = dist.read_env()
     ckpt = resolve_checkpoint(path)
     saved = read_recipe(ckpt)
-    manifest = check_shards(recipe.data)
+    manifest = check_shards(recipe.data).manifest
     model_cfg = recipe.model
     if model_cfg.vocab_size == 0:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=int(manifest["vocab_size"]))

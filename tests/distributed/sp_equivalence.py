@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from msllm.config import ModelConfig, ScaleConfig
 from msllm.models import build_model
 from msllm.models.layers import FullCausalAttention, local_attention
+from msllm.parallel.dims import ParallelDims
 from msllm.parallel.sequence import (
     HaloLocalAttention,
     UlyssesAttention,
     apply_sequence_parallel,
-    new_sequence_parallel_group,
     previous_rank_tail,
 )
 
@@ -66,7 +66,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     sp = int(os.environ.get("SP", world))
-    group = new_sequence_parallel_group(sp)
+    group = ParallelDims(world_size=world, rank=rank, sp=sp).sequence_parallel_group()
     sp_rank, sp_size = dist.get_rank(group), dist.get_world_size(group)
     torch.manual_seed(0)  # the same full inputs on every rank
 

@@ -2,7 +2,7 @@
 multi-scale models at 16k tokens with sp = 1, 2 and 4.
 
 For each architecture's recipe in recipes/long_context/*-16k-cpu.yaml and each sp, it starts
-`torchrun --nproc_per_node=sp python -m msllm.parallel.benchmark RECIPE` (one sequence-parallel
+`torchrun --nproc_per_node=sp -m msllm.bench.sequence_parallel RECIPE` (one sequence-parallel
 group, batch 1) and reads one JSON line back from rank 0. Each rank measures:
 - activation bytes: what autograd saves for backward in one forward (msllm.inspect), the largest
   over the ranks;
@@ -34,7 +34,7 @@ def _worker(recipe_path: str) -> None:
     from msllm.config import load_recipe
     from msllm.inspect import saved_activation_bytes
     from msllm.models import build_model
-    from msllm.parallel import sequence
+    from msllm.parallel import ParallelDims, sequence
 
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
     sp = dist.get_world_size()
@@ -42,7 +42,8 @@ def _worker(recipe_path: str) -> None:
     cfg = dataclasses.replace(recipe.model, vocab_size=recipe.data.tokenizer.vocab_size)
     L = recipe.data.seq_len
     torch.manual_seed(0)
-    model = sequence.apply_sequence_parallel(build_model(cfg), sequence.new_sequence_parallel_group(sp))
+    dims = ParallelDims(world_size=sp, rank=dist.get_rank(), sp=sp)
+    model = sequence.apply_sequence_parallel(build_model(cfg), dims.sequence_parallel_group())
     ids = torch.randint(0, cfg.vocab_size, (1, L + 1), generator=torch.Generator().manual_seed(0))
     rank = dist.get_rank()
     inputs = ids[:, rank * L // sp : (rank + 1) * L // sp]
@@ -71,6 +72,11 @@ def _worker(recipe_path: str) -> None:
     dist.destroy_process_group()
 
 
+def bench_sequence_parallel(args) -> str:
+    """Every multi-scale architecture at sp = 1, 2, 4: the markdown table."""
+    return to_markdown(run())
+
+
 def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2, 4)) -> list[dict]:
     results = []
     for arch in ARCHS:
@@ -79,7 +85,7 @@ def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2,
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // sp))}
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={sp}",
                        "--master_addr=127.0.0.1", f"--master_port={29600 + sp}",
-                       "-m", "msllm.parallel.benchmark", str(recipe)]
+                       "-m", "msllm.bench.sequence_parallel", str(recipe)]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:

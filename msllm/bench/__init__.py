@@ -3,7 +3,14 @@
 BENCHMARKS maps a name to a function `run(args) -> str` that measures and returns its figures as
 markdown. `run_benchmark` adds the command, the date and the machine, and appends the section to
 `<args.out>/<name>.md`, so that the file keeps every measurement with what produced it.
-To add a benchmark: write the function (import heavy modules inside it) and add it to BENCHMARKS.
+
+    data.py               data-prep, data-loader: `msllm prep` and the loader at the quickstart size
+    sequence_parallel.py  sequence-parallel: per-rank memory, time and traffic at sp = 1, 2, 4
+    quickstart.py         train-quickstart: both quickstart recipes end to end
+    models.py             models: the paper-comparison recipes through msllm.inspect
+
+To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
+it), and an entry in BENCHMARKS.
 """
 
 from __future__ import annotations
@@ -19,49 +26,32 @@ from typing import Callable
 from msllm.errors import MsllmError
 
 
-def _data_prep(args: argparse.Namespace) -> str:
-    """msllm prep throughput (tokenize + write, tokens/s) at the quickstart size."""
-    from msllm.data.bench import bench_data_prep
+def _lazy(module: str, function: str, doc: str) -> Callable[[argparse.Namespace], str]:
+    """The benchmark `module.function`, imported only when it runs (torch, streaming are slow to import)."""
 
-    return bench_data_prep(args)
+    def run(args: argparse.Namespace) -> str:
+        import importlib
 
+        return getattr(importlib.import_module(f"msllm.bench.{module}"), function)(args)
 
-def _data_loader(args: argparse.Namespace) -> str:
-    """Train/validation loader throughput (tokens/s) against what training consumes."""
-    from msllm.data.bench import bench_data_loader
-
-    return bench_data_loader(args)
-
-
-def _sequence_parallel(args: argparse.Namespace) -> str:
-    """Per-rank activation bytes, step time and bytes sent at 16k tokens, sp = 1, 2, 4, per multi-scale arch."""
-    from msllm.parallel.benchmark import run, to_markdown
-
-    return to_markdown(run())
-
-
-def _models(args: argparse.Namespace) -> str:
-    """Parameters, FLOPs/token and activation memory of the paper-comparison recipes (vanilla-14 vs 30-layer)."""
-    import glob
-
-    from msllm.inspect import compare_recipes
-
-    return compare_recipes(sorted(glob.glob("recipes/models/*-bookcorpus.yaml")))
-
-
-def _quickstart(args: argparse.Namespace) -> str:
-    """Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."""
-    from msllm.train.bench import bench_quickstart
-
-    return bench_quickstart(args)
+    run.__doc__ = doc
+    return run
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
-    "data-prep": _data_prep,
-    "data-loader": _data_loader,
-    "sequence-parallel": _sequence_parallel,
-    "models": _models,
-    "train-quickstart": _quickstart,
+    "data-prep": _lazy("data", "bench_data_prep", "msllm prep throughput (tokenize + write, tokens/s) at the quickstart size."),
+    "data-loader": _lazy("data", "bench_data_loader", "Train/validation loader throughput (tokens/s) against what training consumes."),
+    "sequence-parallel": _lazy(
+        "sequence_parallel", "bench_sequence_parallel",
+        "Per-rank activation bytes, step time and bytes sent at 16k tokens, sp = 1, 2, 4, per multi-scale arch.",
+    ),
+    "models": _lazy(
+        "models", "bench_models",
+        "Parameters, FLOPs/token and activation memory of the paper-comparison recipes (vanilla-14 vs 30-layer).",
+    ),
+    "train-quickstart": _lazy(
+        "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."
+    ),
 }
 
 

@@ -1,7 +1,8 @@
 """Shared pieces of the trainer tests (tests/test_train*.py, test_export.py, test_generate.py).
 
-A tiny corpus written here, its shards built once per session, a recipe writer, and runners for
-`msllm` in a subprocess (one process, or 2 gloo ranks under torchrun). Nothing is tested here.
+A tiny corpus, a recipe writer, and runners for `msllm` in a subprocess (one process, or several
+gloo ranks through tests/launch.py's torchrun). Their fixtures (the tiny shards, one reference
+run) are in conftest.py. Nothing is tested here.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
-from launch import clean_env, free_port  # noqa: F401 (re-exported for the trainer tests)
+from launch import clean_env, torchrun
 
 
 _NOUNS = "cat dog bird river mountain city king queen child teacher ship road garden house forest storm".split()
@@ -74,15 +74,9 @@ def msllm(*args, env: dict | None = None, timeout: float = 300, python_code: str
     return subprocess.run(command, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def torchrun(nproc: int, *args, timeout: float = 400, python_code: str | None = None, cwd: Path | None = None):
-    """`msllm ARGS` on `nproc` gloo ranks under torchrun (a small runner script written to cwd)."""
-    runner = Path(cwd or ".") / "msllm_runner.py"
-    runner.write_text((python_code or "") + "\nimport sys\nfrom msllm.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", str(runner), *map(str, args),
-    ]
-    return subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+def msllm_torchrun(nproc: int, *args, timeout: float = 400, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`msllm ARGS` on `nproc` gloo ranks under torchrun."""
+    return torchrun(nproc, "-m", "msllm.cli", *args, timeout=timeout, cwd=cwd)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -102,22 +96,6 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("msllm ")]
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
-    """(corpus file, shards folder), built once per session (on disk, so every module shares it)."""
-    from msllm.config import from_dict
-    from msllm.data import prepare_dataset
-
-    base = tmp_path_factory.getbasetemp() / "train_tiny_data"
-    corpus, shards = base / "corpus.txt", base / "shards"
-    if not (shards / "manifest.json").is_file():
-        base.mkdir(parents=True, exist_ok=True)
-        corpus.write_text(corpus_text())
-        recipe = from_dict(base_recipe(shards, corpus, base / "unused"))
-        prepare_dataset(recipe.data)
-    return corpus, shards
-
-
 def make_recipe(tmp: Path, tiny_data, name: str = "recipe.yaml", **sections) -> tuple[Path, Path]:
     """Write a tiny recipe (sections merged into the base one) -> (recipe path, output_dir)."""
     corpus, shards = tiny_data
@@ -126,17 +104,3 @@ def make_recipe(tmp: Path, tiny_data, name: str = "recipe.yaml", **sections) -> 
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     return write_recipe(tmp / name, recipe), out
-
-
-@pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, tiny_data) -> tuple[Path, Path, str]:
-    """(recipe, output_dir, stdout) of one uninterrupted single-process run of the tiny vanilla
-    recipe (12 steps, ZeRO 0), made once per session even when several modules use it."""
-    tmp = tmp_path_factory.getbasetemp() / "train_reference"
-    tmp.mkdir(exist_ok=True)
-    recipe, out = make_recipe(tmp, tiny_data)
-    log = tmp / "stdout.txt"
-    if not log.is_file():
-        proc = check(msllm("train", recipe))
-        log.write_text(proc.stdout)
-    return recipe, out, log.read_text()

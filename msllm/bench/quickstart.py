@@ -1,4 +1,4 @@
-"""`msllm bench quickstart`: run the two quickstart recipes end to end and report their figures.
+"""`msllm bench train-quickstart`: run the two quickstart recipes end to end and report their figures.
 
 Each recipe runs as `msllm train` in a fresh process with a fresh output_dir (the shards are reused
 if present: delete data/ first to include data preparation, and ~/.cache/torch_extensions to include
@@ -49,6 +49,7 @@ def run_quickstart(recipe: str, output_dir: Path) -> dict:
 
 
 def bench_quickstart(args) -> str:
+    """Both quickstart recipes, one after the other, in a temporary folder: the markdown table."""
     lines = [
         "| recipe | parameters | steps | tokens | wall time (whole command) | training time | tokens/s | val loss | val bits/byte |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -1,0 +1,57 @@
+"""`parallelize(model, dims, recipe)`: the one function that turns a plain model into the engine
+that trains.
+
+It applies, in this order (each step works on what the previous one left):
+
+1. sequence parallelism (`parallel.sp` > 1): the modules that look across positions are swapped
+   for forms that talk to the other ranks of this rank's group (msllm.parallel.sequence). First,
+   because activation checkpointing must recompute the distributed forms, exchanges included.
+2. activation checkpointing (`parallel.activation_checkpointing`): every transformer block
+   recomputes its activations in backward, optionally keeping its saved inputs in CPU memory.
+3. DeepSpeed (`parallel.zero_stage`, `train.precision`): ZeRO stage 0-3 over all ranks, with
+   AdamW and the learning-rate schedule; gradients are averaged over all dp * sp ranks.
+
+None of the steps renames a parameter, so a checkpoint loads whatever the parallel settings of
+the run that wrote it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from msllm.models.layers import Block
+from msllm.parallel.dims import ParallelDims
+
+
+def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> nn.Module:
+    """Recompute every transformer block in backward instead of keeping its activations; with
+    `offload`, the block inputs that are kept go to CPU memory (fairscale's checkpoint_wrapper,
+    which patches the block's forward in place: parameter names do not change). Returns the model."""
+    from fairscale.nn.checkpoint import checkpoint_wrapper
+
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for i, child in enumerate(module):
+                if isinstance(child, Block):
+                    module[i] = checkpoint_wrapper(child, offload_to_cpu=offload)
+    return model
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, recipe):
+    """Apply sequence parallelism, activation checkpointing and DeepSpeed to a built model (in
+    place, in that order) and return the DeepSpeed engine. Collective: every rank calls it."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from msllm.parallel.sequence import apply_sequence_parallel
+    from msllm.train.optim import build_optimizer, build_scheduler, deepspeed_config
+
+    model = apply_sequence_parallel(model, dims.sequence_parallel_group())
+    if recipe.parallel.activation_checkpointing:
+        model = apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)
+    optimizer = build_optimizer(model, recipe, get_accelerator().device_name())
+    scheduler = build_scheduler(optimizer, recipe.train)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(recipe)
+    )
+    return engine

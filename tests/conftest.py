@@ -1,0 +1,65 @@
+"""Fixtures shared by several test modules (pytest finds them here without imports).
+
+    data_small_corpus   a prepared text corpus (seq_len 64) for the data tests
+    tiny_data           the trainer tests' tiny corpus and its shards
+    reference_run       one uninterrupted run of the tiny vanilla recipe
+
+Each is built once per session (on disk, so that every module shares it). Helpers that are not
+fixtures live in data_helpers.py, train_helpers.py and launch.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data_helpers import make_documents, text_config, write_text_files
+from msllm.config import DataConfig, TokenizerConfig
+from train_helpers import base_recipe, check, corpus_text, make_recipe, msllm
+
+
+@pytest.fixture(scope="session")
+def data_small_corpus(tmp_path_factory) -> tuple[DataConfig, list[str]]:
+    """A prepared text corpus of 120 documents (seq_len 64), shared by the loader tests.
+
+    Tests must not write into it; copy it (shutil.copytree) to change it.
+    """
+    from msllm.data import prepare_dataset
+
+    root = tmp_path_factory.mktemp("data_small_corpus")
+    documents = make_documents(120, seed=1)
+    write_text_files(root / "text", documents)
+    cfg = text_config(root / "text", root / "shards", tokenizer=TokenizerConfig(vocab_size=512))
+    prepare_dataset(cfg, quiet=True)
+    return cfg, documents
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(corpus file, shards folder), built once per session (on disk, so every module shares it)."""
+    from msllm.config import from_dict
+    from msllm.data import prepare_dataset
+
+    base = tmp_path_factory.getbasetemp() / "train_tiny_data"
+    corpus, shards = base / "corpus.txt", base / "shards"
+    if not (shards / "manifest.json").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        corpus.write_text(corpus_text())
+        recipe = from_dict(base_recipe(shards, corpus, base / "unused"))
+        prepare_dataset(recipe.data)
+    return corpus, shards
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tiny_data) -> tuple[Path, Path, str]:
+    """(recipe, output_dir, stdout) of one uninterrupted single-process run of the tiny vanilla
+    recipe (12 steps, ZeRO 0), made once per session even when several modules use it."""
+    tmp = tmp_path_factory.getbasetemp() / "train_reference"
+    tmp.mkdir(exist_ok=True)
+    recipe, out = make_recipe(tmp, tiny_data)
+    log = tmp / "stdout.txt"
+    if not log.is_file():
+        proc = check(msllm("train", recipe))
+        log.write_text(proc.stdout)
+    return recipe, out, log.read_text()
