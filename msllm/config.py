@@ -21,8 +21,6 @@ import yaml
 
 from msllm.errors import RecipeError
 
-ARCHITECTURES = ("vanilla", "bottom_up", "top_down", "retina")
-
 
 def doc(default: Any, help: str, required: bool = False) -> Any:
     """A dataclass field with its documentation attached (listed by `msllm show-config --docs`).
