@@ -13,14 +13,20 @@ Layout of one checkpoint (`output_dir/checkpoints/step_0000200/`):
     COMPLETE                                     written last by rank 0 after every rank finished
 
 A folder without COMPLETE is ignored by resume, eval, export and generate.
+
+Loading never runs code from a file: every torch.load msllm makes, or DeepSpeed makes for it
+(its checkpoint engine, zero_to_fp32), unpickles tensors, containers and the few DeepSpeed types
+listed by `deepspeed_safe_globals` only (`safe_loading`); anything else is refused in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -128,14 +134,98 @@ def check_same_model(ckpt: Path, saved: dict, wanted: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Safe loading
+# ----------------------------------------------------------------------------------------------
+
+# torch.load obeys this even where a caller (DeepSpeed's TorchCheckpointEngine.load, zero_to_fp32)
+# passes weights_only=False.
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The Python types DeepSpeed's checkpoint files hold besides tensors and plain containers.
+
+    Found with torch.serialization.get_unsafe_globals_in_checkpoint on every file of real ZeRO 0, 1,
+    2 and 3 checkpoints in fp32, bf16 and fp16 (DeepSpeed 0.19): the optimizer states of ZeRO 1-3
+    hold the loss scaler, the ZeRO stage and the fragment addresses of the flat parameter groups.
+    The model states hold none. These classes are rebuilt from their saved fields; no code runs.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_loading(ckpt: Path, deepspeed_types: bool = True):
+    """Inside: every torch.load is weights-only, with DeepSpeed's types allowed (unless
+    `deepspeed_types` is false: msllm's own files need none). A file that would import anything
+    else (`os.system` in a tampered file) or is not a torch file at all raises a one-line
+    CheckpointError naming it; nothing in it is executed."""
+    allowed = deepspeed_safe_globals() if deepspeed_types else []
+    saved = {k: os.environ.pop(k, None) for k in (_FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise CheckpointError(_unloadable(ckpt, exc, allowed)) from None
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def _unloadable(ckpt: Path, exc: BaseException, allowed_types: list[type]) -> str:
+    """Which file of `ckpt` (a checkpoint folder or one file) could not be unpickled, and why."""
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in allowed_types}
+    files = [ckpt] if ckpt.is_file() else sorted(ckpt.glob("*.pt"))
+    for f in files:
+        try:
+            foreign = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(f) if g not in allowed]
+        except Exception:  # not a torch zip file at all: reported below
+            continue
+        if foreign:
+            return (
+                f"refused to load {f}: it would import {', '.join(sorted(foreign))}, which no msllm or DeepSpeed "
+                f"checkpoint holds (checkpoints are loaded weights-only; is the file tampered with or foreign?)"
+            )
+    # torch's own text for these suggests weights_only=False: never pass that advice on.
+    why = "empty or truncated" if isinstance(exc, EOFError) else "corrupt or not written by torch.save"
+    what = "it is" if ckpt.is_file() else "a file in it is"
+    return f"cannot read {ckpt}: {what} not a readable torch checkpoint file ({why})"
+
+
+def load_torch_file(path: Path):
+    """torch.load of one of msllm's own files (or a ZeRO-0 model states file, which holds no
+    DeepSpeed types), weights only, with every failure as a one-line CheckpointError."""
+    with safe_loading(path, deepspeed_types=False):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path}: {_first_sentence(exc)}") from None
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ")[0]
+
+
+# ----------------------------------------------------------------------------------------------
 # RNG states
 # ----------------------------------------------------------------------------------------------
 
 
 def rng_state() -> dict:
+    """The RNG states, as tensors and plain values only (so that they load weights-only)."""
     from deepspeed.accelerator import get_accelerator
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     acc = get_accelerator()
     if acc.device_name() != "cpu":
         state["accelerator"] = acc.get_rng_state()
@@ -146,7 +236,8 @@ def set_rng_state(state: dict) -> None:
     from deepspeed.accelerator import get_accelerator
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "accelerator" in state and get_accelerator().device_name() != "cpu":
         get_accelerator().set_rng_state(state["accelerator"])
@@ -254,18 +345,16 @@ class CheckpointManager:
         """Load weights, optimizer and scheduler into `engine`; return (client state, the trainer state
         saved by rank `state_rank`, by default this rank)."""
         try:
-            load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+            with safe_loading(ckpt):
+                load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
         except (OSError, RuntimeError, KeyError, AssertionError) as exc:
-            raise CheckpointError(f"cannot load {ckpt}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise CheckpointError(f"cannot load {ckpt}: {_first_sentence(exc)}") from None
         if load_path is None:
             raise CheckpointError(f"cannot load {ckpt}: DeepSpeed found no checkpoint files there")
         own = ckpt / f"trainer_state_rank{self.rank if state_rank is None else state_rank}.pt"
         if not own.is_file():
             raise CheckpointError(f"{ckpt} has no {own.name}: it was saved by fewer ranks than {self.world_size}")
-        try:
-            rank_state = torch.load(own, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot read {own}: {exc}") from None
+        rank_state = load_torch_file(own)
         return client["msllm"], rank_state
 
     # -- resume: whether a checkpoint fits this run, and which saved state each rank takes ------
@@ -324,18 +413,16 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     meta = read_meta(ckpt)
     try:
         if int(meta.get("zero_stage", 0)) == 0:
-            states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-            sd = states["module"]
+            sd = load_torch_file(ckpt / "mp_rank_00_model_states.pt")["module"]
         else:
-            import contextlib
             import io
 
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), safe_loading(ckpt):
                 sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"cannot read the weights of {ckpt}: {exc}") from None
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot read the weights of {ckpt}: {_first_sentence(exc)}") from None
     # fairscale's checkpoint_wrapper patches forward in place, so the names need no stripping.
     return {k: v.detach().to(torch.float32).clone().contiguous() for k, v in sd.items()}
 
