@@ -99,8 +99,9 @@ class DataConfig:
     num_workers: int = doc(0, "DataLoader worker processes per rank during training.")
     cache_dir: str = doc(
         "",
-        "Local cache folder for shards read from a remote shards_dir (s3://, gs://, ...); empty "
-        "means a folder under the system temp dir. Unused for local shards.",
+        "Local folder where each training job keeps its copy of the shards it reads (copied or "
+        "downloaded from shards_dir, then decompressed there; shards_dir is never written to). "
+        "Empty means msllm-streaming-cache under the system temp dir.",
     )
 
 

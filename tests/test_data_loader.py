@@ -199,7 +199,7 @@ def test_remote_shards_read_through_a_per_run_local_cache(data_small_corpus, tmp
     for _ in range(2):  # two loaders in a row (as two runs would) do not collide
         remote_batches = _take(iter(build_dataloader(remote, "train", batch_size=4, seed=2)), 3)
         assert all(_same(a, b) for a, b in zip(local_batches, remote_batches))
-    assert len(list((tmp_path / "cache").glob("*-train-*/index.json"))) == 2
+    assert len(list((tmp_path / "cache").glob("*/train-*/index.json"))) == 2
 
 
 def test_dataloader_worker_processes_give_the_same_batches_and_resume(data_small_corpus):

@@ -29,13 +29,14 @@ from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from msllm.config import DataConfig
-from msllm.data.manifest import MANIFEST_FILENAME, is_remote, remote_cache_root, streaming_remote
+from msllm.data.jobcache import job_cache_folder, scope_streaming_shared_memory, start_job_cache
+from msllm.data.manifest import MANIFEST_FILENAME, is_remote, read_manifest, remote_cache_root, streaming_remote
 from msllm.errors import DataError
 
 # LLM Foundry's scripts name the held-out split `val`; ours is `validation`. Either is read.
 _SPLIT_FOLDER_ALIASES = {"validation": ("validation", "val"), "train": ("train",)}
 
-_stale_shared_memory_cleaned = False
+_job_started = False
 _loaders_built = 0
 
 
@@ -116,7 +117,8 @@ class TokenLoader:
                     yielded = True
                     yield batch
             except Exception as exc:
-                _raise_if_checksum_failure(exc)
+                stream = self.dataset.streams[0]
+                _raise_if_checksum_failure(exc, stream.local, stream.remote)
                 raise
             if not self.repeat:
                 return
@@ -176,7 +178,7 @@ def build_dataloader(
 
     if shuffle is None:
         shuffle = data_cfg.shuffle and split == "train"
-    _clean_stale_shared_memory_once()
+    _start_job_once(data_cfg)
     local, remote = _split_location(data_cfg, split)
     _loaders_built += 1
     dataset = TokenWindowDataset(
@@ -189,12 +191,12 @@ def build_dataloader(
         shuffle=shuffle,
         shuffle_seed=seed,
         replication=replication,
-        validate_hash=_hash_to_validate(data_cfg, local, remote),
+        validate_hash=_hash_to_validate(data_cfg, remote),
     )
     try:  # fail early and clearly: a sample of the wrong length, a corrupt first shard
         tokens_of(StreamingDataset.__getitem__(dataset, 0), data_cfg.seq_len + 1)
     except ValueError as exc:
-        _raise_if_checksum_failure(exc)
+        _raise_if_checksum_failure(exc, local, remote)
         raise
     loader = StreamingDataLoader(
         dataset,
@@ -206,60 +208,78 @@ def build_dataloader(
     return TokenLoader(loader, split, repeat=split == "train" if repeat is None else repeat)
 
 
-def _clean_stale_shared_memory_once() -> None:
-    """Free the shared memory that crashed streaming runs left behind, once per process.
+def _start_job_once(data_cfg: DataConfig) -> None:
+    """Once per process, before its first dataset: scope streaming's shared memory to this job,
+    and on the node's first rank take the job's cache folder and free what crashed attempts of
+    this job left in shared memory.
 
-    Streaming's advice is to do this once per job, before the first StreamingDataset. It unlinks
-    every streaming shared-memory block on the machine, so it must not run while this process
-    already has datasets open: hence only before the first one.
+    clean_stale_shared_memory() only sees this job's names (they carry its tag), so it cannot
+    touch another job's blocks; it ends with a barrier when torch.distributed is up, so the other
+    ranks wait for the cache folder.
     """
-    global _stale_shared_memory_cleaned
-    if not _stale_shared_memory_cleaned:
+    global _job_started
+    scope_streaming_shared_memory()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        start_job_cache(remote_cache_root(data_cfg))  # once per cache root
+    if not _job_started:
         clean_stale_shared_memory()
-        _stale_shared_memory_cleaned = True
+        _job_started = True
 
 
-def _split_location(data_cfg: DataConfig, split: str) -> tuple[str, Optional[str]]:
-    """(local, remote) for StreamingDataset: the split folder, or a fresh cache of a remote one."""
+def _split_location(data_cfg: DataConfig, split: str) -> tuple[str, str]:
+    """(local, remote) for StreamingDataset: a fresh folder of this job's cache, and the split.
+
+    The split is read as streaming's `remote` even when it is a local folder: streaming then
+    copies each shard into the cache and decompresses it there, never next to the shards.
+    """
     shards_dir = data_cfg.shards_dir
     if is_remote(shards_dir):
         remote = streaming_remote(shards_dir).rstrip("/") + "/" + split
-        # A cache folder of this run's own: streaming refuses a local folder that another live
-        # dataset with a remote uses. Ranks of a node share their launcher's pid, and call
-        # build_dataloader the same number of times, so they agree on the name.
-        run = os.getppid() if "LOCAL_WORLD_SIZE" in os.environ else os.getpid()
-        name = f"{hashlib.sha1(remote.encode()).hexdigest()[:12]}-{split}-{run}-{_loaders_built}"
-        return str(remote_cache_root(data_cfg) / name), remote
-    root = Path(shards_dir)
-    for folder in _SPLIT_FOLDER_ALIASES[split]:
-        if (root / folder / "index.json").is_file():
-            return str(root / folder), None
-    if not root.exists():
-        raise DataError(f"no shards at {root}: run `msllm prep RECIPE` first")
-    if not (root / MANIFEST_FILENAME).is_file() and data_cfg.source != "shards":
-        raise DataError(f"{root} holds no complete dataset (no {MANIFEST_FILENAME}): run `msllm prep RECIPE`")
-    raise DataError(f"no {split} shards in {root} (expected {root / split / 'index.json'})")
+    else:
+        root = Path(shards_dir)
+        for folder in _SPLIT_FOLDER_ALIASES[split]:
+            if (root / folder / "index.json").is_file():
+                remote = str((root / folder).resolve())
+                break
+        else:
+            if not root.exists():
+                raise DataError(f"no shards at {root}: run `msllm prep RECIPE` first")
+            if not (root / MANIFEST_FILENAME).is_file() and data_cfg.source != "shards":
+                raise DataError(f"{root} holds no complete dataset (no {MANIFEST_FILENAME}): run `msllm prep RECIPE`")
+            raise DataError(f"no {split} shards in {root} (expected {root / split / 'index.json'})")
+    # A folder per loader: streaming refuses a cache folder that another live dataset uses. The
+    # ranks of a node build their loaders in the same order, so they agree on the name.
+    name = f"{split}-{_loaders_built}-{hashlib.sha1(remote.encode()).hexdigest()[:8]}"
+    return str(job_cache_folder(remote_cache_root(data_cfg)) / name), remote
 
 
-def _hash_to_validate(data_cfg: DataConfig, local: str, remote: Optional[str]) -> Optional[str]:
-    """xxh64 (else sha1) if every shard records it, so a corrupt shard is caught when opened."""
-    if remote is not None:
-        return None  # the index is not here yet; streaming checks sizes while downloading
-    try:
-        index = json.loads((Path(local) / "index.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise DataError(f"{local}/index.json is not a readable MDS index: run `msllm prep RECIPE --force`") from None
-    recorded = [set(shard.get("hashes", [])) for shard in index.get("shards", [])]
+def _hash_to_validate(data_cfg: DataConfig, remote: str) -> Optional[str]:
+    """xxh64 (else sha1) if every shard records it: streaming checks each shard as it arrives in
+    the cache, so a corrupt or changed shard is caught when first read."""
+    if is_remote(data_cfg.shards_dir):
+        try:  # the manifest says which hashes msllm prep recorded; shards of other tools: none
+            recorded = [set(read_manifest(data_cfg.shards_dir, data_cfg).get("hashes", []))]
+        except DataError:
+            return None
+    else:
+        try:
+            index = json.loads((Path(remote) / "index.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise DataError(f"{remote}/index.json is not a readable MDS index: run `msllm prep RECIPE --force`") from None
+        recorded = [set(shard.get("hashes", [])) for shard in index.get("shards", [])]
     for algorithm in ("xxh64", "sha1"):
         if recorded and all(algorithm in hashes for hashes in recorded):
             return algorithm
     return None
 
 
-def _raise_if_checksum_failure(exc: BaseException) -> None:
+def _raise_if_checksum_failure(exc: BaseException, local: str, remote: str) -> None:
+    """A shard whose hash check failed (in the cache): a one-line DataError naming the shard."""
     text = str(exc)
     if "Checksum failure" in text:
         where = text.split("Checksum failure:", 1)[1].strip().splitlines()[0]
+        if where.startswith(local.rstrip("/") + "/"):  # the copy in the cache: name the original
+            where = remote.rstrip("/") + "/" + where[len(local.rstrip("/")) + 1 :]
         raise DataError(
             f"shard {where} fails its hash check (corrupt or changed): run `msllm prep RECIPE --force` "
             "to rewrite the shards"
