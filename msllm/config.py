@@ -94,6 +94,11 @@ class DataConfig:
     )
     tokenizer: TokenizerConfig = doc(TokenizerConfig(), "The sentencepiece tokenizer.")
     workers: int = doc(2, "Worker processes that tokenize during `msllm prep`.")
+    prep_checkpoint_bytes: int = doc(
+        1 << 28,
+        "`msllm prep` saves its progress after about this many bytes of text (one MDS sub-folder "
+        "per split each time): rerun after an interruption, it continues from the last save.",
+    )
     shard_size_limit: int = doc(1 << 26, "Upper bound on the bytes of one MDS shard.")
     shuffle: bool = doc(True, "Shuffle training samples (deterministically, from run.seed).")
     num_workers: int = doc(0, "DataLoader worker processes per rank during training.")
@@ -443,6 +448,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "data.seq_len": recipe.data.seq_len,
         "data.tokenizer.vocab_size": recipe.data.tokenizer.vocab_size,
         "data.workers": recipe.data.workers,
+        "data.prep_checkpoint_bytes": recipe.data.prep_checkpoint_bytes,
         "train.max_steps": recipe.train.max_steps,
         "train.micro_batch_size": recipe.train.micro_batch_size,
         "train.grad_accum_steps": recipe.train.grad_accum_steps,

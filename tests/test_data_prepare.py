@@ -108,7 +108,7 @@ def test_rerun_does_nothing_unless_forced_and_refuses_other_settings(tmp_path, c
     write_text_files(tmp_path / "text", make_documents(30, seed=2, words=60))
     cfg = text_config(tmp_path / "text", tmp_path / "shards", seq_len=32, workers=1)
     first = prepare_dataset(cfg)
-    shard = next((tmp_path / "shards" / "train").glob("*.zstd"))
+    shard = next((tmp_path / "shards" / "train").glob("part-*/*.zstd"))
     mtime = shard.stat().st_mtime_ns
     capsys.readouterr()
 
@@ -141,7 +141,12 @@ def test_a_crash_leaves_no_dataset_that_looks_complete(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_dataset(cfg, quiet=True)
     assert not (tmp_path / "shards").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["text"]  # no temporary folder left either
+    # What was written waits in the staging folder for the rerun, which completes the dataset.
+    assert (tmp_path / ".shards.partial" / "tokenizer.model").is_file()
+    monkeypatch.undo()
+    manifest = prepare_dataset(cfg, quiet=True)
+    assert read_manifest(tmp_path / "shards") == manifest
+    assert not (tmp_path / ".shards.partial").exists()
 
 
 def test_a_folder_that_is_not_a_dataset_is_not_overwritten(tmp_path):

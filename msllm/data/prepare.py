@@ -7,17 +7,30 @@ The steps, in order:
   3. Tokenize every document in `data.workers` processes, append EOS to each, join them, cut the
      stream into windows of seq_len+1 tokens, and write the windows as MDS shards (a `tokens`
      column of int32, zstd, sha1 + xxh64 hashes), one folder per split.
-  4. Write manifest.json (the completeness marker) and rename the whole folder into place.
+  4. Write manifest.json (the completeness marker) and move the whole folder into place.
 
-Everything is written to a hidden temporary folder next to `data.shards_dir` and renamed into
-place at the end, so a crash never leaves a half-written dataset that looks complete, and a
-complete one is replaced only when asked to (--force).
+Everything is written to a staging folder (`.NAME.partial` next to a local data.shards_dir) and
+moved into place at the end, so a crash never leaves a half-written dataset that looks complete,
+and a complete one is replaced only when asked to (--force).
+
+Interrupted and rerun, prep continues where it stopped: step 3 saves its progress after every
+data.prep_checkpoint_bytes of text (the windows written so far, in one MDS sub-folder per split
+and save, `train/part-00003/`, and the tokens of the unfinished window); the tokenizer is kept.
+The sub-folders are joined by one merged index per split (streaming's merge_index).
+
+A remote data.shards_dir (s3://...) gets the same dataset: MDSWriter uploads each shard as it is
+written, then the merged indexes, the tokenizer and, last, the manifest are uploaded.
+
+Whether existing shards are up to date is decided by content: a hash of the data settings, the
+sha256 of every input file (in order) and of a given tokenizer, never their paths. Shards can
+therefore be moved or copied anywhere, and the corpus may be absent where they are used.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import itertools
 import json
@@ -26,13 +39,22 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from msllm.config import DataConfig
-from msllm.data.manifest import MANIFEST_FILENAME, MANIFEST_FORMAT, SPLITS, is_remote, read_manifest
+from msllm.data.manifest import (
+    MANIFEST_FILENAME,
+    MANIFEST_FORMAT,
+    SPLITS,
+    is_remote,
+    read_manifest,
+    remote_cache_root,
+    storage_error,
+    streaming_remote,
+)
 from msllm.data.sources import input_files, iter_documents
 from msllm.data.tokenizer import (
     TOKENIZER_FILENAME,
@@ -49,33 +71,44 @@ TOKENS_COLUMN = {"tokens": "ndarray:int32"}
 SHARD_COMPRESSION = "zstd"
 SHARD_HASHES = ["sha1", "xxh64"]
 
-# Data fields that change nothing in the written shards; they stay out of the fingerprint.
-_FIELDS_NOT_IN_FINGERPRINT = ("workers", "shuffle", "num_workers", "cache_dir", "shards_dir")
+# Data fields that change nothing in the written samples; they stay out of the fingerprint.
+# (`paths` and tokenizer.model are there by content: the inputs' sha256.)
+_FIELDS_NOT_IN_FINGERPRINT = (
+    "workers", "shuffle", "num_workers", "cache_dir", "shards_dir", "paths", "prep_checkpoint_bytes"
+)
 
 # Documents are sent to the tokenizer processes in batches of about this many characters.
 _BATCH_CHARS = 1 << 18
+
+PROGRESS_FILENAME = "progress.json"
 
 
 def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Prepare the shards of a recipe's data section and return their manifest.
 
     Does nothing (and returns the existing manifest) when data.shards_dir already holds shards
-    made from the same inputs and settings, unless `force`. For `source: shards`, only reads the
-    manifest of what is there.
+    made from the same settings and input contents, unless `force`, or when it holds shards and
+    the corpus is not here (the shards are what training reads). For `source: shards`, only reads
+    the manifest of what is there.
     """
     if data_cfg.source == "shards":
         return read_manifest(data_cfg.shards_dir, data_cfg)
-    if is_remote(data_cfg.shards_dir):
-        raise DataError(
-            f"data.shards_dir {data_cfg.shards_dir} is remote: `msllm prep` writes a local folder; "
-            "prepare locally, upload the folder, then train with data.source: shards"
-        )
-    target = Path(data_cfg.shards_dir)
-    files = input_files(data_cfg)
-    fingerprint, inputs = _fingerprint(data_cfg, files)
+    target = data_cfg.shards_dir
+    remote = is_remote(target)
+    if remote:
+        _check_writable_remote(data_cfg)
+    existing = _existing_manifest(data_cfg)
 
-    if (target / MANIFEST_FILENAME).is_file():
-        existing = read_manifest(target)
+    try:
+        files = input_files(data_cfg)
+    except DataError as exc:
+        if existing is not None and not force:
+            _say(quiet, f"msllm prep: the corpus is not here ({exc}); using the shards in {target} as they are")
+            return existing
+        raise
+    fingerprint, inputs = _fingerprint(data_cfg, files, existing.get("inputs", []) if existing else [])
+
+    if existing is not None:
         if existing.get("fingerprint") == fingerprint and not force:
             _say(quiet, f"msllm prep: {target} is up to date (use --force to rebuild it)")
             return existing
@@ -84,29 +117,33 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
                 f"{target} holds shards prepared from other {_what_differs(existing, data_cfg)}: rerun "
                 "with --force to replace them, or set data.shards_dir elsewhere"
             )
-    elif target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-        raise DataError(
-            f"{target} exists but is not a complete msllm dataset (no {MANIFEST_FILENAME}): remove it, "
-            "or rerun with --force to replace it"
-        )
+        if remote:
+            raise DataError(
+                f"{target} holds a dataset: msllm prep does not delete remote objects; remove them "
+                "(e.g. `aws s3 rm --recursive`) or set data.shards_dir elsewhere"
+            )
+    elif not remote:
+        folder = Path(target)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
+            raise DataError(
+                f"{folder} exists but is not a complete msllm dataset (no {MANIFEST_FILENAME}): remove it, "
+                "or rerun with --force to replace it"
+            )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporary_folders(target)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    staging = _staging_folder(data_cfg)
+    with _exclusive(staging, target):
         started = time.perf_counter()
-        manifest = _write_dataset(data_cfg, tmp, quiet)
+        manifest = _write_dataset(data_cfg, staging, fingerprint, quiet)
         manifest["fingerprint"] = fingerprint
         manifest["inputs"] = inputs
+        (staging / PROGRESS_FILENAME).unlink()
         # The manifest goes last: a folder with one is complete.
-        (tmp / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if remote:
+            _upload_finished(staging, target)
+            shutil.rmtree(staging)
+        else:
+            _move_into_place(staging, Path(target))
     seconds = time.perf_counter() - started
     train, val = manifest["splits"]["train"], manifest["splits"]["validation"]
     _say(
@@ -116,6 +153,63 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
         f"tokens, {val['documents']} documents), vocab {manifest['vocab_size']}, in {seconds:.1f} s",
     )
     return manifest
+
+
+def _existing_manifest(data_cfg: DataConfig) -> Optional[dict[str, Any]]:
+    """The manifest already in data.shards_dir, or None if it has none."""
+    target = data_cfg.shards_dir
+    if is_remote(target):
+        try:
+            return read_manifest(target, data_cfg)
+        except DataError as exc:
+            if "does not exist" in str(exc):
+                return None
+            raise
+    if (Path(target) / MANIFEST_FILENAME).is_file():
+        return read_manifest(target)
+    return None
+
+
+def _check_writable_remote(data_cfg: DataConfig) -> None:
+    """A one-line error now, rather than after the tokenizer, if the bucket cannot be reached."""
+    from streaming.base.storage.upload import CloudUploader
+
+    target = data_cfg.shards_dir
+    try:  # the uploader checks that the bucket exists and that the credentials may see it
+        CloudUploader.get((str(_staging_folder(data_cfg)), streaming_remote(target)), exist_ok=True)
+    except Exception as exc:  # each cloud client raises its own types
+        raise DataError(f"cannot write to {target}: {storage_error(exc)}") from None
+
+
+def _staging_folder(data_cfg: DataConfig) -> Path:
+    """Where a dataset is written before it is complete: next to a local target (so the final
+    move is a rename), in the local cache for a remote one."""
+    target = data_cfg.shards_dir
+    if is_remote(target):
+        return remote_cache_root(data_cfg) / f"prep-{hashlib.sha1(target.encode()).hexdigest()[:16]}.partial"
+    folder = Path(target)
+    return folder.parent / f".{folder.name}.partial"
+
+
+class _exclusive:
+    """Holds `<staging>.lock` while prep writes: a second prep of the same target fails clearly."""
+
+    def __init__(self, staging: Path, target: str):
+        self.lock_file = Path(str(staging) + ".lock")
+        self.target = target
+
+    def __enter__(self):
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.lock_file, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            raise DataError(f"another msllm prep is writing {self.target} right now: wait for it") from None
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.close()  # the file stays: removing it would let a waiting prep lock a stale copy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +227,7 @@ class SplitRule:
     """Documents whose hash fraction is below `threshold` go to validation, the rest to train."""
 
     threshold: float
+    corpus_bytes: int = 0  # UTF-8 bytes of all documents (the progress bar's total)
 
     def split_of(self, text: str) -> str:
         return "validation" if document_hash_fraction(text) < self.threshold else "train"
@@ -140,7 +235,12 @@ class SplitRule:
 
 def choose_split_rule(data_cfg: DataConfig) -> SplitRule:
     """The threshold is validation_fraction, moved just enough that neither split is empty."""
-    fractions = sorted({document_hash_fraction(text) for text in iter_documents(data_cfg)})
+    corpus_bytes = 0
+    seen = set()
+    for text in iter_documents(data_cfg):
+        seen.add(document_hash_fraction(text))
+        corpus_bytes += len(text.encode("utf-8"))
+    fractions = sorted(seen)
     where = _describe_source(data_cfg)
     if not fractions:
         raise DataError(f"empty corpus: {where} holds no documents (only empty or skipped text)")
@@ -154,7 +254,7 @@ def choose_split_rule(data_cfg: DataConfig) -> SplitRule:
         threshold = float(np.nextafter(fractions[0], 1.0))
     elif fractions[-1] < threshold:  # train would be empty: give it the highest-hash document
         threshold = fractions[-1]
-    return SplitRule(threshold)
+    return SplitRule(threshold, corpus_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,20 +262,38 @@ def choose_split_rule(data_cfg: DataConfig) -> SplitRule:
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_dataset(data_cfg: DataConfig, out: Path, quiet: bool) -> dict[str, Any]:
-    rule = choose_split_rule(data_cfg)
+def _write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: bool) -> dict[str, Any]:
+    """Write the dataset into the staging folder `out`, continuing what an earlier run of the same
+    inputs and settings saved there; return its manifest (without fingerprint and inputs)."""
+    progress_file = out / PROGRESS_FILENAME
+    progress = _read_json(progress_file)
+    if progress.get("fingerprint") != fingerprint:  # nothing to continue from: start afresh
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        rule = choose_split_rule(data_cfg)
+        progress = {"fingerprint": fingerprint, "threshold": rule.threshold, "corpus_bytes": rule.corpus_bytes}
+        _write_json(progress_file, progress)
+    else:
+        rule = SplitRule(progress["threshold"], progress["corpus_bytes"])
+        _say(quiet, f"msllm prep: continuing the interrupted run in {out}")
+
     tokenizer_file = out / TOKENIZER_FILENAME
     if data_cfg.tokenizer.model:
         given = Path(data_cfg.tokenizer.model)
         load_sentencepiece(given)  # a clear error if it is missing or not a model
-        shutil.copyfile(given, tokenizer_file)
         tokenizer_source = str(given)
     else:
-        tok = data_cfg.tokenizer
-        _say(quiet, f"msllm prep: training a {tok.type} tokenizer of {tok.vocab_size} pieces")
-        train_docs = (t for t in iter_documents(data_cfg) if rule.split_of(t) == "train")
-        train_tokenizer(train_docs, data_cfg.tokenizer, tokenizer_file, num_threads=data_cfg.workers)
         tokenizer_source = "trained"
+    if not tokenizer_file.is_file():  # written under another name, then renamed: never half a file
+        partial = out / (TOKENIZER_FILENAME + ".partial")
+        if data_cfg.tokenizer.model:
+            shutil.copyfile(data_cfg.tokenizer.model, partial)
+        else:
+            tok = data_cfg.tokenizer
+            _say(quiet, f"msllm prep: training a {tok.type} tokenizer of {tok.vocab_size} pieces")
+            train_docs = (t for t in iter_documents(data_cfg) if rule.split_of(t) == "train")
+            train_tokenizer(train_docs, data_cfg.tokenizer, partial, num_threads=data_cfg.workers)
+        os.replace(partial, tokenizer_file)
     processor = load_sentencepiece(tokenizer_file)
     ids = special_ids(processor)
     if ids["eos_id"] < 0:
@@ -190,6 +308,9 @@ def _write_dataset(data_cfg: DataConfig, out: Path, quiet: bool) -> dict[str, An
         shard_size_limit=data_cfg.shard_size_limit,
         byte_table=bytes_per_token(processor),
         quiet=quiet,
+        checkpoint_bytes=data_cfg.prep_checkpoint_bytes,
+        total_bytes=rule.corpus_bytes,
+        remote=streaming_remote(data_cfg.shards_dir) if is_remote(data_cfg.shards_dir) else None,
     )
     window = data_cfg.seq_len + 1
     for split in SPLITS:
@@ -219,51 +340,78 @@ def _write_dataset(data_cfg: DataConfig, out: Path, quiet: bool) -> dict[str, An
     }
 
 
-class WindowWriter:
-    """Joins token arrays into one stream and writes it as windows of `window` tokens."""
+_COUNTS = ("documents", "tokens", "bytes", "samples", "sample_bytes")
 
-    def __init__(self, out: Path, window: int, shard_size_limit: int, byte_table: np.ndarray):
+
+class WindowWriter:
+    """Joins token arrays into one stream and writes it as windows of `window` tokens to `out`.
+
+    `state` (from an earlier writer's `state()`) continues that writer's stream and counts: the
+    tokens of its unfinished window come first. `remote`: MDSWriter also uploads the shards there.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        window: int,
+        shard_size_limit: int,
+        byte_table: np.ndarray,
+        remote: Optional[str] = None,
+        state: Optional[dict[str, Any]] = None,
+    ):
         from streaming import MDSWriter
 
         self.writer = MDSWriter(
-            out=str(out),
+            out=str(out) if remote is None else (str(out), remote),
             columns=TOKENS_COLUMN,
             compression=SHARD_COMPRESSION,
             hashes=SHARD_HASHES,
             size_limit=shard_size_limit,
+            keep_local=True,
+            exist_ok=True,  # what an interrupted run left of this sub-folder is replaced
         )
         self.window = window
         self.byte_table = byte_table
-        self.pending = np.empty(0, dtype=np.int32)  # the tail shorter than a window
-        self.documents = self.tokens = self.bytes = self.samples = self.sample_bytes = 0
+        state = state or {}
+        self.pending = np.asarray(state.get("pending", []), dtype=np.int32)  # the tail shorter than a window
+        self.counts = {key: int(state.get("counts", {}).get(key, 0)) for key in _COUNTS}
 
     def add(self, tokens: np.ndarray, documents: int, text_bytes: int) -> None:
-        self.documents += documents
-        self.bytes += text_bytes
-        self.tokens += len(tokens)
+        self.counts["documents"] += documents
+        self.counts["bytes"] += text_bytes
+        self.counts["tokens"] += len(tokens)
         stream = np.concatenate([self.pending, tokens])
         full = len(stream) // self.window
         windows = stream[: full * self.window].reshape(full, self.window)
         for sample in windows:
             self.writer.write({"tokens": sample})
-        self.samples += full
-        self.sample_bytes += int(self.byte_table[windows].sum())
+        self.counts["samples"] += full
+        self.counts["sample_bytes"] += int(self.byte_table[windows].sum())
         self.pending = stream[full * self.window :].copy()
+
+    def close(self) -> dict[str, Any]:
+        """Close the shards (and finish their upload); return the state to continue from."""
+        self.writer.finish()
+        return self.state()
+
+    def state(self) -> dict[str, Any]:
+        return {"pending": self.pending.tolist(), "counts": dict(self.counts)}
 
     def finish(self) -> dict[str, Any]:
         """Close the shards; the tail that does not fill a window is dropped (and counted)."""
-        self.writer.finish()
-        sample_tokens = self.samples * self.window
-        return {
-            "documents": self.documents,
-            "tokens": self.tokens,
-            "bytes": self.bytes,
-            "samples": self.samples,
-            "sample_tokens": sample_tokens,
-            "sample_bytes": self.sample_bytes,
-            "dropped_tokens": self.tokens - sample_tokens,
-            "tokens_per_byte": self.tokens / self.bytes if self.bytes else 0.0,
-        }
+        self.close()
+        return summary_counts(self.counts, self.window)
+
+
+def summary_counts(counts: dict[str, int], window: int) -> dict[str, Any]:
+    """A split's figures for the manifest, from a WindowWriter's counts."""
+    sample_tokens = counts["samples"] * window
+    return {
+        **counts,
+        "sample_tokens": sample_tokens,
+        "dropped_tokens": counts["tokens"] - sample_tokens,
+        "tokens_per_byte": counts["tokens"] / counts["bytes"] if counts["bytes"] else 0.0,
+    }
 
 
 def write_shards(
@@ -275,42 +423,138 @@ def write_shards(
     shard_size_limit: int,
     byte_table: np.ndarray,
     quiet: bool = False,
+    checkpoint_bytes: Optional[int] = None,
+    total_bytes: Optional[int] = None,
+    remote: Optional[str] = None,
 ) -> dict[str, dict[str, Any]]:
-    """Tokenize (split, text) pairs in `workers` processes and write out/<split>/ MDS shards."""
-    writers = {split: WindowWriter(out / split, seq_len + 1, shard_size_limit, byte_table) for split in SPLITS}
+    """Tokenize (split, text) pairs in `workers` processes and write out/<split>/ MDS shards.
+
+    The documents are cut into parts of about `checkpoint_bytes` of text (None: one part). Each
+    part is written to out/<split>/part-NNNNN/, then out/progress.json records it as done (with
+    the unfinished windows and counts): called again with the same documents, the done parts are
+    skipped. At the end each split gets one index.json that joins its parts (also uploaded to
+    `remote`/<split>/ when given, as the shards are). `total_bytes` (the documents' UTF-8 size)
+    gives the progress bar its end, hence its ETA.
+    """
+    window = seq_len + 1
+    progress_file = out / PROGRESS_FILENAME
+    progress = _read_json(progress_file)
+    parts_done = progress.get("parts_done", 0)
+    states = progress.get("states", {})
+    part_of = _part_numbers(checkpoint_bytes)
+    to_write = ((part, split, text) for split, text in documents if (part := part_of(text)) >= parts_done)
+
+    def part_folder(split: str, part: int) -> Path:
+        return out / split / f"part-{part:05d}"
+
+    def open_part(part: int) -> dict[str, WindowWriter]:
+        return {
+            split: WindowWriter(
+                part_folder(split, part), window, shard_size_limit, byte_table,
+                remote=None if remote is None else f"{remote}/{split}/{part_folder(split, part).name}",
+                state=states.get(split),
+            )
+            for split in SPLITS
+        }
+
     pool = None
     if workers > 1:
         # Made before the progress bar starts its thread; each worker loads its own tokenizer.
         pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_file),))
-        results: Iterator = pool.imap(_encode_batch, _batches(documents))
+        results: Iterator = pool.imap(_encode_batch, _batches(to_write))
     else:
         _init_worker(str(tokenizer_file))
-        results = map(_encode_batch, _batches(documents))
+        results = map(_encode_batch, _batches(to_write))
+    done_bytes = sum(state["counts"]["bytes"] for state in states.values())
+    part = parts_done
+    writers = open_part(part)
     try:
-        with tqdm(desc="tokenize + write", unit="tok", unit_scale=True, disable=quiet) as progress:
-            for split, tokens, n_documents, n_bytes in results:
+        with tqdm(
+            desc="tokenize + write", total=total_bytes, initial=done_bytes, unit="B", unit_scale=True, disable=quiet
+        ) as bar:
+            for batch_part, split, tokens, n_documents, n_bytes in results:
+                while batch_part > part:  # the previous part is complete: save it
+                    states = {split_: writer.close() for split_, writer in writers.items()}
+                    part += 1
+                    _write_json(progress_file, {**progress, "parts_done": part, "states": states})
+                    writers = open_part(part)
                 writers[split].add(tokens, n_documents, n_bytes)
-                progress.update(len(tokens))
+                bar.update(n_bytes)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    return {split: writer.finish() for split, writer in writers.items()}
+    counts = {split: writer.finish() for split, writer in writers.items()}
+    part += 1
+    _write_json(progress_file, {**progress, "parts_done": part, "states": {s: w.state() for s, w in writers.items()}})
+    for split in SPLITS:
+        _merge_part_indexes(out / split, [part_folder(split, n) for n in range(part)])
+    return counts
 
 
-def _batches(documents: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
-    """Group documents into per-split batches of about _BATCH_CHARS characters, in order."""
+def _part_numbers(checkpoint_bytes: Optional[int]):
+    """A function that numbers documents, in order, by the part they fall in: a part ends after
+    the document that brings it to `checkpoint_bytes` of text. Depends on the order only, so a
+    rerun numbers the same documents the same way."""
+    state = {"part": 0, "bytes": 0}
+
+    def part_of(text: str) -> int:
+        part = state["part"]
+        if checkpoint_bytes is not None:
+            state["bytes"] += len(text.encode("utf-8"))
+            if state["bytes"] >= checkpoint_bytes:
+                state["part"], state["bytes"] = part + 1, 0
+        return part
+
+    return part_of
+
+
+def _merge_part_indexes(split_dir: Path, parts: list[Path]) -> None:
+    """One index.json for the split that names the shards of every part (part-N/shard...)."""
+    import logging
+
+    from streaming.base.util import merge_index
+
+    logging.disable(logging.WARNING)  # merge_index warns about the temporary folder it uses
+    try:
+        merge_index([str(part / "index.json") for part in parts], str(split_dir), keep_local=True)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _upload_finished(staging: Path, target: str) -> None:
+    """Upload the merged indexes, the tokenizer and, last, the manifest (the shards already are)."""
+    from streaming.base.storage.upload import CloudUploader
+
+    uploader = CloudUploader.get((str(staging), streaming_remote(target)), keep_local=True, exist_ok=True)
+    for name in [f"{split}/index.json" for split in SPLITS] + [TOKENIZER_FILENAME, MANIFEST_FILENAME]:
+        try:
+            uploader.upload_file(name)
+        except Exception as exc:  # each cloud client raises its own types
+            raise DataError(f"cannot upload {name} to {target}: {storage_error(exc)}") from None
+
+
+def _batches(documents: Iterable[tuple[int, str, str]]) -> Iterator[tuple[int, str, list[str]]]:
+    """Group (part, split, text) into per-split batches of about _BATCH_CHARS characters, in
+    order; a batch never spans two parts."""
     pending: dict[str, list[str]] = {split: [] for split in SPLITS}
     sizes = {split: 0 for split in SPLITS}
-    for split, text in documents:
+    current = None
+    for part, split, text in documents:
+        if part != current:
+            for name in SPLITS:
+                if pending[name]:
+                    yield current, name, pending[name]
+                    pending[name], sizes[name] = [], 0
+            current = part
         pending[split].append(text)
         sizes[split] += len(text)
         if sizes[split] >= _BATCH_CHARS:
-            yield split, pending[split]
+            yield part, split, pending[split]
             pending[split], sizes[split] = [], 0
     for split in SPLITS:
         if pending[split]:
-            yield split, pending[split]
+            yield current, split, pending[split]
 
 
 _worker_tokenizer = None
@@ -321,12 +565,12 @@ def _init_worker(tokenizer_file: str) -> None:
     _worker_tokenizer = load_sentencepiece(tokenizer_file)
 
 
-def _encode_batch(batch: tuple[str, list[str]]) -> tuple[str, np.ndarray, int, int]:
+def _encode_batch(batch: tuple[int, str, list[str]]) -> tuple[int, str, np.ndarray, int, int]:
     """Tokens of a batch of documents, EOS after each, as one int32 array."""
-    split, texts = batch
+    part, split, texts = batch
     encoded = _worker_tokenizer.encode(texts, add_eos=True, num_threads=1)
     tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=sum(map(len, encoded)))
-    return split, tokens, len(texts), sum(len(t.encode("utf-8")) for t in texts)
+    return part, split, tokens, len(texts), sum(len(t.encode("utf-8")) for t in texts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,32 +578,59 @@ def _encode_batch(batch: tuple[str, list[str]]) -> tuple[str, np.ndarray, int, i
 # ----------------------------------------------------------------------------------------------
 
 
-def _fingerprint(data_cfg: DataConfig, files: list[Path]) -> tuple[str, list[dict[str, Any]]]:
-    """A hash of what decides the shards' content: the data settings and the input files' stats."""
-    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _FIELDS_NOT_IN_FINGERPRINT}
+def _fingerprint(
+    data_cfg: DataConfig, files: list[Path], known: list[dict[str, Any]]
+) -> tuple[str, list[dict[str, Any]]]:
+    """A hash of what decides the shards' content: the data settings and the inputs' contents.
+
+    `known`: the inputs recorded in an existing manifest; a file whose path, size and mtime match
+    a record keeps its recorded sha256 instead of being read again.
+    """
     watched = list(files)
     if data_cfg.tokenizer.model:
         watched.append(Path(data_cfg.tokenizer.model))
+    recorded = {(k.get("path"), k.get("bytes"), k.get("mtime_ns")): k.get("sha256") for k in known}
     inputs = []
     for path in watched:
         try:
             stat = path.stat()
         except FileNotFoundError:
             raise DataError(f"no such file: {path}") from None
-        inputs.append({"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    blob = json.dumps({"format": MANIFEST_FORMAT, "data": settings, "inputs": inputs}, sort_keys=True)
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        sha256 = recorded.get(key) or file_sha256(path)
+        inputs.append({"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256})
+    blob = json.dumps(
+        {"format": MANIFEST_FORMAT, "data": _settings(dataclasses.asdict(data_cfg)), "inputs": [i["sha256"] for i in inputs]},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest(), inputs
 
 
+def _settings(data: dict[str, Any]) -> dict[str, Any]:
+    """The data settings that decide the samples (a given tokenizer counts by its content)."""
+    settings = {k: v for k, v in data.items() if k not in _FIELDS_NOT_IN_FINGERPRINT}
+    settings["tokenizer"] = {k: v for k, v in settings.get("tokenizer", {}).items() if k != "model"}
+    return settings
+
+
 def _what_differs(manifest: dict[str, Any], data_cfg: DataConfig) -> str:
-    before = manifest.get("data", {})
-    now = dataclasses.asdict(data_cfg)
-    changed = [
-        f"data.{k} {before.get(k)!r} vs {now[k]!r}"
-        for k in now
-        if k not in _FIELDS_NOT_IN_FINGERPRINT and before.get(k) != now[k]
-    ]
-    return "settings (" + "; ".join(changed) + ")" if changed else "input files (changed since)"
+    before, now = _settings(manifest.get("data", {})), _settings(dataclasses.asdict(data_cfg))
+    changed = [f"data.{k} {before.get(k)!r} vs {now[k]!r}" for k in now if before.get(k) != now[k]]
+    return "settings (" + "; ".join(changed) + ")" if changed else "input files (their contents differ)"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write by rename, so that a kill leaves the old file or the new one, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value) + "\n", encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
@@ -374,24 +645,6 @@ def _move_into_place(tmp: Path, target: Path) -> None:
             old.unlink()
     else:
         os.replace(tmp, target)
-
-
-def _remove_stale_temporary_folders(target: Path) -> None:
-    """Temporary folders left by crashed runs (their process is gone) are removed."""
-    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _describe_source(data_cfg: DataConfig) -> str:
