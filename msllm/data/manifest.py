@@ -61,21 +61,26 @@ def _local_copy(shards_dir: str, filename: str, cache_root: Path) -> Path:
     except FileNotFoundError:
         raise DataError(f"{remote} does not exist") from None
     except Exception as exc:  # each cloud client raises its own types
+        if storage_code(exc) in ("404", "NoSuchKey"):
+            raise DataError(f"{remote} does not exist (check the bucket and the path in data.shards_dir)") from None
         raise DataError(f"cannot download {remote}: {storage_error(exc)}") from None
     os.replace(tmp, local)
     return local
 
 
+def storage_code(exc: BaseException) -> str:
+    """The error code of a cloud client's error ("404", "NoSuchBucket", ...), or ""."""
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
 def storage_error(exc: BaseException) -> str:
     """What went wrong talking to object storage, in a few words and what to check."""
-    code = ""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
-    name = type(exc).__name__
-    endpoint = os.environ.get("S3_ENDPOINT_URL")
-    if code in ("NoSuchBucket", "404") or "does not exist" in str(exc) and "bucket" in str(exc).lower():
+    code, name = storage_code(exc), type(exc).__name__
+    if code == "NoSuchBucket":
         return "the bucket does not exist (create it, or fix the bucket name in data.shards_dir)"
+    if code in ("404", "NoSuchKey"):
+        return "not found (check the bucket and the path in data.shards_dir)"
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
         return (
             f"access denied ({code}): check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
@@ -84,6 +89,7 @@ def storage_error(exc: BaseException) -> str:
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return "no credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"):
+        endpoint = os.environ.get("S3_ENDPOINT_URL")
         where = f"S3_ENDPOINT_URL={endpoint}" if endpoint else "the default endpoint"
         return f"cannot connect to the object store ({where}): check the endpoint and the network"
     text = str(exc).splitlines()[0] if str(exc) else repr(exc)

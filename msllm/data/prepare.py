@@ -52,6 +52,7 @@ from msllm.data.manifest import (
     is_remote,
     read_manifest,
     remote_cache_root,
+    storage_code,
     storage_error,
     streaming_remote,
 )
@@ -178,6 +179,8 @@ def _check_writable_remote(data_cfg: DataConfig) -> None:
     try:  # the uploader checks that the bucket exists and that the credentials may see it
         CloudUploader.get((str(_staging_folder(data_cfg)), streaming_remote(target)), exist_ok=True)
     except Exception as exc:  # each cloud client raises its own types
+        if storage_code(exc) == "404":  # of the bucket itself
+            raise DataError(f"cannot write to {target}: the bucket does not exist (create it first)") from None
         raise DataError(f"cannot write to {target}: {storage_error(exc)}") from None
 
 
@@ -442,7 +445,8 @@ def write_shards(
     parts_done = progress.get("parts_done", 0)
     states = progress.get("states", {})
     part_of = _part_numbers(checkpoint_bytes)
-    to_write = ((part, split, text) for split, text in documents if (part := part_of(text)) >= parts_done)
+    numbered = ((part_of(text), split, text) for split, text in documents)
+    to_write = (item for item in numbered if item[0] >= parts_done)
 
     def part_folder(split: str, part: int) -> Path:
         return out / split / f"part-{part:05d}"
