@@ -31,6 +31,8 @@ def quickstart_recipe():
     from msllm.config import load_recipe
 
     return load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml")
+# Worker counts of the throughput rows (`msllm prep` uses data.workers processes).
+PREP_WORKERS = (1, 2, 4)
 
 
 def quickstart_settings() -> tuple[DataConfig, int]:
@@ -73,7 +75,8 @@ def _cpu_seconds() -> float:
 
 
 def bench_data_prep(args) -> str:
-    """Tokenize + write throughput of `msllm prep` (1 and 2 workers), with its parts and the end-to-end time."""
+    """Tokenize + write throughput of `msllm prep` (1, 2, 4 workers), its parts, the end-to-end time,
+    and `msllm prep` end to end on a corpus of many files against data.workers."""
     data_cfg, _ = quickstart_settings()
     rows = []
     with tempfile.TemporaryDirectory(prefix="msllm-bench-prep-") as tmp_name:
@@ -90,7 +93,7 @@ def bench_data_prep(args) -> str:
         text_bytes = sum(len(d.encode("utf-8")) for d in documents)
         labelled = [("validation" if i % 20 == 0 else "train", d) for i, d in enumerate(documents)]
 
-        for workers in (1, 2):
+        for workers in PREP_WORKERS:
             out = tmp / f"throughput-{workers}"
             out.mkdir()
             t0, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -104,19 +107,21 @@ def bench_data_prep(args) -> str:
         # The parts, to see which one limits: tokenizing alone (2 processes), writing alone (1).
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         with multiprocessing.get_context("fork").Pool(2, prep._init_worker, (str(tokenizer_file),)) as pool:
-            encoded = list(pool.imap(prep._encode_batch, prep._batches(labelled)))
+            encoded = list(pool.imap(prep._encode_batch, prep._batches((0, s, d) for s, d in labelled)))
         seconds = time.perf_counter() - t0
-        tokens = sum(len(t) for _, t, _, _ in encoded)
+        tokens = sum(len(t) for _, _, t, _, _ in encoded)
         rows.append(("tokenize only, 2 worker processes", tokens, seconds, _cpu_seconds() - cpu0))
 
         out = tmp / "write-only"
         writer = prep.WindowWriter(out, cfg.seq_len + 1, cfg.shard_size_limit, table)
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
-        for _, tokens_array, n_docs, n_bytes in encoded:
+        for _, _, tokens_array, n_docs, n_bytes in encoded:
             writer.add(tokens_array, n_docs, n_bytes)
         writer.finish()
         seconds = time.perf_counter() - t0
         rows.append(("write MDS only (zstd, sha1+xxh64), main process", tokens, seconds, _cpu_seconds() - cpu0))
+
+        files_rows = _prep_many_files(tmp, documents, cfg, tokenizer_file)
 
     lines = [
         f"Corpus: the Wikipedia sample x {CORPUS_COPIES} ({len(documents)} documents, {text_bytes / 1e6:.1f} MB "
@@ -131,7 +136,7 @@ def bench_data_prep(args) -> str:
         for name, tokens, seconds, cpu in rows
     ]
     split = manifest["splits"]
-    tokenize_cpu, write_cpu = rows[2][3], rows[3][3]
+    tokenize_cpu, write_cpu = rows[len(PREP_WORKERS)][3], rows[len(PREP_WORKERS) + 1][3]
     lines += [
         "",
         f"The parts: tokenizing costs {tokenize_cpu:.2f} CPU-s and writing {write_cpu:.2f} CPU-s (streaming's "
@@ -143,8 +148,40 @@ def bench_data_prep(args) -> str:
         f"train the tokenizer, tokenize, write): {end_to_end:.1f} s for "
         f"{split['train']['tokens'] + split['validation']['tokens']:,} tokens; most of it is sentencepiece "
         "training and the wiki markup stripping, which run once per corpus.",
+        "",
+        f"`msllm prep` on many files: the same {len(documents)} documents as one text file each, the "
+        "quickstart's tokenizer given (data.tokenizer.model, so no tokenizer training), end to end "
+        "(list and hash the files, split, tokenize, write, merge the part indexes):",
+        "",
+        "| data.workers | files | text MB | wall s | MB/s of text | tokens/s (wall) | CPU s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {workers} | {files} | {mb:.1f} | {seconds:.2f} | {mb / seconds:.2f} | {_rate(tokens, seconds)} | {cpu:.2f} |"
+        for workers, files, mb, seconds, tokens, cpu in files_rows
     ]
     return "\n".join(lines)
+
+
+def _prep_many_files(tmp: Path, documents: list[str], cfg: DataConfig, tokenizer_file: Path) -> list[tuple]:
+    """End-to-end `msllm prep` of one file per document, for each worker count in PREP_WORKERS."""
+    corpus = tmp / "many-files"
+    corpus.mkdir()
+    for index, text in enumerate(documents):
+        (corpus / f"doc{index:05d}.txt").write_text(text, encoding="utf-8")
+    text_mb = sum(len(d.encode("utf-8")) for d in documents) / 1e6
+    rows = []
+    for workers in PREP_WORKERS:
+        files_cfg = dataclasses.replace(
+            cfg, source="text", paths=[str(corpus / "*.txt")], shards_dir=str(tmp / f"many-files-{workers}"),
+            workers=workers, tokenizer=dataclasses.replace(cfg.tokenizer, model=str(tokenizer_file)),
+        )
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
+        manifest = prep.prepare_dataset(files_cfg, quiet=True)
+        seconds = time.perf_counter() - t0
+        tokens = manifest["splits"]["train"]["tokens"] + manifest["splits"]["validation"]["tokens"]
+        rows.append((workers, len(documents), text_mb, seconds, tokens, _cpu_seconds() - cpu0))
+    return rows
 
 
 def bench_data_loader(args) -> str:
