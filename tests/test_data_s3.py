@@ -69,7 +69,7 @@ def s3_server(tmp_path_factory):
 
 def _s3_env(env: dict, **extra: str) -> dict:
     # No profile or config file of the machine running the tests may stand in.
-    return clean_env(**env, AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, **extra)
+    return clean_env(**{**env, "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull, **extra})
 
 
 def _cli(env: dict, *args) -> subprocess.CompletedProcess:
