@@ -6,9 +6,9 @@ on a cluster one passes the site's PyTorch image; both the build and the runs ha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import shutil
 
 import pytest
 
@@ -50,33 +50,26 @@ def _writable(path):
 
 
 @pytest.fixture(scope="module")
-def image_shards(engine, tmp_path_factory):
-    """The tiny recipe's shards, prepared by `msllm prep` inside the image (the manifest records
-    the corpus path as the image sees it, so shards made on the host do not match)."""
-    data = _writable(tmp_path_factory.mktemp("docker-shards") / "data")  # prep writes next to the shards
-    proc = engine.docker(
-        "run", "--rm", "--network", "none", "-v", f"{TINY_RECIPE}:/recipes/tiny.yaml:ro", "-v", f"{data}:/data",
-        IMAGE, "prep", "/recipes/tiny.yaml", "--set", "data.shards_dir=/data/tiny", check=False, timeout=600,
-    )
-    assert proc.returncode == 0, f"msllm prep in the container failed:\n{proc.stdout[-4000:]}"
-    return data
+def host_shards(tmp_path_factory):
+    """The tiny recipe's shards, prepared on the host (outside any container) by `msllm prep`.
+
+    The containers mount them read-only at another path (/data/tiny): shards are portable (the
+    up-to-date check is by content, not path), and the loader writes nothing into them.
+    """
+    from msllm.config import load_recipe
+    from msllm.data import prepare_dataset
+
+    shards = tmp_path_factory.mktemp("host-shards") / "tiny"
+    data = load_recipe(TINY_RECIPE).data
+    prepare_dataset(dataclasses.replace(data, shards_dir=str(shards)), quiet=True)
+    return shards
 
 
-def _data_copy(data, dest):
-    """A writable copy of the shards for one container: the loader decompresses shards in place,
-    and two containers are two nodes, each with its own local copy."""
-    shutil.copytree(data, dest)
-    for root, dirs, files in os.walk(dest):
-        for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-            os.chown(name, 1000, 1000)
-    return dest
-
-
-def _volumes(tmp_path, data, name="c0", out=None):
+def _volumes(tmp_path, shards, out=None):
     out = out or _writable(tmp_path / "out")
     return out, [
         "-v", f"{TINY_RECIPE}:/recipes/tiny.yaml:ro",
-        "-v", f"{_data_copy(data, tmp_path / f'data-{name}')}:/data",
+        "-v", f"{shards}:/data/tiny:ro",
         "-v", f"{out}:/out",
     ]
 
@@ -92,25 +85,28 @@ def test_image_metadata(engine):
     assert not {"tests", ".git", "runs", "data"} & set(listing), listing
 
 
-def test_tiny_recipe_in_a_container_without_network(engine, trainer, image_shards, tmp_path):
-    out, vols = _volumes(tmp_path, image_shards)
+def test_tiny_recipe_in_a_container_without_network(engine, trainer, host_shards, tmp_path):
+    out, vols = _volumes(tmp_path, host_shards)
     proc = engine.docker(
         "run", "--rm", "--network", "none", "-e", "OMP_NUM_THREADS=2", *vols, IMAGE,
         "train", "/recipes/tiny.yaml", "--set", "run.output_dir=/out/run", "--set", "data.shards_dir=/data/tiny",
         check=False, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-5000:]
+    # The host's shards are taken as they are, not prepared again.
+    assert "is up to date" in proc.stdout or "as they are" in proc.stdout, proc.stdout[-3000:]
     assert trainer.start_steps(proc.stdout) == [0], proc.stdout[-3000:]
     assert trainer.checkpoint_steps(out / "run")[-1] == 6, proc.stdout[-3000:]
     assert (out / "run").stat().st_uid == 1000
 
 
-def test_two_containers_one_rank_each(engine, trainer, image_shards, tmp_path):
-    """The compose.yaml layout: one rank per container; rank 1 shares rank 0's network namespace."""
+def test_two_containers_one_rank_each(engine, trainer, host_shards, tmp_path):
+    """The compose.yaml layout: one rank per container; rank 1 shares rank 0's network namespace.
+    Both containers (two data-loader nodes) read one read-only shards folder, first at once."""
     out = _writable(tmp_path / "out")
     names = [f"msllm-r{r}-{os.getpid()}" for r in range(2)]
     for rank, name in enumerate(names):
-        _, vols = _volumes(tmp_path, image_shards, name=name, out=out)
+        _, vols = _volumes(tmp_path, host_shards, out=out)
         net = "none" if rank == 0 else f"container:{names[0]}"
         env = [f"RANK={rank}", "WORLD_SIZE=2", "LOCAL_RANK=0", "LOCAL_WORLD_SIZE=1",
                "MASTER_ADDR=127.0.0.1", "MASTER_PORT=29610", "OMP_NUM_THREADS=1"]
