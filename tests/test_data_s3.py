@@ -136,16 +136,23 @@ def test_missing_bucket_bad_credentials_and_unreachable_endpoint_are_one_line_er
 
     line = _one_line_error(_cli(_s3_env(env), "prep", recipe("s3://no-such-bucket/x")))
     assert line == "msllm prep: error: cannot write to s3://no-such-bucket/x: the bucket does not exist (create it first)"
+    line = _one_line_error(_cli(_s3_env(env), "prep", recipe("s3://no-such-bucket/x", source="shards")))
+    assert line == (
+        "msllm prep: error: s3://no-such-bucket/x/manifest.json does not exist (check the bucket and the path in "
+        "data.shards_dir)"
+    )
 
+    # Wrong credentials and a closed port, when preparing (which reads the manifest first, if
+    # any) and when reading shards as training does (source: shards).
     wrong_secret = _s3_env(env, AWS_SECRET_ACCESS_KEY="not-the-secret")
-    line = _one_line_error(_cli(wrong_secret, "prep", recipe(f"s3://{BUCKET}/y")))
-    assert line.startswith(f"msllm prep: error: cannot write to s3://{BUCKET}/y: access denied (403): check the credentials")
-    # Reading (as training does: source shards) with the wrong secret.
-    line = _one_line_error(_cli(wrong_secret, "prep", recipe(f"s3://{BUCKET}/y", source="shards")))
-    assert line.startswith(f"msllm prep: error: cannot download s3://{BUCKET}/y/manifest.json: access denied")
-
     closed = _s3_env(env, S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")  # nothing listens there
-    line = _one_line_error(_cli(closed, "prep", recipe(f"s3://{BUCKET}/z")))
-    assert line.startswith(f"msllm prep: error: cannot write to s3://{BUCKET}/z: cannot connect to the object store")
-    line = _one_line_error(_cli(closed, "prep", recipe(f"s3://{BUCKET}/z", source="shards")))
-    assert line.startswith(f"msllm prep: error: cannot download s3://{BUCKET}/z/manifest.json: cannot connect")
+    for source in ("text", "shards"):
+        line = _one_line_error(_cli(wrong_secret, "prep", recipe(f"s3://{BUCKET}/y", source=source)))
+        assert line.startswith(
+            f"msllm prep: error: cannot download s3://{BUCKET}/y/manifest.json: access denied (403): check the credentials"
+        )
+        line = _one_line_error(_cli(closed, "prep", recipe(f"s3://{BUCKET}/z", source=source)))
+        assert line.startswith(
+            f"msllm prep: error: cannot download s3://{BUCKET}/z/manifest.json: cannot connect to the object store "
+            f"(S3_ENDPOINT_URL={closed['S3_ENDPOINT_URL']})"
+        )

@@ -96,8 +96,6 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
         return read_manifest(data_cfg.shards_dir, data_cfg)
     target = data_cfg.shards_dir
     remote = is_remote(target)
-    if remote:
-        _check_writable_remote(data_cfg)
     existing = _existing_manifest(data_cfg)
 
     try:
@@ -131,6 +129,8 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
                 "or rerun with --force to replace it"
             )
 
+    if remote:  # only now: training from a dataset that is up to date needs no write access
+        _check_writable_remote(data_cfg)
     staging = _staging_folder(data_cfg)
     with _exclusive(staging, target):
         started = time.perf_counter()
