@@ -15,7 +15,8 @@ job's own names, and two jobs never pick the same name.
 The job tag is the same in every process of a job and differs between jobs that run at the same
 time on one host: MSLLM_DATA_JOB if set, else a hash of the launcher's rendezvous
 (MASTER_ADDR, MASTER_PORT, SLURM_JOB_ID, TORCHELASTIC_RUN_ID) when started by a launcher, else
-the process id. It is stored in MSLLM_DATA_JOB, so DataLoader worker processes inherit it.
+the process id. DataLoader worker processes take their rank's tag with the pickled dataset (not
+from the environment, which unrelated jobs started from the same process would inherit too).
 """
 
 from __future__ import annotations
@@ -34,17 +35,27 @@ _LOCK_SUFFIX = ".lock"
 _job_locks: dict[Path, object] = {}
 
 
+_tag: str | None = None
+
+
 def job_tag() -> str:
-    """This job's tag (see the module docstring); computed once, then read from MSLLM_DATA_JOB."""
-    tag = os.environ.get(JOB_ENV)
-    if not tag:
-        if "MASTER_PORT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """This job's tag (see the module docstring), fixed at its first use in a process."""
+    global _tag
+    if _tag is None:
+        if os.environ.get(JOB_ENV):
+            _tag = os.environ[JOB_ENV]
+        elif "MASTER_PORT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             rendezvous = "\0".join(os.environ.get(k, "") for k in _RENDEZVOUS_VARIABLES)
-            tag = "j" + hashlib.sha1(rendezvous.encode()).hexdigest()[:10]
+            _tag = "j" + hashlib.sha1(rendezvous.encode()).hexdigest()[:10]
         else:
-            tag = f"p{os.getpid()}"
-        os.environ[JOB_ENV] = tag
-    return tag
+            _tag = f"p{os.getpid()}"
+    return _tag
+
+
+def adopt_job_tag(tag: str) -> None:
+    """In a DataLoader worker process: use the tag of the rank that started it."""
+    global _tag
+    _tag = tag
 
 
 def scope_streaming_shared_memory() -> None:

@@ -29,7 +29,13 @@ from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from msllm.config import DataConfig
-from msllm.data.jobcache import job_cache_folder, scope_streaming_shared_memory, start_job_cache
+from msllm.data.jobcache import (
+    adopt_job_tag,
+    job_cache_folder,
+    job_tag,
+    scope_streaming_shared_memory,
+    start_job_cache,
+)
 from msllm.data.manifest import MANIFEST_FILENAME, is_remote, read_manifest, remote_cache_root, streaming_remote
 from msllm.errors import DataError
 
@@ -76,10 +82,17 @@ class TokenWindowDataset(StreamingDataset):
     """A StreamingDataset of token windows that returns this rank's slice of inputs and labels."""
 
     def __init__(self, *, seq_len: int, sp_size: int, sp_rank: int, **streaming_kwargs: Any):
+        self.job_tag = job_tag()
         super().__init__(**streaming_kwargs)
         self.seq_len = seq_len
         self.slice_len = seq_len // sp_size
         self.slice_start = sp_rank * self.slice_len
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled in a DataLoader worker: name streaming's shared memory as the rank does.
+        scope_streaming_shared_memory()
+        adopt_job_tag(state["job_tag"])
+        self.__dict__.update(state)
 
     def __getitem__(self, index: Any) -> dict[str, torch.Tensor]:
         tokens = tokens_of(super().__getitem__(index), self.seq_len + 1)
