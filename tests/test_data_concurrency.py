@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -11,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_helpers import data_small_corpus  # noqa: F401
 from launch import clean_env, free_port
-from test_train_support import check, losses, make_recipe, tiny_data  # noqa: F401
+from train_helpers import losses, make_recipe
 
 _HOLDER = """
 import sys

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import data_small_corpus, make_documents, text_config, write_text_files  # noqa: F401
+from data_helpers import make_documents, text_config, write_text_files
 
 from msllm.config import TokenizerConfig
 from msllm.data import build_dataloader, prepare_dataset, read_manifest

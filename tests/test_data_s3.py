@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from launch import clean_env, free_port, torchrun
-from test_train_support import base_recipe, check, corpus_text, losses, write_recipe
+from train_helpers import base_recipe, check, corpus_text, losses, write_recipe
 
 BUCKET = "msllm-test"
 _REGION = "us-east-1"
