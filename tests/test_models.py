@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from msllm.config import ModelConfig, ScaleConfig
 from msllm.inspect import saved_activation_bytes
 from msllm.models import build_model
+from msllm.models.attention import local_attention
+from msllm.models.layers import CausalPool, Upsample
+from msllm.models.retina import RetinaAttention
 from msllm.parallel.parallelize import apply_activation_checkpointing
-from msllm.models.layers import CausalPool, RetinaAttention, Upsample, local_attention
 
 VOCAB = 97
 

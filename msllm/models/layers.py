@@ -3,10 +3,12 @@ causal pooling and upsampling. Plain PyTorch; nothing here knows about distribut
 
 Shapes: B batch, L positions, d width, H heads, D = d / H head width.
 
+The attention cores and their kernels are in attention.py (retina's in retina.py).
+
 Sequence parallelism (msllm/parallel/) swaps a few small modules for their distributed forms:
 the attention cores (`FullCausalAttention`, `LocalCausalAttention`, `RetinaAttention`), the shift
-of causal pooling (`ShiftRight`) and the positions of RoPE (`Rotary.sp_rank`). Everything that
-talks to other positions of the sequence goes through one of those.
+of causal pooling (`ShiftRight`) and RoPE (`Rotary`, whose forward takes the slice's first
+position). Everything that talks to other positions of the sequence goes through one of those.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from msllm.models.attention import FullCausalAttention, LocalCausalAttention
 
 
 class RMSNorm(nn.Module):
@@ -36,19 +40,19 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Rotary position embedding in the rotate-half convention (so Llama exports need no permutation).
 
-    Positions are 0..L-1 of the tensor it sees, plus `sp_rank * L` when the sequence is split
-    evenly over a sequence-parallel group (every scale's slice is contiguous and equal-sized).
+    Positions are first_position .. first_position + L - 1 (first_position is non-zero for a
+    slice of a sequence split over a sequence-parallel group).
     """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.sp_rank = 0
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        L = q.shape[-2]
-        pos = torch.arange(L, device=q.device, dtype=torch.float32) + self.sp_rank * L
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, first_position: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(q.shape[-2], device=q.device, dtype=torch.float32) + first_position
         freqs = torch.outer(pos, self.inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
         cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
@@ -69,176 +73,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention cores: (q, k, v) of shape [B, H, L, D] -> [B, H, L, D], query t sees keys <= t only.
-# ----------------------------------------------------------------------------------------------
-
-
-class FullCausalAttention(nn.Module):
-    """Full causal attention. SDPA picks a memory-efficient kernel: no L x L tensor is kept."""
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-
-def _pad_to_multiple(x: torch.Tensor, multiple: int, dim: int) -> torch.Tensor:
-    extra = -x.shape[dim] % multiple
-    if extra == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = extra
-    return torch.cat((x, x.new_zeros(shape)), dim=dim)
-
-
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """[B, H, n*block, D] -> [B, H, n, block, D]."""
-    B, H, L, D = x.shape
-    return x.view(B, H, L // block, block, D)
-
-
-def _with_previous_block(x: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """For blocks [B, H, n, w, D], keys of each block preceded by those of the block before it:
-    [B, H, n, 2w, D]. `previous` ([B, H, w, D]) stands before the first block."""
-    before = torch.cat((previous.unsqueeze(2), x[:, :, :-1]), dim=2)
-    return torch.cat((before, x), dim=3)
-
-
-def local_window_mask(n_blocks: int, window: int, first_block_has_past: bool, device) -> torch.Tensor:
-    """[n, w, 2w] bool: query i of a block sees key j of (previous block ++ own block) iff
-    i < j <= i + w, i.e. keys in (t - w, t]. Without a real past, block 0's previous keys are off."""
-    i = torch.arange(window, device=device).view(window, 1)
-    j = torch.arange(2 * window, device=device).view(1, 2 * window)
-    band = (j > i) & (j <= i + window)
-    mask = band.expand(n_blocks, window, 2 * window).clone()
-    if not first_block_has_past:
-        mask[0, :, :window] = False
-    return mask
-
-
-def _sliding_window_blocks(q, k, v, window, k_past, v_past, past_visible):
-    """Queries in blocks of `window` ([B, H, n, w, D]), the keys and values each block may see (its
-    own and the previous block's, [B, H, n, 2w, D]), and the mask of keys (t - window, t] ([n, w, 2w]).
-    `k_past`/`v_past` ([B, H, window, D]) stand before the first block; without them (or when
-    `past_visible` is False) the sequence starts here. Sequences are padded at the end."""
-    q, k, v = (_pad_to_multiple(t, window, dim=2) for t in (q, k, v))
-    n = q.shape[2] // window
-    if k_past is None:
-        k_past = v_past = k.new_zeros(k.shape[0], k.shape[1], window, k.shape[3])
-        past_visible = False
-    kb = _with_previous_block(_blocks(k, window), k_past)
-    vb = _with_previous_block(_blocks(v, window), v_past)
-    return _blocks(q, window), kb, vb, local_window_mask(n, window, past_visible, q.device)
-
-
-def local_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    k_past: torch.Tensor | None = None,
-    v_past: torch.Tensor | None = None,
-    past_visible: bool = True,
-) -> torch.Tensor:
-    """Causal sliding-window attention over keys (t - window, t], in O(L * window) time and memory.
-
-    Queries go in blocks of `window`; each block attends to its own keys and the previous block's,
-    under one [n, w, 2w] mask. `k_past`/`v_past` ([B, H, window, D]) are the keys just before this
-    sequence (the previous rank's, under sequence parallelism); without them, or when
-    `past_visible` is False, the sequence starts here.
-    """
-    qb, kb, vb, mask = _sliding_window_blocks(q, k, v, window, k_past, v_past, past_visible)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
-    return out.flatten(2, 3)[:, :, : q.shape[2]]
-
-
-class LocalCausalAttention(nn.Module):
-    def __init__(self, window: int):
-        super().__init__()
-        self.window = window
-
-    def past(self, k: torch.Tensor, v: torch.Tensor):
-        """Keys and values of the `window` positions before this sequence, and whether they exist."""
-        return None, None, False
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_past, v_past, visible = self.past(k, v)
-        return local_attention(q, k, v, self.window, k_past, v_past, visible)
-
-
-class RetinaAttention(LocalCausalAttention):
-    """Query t sees fine keys in (t - w, t], then the mean-pooled keys of the w blocks of k tokens
-    lying wholly before that window, then the w blocks of k^2 tokens wholly before those, and so on
-    for `levels` levels: ever coarser with distance. Cost O(L * w * levels).
-
-    Computed per block of w queries: each block gathers one slab of pooled keys per level (about
-    w + w/k^l of them) and masks what each query may not see; no L x L tensor is made.
-    """
-
-    def __init__(self, window: int, factor: int, levels: int):
-        super().__init__(window)
-        self.factor, self.levels = factor, levels
-
-    def pooled(self, k: torch.Tensor, v: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Means of each complete block of `size` positions: [B, H, L, D] -> [B, H, L // size, D]."""
-        B, H, L, D = k.shape
-        n = L // size
-        return tuple(x[:, :, : n * size].view(B, H, n, size, D).mean(dim=3) for x in (k, v))
-
-    def first_position(self, L: int) -> int:
-        """Position of this sequence's first query in the whole sequence (non-zero when split)."""
-        return 0
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        w, L = self.window, q.shape[2]
-        k_past, v_past, visible = self.past(k, v)
-        pooled = [self.pooled(k, v, self.factor**level) for level in range(1, self.levels)]
-        qb, kb, vb, mask = _sliding_window_blocks(q, k, v, w, k_past, v_past, visible)
-        keys, values, masks = [kb], [vb], [mask]
-        for k_level, v_level, mask in self._pooled_levels(pooled, qb.shape[2], self.first_position(L)):
-            keys.append(k_level)
-            values.append(v_level)
-            masks.append(mask)
-        out = F.scaled_dot_product_attention(
-            qb, torch.cat(keys, dim=3), torch.cat(values, dim=3), attn_mask=torch.cat(masks, dim=2)
-        )
-        return out.flatten(2, 3)[:, :, :L]
-
-    def _pooled_levels(self, pooled: list, n_blocks: int, first: int):
-        """For each coarse level: gathered keys and values [B, H, n, slab, D] and the mask [n, w, slab].
-
-        `pooled[l-1]` holds level l's block means over the whole sequence; queries are at positions
-        first .. first + n*w - 1 of it. The index arithmetic is small (O(L) integers) and done on the
-        CPU, then moved to the keys' device.
-        """
-        w = self.window
-        region_start = first + torch.arange(n_blocks * w) - w + 1  # first token of query t's fine window
-        for level, (k_pool, v_pool) in enumerate(pooled, start=1):
-            size = self.factor**level
-            n_pooled = k_pool.shape[2]
-            # Blocks of `size` tokens lying wholly before region_start: indices < end; keep the last w.
-            end = torch.div(region_start, size, rounding_mode="floor")
-            start = end - w
-            region_start = start * size
-            start_q, end_q = start.view(n_blocks, w, 1), end.view(n_blocks, w, 1)
-            slab_start = start_q[:, 0, 0]  # start and end grow with t: a block's first query starts lowest
-            slab_len = max(int((end_q[:, -1, 0] - slab_start).max()), 1)
-            index = slab_start.view(n_blocks, 1, 1) + torch.arange(slab_len).view(1, 1, slab_len)
-            mask = (index >= 0) & (index < n_pooled) & (index >= start_q) & (index < end_q)
-            safe = index.view(n_blocks, slab_len).clamp(0, max(n_pooled - 1, 0)).reshape(-1).to(k_pool.device)
-            yield (
-                self._gather(k_pool, safe, n_blocks, slab_len),
-                self._gather(v_pool, safe, n_blocks, slab_len),
-                mask.to(k_pool.device),
-            )
-
-    @staticmethod
-    def _gather(pool: torch.Tensor, index: torch.Tensor, n_blocks: int, slab: int) -> torch.Tensor:
-        B, H, _, D = pool.shape
-        if pool.shape[2] == 0:  # sequence shorter than one block: everything is masked anyway
-            return pool.new_zeros(B, H, n_blocks, slab, D)
-        return pool.index_select(2, index).view(B, H, n_blocks, slab, D)
 
 
 class Attention(nn.Module):
@@ -294,24 +128,23 @@ def make_blocks(cfg, n_layers: int, core_factory) -> nn.ModuleList:
 # ----------------------------------------------------------------------------------------------
 
 
-class ShiftRight(nn.Module):
-    """Shift a sequence [B, L, d] right by `shift` positions, filling the start with zeros.
+def shift_right(x: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """[B, L, d] shifted right by fill's length, `fill` ([B, s, d]) entering at the start."""
+    return torch.cat((fill, x[:, : x.shape[1] - fill.shape[1]]), dim=1)
 
-    Under sequence parallelism the fill comes from the previous rank's last positions instead.
-    """
+
+class ShiftRight(nn.Module):
+    """Shift a sequence [B, L, d] right by `shift` positions, filling the start with zeros (nothing
+    comes before the sequence; under sequence parallelism the previous rank's last positions do)."""
 
     def __init__(self, shift: int):
         super().__init__()
         self.shift = shift
 
-    def fill(self, x: torch.Tensor) -> torch.Tensor:
-        """What enters at the start: zeros, as nothing comes before the sequence."""
-        return x.new_zeros(x.shape[0], self.shift, x.shape[2])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift == 0:
             return x
-        return torch.cat((self.fill(x), x[:, : x.shape[1] - self.shift]), dim=1)
+        return shift_right(x, x.new_zeros(x.shape[0], self.shift, x.shape[2]))
 
 
 class CausalPool(nn.Module):

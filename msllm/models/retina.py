@@ -3,17 +3,108 @@ distant past ever more coarsely, as a retina sees.
 
     tokens -> embed -> N x Block(retina attention) -> norm -> lm_head -> logits
 
-It is the vanilla stack with another attention core. For query t, a layer attends to the fine keys
-in (t - w, t], then to the mean-pooled keys of the w blocks of k tokens lying wholly before that
-window, then to w blocks of k^2 tokens before those, and so on over `retina_levels` levels (see
-layers.RetinaAttention). Each layer reaches back w * (1 + k + ... + k^(S-1)) tokens at a cost of
-O(L * w * S).
+It is the vanilla stack with another attention core. With window w, factor k and S levels, query t
+sees, without gaps and each earlier position exactly once:
+
+    level 0: the tokens   [a_0, t]    a_0 = t - w + 1        rounded down to a multiple of k
+    level 1: blocks of k  [a_1, a_0)  a_1 = a_0 - w * k      rounded down to a multiple of k^2
+    level 2: blocks of k^2 [a_2, a_1) a_2 = a_1 - w * k^2    rounded down to a multiple of k^3
+    ...      up to level S-1, nothing before a_{S-1}
+
+(w to w+k-1 keys per level; a block's key is the mean of its tokens' keys, after RoPE.) Each
+layer reaches back about w * (1 + k + ... + k^(S-1)) tokens at a cost of O(L * w * S). With one
+level there is nothing to align with, and the window is the plain (t - w, t].
+
+`RetinaPattern` is that definition; the kernels in attention.py compute it (one attention over
+[fine keys ++ pooled keys of each level]).
 """
 
 from __future__ import annotations
 
-from msllm.models.layers import RetinaAttention
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from msllm.models.attention import Segment, attend, fine_segment
 from msllm.models.vanilla import VanillaLM
+
+
+@dataclass(frozen=True)
+class RetinaPattern:
+    """Which keys query t sees: segment 0 the tokens (by position), segment l the blocks of k^l
+    tokens (by block index, block b covering tokens b*k^l .. (b+1)*k^l - 1)."""
+
+    window: int
+    factor: int
+    levels: int
+
+    @property
+    def block(self) -> int:
+        """Query block of the blocks kernel: the window rounded up to a multiple of k, so that each
+        query's tokens [a_0, t] lie in its own block of queries and the one before."""
+        k = self.factor if self.levels > 1 else 1
+        return -(-self.window // k) * k
+
+    @property
+    def period(self) -> int:
+        """ranges(t + period) is ranges(t) shifted by whole blocks at every level."""
+        return self.factor**self.levels
+
+    def ranges(self, t):
+        w, k = self.window, self.factor
+        if self.levels == 1:
+            return [(t - w + 1, t + 1)]
+        start = (t - w + 1) // k * k  # a_0
+        ranges = [(start, t + 1)]
+        for level in range(1, self.levels):
+            size = k**level
+            next_start = (start - w * size) // (size * k) * (size * k)  # a_level
+            ranges.append((next_start // size, start // size))
+            start = next_start
+        return ranges
+
+
+def pool_levels(k: torch.Tensor, v: torch.Tensor, factor: int, levels: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of levels 1 .. levels-1: means over complete blocks of factor^level tokens,
+    [B, H, L, D] -> [B, H, L // factor^level, D], each level pooled from the one below."""
+    pooled = []
+    for _ in range(1, levels):
+        B, H, L, D = k.shape
+        n = L // factor
+        k, v = (x[:, :, : n * factor].view(B, H, n, factor, D).mean(dim=3) for x in (k, v))
+        pooled.append((k, v))
+    return pooled
+
+
+def retina_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: RetinaPattern,
+    pooled: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    first_position: int = 0,
+    kernel: str | None = None,
+) -> torch.Tensor:
+    """Retina attention of q [B, H, L, D] at positions first_position .. first_position + L - 1.
+
+    `pooled`: each level's block keys and values over the whole sequence (default: pooled from k, v);
+    `past`: keys and values of the `pattern.block` positions before this sequence (the previous
+    rank's, under sequence parallelism)."""
+    if pooled is None:
+        pooled = pool_levels(k, v, pattern.factor, pattern.levels)
+    segments = [fine_segment(k, v, past, first_position)] + [Segment(kp, vp, 0) for kp, vp in pooled]
+    return attend(q, segments, pattern, first_position, kernel)
+
+
+class RetinaAttention(nn.Module):
+    def __init__(self, window: int, factor: int, levels: int):
+        super().__init__()
+        self.pattern = RetinaPattern(window, factor, levels)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return retina_attention(q, k, v, self.pattern)
 
 
 class RetinaLM(VanillaLM):

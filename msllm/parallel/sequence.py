@@ -11,7 +11,8 @@ to the other ranks of the group:
 - full attention (coarse scales): DeepSpeed-Ulysses, an all-to-all that trades the sequence split
   for a head split, attention over the whole scale, and the reverse all-to-all;
 - retina's pooled distant keys: all-gathered over the group (L/k long, small);
-- RoPE positions: offset by the rank's first position.
+- RoPE: positions counted from the rank's first position (passed explicitly, as to the
+  attention kernels).
 
 Each exchange is an autograd function whose backward returns the gradient to the rank that owns
 the tensor, so the gradients are those of the unsplit model. With each rank averaging its loss over
@@ -26,7 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from msllm.models.layers import FullCausalAttention, LocalCausalAttention, RetinaAttention, Rotary, ShiftRight
+from msllm.models.attention import FullCausalAttention, LocalCausalAttention, local_attention
+from msllm.models.layers import Rotary, ShiftRight, shift_right
+from msllm.models.retina import RetinaAttention, pool_levels, retina_attention
 
 
 # Bytes this process has sent to other ranks of its sequence-parallel group, by operation (the
@@ -100,6 +103,15 @@ def previous_rank_tail(x: torch.Tensor, n: int, dim: int, group: dist.ProcessGro
     return _FromPreviousRank.apply(x.narrow(dim, x.shape[dim] - n, n), group)
 
 
+def previous_rank_keys(k: torch.Tensor, v: torch.Tensor, n: int, group: dist.ProcessGroup):
+    """Keys and values [B, H, n, D] of the previous rank's last `n` positions (the halo of local
+    and retina attention), in one message. The first rank receives zeros, which stand at negative
+    positions and are masked; they stay in the graph so that its backward sends the matching
+    gradient message."""
+    kv = previous_rank_tail(torch.stack((k, v)), n, dim=3, group=group)
+    return kv[0], kv[1]
+
+
 class _GroupMember:
     """What every sequence-parallel module knows: its group and its place in it."""
 
@@ -107,6 +119,10 @@ class _GroupMember:
         self.group = group
         self.sp_rank = dist.get_rank(group)
         self.sp_size = dist.get_world_size(group)
+
+    def first_position(self, x: torch.Tensor, dim: int) -> int:
+        """Position of this rank's first element of `x` in the whole sequence (equal slices)."""
+        return self.sp_rank * x.shape[dim]
 
 
 class HaloShiftRight(ShiftRight, _GroupMember):
@@ -116,8 +132,20 @@ class HaloShiftRight(ShiftRight, _GroupMember):
         super().__init__(shift)
         self._join(group)
 
-    def fill(self, x: torch.Tensor) -> torch.Tensor:
-        return previous_rank_tail(x, self.shift, dim=1, group=self.group)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return shift_right(x, previous_rank_tail(x, self.shift, dim=1, group=self.group))
+
+
+class SlicedRotary(Rotary, _GroupMember):
+    """RoPE of a slice: positions counted from the slice's first position in the whole sequence."""
+
+    def __init__(self, rotary: Rotary, group: dist.ProcessGroup):
+        nn.Module.__init__(self)
+        self.register_buffer("inv_freq", rotary.inv_freq, persistent=False)
+        self._join(group)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, first_position: int = 0):
+        return super().forward(q, k, first_position=self.first_position(q, dim=-2))
 
 
 class HaloLocalAttention(LocalCausalAttention, _GroupMember):
@@ -127,30 +155,27 @@ class HaloLocalAttention(LocalCausalAttention, _GroupMember):
         super().__init__(window)
         self._join(group)
 
-    def past(self, k: torch.Tensor, v: torch.Tensor):
-        # One message for keys and values. Rank 0 takes part too (it sends), and keeps the zeros it
-        # receives in the graph, masked, so that its backward sends the matching gradient message.
-        kv = previous_rank_tail(torch.stack((k, v)), self.window, dim=3, group=self.group)
-        return kv[0], kv[1], self.sp_rank > 0
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        past = previous_rank_keys(k, v, self.window, self.group)
+        return local_attention(q, k, v, self.window, past, first_position=self.first_position(q, dim=2))
 
 
 class SequenceParallelRetina(RetinaAttention, _GroupMember):
-    """Retina attention over a split sequence: the fine window's halo from the previous rank, and
+    """Retina attention over a split sequence: the fine keys' halo from the previous rank, and
     each level's pooled keys gathered from the whole group (blocks never straddle ranks)."""
 
-    def __init__(self, window: int, factor: int, levels: int, group: dist.ProcessGroup):
-        super().__init__(window, factor, levels)
+    def __init__(self, pattern, group: dist.ProcessGroup):
+        super().__init__(pattern.window, pattern.factor, pattern.levels)
         self._join(group)
 
-    past = HaloLocalAttention.past
-
-    def pooled(self, k: torch.Tensor, v: torch.Tensor, size: int):
-        k_local, v_local = super().pooled(k, v, size)
-        both = gather_sequence(torch.stack((k_local, v_local)), dim=3, group=self.group)
-        return both[0], both[1]  # [B, H, sp * L_local / size, D] each, ranks in order
-
-    def first_position(self, L: int) -> int:
-        return self.sp_rank * L
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p = self.pattern
+        past = previous_rank_keys(k, v, p.block, self.group)
+        pooled = []
+        for k_level, v_level in pool_levels(k, v, p.factor, p.levels):
+            both = gather_sequence(torch.stack((k_level, v_level)), dim=3, group=self.group)
+            pooled.append((both[0], both[1]))  # [B, H, sp * L_local / k^level, D] each, ranks in order
+        return retina_attention(q, k, v, p, pooled, past, first_position=self.first_position(q, dim=2))
 
 
 class UlyssesAttention(nn.Module, _GroupMember):
@@ -188,12 +213,11 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None) -
     """
     if group is None:
         return model
-    rank = dist.get_rank(group)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             replacement = None
             if isinstance(child, RetinaAttention):
-                replacement = SequenceParallelRetina(child.window, child.factor, child.levels, group)
+                replacement = SequenceParallelRetina(child.pattern, group)
             elif isinstance(child, LocalCausalAttention):
                 replacement = HaloLocalAttention(child.window, group)
             elif isinstance(child, FullCausalAttention):
@@ -201,7 +225,7 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None) -
             elif isinstance(child, ShiftRight):
                 replacement = HaloShiftRight(child.shift, group)
             elif isinstance(child, Rotary):
-                child.sp_rank = rank
+                replacement = SlicedRotary(child, group)
             if replacement is not None:
                 setattr(parent, name, replacement)
     return model

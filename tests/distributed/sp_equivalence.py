@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from msllm.config import ModelConfig, ScaleConfig
 from msllm.models import build_model
-from msllm.models.layers import FullCausalAttention, local_attention
+from msllm.models.attention import FullCausalAttention, local_attention
 from msllm.parallel.dims import ParallelDims
 from msllm.parallel.sequence import (
     HaloLocalAttention,
