@@ -4,6 +4,7 @@ linearly with length, activation checkpointing, determinism and a small overfit.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from msllm.config import ModelConfig, ScaleConfig
 from msllm.inspect import saved_activation_bytes
 from msllm.models import build_model
 from msllm.models.attention import local_attention
-from msllm.models.layers import CausalPool, Upsample
-from msllm.models.retina import RetinaAttention
+from msllm.models.layers import Attention, CausalPool, Upsample
+from msllm.models.retina import RetinaPattern, retina_attention
 from msllm.parallel.parallelize import apply_activation_checkpointing
 
 VOCAB = 97
@@ -142,31 +143,37 @@ def test_local_attention_matches_a_dense_banded_reference(L, window):
     t = torch.arange(L).view(L, 1)
     s = torch.arange(L).view(1, L)
     expected = dense_attention(q, k, v, (s <= t) & (s > t - window))
-    torch.testing.assert_close(local_attention(q, k, v, window), expected)
+    for kernel in ("dense", "blocks"):
+        torch.testing.assert_close(local_attention(q, k, v, window, kernel=kernel), expected, msg=kernel)
 
 
-def retina_reference_keys(t: int, window: int, factor: int, levels: int, L: int):
-    """The keys query t sees, straight from the definition: fine tokens (t-w, t], then for each
-    coarser level the last w blocks of factor^level tokens lying wholly before the previous region."""
-    fine = [i for i in range(t - window + 1, t + 1) if i >= 0]
+def retina_reference_keys(t: int, window: int, factor: int, levels: int):
+    """The keys query t sees, written out from DESIGN.md: fine tokens [a_0, t] with a_0 = t-w+1
+    rounded down to a multiple of k; then for each level l the blocks of k^l tokens covering
+    [a_l, a_(l-1)), a_l = a_(l-1) - w*k^l rounded down to a multiple of k^(l+1)."""
+
+    def round_down(x: int, multiple: int) -> int:
+        return math.floor(x / multiple) * multiple
+
+    start = round_down(t - window + 1, factor)
+    fine = [i for i in range(start, t + 1) if i >= 0]
     pooled = []
-    region_start = t - window + 1
     for level in range(1, levels):
         size = factor**level
-        blocks = [b for b in range(region_start // size - window, region_start // size) if b >= 0]
-        blocks = [b for b in blocks if (b + 1) * size <= L]
-        pooled.append((size, blocks))
-        region_start = (region_start // size - window) * size
+        next_start = round_down(start - window * size, size * factor)
+        pooled.append((size, [b for b in range(next_start // size, start // size) if b >= 0]))
+        start = next_start
     return fine, pooled
 
 
 @pytest.mark.parametrize("L,window,factor,levels", [(40, 4, 2, 3), (64, 3, 4, 3), (30, 5, 2, 4), (9, 4, 2, 2)])
-def test_retina_attention_matches_its_definition(L, window, factor, levels):
+@pytest.mark.parametrize("kernel", ["dense", "blocks"])
+def test_retina_attention_matches_its_definition(L, window, factor, levels, kernel):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, L, 4, dtype=torch.float64) for _ in range(3))
-    out = RetinaAttention(window, factor, levels)(q, k, v)
+    out = retina_attention(q, k, v, RetinaPattern(window, factor, levels), kernel=kernel)
     for t in range(L):
-        fine, pooled = retina_reference_keys(t, window, factor, levels, L)
+        fine, pooled = retina_reference_keys(t, window, factor, levels)
         keys = [k[:, :, fine]]
         values = [v[:, :, fine]]
         for size, blocks in pooled:
@@ -224,20 +231,30 @@ def test_forward_and_backward_at_16k_tokens_and_d256(arch):
 
 @pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
 @pytest.mark.parametrize("offload", [False, True])
-def test_activation_checkpointing_gives_the_same_gradients(arch, offload):
+def test_activation_checkpointing_gives_the_same_gradients_and_recomputes_instead_of_saving(arch, offload):
     cfg = tiny(arch)
     ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
-    grads = []
+    grads, saved, attention_calls = [], [], []
     for checkpointed in (False, True):
         model = build(cfg)
+        calls = []
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.register_forward_hook(lambda *_: calls.append(1))
         if checkpointed:
             apply_activation_checkpointing(model, offload=offload)
+        saved.append(saved_activation_bytes(model, ids))
+        calls.clear()
         logits = model(ids)
         F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+        attention_calls.append(len(calls))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-10, atol=1e-12, msg=name)
+    # Every block's forward runs again in backward, and autograd keeps less than half as much.
+    assert attention_calls[1] == 2 * attention_calls[0], attention_calls
+    assert saved[1] < saved[0] / 2, saved
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
@@ -267,3 +284,21 @@ def test_a_tiny_model_overfits_a_short_repeated_text(arch):
         if loss.item() < 0.1:
             break
     assert loss.item() < 0.1, f"{arch}: loss {loss.item():.3f} after {step + 1} steps"
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+def test_each_model_compiles_as_one_graph_and_matches_eager(arch):
+    """torch.compile(fullgraph=True) fails on any graph break (`.item()`, data-dependent Python
+    control flow). The aot_eager backend traces forward and backward as inductor would, without
+    the minutes of C++ compilation; outputs and gradients must be those of eager mode."""
+    cfg = tiny(arch)
+    ids = torch.randint(0, VOCAB, (2, 45), generator=torch.Generator().manual_seed(0))
+    eager, compiled = build(cfg), build(cfg)
+    results = []
+    for model, run in ((eager, eager), (compiled, torch.compile(compiled, fullgraph=True, backend="aot_eager"))):
+        logits = run(ids)
+        F.cross_entropy(logits.reshape(-1, VOCAB), ids.reshape(-1)).backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-12)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
