@@ -14,7 +14,7 @@ from launch import clean_env, torchrun
 
 SCRIPT = Path(__file__).parent / "distributed" / "sp_equivalence.py"
 CHECKS = ["halo-shift", "halo-local-attention", "ulysses-attention", "vanilla", "vanilla-local", "bottom_up",
-          "top_down", "retina"]
+          "top_down", "retina", "retina-k4"]
 
 
 @pytest.mark.distributed

@@ -9,6 +9,7 @@ Prints one line `CHECKED <name> max_err=<e>` per check; exits non-zero on the fi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 
@@ -91,17 +92,20 @@ def main() -> None:
              lambda t: ulysses(t[0], t[1], t[2]), qkv, 3, sp_rank, sp_size, out_dim=2)
 
     archs = {
-        "vanilla": [ScaleConfig(1, 2, "full")],
-        "vanilla-local": [ScaleConfig(1, 2, "local", 6)],
-        "bottom_up": [ScaleConfig(1, 1, "local", 6), ScaleConfig(2, 1, "full"), ScaleConfig(4, 1, "full")],
-        "top_down": [ScaleConfig(1, 1, "local", 6), ScaleConfig(4, 1, "full"), ScaleConfig(2, 1, "local", 3)],
-        "retina": [ScaleConfig(1, 2, "local", 6)],
+        "vanilla": ([ScaleConfig(1, 2, "full")], {}),
+        "vanilla-local": ([ScaleConfig(1, 2, "local", 6)], {}),
+        "bottom_up": ([ScaleConfig(1, 1, "local", 6), ScaleConfig(2, 1, "full"), ScaleConfig(4, 1, "full")], {}),
+        "top_down": ([ScaleConfig(1, 1, "local", 6), ScaleConfig(4, 1, "full"), ScaleConfig(2, 1, "local", 3)], {}),
+        "retina": ([ScaleConfig(1, 2, "local", 6)], {}),
+        # a window that is not a multiple of k: fine keys reach back w+k-2 positions, across the halo
+        "retina-k4": ([ScaleConfig(1, 2, "local", 5)], {"retina_factor": 4, "retina_levels": 2}),
     }
     L = 32 * sp_size
-    for name, scales in archs.items():
+    for name, (scales, retina) in archs.items():
         arch = name.split("-")[0]
         cfg = ModelConfig(arch=arch, vocab_size=50, d_model=16, n_heads=4, scales=scales, retina_factor=2,
                           retina_levels=3, pooling="linear", aggregation="attention")
+        cfg = dataclasses.replace(cfg, **retina)
         torch.manual_seed(1)
         reference = build_model(cfg).double()
         split = apply_sequence_parallel(copy.deepcopy(reference), group)
