@@ -6,7 +6,8 @@ positions r*L/sp .. (r+1)*L/sp - 1 at the tokens, and the same fraction of every
 to the other ranks of the group:
 
 - local attention (fine scales, and retina's fine level): the previous rank's last w keys and
-  values (a halo exchange; O(w * d) per layer whatever L is);
+  values (retina: w rounded up to a multiple of k) -- a halo exchange, O(w * d) per layer
+  whatever L is;
 - causal pooling's shift: the previous rank's last k-1 positions (a halo exchange);
 - full attention (coarse scales): DeepSpeed-Ulysses, an all-to-all that trades the sequence split
   for a head split, attention over the whole scale, and the reverse all-to-all;
