@@ -1,9 +1,10 @@
 """`msllm inspect`: what a recipe's model costs before you train it.
 
-Parameters per scale, training FLOPs per token (the figure MFU is computed from), and the bytes
-of activations that autograd keeps for backward per token, measured at the recipe's sequence
-length with torch.autograd.graph.saved_tensors_hooks. That last figure counts the same on any
-device, so it compares architectures on a CPU as it would on a GPU.
+Parameters per scale, training FLOPs per token (the figure MFU is computed from), and the memory
+of one training step on one rank, split into parameters, gradients, optimizer state and
+activations with the loss (msllm.memory): the activations are measured on a real forward pass at
+the recipe's sequence length and precision, so the figure compares architectures on a CPU as it
+would on a GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from msllm.memory import StepMemory, saved_activation_bytes, step_memory  # noqa: F401 (re-exported)
 from msllm.models import build_model, flops_per_token
 from msllm.parallel.parallelize import apply_activation_checkpointing
 
@@ -39,24 +41,6 @@ def parameters_by_part(model: nn.Module) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward pass (each storage counted
-    once; parameters are not activations and are left out)."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids)
-    del logits
-    return sum(storages.values())
-
-
 def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: int = 0) -> dict:
     """Print (and return) the figures for a recipe's model at `seq_len` (default data.seq_len)."""
     seq_len = seq_len or recipe.data.seq_len
@@ -78,35 +62,40 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
     if measure:
         if recipe.parallel.activation_checkpointing:
             apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)
-        input_ids = torch.randint(0, model_cfg.vocab_size, (1, seq_len))
         start = time.perf_counter()
-        saved = saved_activation_bytes(model, input_ids)
-        elapsed = time.perf_counter() - start
-        report["activation_bytes_per_token"] = saved / seq_len
+        memory = step_memory(model, model_cfg.vocab_size, recipe.train.micro_batch_size, seq_len,
+                             recipe.train.precision, recipe.parallel.zero_stage, dp=1)
+        report["memory"] = memory
         print(
-            f"activations    {saved / seq_len / 1024:,.1f} KiB per token saved for backward at L={seq_len} "
-            f"(fp32, {saved / 2**20:,.1f} MiB per sample; forward took {elapsed:.1f} s)"
+            f"training step  {recipe.train.micro_batch_size} x {seq_len} tokens, {recipe.train.precision}, "
+            f"ZeRO {recipe.parallel.zero_stage}, one rank (measured in {time.perf_counter() - start:.1f} s):"
         )
+        for part, nbytes in memory.as_dict().items():
+            print(f"  {part:<22} {nbytes / 2**20:>12,.1f} MiB")
     return report
 
 
 def compare_recipes(paths: list[str], seq_len: int = 0) -> str:
-    """A markdown table of parameters, train FLOPs per token and activation bytes per sample for
-    several recipes' models (each at its own data.seq_len unless `seq_len` is given): the memory
-    comparison the paper makes, measured rather than estimated."""
+    """A markdown table of parameters, train FLOPs per token and the memory of one training step
+    (per rank, the recipe's micro-batch and precision, parameters + gradients + optimizer state +
+    activations with the loss) for several recipes' models, each at its own data.seq_len unless
+    `seq_len` is given; the last column compares each total with the first vanilla recipe's (the
+    paper's comparison), or the first recipe's if there is no vanilla one."""
     from msllm.config import load_recipe
 
-    rows = ["| recipe | arch | layers | parameters | train GFLOP/token | activation MiB per sample | "
-            "KiB per token |", "|---|---|---|---|---|---|---|"]
-    for path in paths:
-        recipe = load_recipe(path)
+    rows = ["| recipe | arch | layers | parameters | train GFLOP/token | parameters MiB | gradients MiB | "
+            "optimizer MiB | activations MiB | total MiB | total vs first |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    recipes = [(path, load_recipe(path)) for path in paths]
+    recipes.sort(key=lambda item: item[1].model.arch != "vanilla")  # stable: the reference first
+    first = None
+    for path, recipe in recipes:
         report = inspect_recipe(recipe, seq_len=seq_len)
-        m = recipe.model
+        m, mem = recipe.model, report["memory"]
+        first = first or mem.total
         layers = sum(s.layers for s in m.scales) + (m.final_layers if m.arch == "bottom_up" else 0)
-        per_token = report["activation_bytes_per_token"]
+        mib = [f"{n / 2**20:,.0f}" for n in (mem.parameters, mem.gradients, mem.optimizer, mem.activations, mem.total)]
         rows.append(
             f"| {path} | {m.arch} | {layers} | {report['parameters'] / 1e6:.1f} M | "
-            f"{report['train_flops_per_token'] / 1e9:.2f} | {per_token * report['seq_len'] / 2**20:.1f} | "
-            f"{per_token / 1024:.1f} |"
+            f"{report['train_flops_per_token'] / 1e9:.2f} | {' | '.join(mib)} | {mem.total / first - 1:+.0%} |"
         )
     return "\n".join(rows)

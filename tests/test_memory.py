@@ -1,0 +1,57 @@
+"""The memory of a training step (msllm.memory): the computed split against a measurement."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from msllm.config import ModelConfig, ScaleConfig
+from msllm.memory import BYTES_PER_PARAMETER, measure_step_peak, step_memory
+from msllm.models import build_model
+
+VOCAB = 512
+
+
+def tiny(arch: str) -> ModelConfig:
+    local = ScaleConfig(factor=1, layers=1, attention="local", window=16)
+    scales = {
+        "vanilla": [ScaleConfig(factor=1, layers=2, attention="full")],
+        "retina": [ScaleConfig(factor=1, layers=2, attention="local", window=16)],
+        "bottom_up": [local, ScaleConfig(factor=4, layers=2, attention="full")],
+        "top_down": [local, ScaleConfig(factor=4, layers=2, attention="full")],
+    }[arch]
+    return ModelConfig(arch=arch, d_model=64, n_heads=4, vocab_size=VOCAB, scales=scales)
+
+
+@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+def test_the_computed_split_matches_the_measured_peak_of_real_steps(arch):
+    cfg, batch, L = tiny(arch), 2, 256
+    torch.manual_seed(0)
+    computed = step_memory(build_model(cfg), VOCAB, batch, L)
+    measured = measure_step_peak(cfg, batch, L)
+    # The total is an upper bound (gradients grow while activations are freed), and close to the
+    # peak: a split that left out the loss or the optimizer state would miss by far more than 10%.
+    assert 0.90 * computed.total <= measured <= 1.01 * computed.total, (computed.format(), measured)
+    n = sum(p.numel() for p in build_model(cfg).parameters())
+    assert (computed.parameters, computed.gradients, computed.optimizer) == (4 * n, 4 * n, 8 * n)
+
+
+def test_the_loss_is_counted_in_the_activations():
+    cfg, L = tiny("vanilla"), 128
+    small, large = (dataclasses.replace(cfg, vocab_size=v) for v in (256, 4096))
+    a = step_memory(build_model(small), 256, 1, L).activations
+    b = step_memory(build_model(large), 4096, 1, L).activations
+    # The saved log-probabilities and the two gradients of the loss: 3 fp32 L x vocab buffers more.
+    assert b - a >= 3 * L * (4096 - 256) * 4
+
+
+def test_zero_stages_shard_states_over_data_parallel_ranks():
+    model = build_model(tiny("vanilla"))
+    n = sum(p.numel() for p in model.parameters())
+    w, g, o = BYTES_PER_PARAMETER["bf16"]
+    expected = {0: (w * n, g * n, o * n), 1: (w * n, g * n, o * n // 4), 2: (w * n, g * n // 4, o * n // 4),
+                3: (w * n // 4, g * n // 4, o * n // 4)}
+    for stage, (params, grads, optim) in expected.items():
+        m = step_memory(build_model(tiny("vanilla")), VOCAB, 1, 64, "bf16", zero_stage=stage, dp=4)
+        assert (m.parameters, m.gradients, m.optimizer) == (params, grads, optim), stage
+        assert m.total == params + grads + optim + m.activations
