@@ -1,0 +1,229 @@
+"""`msllm bench paper`: the paper's comparison at a scale a 2-core CPU runs, with seeds.
+
+Subramanian et al. (2020) report that a 30-layer hierarchical model has a 23% smaller memory
+footprint and a better perplexity than a vanilla transformer of at most 14 layers. This benchmark
+trains the recipes in recipes/paper/ -- vanilla with N = 3 layers, vanilla with 2N (the depth
+reference), and bottom-up (sum and attention aggregation), top-down and retina with 2N layers, most
+at coarse scales -- on the built-in corpus with the same width, vocabulary, context (1024 tokens),
+tokens and schedule, each with several seeds, and reports for each model: validation bits per byte
+(mean and spread over seeds), the memory of a training step split into its parts (msllm.memory),
+tokens/s and FLOPs/token; then a verdict on the claim at this scale, and two plots.
+
+Each run is `msllm train RECIPE --set run.seed=S --set run.output_dir=...` in a subprocess; its
+result is kept in `<runs>/<model>-seed<S>/result.json`, and a rerun skips the runs that have one,
+so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from msllm.errors import MsllmError
+
+MODELS = ("vanilla-3", "vanilla-6", "bottom_up-6", "bottom_up_attention-6", "top_down-6", "retina-6")
+REFERENCE = "vanilla-3"  # the paper's "vanilla transformer with less than half as many layers"
+HIERARCHICAL = ("bottom_up-6", "bottom_up_attention-6", "top_down-6", "retina-6")
+SEEDS = (1, 2, 3)
+
+
+def run_paper(args: argparse.Namespace) -> str:
+    """Train every (model, seed), then tabulate, plot and judge. Returns the markdown section."""
+    recipes = Path(getattr(args, "recipes", None) or "recipes/paper")
+    runs = Path(getattr(args, "runs", None) or "runs/paper")
+    seeds = tuple(getattr(args, "seeds", None) or SEEDS)
+    models = tuple(getattr(args, "models", None) or MODELS)
+    overrides = list(getattr(args, "set", None) or [])
+    jobs = getattr(args, "jobs", 0) or max(1, min(2, os.cpu_count() or 1))
+    missing = [m for m in models if not (recipes / f"{m}.yaml").is_file()]
+    if missing:
+        raise MsllmError(f"bench paper: no recipe {recipes}/{missing[0]}.yaml (run from the repository root, or pass --recipes)")
+    _prepare_shards_once(recipes / f"{models[0]}.yaml", overrides)
+
+    todo = [(m, s) for m in models for s in seeds]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(train_once, recipes / f"{m}.yaml", s, runs / f"{m}-seed{s}", overrides, threads): (m, s)
+                   for m, s in todo}
+        results: dict[tuple[str, int], dict] = {}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+
+    summary = {m: summarize(m, [results[(m, s)] for s in seeds], recipes / f"{m}.yaml", overrides) for m in models}
+    out = Path(getattr(args, "out", None) or "benchmarks")
+    plots = plot(summary, [results[k] for k in todo], out)
+    return to_markdown(summary, seeds, jobs, threads, plots)
+
+
+def _prepare_shards_once(recipe: Path, overrides: list[str]) -> None:
+    """The runs share one shards folder: prepare it before they start, not in each of them."""
+    from msllm.config import load_recipe
+    from msllm.data import prepare_dataset
+
+    prepare_dataset(load_recipe(recipe, overrides).data, force=False)
+
+
+def train_once(recipe: Path, seed: int, folder: Path, overrides: list[str], threads: int) -> dict:
+    """One training run, or its saved result. A folder without a result is an interrupted run:
+    it is started again from scratch (the benchmark's runs keep no intermediate checkpoints)."""
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "msllm.cli", "train", str(recipe), "--set", f"run.seed={seed}",
+           "--set", f"run.output_dir={folder}", *[x for o in overrides for x in ("--set", o)]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # each run is a single process of its own
+    log = folder.with_name(folder.name + ".log")
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
+        raise MsllmError(f"bench paper: {recipe.stem} seed {seed} failed ({tail[0]}); see {log}")
+    result = read_metrics(folder / "metrics.jsonl")
+    result.update(model=recipe.stem, seed=seed)
+    tmp = result_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(result_file)  # a result file is whole or absent
+    return result
+
+
+def read_metrics(path: Path) -> dict:
+    """Eval curve (tokens, bits per byte), final bits per byte and median training tokens/s."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    speeds = [r["tokens_per_s"] for r in rows if r["kind"] == "train"][1:]  # the first includes warm-up
+    if not evals:
+        raise MsllmError(f"bench paper: {path} has no eval rows (set eval.every)")
+    return {"curve": [[r["tokens"], r["bits_per_byte"]] for r in evals], "bits_per_byte": evals[-1]["bits_per_byte"],
+            "tokens_per_s": statistics.median(speeds) if speeds else None}
+
+
+def summarize(model: str, results: list[dict], recipe: Path, overrides: list[str]) -> dict:
+    """Mean and spread over seeds; FLOPs/token; the computed memory split, and a measured peak."""
+    from msllm.config import load_recipe
+    from msllm.memory import measure_step_peak, step_memory
+    from msllm.models import build_model, flops_per_token
+
+    r = load_recipe(recipe, overrides)
+    vocab = r.data.tokenizer.vocab_size
+    cfg = dataclasses.replace(r.model, vocab_size=vocab)
+    bpb = [x["bits_per_byte"] for x in results]
+    memory = step_memory(build_model(cfg), vocab, r.train.micro_batch_size, r.data.seq_len, r.train.precision,
+                         r.parallel.zero_stage)
+    return {
+        "model": model,
+        "layers": sum(s.layers for s in cfg.scales) + (cfg.final_layers if cfg.arch == "bottom_up" else 0),
+        "parameters": sum(p.numel() for p in build_model(cfg).parameters()),
+        "bpb_mean": statistics.mean(bpb),
+        "bpb_sd": statistics.stdev(bpb) if len(bpb) > 1 else 0.0,
+        "bpb_min": min(bpb), "bpb_max": max(bpb), "seeds": len(bpb),
+        "tokens_per_s": statistics.mean(x["tokens_per_s"] for x in results if x["tokens_per_s"]),
+        "flops_per_token": flops_per_token(cfg, r.data.seq_len),
+        "memory": memory.as_dict(),
+        "measured_peak": measure_step_peak(cfg, r.train.micro_batch_size, r.data.seq_len)
+        if r.train.precision == "fp32" else None,
+    }
+
+
+def verdict(model: dict, reference: dict) -> tuple[str, str]:
+    """(holds | does not hold | within noise, the reason) for "smaller memory and better
+    perplexity than the reference". A bits-per-byte difference counts when it exceeds twice its
+    standard error over the seeds."""
+    memory = model["memory"]["total"] / reference["memory"]["total"] - 1
+    diff = model["bpb_mean"] - reference["bpb_mean"]
+    se = math.sqrt(model["bpb_sd"] ** 2 / model["seeds"] + reference["bpb_sd"] ** 2 / reference["seeds"])
+    size = f"{diff:+.4f} bits/byte ({abs(diff) / se:.1f} standard errors)" if se else f"{diff:+.4f} bits/byte"
+    why = f"memory {memory:+.0%}, {size}"
+    if memory >= 0 or diff > 2 * se:
+        return "does not hold", why
+    if diff < -2 * se:
+        return "holds", why
+    return "within noise", why
+
+
+def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
+    """benchmarks/paper-bpb.png (bits per byte against tokens, mean and min-max band over seeds)
+    and benchmarks/paper-memory.png (the memory of a training step, stacked by part)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in summary:
+        curves = [r["curve"] for r in results if r["model"] == model]
+        tokens = [t for t, _ in curves[0]]
+        per_point = list(zip(*[[b for _, b in c] for c in curves]))
+        mean = [statistics.mean(p) for p in per_point]
+        line, = ax.plot(tokens, mean, label=model, linestyle="--" if model.startswith("vanilla") else "-")
+        ax.fill_between(tokens, [min(p) for p in per_point], [max(p) for p in per_point], color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("The paper's comparison on the built-in corpus (mean and range of the seeds)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "paper-bpb.png", dpi=110)
+    plt.close(fig)
+
+    parts = ("parameters", "gradients", "optimizer", "activations")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(summary)
+    bottom = [0.0] * len(names)
+    for part in parts:
+        values = [summary[m]["memory"][part] / 2**20 for m in names]
+        ax.bar(names, values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("MiB per training step (one rank)")
+    ax.set_title("Memory of a training step, by part")
+    ax.legend()
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(out / "paper-memory.png", dpi=110)
+    plt.close(fig)
+    return ["paper-bpb.png", "paper-memory.png"]
+
+
+def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: list[str]) -> str:
+    ref = summary.get(REFERENCE)
+    rows = [
+        f"Recipes: recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} runs at a time, {threads} "
+        "thread(s) each). Memory: one training step on one rank, computed by msllm.memory (the "
+        "measured peak of real fp32 steps beside it).",
+        "",
+        "| model | layers | parameters | val bits/byte (mean ± sd) | range | tokens/s | MFLOP/token | parameters MiB | "
+        "gradients MiB | optimizer MiB | activations MiB | total MiB | measured peak MiB | total vs vanilla-3 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, s in summary.items():
+        mem = s["memory"]
+        mib = " | ".join(f"{mem[p] / 2**20:,.1f}" for p in ("parameters", "gradients", "optimizer", "activations", "total"))
+        peak = f"{s['measured_peak'] / 2**20:,.1f}" if s["measured_peak"] else "n/a"
+        vs = f"{mem['total'] / ref['memory']['total'] - 1:+.1%}" if ref else ""
+        rows.append(
+            f"| {m} | {s['layers']} | {s['parameters'] / 1e6:.2f} M | {s['bpb_mean']:.4f} ± {s['bpb_sd']:.4f} | "
+            f"{s['bpb_min']:.4f}-{s['bpb_max']:.4f} | {s['tokens_per_s']:,.0f} | {s['flops_per_token'] / 1e6:.1f} | "
+            f"{mib} | {peak} | {vs} |"
+        )
+    if ref:
+        rows += ["", f"Verdict on the paper's claim (smaller memory and better likelihood than {REFERENCE}), at this scale:", ""]
+        for m in HIERARCHICAL:
+            if m in summary:
+                word, why = verdict(summary[m], ref)
+                rows.append(f"- {m}: **{word}** ({why})")
+    rows += ["", *[f"![{p}]({p})" for p in plots]]
+    return "\n".join(rows)

@@ -1,0 +1,115 @@
+"""`msllm bench scaling`: step time and training-step memory against the sequence length.
+
+For the four architectures at one small size (recipes/models/*-tiny.yaml, with a small vocabulary so
+that the head does not hide how attention scales), one sample of L tokens for L = 1k, 2k, 4k, 8k,
+16k on the CPU: the median time of a training step (forward, loss, backward, AdamW) and the memory
+of the step (msllm.memory: parameters, gradients, optimizer state, activations with the loss).
+Then, per architecture, the exponent b of a least-squares fit of time ~ L^b and of memory ~ L^b
+over the lengths: full attention makes vanilla's time grow towards L^2, local and coarse attention
+keep the multi-scale models near L^1. Writes a table and benchmarks/scaling.png (log axes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import time
+from pathlib import Path
+
+ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
+LENGTHS = (1024, 2048, 4096, 8192, 16384)
+VOCAB = 256
+
+
+def run_scaling(args: argparse.Namespace) -> str:
+    lengths = tuple(getattr(args, "lengths", None) or LENGTHS)
+    archs = tuple(getattr(args, "models", None) or ARCHS)
+    results = {arch: [measure(arch, L) for L in lengths] for arch in archs}
+    out = Path(getattr(args, "out", None) or "benchmarks")
+    plot(results, out)
+    return to_markdown(results)
+
+
+def model_config(arch: str):
+    from msllm.config import load_recipe
+
+    recipe = load_recipe(f"recipes/models/{arch}-tiny.yaml")
+    return dataclasses.replace(recipe.model, vocab_size=VOCAB)
+
+
+def measure(arch: str, L: int, repeats: int = 3) -> dict:
+    """Median step time of `repeats` steps after a warm-up step, and the memory split."""
+    import torch
+
+    from msllm.memory import step_memory
+    from msllm.models import build_model
+    from msllm.train.evaluate import token_cross_entropy_sum
+
+    cfg = model_config(arch)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, VOCAB, (1, L + 1))
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        token_cross_entropy_sum(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        optimizer.step()
+        if i:  # the first step allocates the optimizer state and warms the kernels up
+            times.append(time.perf_counter() - start)
+    memory = step_memory(build_model(cfg), VOCAB, 1, L)
+    return {"L": L, "step_s": statistics.median(times), "memory": memory.total}
+
+
+def exponent(points: list[tuple[float, float]]) -> float:
+    """Slope of the least-squares line through (log x, log y)."""
+    xs = [math.log(x) for x, _ in points]
+    ys = [math.log(y) for _, y in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for arch, rows in results.items():
+        Ls = [r["L"] for r in rows]
+        left.plot(Ls, [r["step_s"] for r in rows], marker="o", label=arch)
+        right.plot(Ls, [r["memory"] / 2**20 for r in rows], marker="o", label=arch)
+    for ax, label in ((left, "training step time (s)"), (right, "training step memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L (tokens, one sample)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle("Scaling with L on the CPU (tiny models)")
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
+    plt.close(fig)
+
+
+def to_markdown(results: dict) -> str:
+    lengths = [r["L"] for r in next(iter(results.values()))]
+    head = "| arch | " + " | ".join(f"L={L} s / MiB" for L in lengths) + " | time exponent | memory exponent |"
+    rows = [
+        "Models: recipes/models/*-tiny.yaml with a 256-token vocabulary; one sample per step, fp32, one process.",
+        "",
+        head,
+        "|---|" + "---|" * (len(lengths) + 2),
+    ]
+    for arch, rs in results.items():
+        cells = " | ".join(f"{r['step_s']:.3f} / {r['memory'] / 2**20:,.0f}" for r in rs)
+        t = exponent([(r["L"], r["step_s"]) for r in rs])
+        m = exponent([(r["L"], r["memory"]) for r in rs])
+        rows.append(f"| {arch} | {cells} | {t:.2f} | {m:.2f} |")
+    rows += ["", "![scaling](scaling.png)"]
+    return "\n".join(rows)

@@ -1,0 +1,55 @@
+"""`msllm bench paper` and `msllm bench scaling`: real (short) runs, resumability, the verdict."""
+
+import argparse
+import json
+
+import pytest
+
+from msllm.bench import paper, scaling
+
+
+def summary(bpb: list[float], total: int) -> dict:
+    import statistics
+
+    return {"bpb_mean": statistics.mean(bpb), "bpb_sd": statistics.stdev(bpb), "seeds": len(bpb),
+            "memory": {"total": total}}
+
+
+def test_the_verdict_weighs_the_effect_against_the_seed_spread():
+    ref = summary([2.00, 2.01, 1.99], 100)
+    assert paper.verdict(summary([1.90, 1.91, 1.89], 80), ref)[0] == "holds"
+    assert paper.verdict(summary([1.995, 2.012, 1.985], 80), ref)[0] == "within noise"
+    assert paper.verdict(summary([1.90, 1.91, 1.89], 120), ref)[0] == "does not hold"  # more memory
+    assert paper.verdict(summary([2.10, 2.11, 2.09], 80), ref)[0] == "does not hold"  # worse, beyond noise
+    word, why = paper.verdict(summary([1.90, 1.91, 1.89], 80), ref)
+    assert "memory -20%" in why and "-0.1000 bits/byte" in why
+
+
+@pytest.mark.slow
+def test_bench_paper_trains_every_model_and_seed_and_skips_finished_runs(tmp_path, monkeypatch):
+    args = argparse.Namespace(models=("vanilla-3", "bottom_up-6"), seeds=(1, 2), runs=str(tmp_path / "runs"),
+                              out=str(tmp_path / "out"), jobs=2,
+                              set=["train.max_steps=4", "eval.every=2", "eval.max_batches=1", "log.every=1"])
+    text = paper.run_paper(args)
+    results = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")}
+    assert sorted(results) == ["bottom_up-6-seed1", "bottom_up-6-seed2", "vanilla-3-seed1", "vanilla-3-seed2"]
+    # Different seeds give different models; every run was evaluated along the way.
+    assert results["vanilla-3-seed1"]["bits_per_byte"] != results["vanilla-3-seed2"]["bits_per_byte"]
+    assert all(len(r["curve"]) >= 2 for r in results.values())
+    assert "| vanilla-3 | 3 |" in text and "bottom_up-6: **" in text
+    assert (tmp_path / "out" / "paper-bpb.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "paper-memory.png").stat().st_size > 10_000
+
+    # A second run trains nothing: it reads the saved results (no subprocess may start).
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(paper.subprocess, "run", no_training)
+    assert paper.run_paper(args) == text
+
+
+def test_bench_scaling_fits_exponents_and_plots(tmp_path):
+    text = scaling.run_scaling(argparse.Namespace(lengths=(128, 256), models=("vanilla", "bottom_up"), out=str(tmp_path)))
+    assert text.count("| vanilla |") == 1 and text.count("| bottom_up |") == 1
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+    assert scaling.exponent([(1, 3), (2, 12), (4, 48)]) == pytest.approx(2.0)
