@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="which benchmark (see `msllm bench --list`)", nargs="?")
     p.add_argument("--list", action="store_true")
     p.add_argument("--out", default="benchmarks", help="folder for the results")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="paper: recipe override for every run (e.g. train.max_steps=4 for a smoke test)")
+    p.add_argument("--seeds", type=int, nargs="+", help="paper: seeds of each model (default 1 2 3)")
+    p.add_argument("--jobs", type=int, default=0, help="paper: runs at a time (default: 2 on 2+ cores)")
+    p.add_argument("--runs", help="paper: folder of the runs and their results (default runs/paper)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from msllm.memory import StepMemory, saved_activation_bytes, step_memory  # noqa: F401 (re-exported)
+from msllm.memory import step_memory
 from msllm.models import build_model, flops_per_token
 from msllm.parallel.parallelize import apply_activation_checkpointing
 

@@ -60,9 +60,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward pass, and in the loss when
-    `labels` are given (each storage counted once; parameters are not activations)."""
+def activation_bytes(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward pass (each storage counted
+    once; parameters are not activations). With `labels`, the loss too: what its cross-entropy
+    saves, plus the two fp32 buffers of the logits' size that its backward adds (the gradients of
+    the log-probabilities and of the logits)."""
     from msllm.train.evaluate import token_cross_entropy_sum
 
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -77,8 +79,22 @@ def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor, labels: to
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits = model(input_ids)
         loss = token_cross_entropy_sum(logits, labels) if labels is not None else None
+    loss_backward = 2 * logits.numel() * 4 if labels is not None else 0
     del logits, loss
-    return sum(storages.values())
+    return sum(storages.values()) + loss_backward
+
+
+def parameter_state_bytes(n_parameters: int, precision: str = "fp32", zero_stage: int = 0, dp: int = 1) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer state) bytes on one rank, as far as ZeRO shards them."""
+    weight_bytes, grad_bytes, optim_bytes = BYTES_PER_PARAMETER[precision]
+    parameters, gradients, optimizer = n_parameters * weight_bytes, n_parameters * grad_bytes, n_parameters * optim_bytes
+    if zero_stage >= 1:
+        optimizer //= dp
+    if zero_stage >= 2:
+        gradients //= dp
+    if zero_stage >= 3:
+        parameters //= dp
+    return parameters, gradients, optimizer
 
 
 def step_memory(model: nn.Module, vocab_size: int, micro_batch: int, seq_len: int, precision: str = "fp32",
@@ -87,23 +103,13 @@ def step_memory(model: nn.Module, vocab_size: int, micro_batch: int, seq_len: in
     applied if wanted; parameters on the device where the forward pass should run) on `micro_batch` x `seq_len` tokens per rank, at `precision`, with ZeRO
     `zero_stage` over `dp` data-parallel ranks. Runs one forward pass (and loss) in `precision`
     on the model's device; the model is cast in place."""
-    n = count_parameters(model)
-    weight_bytes, grad_bytes, optim_bytes = BYTES_PER_PARAMETER[precision]
-    parameters, gradients, optimizer = n * weight_bytes, n * grad_bytes, n * optim_bytes
-    if zero_stage >= 1:
-        optimizer //= dp
-    if zero_stage >= 2:
-        gradients //= dp
-    if zero_stage >= 3:
-        parameters //= dp
+    parameters, gradients, optimizer = parameter_state_bytes(count_parameters(model), precision, zero_stage, dp)
     model.to(DTYPES[precision])
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab_size, (1, seq_len + 1), generator=generator).to(device)
     # Samples do not interact, so one sample is measured and the micro-batch is a multiple of it.
-    saved = saved_activation_bytes(model, tokens[:, :-1], tokens[:, 1:])
-    loss_backward = 2 * seq_len * vocab_size * 4  # fp32 gradients of the log-probabilities and logits
-    activations = micro_batch * (saved + loss_backward)
+    activations = micro_batch * activation_bytes(model, tokens[:, :-1], tokens[:, 1:])
     return StepMemory(parameters, gradients, optimizer, activations)
 
 

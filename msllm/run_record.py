@@ -1,7 +1,7 @@
 """What made a run: written as `run.json` into every run folder and checkpoint, printed by `msllm eval`.
 
-The resolved recipe is saved beside it (recipe.yaml); this record adds what the recipe does not
-say: msllm's version and git commit (and whether the tree had uncommitted changes), the versions of
+The trainer writes it into output_dir and into every checkpoint's meta.json (key `run_record`);
+the resolved recipe is saved beside it (recipe.yaml). The record adds what the recipe does not say: msllm's version and git commit (and whether the tree had uncommitted changes), the versions of
 the libraries that change numbers (python, torch, deepspeed, mosaicml-streaming, sentencepiece),
 the hash of the data manifest, the world size and parallel degrees, and the device.
 """
@@ -35,14 +35,12 @@ def git_state(folder: Path) -> dict:
     return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def file_sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
+def manifest_sha256(manifest: dict) -> str:
+    """The hash of a data manifest's content (canonical JSON), wherever its file was read from."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
-def collect(world_size: int, dp: int, sp: int, device: str, manifest_file: str | Path | None) -> dict:
+def collect(world_size: int, dp: int, sp: int, device: str, manifest: dict | None) -> dict:
     """The record of this process's run (every rank computes the same one; rank 0 writes it)."""
     import msllm
 
@@ -55,7 +53,7 @@ def collect(world_size: int, dp: int, sp: int, device: str, manifest_file: str |
     return {
         "versions": versions,
         "git": git_state(Path(msllm.__file__).resolve().parent),
-        "data_manifest_sha256": file_sha256(Path(manifest_file)) if manifest_file else None,
+        "data_manifest_sha256": manifest_sha256(manifest) if manifest else None,
         "world_size": world_size,
         "parallel": {"dp": dp, "sp": sp},
         "device": device,

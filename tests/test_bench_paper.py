@@ -30,7 +30,7 @@ def test_bench_paper_trains_every_model_and_seed_and_skips_finished_runs(tmp_pat
     args = argparse.Namespace(models=("vanilla-3", "bottom_up-6"), seeds=(1, 2), runs=str(tmp_path / "runs"),
                               out=str(tmp_path / "out"), jobs=2,
                               set=["train.max_steps=4", "eval.every=2", "eval.max_batches=1", "log.every=1"])
-    text = paper.run_paper(args)
+    text = paper.bench_paper(args)
     results = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")}
     assert sorted(results) == ["bottom_up-6-seed1", "bottom_up-6-seed2", "vanilla-3-seed1", "vanilla-3-seed2"]
     # Different seeds give different models; every run was evaluated along the way.
@@ -45,11 +45,11 @@ def test_bench_paper_trains_every_model_and_seed_and_skips_finished_runs(tmp_pat
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(paper.subprocess, "run", no_training)
-    assert paper.run_paper(args) == text
+    assert paper.bench_paper(args) == text
 
 
 def test_bench_scaling_fits_exponents_and_plots(tmp_path):
-    text = scaling.run_scaling(argparse.Namespace(lengths=(128, 256), models=("vanilla", "bottom_up"), out=str(tmp_path)))
+    text = scaling.bench_scaling(argparse.Namespace(lengths=(128, 256), models=("vanilla", "bottom_up"), out=str(tmp_path)))
     assert text.count("| vanilla |") == 1 and text.count("| bottom_up |") == 1
     assert (tmp_path / "scaling.png").stat().st_size > 10_000
     assert scaling.exponent([(1, 3), (2, 12), (4, 48)]) == pytest.approx(2.0)

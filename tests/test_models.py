@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from msllm.config import ModelConfig, ScaleConfig
-from msllm.inspect import saved_activation_bytes
+from msllm.memory import activation_bytes
 from msllm.models import build_model
 from msllm.models.attention import local_attention
 from msllm.models.layers import Attention, CausalPool, Upsample
@@ -206,7 +206,7 @@ def test_activation_bytes_per_token_stay_flat_from_1k_to_16k(arch):
     model = build_model(MEMORY_CONFIGS[arch])
     per_token = {}
     for L in (1024, 16384):
-        per_token[L] = saved_activation_bytes(model, torch.randint(0, VOCAB, (1, L))) / L
+        per_token[L] = activation_bytes(model, torch.randint(0, VOCAB, (1, L))) / L
     assert per_token[16384] <= 1.15 * per_token[1024], per_token
     assert per_token[16384] >= 0.85 * per_token[1024], per_token
 

@@ -25,17 +25,15 @@ def test_git_state_names_the_commit_and_sees_uncommitted_changes(tmp_path):
 
 
 def test_the_record_holds_versions_data_hash_degrees_and_device(tmp_path):
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text('{"seq_len": 64}')
-    record = run_record.collect(world_size=4, dp=2, sp=2, device="cpu", manifest_file=manifest)
+    manifest = {"seq_len": 64, "vocab_size": 8000}
+    record = run_record.collect(world_size=4, dp=2, sp=2, device="cpu", manifest=manifest)
     assert record["versions"]["torch"] == metadata.version("torch")
     assert record["versions"]["deepspeed"] == metadata.version("deepspeed")
     assert record["versions"]["mosaicml-streaming"] == metadata.version("mosaicml-streaming")
     assert record["versions"]["sentencepiece"] == metadata.version("sentencepiece")
     assert torch.__version__.startswith(record["versions"]["torch"].split("+")[0])
-    import hashlib
-
-    assert record["data_manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert record["data_manifest_sha256"] == run_record.manifest_sha256({"vocab_size": 8000, "seq_len": 64})
+    assert record["data_manifest_sha256"] != run_record.manifest_sha256({"seq_len": 64, "vocab_size": 4000})
     assert (record["world_size"], record["parallel"], record["device"]) == (4, {"dp": 2, "sp": 2}, "cpu")
     run_record.write(record, tmp_path)
     assert run_record.read(tmp_path) == record

@@ -4,6 +4,7 @@ launcher environment) are tested directly first."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -309,3 +310,27 @@ def test_missing_checkpoint_for_eval(tmp_path, tiny_data):
     (tmp_path / "empty").mkdir()
     proc = msllm("eval", recipe, "--checkpoint", tmp_path / "empty")
     assert proc.returncode == 2 and "no complete checkpoint in" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_recipe_log_identical_losses_and_record_what_made_them(tmp_path, tiny_data, reference_run):
+    """The same recipe run twice on one machine (CPU, fp32) logs the same losses bit for bit, and
+    each run folder and checkpoint records its versions, commit, data, degrees and device."""
+    import torch
+
+    ref_recipe, ref_out, _ = reference_run
+    recipe, out = make_recipe(tmp_path, tiny_data)
+    proc = check(msllm("train", recipe))
+    assert losses(out) == losses(ref_out)
+    record = json.loads((out / "run.json").read_text())
+    assert record == json.loads((ref_out / "run.json").read_text()) | {"host": record["host"]}
+    assert record["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert (record["world_size"], record["parallel"], record["device"]) == (1, {"dp": 1, "sp": 1}, "cpu")
+    assert len(record["data_manifest_sha256"]) == 64
+    assert "run: msllm " in proc.stdout
+    meta = json.loads((out / "checkpoints" / "step_0000012" / "meta.json").read_text())
+    assert meta["run_record"] == record
+    evaluated = check(msllm("eval", recipe, "--checkpoint", out))
+    from msllm.run_record import describe
+
+    assert f"trained with: {describe(record)}" in evaluated.stdout

@@ -8,6 +8,8 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     sequence_parallel.py  sequence-parallel: per-rank memory, time and traffic at sp = 1, 2, 4
     quickstart.py         train-quickstart: both quickstart recipes end to end
     models.py             models: the paper-comparison recipes through msllm.inspect
+    paper.py              paper: the paper's comparison trained on the built-in corpus, with seeds
+    scaling.py            scaling: step time and step memory against the sequence length
 
 To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
 it), and an entry in BENCHMARKS.
@@ -43,11 +45,18 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "data-loader": _lazy("data", "bench_data_loader", "Train/validation loader throughput (tokens/s) against what training consumes."),
     "sequence-parallel": _lazy(
         "sequence_parallel", "bench_sequence_parallel",
-        "Per-rank activation bytes, step time and bytes sent at 16k tokens, sp = 1, 2, 4, per multi-scale arch.",
+        "Per-rank training-step memory, step time and bytes sent at 16k tokens, sp = 1, 2, 4, per multi-scale arch.",
     ),
     "models": _lazy(
         "models", "bench_models",
-        "Parameters, FLOPs/token and activation memory of the paper-comparison recipes (vanilla-14 vs 30-layer).",
+        "Parameters, FLOPs/token and training-step memory of the paper-comparison recipes (vanilla-14 vs 30-layer).",
+    ),
+    "paper": _lazy(
+        "paper", "bench_paper",
+        "The paper's comparison trained on the built-in corpus: bits per byte over seeds, memory split, verdict, plots.",
+    ),
+    "scaling": _lazy(
+        "scaling", "bench_scaling", "Step time and training-step memory against L (1k-16k) per architecture, fitted exponents."
     ),
     "train-quickstart": _lazy(
         "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."

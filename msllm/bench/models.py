@@ -1,4 +1,4 @@
-"""`msllm bench models`: parameters, FLOPs per token and activation memory of the
+"""`msllm bench models`: parameters, FLOPs per token and training-step memory of the
 paper-comparison recipes (recipes/models/*-bookcorpus.yaml: vanilla-14 against the 30-layer
 multi-scale models), through msllm.inspect."""
 

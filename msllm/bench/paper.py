@@ -36,7 +36,7 @@ HIERARCHICAL = ("bottom_up-6", "bottom_up_attention-6", "top_down-6", "retina-6"
 SEEDS = (1, 2, 3)
 
 
-def run_paper(args: argparse.Namespace) -> str:
+def bench_paper(args: argparse.Namespace) -> str:
     """Train every (model, seed), then tabulate, plot and judge. Returns the markdown section."""
     recipes = Path(getattr(args, "recipes", None) or "recipes/paper")
     runs = Path(getattr(args, "runs", None) or "runs/paper")

@@ -23,7 +23,7 @@ LENGTHS = (1024, 2048, 4096, 8192, 16384)
 VOCAB = 256
 
 
-def run_scaling(args: argparse.Namespace) -> str:
+def bench_scaling(args: argparse.Namespace) -> str:
     lengths = tuple(getattr(args, "lengths", None) or LENGTHS)
     archs = tuple(getattr(args, "models", None) or ARCHS)
     results = {arch: [measure(arch, L) for L in lengths] for arch in archs}

@@ -1,11 +1,12 @@
-"""`msllm bench sequence-parallel`: per-rank activation memory, step time and traffic of the
+"""`msllm bench sequence-parallel`: per-rank training-step memory, step time and traffic of the
 multi-scale models at 16k tokens with sp = 1, 2 and 4.
 
 For each architecture's recipe in recipes/long_context/*-16k-cpu.yaml and each sp, it starts
 `torchrun --nproc_per_node=sp -m msllm.bench.sequence_parallel RECIPE` (one sequence-parallel
 group, batch 1) and reads one JSON line back from rank 0. Each rank measures:
-- activation bytes: what autograd saves for backward in one forward (msllm.inspect), the largest
-  over the ranks;
+- the memory of a training step (msllm.memory): fp32 parameters, gradients and AdamW state (sequence
+  parallelism replicates them), and the activations of its slice with the loss, the largest over
+  the ranks;
 - step time: forward + backward of one sample, the median of 3 after a warm-up, the slowest rank;
 - bytes sent per step by each rank (halo exchanges, all-to-alls, all-gathers; the largest).
 """
@@ -32,7 +33,7 @@ def _worker(recipe_path: str) -> None:
     import torch.nn.functional as F
 
     from msllm.config import load_recipe
-    from msllm.inspect import saved_activation_bytes
+    from msllm.memory import activation_bytes, count_parameters, parameter_state_bytes
     from msllm.models import build_model
     from msllm.parallel import ParallelDims, sequence
 
@@ -49,7 +50,8 @@ def _worker(recipe_path: str) -> None:
     inputs = ids[:, rank * L // sp : (rank + 1) * L // sp]
     labels = ids[:, rank * L // sp + 1 : (rank + 1) * L // sp + 1]
 
-    saved = saved_activation_bytes(model, inputs)
+    activations = activation_bytes(model, inputs, labels)
+    states = sum(parameter_state_bytes(count_parameters(model)))
 
     def step() -> float:
         start = time.perf_counter()
@@ -63,12 +65,13 @@ def _worker(recipe_path: str) -> None:
         sequence.bytes_sent[kind] = 0
     times = [step() for _ in range(3)]
     sent = sum(sequence.bytes_sent.values()) / 3
-    figures = torch.tensor([saved, statistics.median(times), sent], dtype=torch.float64)
+    figures = torch.tensor([activations, statistics.median(times), sent], dtype=torch.float64)
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     if rank == 0:
-        saved, seconds, sent = figures.tolist()
-        print("RESULT " + json.dumps({"arch": cfg.arch, "sp": sp, "seq_len": L, "activation_bytes": saved,
-                                      "step_seconds": seconds, "bytes_sent": sent}), flush=True)
+        activations, seconds, sent = figures.tolist()
+        print("RESULT " + json.dumps({"arch": cfg.arch, "sp": sp, "seq_len": L, "activation_bytes": activations,
+                                      "step_bytes": states + activations, "step_seconds": seconds,
+                                      "bytes_sent": sent}), flush=True)
     dist.destroy_process_group()
 
 
@@ -92,7 +95,7 @@ def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2,
                 raise RuntimeError(f"benchmark of {recipe} with sp={sp} failed:\n{done.stderr[-3000:]}")
             result = json.loads(lines[-1][len("RESULT "):])
             results.append(result)
-            print(f"{arch:<10} sp={sp}  activations {result['activation_bytes'] / 2**20:8.1f} MiB/rank  "
+            print(f"{arch:<10} sp={sp}  step memory {result['step_bytes'] / 2**20:8.1f} MiB/rank  "
                   f"step {result['step_seconds']:6.2f} s  sent {result['bytes_sent'] / 2**20:7.2f} MiB/rank",
                   flush=True)
     return results
@@ -100,12 +103,15 @@ def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2,
 
 def to_markdown(results: list[dict]) -> str:
     base = {r["arch"]: r for r in results if r["sp"] == 1}
-    rows = ["| arch | sp | activation MiB per rank | vs sp=1 | step s (fwd+bwd) | MiB sent per rank per step |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| arch | sp | training-step MiB per rank | vs sp=1 | of which activations (loss included) | "
+            "vs sp=1 | step s (fwd+bwd) | MiB sent per rank per step |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        ratio = r["activation_bytes"] / base[r["arch"]]["activation_bytes"] if r["arch"] in base else float("nan")
-        rows.append(f"| {r['arch']} | {r['sp']} | {r['activation_bytes'] / 2**20:.1f} | {ratio:.3f} | "
-                    f"{r['step_seconds']:.2f} | {r['bytes_sent'] / 2**20:.2f} |")
+        b = base.get(r["arch"])
+        total = r["step_bytes"] / b["step_bytes"] if b else float("nan")
+        acts = r["activation_bytes"] / b["activation_bytes"] if b else float("nan")
+        rows.append(f"| {r['arch']} | {r['sp']} | {r['step_bytes'] / 2**20:.1f} | {total:.3f} | "
+                    f"{r['activation_bytes'] / 2**20:.1f} | {acts:.3f} | {r['step_seconds']:.2f} | {r['bytes_sent'] / 2**20:.2f} |")
     return "\n".join(rows)
 
 

@@ -314,6 +314,7 @@ class CheckpointCallback(Callback):
             "tokenizer_path": str(Path(self.shards.tokenizer_path).resolve()),
             "tokenizer_sha256": self.shards.tokenizer_sha256,
             "recipe": r.to_dict(),
+            "run_record": trainer.run_record,
         }
         rank_state = {"rng": rng_state(), "dataloader": trainer.loader.state_dict(), "step": trainer.step}
         t0 = time.perf_counter()

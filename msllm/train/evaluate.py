@@ -88,6 +88,11 @@ def evaluate_checkpoint(recipe, path: str) -> dict:
     row["step"] = int(saved_step(ckpt))
     row["checkpoint"] = str(ckpt)
     if denv.is_main:
+        from msllm.run_record import describe
+        from msllm.train.checkpoint import read_meta
+
+        record = read_meta(ckpt).get("run_record")
+        print(f"trained with: {describe(record)}" if record else "trained with: (no run record: a checkpoint from before msllm recorded runs)")
         print(
             f"eval {ckpt} (step {row['step']}): loss {row['loss']:.4f} | ppl {row['perplexity']:.2f} | "
             f"bpb {row['bits_per_byte']:.4f} | {row['eval_tokens']:,} tokens"

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from msllm import run_record
 from msllm.errors import DataError, DivergenceError, RecipeError
 from msllm.parallel import ParallelDims
 from msllm.train import dist
@@ -119,6 +120,7 @@ class Trainer:
         self.n_params = sum(p.numel() for p in model.parameters())
         self.engine = parallelize(model, dims, recipe)
         self.device = self.engine.device
+        self.run_record = run_record.collect(dims.world_size, dims.dp, dims.sp, str(self.device), self.shards.manifest)
         seed_everything(recipe.run.seed + 1000003 * (denv.rank + 1))  # per-rank streams from here
 
         self.loader = build_dataloader(
@@ -147,6 +149,8 @@ class Trainer:
         if self.denv.is_main:  # only once resume has accepted what is in output_dir
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(r.to_yaml())
+            run_record.write(self.run_record, self.out)
+        say(f"run: {run_record.describe(self.run_record)}")
         self.callbacks = self.make_callbacks()
         say(
             f"training {r.model.arch}: {self.n_params:,} parameters | {self.tokens_per_step:,} tokens/step "
