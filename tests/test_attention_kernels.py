@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from msllm.config import ModelConfig, ScaleConfig
+from msllm.models import build_model
 from msllm.models.attention import (
     FLEX_BLOCK,
     SlidingWindow,
@@ -210,3 +212,55 @@ def test_retina_query_10_sees_token_6_with_window_4_factor_2_and_3_levels():
     assert (fine_lo, fine_hi) == (6, 11)  # tokens 6..10
     assert (lo1, hi1) == (-2, 3)  # blocks 0..2: tokens 0..5
     assert sorted(seen_tokens(pattern, 10)) == list(range(11))
+
+
+# ----------------------------------------------------------------------------------------------
+# On a GPU (skipped on the CPU, where FlexAttention has no backward): the kernel that trains there
+# ----------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention backward)")
+
+
+CUDA_PATTERNS = {"window-300": SlidingWindow(300), "retina-w4-k2-3": RetinaPattern(4, 2, 3),
+                 "retina-w64-k4-3": RetinaPattern(64, 4, 3)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(CUDA_PATTERNS))
+def test_flex_matches_the_dense_reference_forward_and_backward_on_cuda(name):
+    """A slice after a halo (as under sequence parallelism), float32, forward and gradients."""
+    pattern = CUDA_PATTERNS[name]
+    torch.manual_seed(0)
+    L, rank = 700, 1
+    device = torch.device("cuda")
+    q, k, v = (torch.randn(2, 4, 2 * L, 64, device=device) for _ in range(3))
+    past = (k[:, :, L - pattern.block : L], v[:, :, L - pattern.block : L])
+    part = [x[:, :, L:].clone().requires_grad_(True) for x in (q, k, v)]
+    grad_out = torch.randn_like(part[0])
+    results = {}
+    for kernel in ("dense", "flex"):
+        if isinstance(pattern, SlidingWindow):
+            out = local_attention(*part, pattern.window, past, rank * L, kernel)
+        else:
+            pooled = pool_levels(k, v, pattern.factor, pattern.levels)
+            out = retina_attention(*part, pattern, pooled, past, rank * L, kernel)
+        results[kernel] = (out, *torch.autograd.grad((out * grad_out).sum(), part))
+    for got, expected, what in zip(results["flex"], results["dense"], ("output", "dq", "dk", "dv")):
+        torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3, msg=f"{name}: {what}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["bottom_up", "retina"])
+def test_a_model_on_flex_attention_compiles_as_one_graph_on_cuda(arch):
+    """The BlockMask is built inside the graph when compiling (no cache lookup, no graph break)."""
+    scales = [ScaleConfig(1, 1, "local", 64)] + ([ScaleConfig(4, 1, "full")] if arch == "bottom_up" else [])
+    cfg = ModelConfig(arch=arch, vocab_size=128, d_model=128, n_heads=2, scales=scales, retina_factor=4,
+                      retina_levels=3, final_layers=1)
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda()
+    ids = torch.randint(0, 128, (2, 1000), device="cuda")
+    eager = model(ids)
+    compiled = torch.compile(model, fullgraph=True)(ids)
+    torch.testing.assert_close(compiled, eager, atol=2e-3, rtol=2e-3)
+    compiled.float().pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
