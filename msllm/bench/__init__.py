@@ -8,6 +8,7 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     sequence_parallel.py  sequence-parallel: per-rank memory, time and traffic at sp = 1, 2, 4
     quickstart.py         train-quickstart: both quickstart recipes end to end
     models.py             models: the paper-comparison recipes through msllm.inspect
+    throughput.py         throughput: bare-loop training speed and memory against L, eager and compiled
     paper.py              paper: the paper's comparison trained on the built-in corpus, with seeds
     scaling.py            scaling: step time and step memory against the sequence length
 
@@ -57,6 +58,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     ),
     "scaling": _lazy(
         "scaling", "bench_scaling", "Step time and training-step memory against L (1k-16k) per architecture, fitted exponents."
+    ),
+    "throughput": _lazy(
+        "throughput", "bench_throughput",
+        "Bare-loop training tokens/s, MFU, peak memory per arch and HF Llama, eager and compiled, against L.",
     ),
     "train-quickstart": _lazy(
         "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."

@@ -1,0 +1,234 @@
+"""`msllm bench throughput`: training tokens/s, MFU and peak memory of each architecture in a bare
+PyTorch loop (forward, cross-entropy, backward, AdamW step), eager and compiled, against the
+sequence length L; and Hugging Face LlamaForCausalLM at vanilla's dimensions as the outside
+reference.
+
+- On a GPU: the BookCorpus recipes' models (recipes/models/*-bookcorpus.yaml, vocabulary 8000),
+  bf16 autocast, L = 1k, 4k, 16k, 64k, 128k, batch x L = 64k tokens (or one sample).
+- On the CPU: the tiny recipes' models (recipes/models/*-tiny.yaml), fp32, L = 256 and 1k, 4k
+  tokens per step, so that CI can smoke-test it (tests/test_bench_throughput.py).
+
+Each (model, L, mode) runs in a fresh process: its peak memory (CUDA max_memory_allocated, or the
+process's peak RSS on the CPU) and its compile caches are its own, and running out of memory ends
+only that row. The table is returned (run_benchmark appends it to benchmarks/throughput.md) and
+the plot is written to benchmarks/throughput.png (log axes).
+
+Not measured here yet: `msllm train` itself next to the bare loop (it needs shards at every L).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The sizes of one run of the benchmark."""
+
+    recipes: str  # recipe glob pattern, {arch} filled in
+    vocab_size: int  # 0: the recipe's tokenizer vocabulary
+    lengths: tuple[int, ...]
+    tokens_per_step: int
+    steps: int  # timed steps, after two warm-up steps (compilation happens there)
+
+
+GPU = Setting("recipes/models/{arch}-bookcorpus.yaml", 8000, (1024, 4096, 16384, 65536, 131072), 65536, 10)
+CPU = Setting("recipes/models/{arch}-tiny.yaml", 0, (256, 1024), 4096, 3)
+
+
+def model_config(recipe_path: str, vocab_size: int):
+    import dataclasses
+
+    from msllm.config import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    vocab = vocab_size or recipe.data.tokenizer.vocab_size
+    return dataclasses.replace(recipe.model, vocab_size=vocab)
+
+
+def build(name: str, cfg, seq_len: int):
+    """The model `name` (an msllm arch, or "hf_llama": LlamaForCausalLM at vanilla's dimensions)
+    and a function ids -> logits."""
+    if name != "hf_llama":
+        from msllm.models import build_model
+
+        model = build_model(cfg)
+        return model, model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    scale = cfg.scales[0]
+    hf = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=scale.layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(hf)
+    return model, lambda ids: model(input_ids=ids, use_cache=False).logits
+
+
+def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
+            compiled: bool) -> dict:
+    """Train `steps` steps (after two warm-up steps) in a bare loop; tokens/s, MFU, peak memory."""
+    import torch
+    import torch.nn.functional as F
+
+    from msllm.models import flops_per_token
+    from msllm.train.callbacks import peak_rss_bytes
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    cfg = model_config(recipe_path, vocab_size)
+    torch.manual_seed(0)
+    model, forward = build(name, cfg, seq_len)
+    model.to(device)
+    if compiled:
+        forward = torch.compile(forward)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    batch = max(1, tokens_per_step // seq_len)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = forward(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        step()
+    synchronize()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize()
+    tokens_per_s = batch * seq_len * steps / (time.perf_counter() - start)
+    peak = peak_flops(device)
+    return {
+        "model": name, "mode": "compiled" if compiled else "eager", "L": seq_len, "batch": batch,
+        "tokens_per_s": tokens_per_s,
+        "mfu": flops_per_token(cfg, seq_len) * tokens_per_s / peak,
+        "peak_gib": (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) / 2**30,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
+
+
+def peak_flops(device) -> float:
+    """The peak MFU is measured against: on the CPU the measured dense fp32 matmul rate; on a GPU a
+    measured dense bf16 matmul rate (a lower bound of the datasheet peak)."""
+    import torch
+
+    from msllm.train.callbacks import cpu_peak_flops
+
+    if device.type != "cuda":
+        return cpu_peak_flops()
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return 2.0 * n**3 * 20 / (time.perf_counter() - start)
+
+
+def run_in_fresh_process(kwargs: dict) -> dict:
+    """`measure(**kwargs)` in its own process; a failure (e.g. out of memory) becomes a row saying so."""
+    code = "import json,sys; from msllm.bench.throughput import measure; print(json.dumps(measure(**json.loads(sys.argv[1]))))"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    return {"model": kwargs["name"], "mode": "compiled" if kwargs["compiled"] else "eager", "L": kwargs["seq_len"],
+            "error": "out of memory" if "out of memory" in error.lower() else error[:120]}
+
+
+def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True)) -> list[dict]:
+    rows = []
+    for name in models:
+        recipe = setting.recipes.format(arch="vanilla" if name == "hf_llama" else name)
+        for seq_len in setting.lengths:
+            for compiled in modes:
+                row = run_in_fresh_process(dict(
+                    name=name, recipe_path=recipe, vocab_size=setting.vocab_size, seq_len=seq_len,
+                    tokens_per_step=setting.tokens_per_step, steps=setting.steps, compiled=compiled,
+                ))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], setting: Setting) -> str:
+    lines = [
+        f"Bare training loop, {setting.tokens_per_step} tokens per step (or one sample), {setting.steps} timed steps "
+        f"after 2 warm-up steps; models from `{setting.recipes}`"
+        + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
+        "Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU. "
+        "MFU against the measured dense matmul rate.",
+        "",
+        "| model | mode | L | batch | tokens/s | MFU | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['L']} | | {r['error']} | | |")
+        else:
+            lines.append(f"| {r['model']} | {r['mode']} | {r['L']} | {r['batch']} | {r['tokens_per_s']:,.0f} "
+                         f"| {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Tokens/s and peak memory against L, one line per (model, mode), log axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key in dict.fromkeys((r["model"], r["mode"]) for r in rows):
+        ok = [r for r in rows if (r["model"], r["mode"]) == key and "error" not in r]
+        if not ok:
+            continue
+        style = "-" if key[1] == "eager" else "--"
+        lengths = [r["L"] for r in ok]
+        line, = speed.plot(lengths, [r["tokens_per_s"] for r in ok], style, marker="o", label=f"{key[0]} {key[1]}")
+        memory.plot(lengths, [r["peak_gib"] for r in ok], style, marker="o", color=line.get_color())
+    for ax, label in ((speed, "training tokens/s"), (memory, "peak memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    speed.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_throughput(args) -> str:
+    import torch
+
+    setting = GPU if torch.cuda.is_available() else CPU
+    rows = rows_for(setting)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    plot(rows, Path(args.out) / "throughput.png", f"msllm bare-loop training throughput ({device})")
+    return table(rows, setting) + "\n\n![throughput](throughput.png)"
