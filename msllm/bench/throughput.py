@@ -19,6 +19,7 @@ Not measured here yet: `msllm train` itself next to the bare loop (it needs shar
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -36,11 +37,11 @@ class Setting:
     vocab_size: int  # 0: the recipe's tokenizer vocabulary
     lengths: tuple[int, ...]
     tokens_per_step: int
-    steps: int  # timed steps, after two warm-up steps (compilation happens there)
+    steps: int  # timed steps (the median one counts), after two warm-up steps (compilation happens there)
 
 
 GPU = Setting("recipes/models/{arch}-bookcorpus.yaml", 8000, (1024, 4096, 16384, 65536, 131072), 65536, 10)
-CPU = Setting("recipes/models/{arch}-tiny.yaml", 0, (256, 1024), 4096, 3)
+CPU = Setting("recipes/models/{arch}-tiny.yaml", 0, (256, 1024), 4096, 5)
 
 
 def model_config(recipe_path: str, vocab_size: int):
@@ -112,11 +113,14 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     synchronize()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    step_times = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    synchronize()
-    tokens_per_s = batch * seq_len * steps / (time.perf_counter() - start)
+        synchronize()
+        step_times.append(time.perf_counter() - start)
+    # The median step: a step slowed down by another process on a shared machine does not count.
+    tokens_per_s = batch * seq_len / statistics.median(step_times)
     peak = peak_flops(device)
     return {
         "model": name, "mode": "compiled" if compiled else "eager", "L": seq_len, "batch": batch,
@@ -176,8 +180,8 @@ def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True))
 
 def table(rows: list[dict], setting: Setting) -> str:
     lines = [
-        f"Bare training loop, {setting.tokens_per_step} tokens per step (or one sample), {setting.steps} timed steps "
-        f"after 2 warm-up steps; models from `{setting.recipes}`"
+        f"Bare training loop, {setting.tokens_per_step} tokens per step (or one sample), the median of {setting.steps} "
+        f"timed steps after 2 warm-up steps; models from `{setting.recipes}`"
         + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
         "Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU. "
         "MFU against the measured dense matmul rate.",
