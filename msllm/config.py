@@ -212,7 +212,14 @@ class TrainConfig:
         "fp32", "Training precision. bf16 on GPUs; fp32 on CPUs (bf16 matmul is slow there)."
     )
     peak_flops: float = doc(
-        0.0, "Peak FLOP/s per device for MFU; 0 means measure a dense fp32 matmul at start-up."
+        0.0,
+        "Peak FLOP/s per device for MFU. 0: on an accelerator, the dense bf16 peak of a known device "
+        "(by name) or else a measured bf16 matmul; on a CPU, a measured dense fp32 matmul.",
+    )
+    compile: bool = doc(
+        False,
+        "torch.compile each transformer block in place (parameter names unchanged, so checkpoints "
+        "of compiled and uncompiled runs are interchangeable). Costs compile time at start-up.",
     )
     stop_at_step: int = doc(
         0,

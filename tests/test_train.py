@@ -120,6 +120,22 @@ def test_parallel_dims_lay_out_contiguous_sequence_parallel_groups():
     assert [d.resume_state_rank(saved_sp=2) for d in dims] == [0, 0, 0, 0, 2, 2, 2, 2]
 
 
+def test_mfu_peak_of_known_accelerators_by_device_name():
+    """The names torch reports for each device, the most specific entry winning; unknown: None."""
+    import torch
+
+    from msllm.train.callbacks import known_peak_flops, peak_flops
+
+    assert known_peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert known_peak_flops("NVIDIA H200") == 989e12
+    assert known_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert known_peak_flops("NVIDIA A100-SXM4-80GB") == known_peak_flops("NVIDIA A100-PCIE-40GB") == 312e12
+    assert known_peak_flops("NVIDIA L40S") == 362e12 and known_peak_flops("NVIDIA L4") == 121e12
+    assert known_peak_flops("AMD Instinct MI300X") == 1307e12
+    assert known_peak_flops("NVIDIA GeForce GTX 1080") is None
+    assert peak_flops(torch.device("cpu"), configured=123.0) == (123.0, "train.peak_flops")
+
+
 # ----------------------------------------------------------------------------------------------
 # A run, its logs and its checkpoints
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ It applies, in this order (each step works on what the previous one left):
    because activation checkpointing must recompute the distributed forms, exchanges included.
 2. activation checkpointing (`parallel.activation_checkpointing`): every transformer block
    recomputes its activations in backward, optionally keeping its saved inputs in CPU memory.
-3. DeepSpeed (`parallel.zero_stage`, `train.precision`): ZeRO stage 0-3 over all ranks, with
+3. compilation (`train.compile`): torch.compile of each transformer block in place
+   (`Module.compile()`), after the swaps above so that it compiles what will run. With
+   checkpointing, the block's parts are compiled instead of the block: fairscale's checkpoint is an
+   autograd Function that dynamo cannot trace, so it stays outside the compiled code.
+4. DeepSpeed (`parallel.zero_stage`, `train.precision`): ZeRO stage 0-3 over all ranks, with
    AdamW and the learning-rate schedule; gradients are averaged over all dp * sp ranks.
 
 None of the steps renames a parameter, so a checkpoint loads whatever the parallel settings of
@@ -37,9 +41,19 @@ def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> n
     return model
 
 
+def compile_blocks(model: nn.Module, checkpointed: bool = False) -> nn.Module:
+    """torch.compile every transformer block in place (or, for `checkpointed` blocks, each of its
+    child modules). `Module.compile()` keeps the module and its parameter names: a state dict
+    saved with or without compilation loads into either. Returns the model."""
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        for module in block.children() if checkpointed else (block,):
+            module.compile()
+    return model
+
+
 def parallelize(model: nn.Module, dims: ParallelDims, recipe):
-    """Apply sequence parallelism, activation checkpointing and DeepSpeed to a built model (in
-    place, in that order) and return the DeepSpeed engine. Collective: every rank calls it."""
+    """Apply sequence parallelism, activation checkpointing, compilation and DeepSpeed to a built
+    model (in place, in that order) and return the DeepSpeed engine. Collective: every rank calls it."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -49,6 +63,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, recipe):
     model = apply_sequence_parallel(model, dims.sequence_parallel_group())
     if recipe.parallel.activation_checkpointing:
         model = apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)
+    if recipe.train.compile:
+        model = compile_blocks(model, checkpointed=recipe.parallel.activation_checkpointing)
     optimizer = build_optimizer(model, recipe, get_accelerator().device_name())
     scheduler = build_scheduler(optimizer, recipe.train)
     engine, _, _, _ = deepspeed.initialize(

@@ -138,6 +138,22 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_host_group = None  # a gloo group over all ranks, when the default backend is not gloo
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank. A host-side all-reduce (gloo, on CPU tensors): it waits
+    for the other ranks' hosts, never for an accelerator. Collective: every rank calls it."""
+    global _host_group
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    if torch.distributed.get_backend() != "gloo" and _host_group is None:
+        _host_group = torch.distributed.new_group(backend="gloo")  # every rank gets here at the same call
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_host_group)
+    return bool(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if is_initialized() and torch.distributed.get_world_size() > 1:
         box = [obj]

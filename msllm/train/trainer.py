@@ -14,6 +14,16 @@ and `Trainer.fit()` resumes if it can, then runs the loop: for each optimizer st
 `grad_accum_steps` micro-batches go through forward, the loss and DeepSpeed's backward/step; then
 the callbacks run (speed and logs, eval, checkpoints, preemption; msllm.train.callbacks).
 
+A lean step: the host never waits for the accelerator on steps that do not log. The loss stays on
+the device; `Trainer.read_results` is the one place where the host reads it back (one all-reduce,
+one read), at log and checkpoint steps, at the last step and when stopping, and where the loss is
+checked for divergence. Batches come in pinned memory on accelerators and are copied
+asynchronously, so that while the device works the host already reads the next batch (with
+data.num_workers > 0 the loader's workers prefetch as well). DeepSpeed's gradient norm is used
+where it computes one; only fp32 ZeRO 0 (where it clips without keeping the norm) needs a pass of
+our own, on the device and only on steps that read results. The per-step agreement on preemption
+is a host-side all-reduce that never waits for the device (`dist.any_rank`).
+
 Loss convention (what makes sequence parallelism exact): each rank sums the token cross-entropies
 of its own slice and divides by the number of tokens of the whole global batch; the gradients are
 then summed over all ranks. DeepSpeed averages gradients over its data-parallel ranks (the whole
@@ -46,8 +56,8 @@ from msllm.train.callbacks import (
     PreemptionCallback,
     SpeedMonitor,
     TensorBoardLogger,
-    cpu_peak_flops,
     fmt_duration,
+    peak_flops,
 )
 from msllm.train.checkpoint import CheckpointManager, set_rng_state
 from msllm.train.dist import say
@@ -126,6 +136,7 @@ class Trainer:
         self.loader = build_dataloader(
             recipe.data, "train", t.micro_batch_size, recipe.run.seed,
             sp_size=dims.sp, sp_rank=dims.sp_rank, replication=dims.replication,
+            pin_memory=self.device.type != "cpu",
         )
         self.ckpt = CheckpointManager(self.out, recipe.checkpoint.keep_last, denv.rank, denv.world_size)
 
@@ -170,8 +181,6 @@ class Trainer:
             self.engine.train()
             while self.step < self.max_steps:
                 self.train_step(batches)
-                if not math.isfinite(self.last_loss):
-                    raise DivergenceError(f"training diverged: loss is {self.last_loss} at step {self.step} (lower train.lr?)")
                 for cb in self.callbacks:
                     cb.on_step_end(self)
                 if self.should_stop:
@@ -223,40 +232,60 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_log(self, row)
 
+    def reads_results(self, step: int) -> bool:
+        """Whether step `step` reads its loss and gradient norm back from the device: the steps that
+        log a row, the checkpoint steps (no diverged weights are saved), the last step, and a stop."""
+        r = self.recipe
+        return (
+            step % r.log.every == 0
+            or step == self.max_steps
+            or step == r.train.stop_at_step
+            or self.should_stop
+            or bool(r.checkpoint.every and step % r.checkpoint.every == 0)
+        )
+
     def train_step(self, batches) -> None:
+        """One optimizer step over `grad_accum_steps` micro-batches; waits for the device only on
+        steps that read results."""
         t0 = time.perf_counter()
         engine = self.engine
-        ce_total = torch.zeros((), dtype=torch.float64)
-        grad_norm = None
+        step = self.step + 1
+        # Agreed by all ranks before the step, so that they all read results and stop together.
+        self.should_stop = dist.any_rank(self.preemption.received is not None) or step == self.recipe.train.stop_at_step
+        read = self.reads_results(step)
+        ce_sum = grad_norm = None
         for micro in range(self.gas):
             batch = next(batches)
             ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
-            logits = engine(ids)
-            ce = token_cross_entropy_sum(logits, labels)
+            ce = token_cross_entropy_sum(engine(ids), labels)
             engine.backward(ce * self.grad_scale)
             if micro == self.gas - 1:
-                lr = engine.get_lr()[0]  # the rate this update uses (fp16 overflow steps do not advance it)
-                if self.own_grad_norm:
+                self.last_lr = float(engine.get_lr()[0])  # the rate this update uses (a host value)
+                if read and self.own_grad_norm:
                     grad_norm = _grad_norm(engine.module)
             engine.step()
-            ce_total += ce.detach().double().cpu()
-        # One small all-reduce per step: the global loss and whether any rank was signalled.
-        stop = 1.0 if self.preemption.received else 0.0
-        packed = torch.tensor([ce_total.item(), stop], dtype=torch.float64)
-        dist.all_reduce_sum(packed)
-        self.last_loss = packed[0].item() / self.tokens_per_step
-        self.should_stop = packed[1].item() > 0 or self.step + 1 == self.recipe.train.stop_at_step
-        self.last_lr = float(lr)
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
-        self.last_grad_norm = None if grad_norm is None else float(grad_norm)
-        self.step += 1
+            ce_sum = ce.detach() if ce_sum is None else ce_sum + ce.detach()
+        self.step = step
         self.tokens += self.tokens_per_step
+        if read:
+            self.read_results(ce_sum, grad_norm)
         self.train_time += time.perf_counter() - t0
 
-    def flops(self) -> tuple[float | None, float | None]:
-        """(training FLOPs per token, peak FLOP/s per device) for MFU."""
+    def read_results(self, ce_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """The one place where the host waits for the device: the global loss of this step (one
+        all-reduce of this rank's cross-entropy sum, on the device), the gradient norm (ours, or
+        DeepSpeed's), and the divergence check."""
+        loss = dist.all_reduce_sum(ce_sum.float().reshape(1).clone())
+        self.last_loss = loss.item() / self.tokens_per_step
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        self.last_grad_norm = None if grad_norm is None else float(grad_norm)
+        if not math.isfinite(self.last_loss):
+            raise DivergenceError(f"training diverged: loss is {self.last_loss} at step {self.step} (lower train.lr?)")
+
+    def flops(self) -> tuple[float | None, float]:
+        """(training FLOPs per token, peak FLOP/s per device) for MFU; the log says which peak."""
         from msllm.models import flops_per_token
 
         try:
@@ -264,20 +293,18 @@ class Trainer:
         except Exception as exc:  # MFU is informative; never stop a run for it
             say(f"(MFU unavailable: flops_per_token failed: {exc})")
             fpt = None
-        peak = self.recipe.train.peak_flops or None
-        if peak is None and self.accel.device_name() == "cpu":
-            if self.denv.is_main:
-                peak = cpu_peak_flops()
-                say(f"CPU peak for MFU: {peak / 1e9:.1f} GFLOP/s per rank (best measured fp32 matmul, {torch.get_num_threads()} threads)")
-            peak = dist.broadcast_object(peak)
+        found = peak_flops(self.device, self.recipe.train.peak_flops) if self.denv.is_main else None
+        peak, source = dist.broadcast_object(found)  # rank 0 measures; every rank uses the same peak
+        say(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s per device ({source})")
         return fpt, peak
 
 
-def _grad_norm(module: torch.nn.Module) -> float:
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The global 2-norm of the gradients, left on the device."""
     grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
     if not grads:
-        return 0.0
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def train(recipe) -> None:
