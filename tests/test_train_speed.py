@@ -65,7 +65,7 @@ reads = [0]
 for name in ("item", "tolist", "cpu", "__float__", "__int__", "__bool__"):
     original = getattr(torch.Tensor, name)
     def counting(self, *args, _original=original, **kwargs):
-        if "/msllm/" in sys._getframe(1).f_code.co_filename.replace("\\", "/"):
+        if "/msllm/" in sys._getframe(1).f_code.co_filename:
             reads[0] += 1
         return _original(self, *args, **kwargs)
     setattr(torch.Tensor, name, counting)
