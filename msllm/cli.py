@@ -58,7 +58,7 @@ def cmd_prep(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from msllm.train.trainer import train
 
-    train(_load(args))
+    train(_load(args), overwrite=args.overwrite)
     return 0
 
 
@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train (one process, torchrun, deepspeed launcher or srun)")
     _add_recipe(p)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run.output_dir that holds a run: move the old run aside first (never deleted)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
@@ -158,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MsllmError as exc:
         print(f"msllm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment (a full disk, a read-only folder), not a bug: one line too
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"msllm {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"msllm {args.command}: interrupted", file=sys.stderr)

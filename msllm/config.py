@@ -221,6 +221,11 @@ class TrainConfig:
         "torch.compile each transformer block in place (parameter names unchanged, so checkpoints "
         "of compiled and uncompiled runs are interchangeable). Costs compile time at start-up.",
     )
+    max_skipped_steps: int = doc(
+        10,
+        "Stop the run (exit 2, naming the last good checkpoint) after this many optimizer steps in a "
+        "row were skipped because their gradients were NaN or inf. A skipped step changes nothing.",
+    )
     stop_at_step: int = doc(
         0,
         "Stop after this step with a checkpoint, as on preemption, while the schedule still runs to "
@@ -459,6 +464,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "train.max_steps": recipe.train.max_steps,
         "train.micro_batch_size": recipe.train.micro_batch_size,
         "train.grad_accum_steps": recipe.train.grad_accum_steps,
+        "train.max_skipped_steps": recipe.train.max_skipped_steps,
         "parallel.sp": recipe.parallel.sp,
         "log.every": recipe.log.every,
         "model.retina_levels": m.retina_levels,
@@ -483,6 +489,25 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
     }.items():
         if value < 0:
             fail(key, f"must not be negative, got {value}")
+    for key, value in _float_fields(recipe):
+        if not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value}")
+    t = recipe.train
+    for key, value in {
+        "train.lr": t.lr,
+        "train.eps": t.eps,
+        "model.init_std": m.init_std,
+        "model.norm_eps": m.norm_eps,
+        "model.rope_theta": m.rope_theta,
+    }.items():
+        if value <= 0:
+            fail(key, f"must be positive, got {value}")
+    for key, value in {"train.min_lr": t.min_lr, "train.weight_decay": t.weight_decay}.items():
+        if value < 0:
+            fail(key, f"must not be negative, got {value}")
+    for i, beta in enumerate(t.betas):
+        if not 0.0 <= beta < 1.0:
+            fail(f"train.betas[{i}]", f"must be in [0, 1), got {beta}")
     if not 0.0 < recipe.data.validation_fraction < 1.0:
         fail("data.validation_fraction", f"must be between 0 and 1, got {recipe.data.validation_fraction}")
     if recipe.data.source in ("text", "jsonl") and not recipe.data.paths:
@@ -553,6 +578,23 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
                 )
     if recipe.parallel.offload_activations and not recipe.parallel.activation_checkpointing:
         fail("parallel.offload_activations", "needs parallel.activation_checkpointing: true")
+
+
+def _float_fields(node: Any, prefix: str = "") -> typing.Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float in a recipe, lists of floats included."""
+    for f in dataclasses.fields(node):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, key)
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    yield from _float_fields(item, f"{key}[{i}]")
+                elif isinstance(item, float):
+                    yield f"{key}[{i}]", item
 
 
 def field_docs(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -23,3 +23,12 @@ class LauncherError(MsllmError):
 
 class DivergenceError(MsllmError):
     """Training that stopped making sense: a loss that is not a finite number."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that would run code or import types no checkpoint holds: never loaded,
+    never fallen back from silently."""
+
+
+class RunFolderError(MsllmError):
+    """A run folder that is in use by another training, or holds another run."""

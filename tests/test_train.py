@@ -273,7 +273,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_data):
     assert "Traceback" not in proc.stderr
     (line,) = error_lines(proc)
     assert "could not save checkpoint" in line and "no space left on device" in line
-    assert "latest complete checkpoint is still" in line and "step_0000002" in line
+    assert "the last good checkpoint is" in line and "step_0000002" in line
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_0000002"]
     assert (out / "checkpoints" / "step_0000002" / "COMPLETE").is_file()
 

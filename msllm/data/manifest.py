@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from msllm.config import DataConfig
+from msllm.data.integrity import check_splits
 from msllm.errors import DataError
 
 MANIFEST_FILENAME = "manifest.json"
@@ -192,4 +193,5 @@ def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
             f"{manifest['vocab_size']}: set model.vocab_size to 0 (take it from the data) or "
             f"{manifest['vocab_size']} or more"
         )
+    check_splits(manifest, shards_dir)  # an edited manifest fails here, not after the whole run
     return Shards(manifest=manifest, tokenizer_path=saved_tokenizer, tokenizer_sha256=manifest["tokenizer_sha256"])

@@ -113,8 +113,8 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
             return existing
         if not force:
             raise DataError(
-                f"{target} holds shards prepared from other {_what_differs(existing, data_cfg)}: rerun "
-                "with --force to replace them, or set data.shards_dir elsewhere"
+                f"{target} holds shards prepared from other {_what_differs(existing, data_cfg)}: run "
+                "`msllm prep RECIPE --force` to replace them, or set data.shards_dir elsewhere"
             )
         if remote:
             raise DataError(
@@ -126,7 +126,7 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
             raise DataError(
                 f"{folder} exists but is not a complete msllm dataset (no {MANIFEST_FILENAME}): remove it, "
-                "or rerun with --force to replace it"
+                "or run `msllm prep RECIPE --force` to replace it"
             )
 
     if remote:  # only now: training from a dataset that is up to date needs no write access

@@ -381,6 +381,8 @@ class CheckpointCallback(Callback):
         self.last_step = trainer.step if trainer.resumed else -1
 
     def on_step_end(self, trainer) -> None:
+        if trainer.nonfinite.in_a_row:  # weights that give NaN gradients are no checkpoint to resume
+            return
         if trainer.should_stop or (self.every and trainer.step % self.every == 0):
             self.save(trainer)
 
@@ -390,17 +392,28 @@ class CheckpointCallback(Callback):
 
 
 class PreemptionCallback(Callback):
-    """On SIGTERM or SIGUSR1 (what slurm sends before preemption or the time limit), note it; the
-    trainer agrees on it across ranks after the current step, checkpoints and returns (exit 0)."""
+    """On SIGTERM or SIGUSR1 (what slurm sends before preemption or the time limit) or SIGINT
+    (Ctrl-C), note it; the trainer agrees on it across ranks after the current step, checkpoints
+    and returns (exit 0). A second SIGINT stops at once (KeyboardInterrupt, exit 130)."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+    # torchrun passes the SIGINT it gets from the terminal on to its ranks, which had it already:
+    # a SIGINT this soon after the first is the same Ctrl-C, not a second one.
+    SAME_CTRL_C_S = 2.0
 
     def __init__(self):
         self.received: str | None = None
+        self.first_sigint = None
         self.previous = {}
 
     def _handler(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            now = time.monotonic()
+            if self.first_sigint is not None and now - self.first_sigint > self.SAME_CTRL_C_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now (exit 130), without a checkpoint
+            self.first_sigint = self.first_sigint or now
+        self.received = self.received or name
 
     def on_train_start(self, trainer) -> None:
         for name in self.SIGNALS:

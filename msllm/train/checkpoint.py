@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import yaml
 
-from msllm.errors import CheckpointError
+from msllm.errors import CheckpointError, DivergenceError, UnsafeCheckpointError
 from msllm.train import dist
 
 COMPLETE = "COMPLETE"
@@ -47,6 +47,10 @@ _TAG = re.compile(r"^step_(\d{7,})$")
 def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
+
+
+def step_of(ckpt: Path) -> int:
+    return int(_TAG.match(ckpt.name).group(1))
 
 
 def is_complete(ckpt: Path) -> bool:
@@ -78,11 +82,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if _TAG.match(p.name) and p.is_dir():
         if not is_complete(p):
             raise CheckpointError(f"{p} is an incomplete checkpoint (no {COMPLETE} marker): use an older one")
-        return p
+        return verified(p)
     for root in (p / "checkpoints", p):
         latest = latest_complete(root)
         if latest is not None:
-            return latest
+            return verified(latest)
     raise CheckpointError(f"no complete checkpoint in {p}")
 
 
@@ -133,6 +137,17 @@ def check_same_model(ckpt: Path, saved: dict, wanted: dict) -> None:
     )
 
 
+def check_same_tokenizer(ckpt: Path, meta: dict, tokenizer_sha256: str | None, shards_dir: str) -> None:
+    """Raise a one-line CheckpointError when the checkpoint was trained with another tokenizer than
+    the one the shards were written with (resume and `msllm eval` both ask)."""
+    saved_sha = meta.get("tokenizer_sha256")
+    if saved_sha and tokenizer_sha256 and saved_sha != tokenizer_sha256:
+        raise CheckpointError(
+            f"{ckpt} was trained with tokenizer sha256 {saved_sha[:12]}..., the shards in "
+            f"{shards_dir} use {tokenizer_sha256[:12]}..."
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Safe loading
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +186,8 @@ def safe_loading(ckpt: Path, deepspeed_types: bool = True):
         with torch.serialization.safe_globals(allowed):
             yield
     except (pickle.UnpicklingError, EOFError) as exc:
-        raise CheckpointError(_unloadable(ckpt, exc, allowed)) from None
+        message, unsafe = _unloadable(ckpt, exc, allowed)
+        raise (UnsafeCheckpointError if unsafe else CheckpointError)(message) from None
     finally:
         for key, value in saved.items():
             os.environ.pop(key, None)
@@ -179,8 +195,9 @@ def safe_loading(ckpt: Path, deepspeed_types: bool = True):
                 os.environ[key] = value
 
 
-def _unloadable(ckpt: Path, exc: BaseException, allowed_types: list[type]) -> str:
-    """Which file of `ckpt` (a checkpoint folder or one file) could not be unpickled, and why."""
+def _unloadable(ckpt: Path, exc: BaseException, allowed_types: list[type]) -> tuple[str, bool]:
+    """Which file of `ckpt` (a checkpoint folder or one file) could not be unpickled, and why; and
+    whether it is unsafe (it would import something) rather than merely unreadable."""
     allowed = {f"{t.__module__}.{t.__qualname__}" for t in allowed_types}
     files = [ckpt] if ckpt.is_file() else sorted(ckpt.glob("*.pt"))
     for f in files:
@@ -192,11 +209,11 @@ def _unloadable(ckpt: Path, exc: BaseException, allowed_types: list[type]) -> st
             return (
                 f"refused to load {f}: it would import {', '.join(sorted(foreign))}, which no msllm or DeepSpeed "
                 f"checkpoint holds (checkpoints are loaded weights-only; is the file tampered with or foreign?)"
-            )
+            ), True
     # torch's own text for these suggests weights_only=False: never pass that advice on.
     why = "empty or truncated" if isinstance(exc, EOFError) else "corrupt or not written by torch.save"
     what = "it is" if ckpt.is_file() else "a file in it is"
-    return f"cannot read {ckpt}: {what} not a readable torch checkpoint file ({why})"
+    return f"cannot read {ckpt}: {what} not a readable torch checkpoint file ({why})", False
 
 
 def load_torch_file(path: Path):
@@ -259,15 +276,23 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        self.last_verified: Path | None = None  # never pruned: the newest checkpoint known to be good
 
     def latest(self) -> Path | None:
         return latest_complete(self.root)
 
     def save(self, engine, step: int, client: dict, rank_state: dict, recipe_yaml: str, tokenizer_path: str | None) -> Path:
-        """Write checkpoint `step`. On any OSError (a full disk, a vanished folder) the partial
-        folder is removed, earlier checkpoints are untouched, and every rank raises CheckpointError."""
+        """Write checkpoint `step`. A write error of any kind (a full disk, a vanished folder, a file
+        size limit) removes the partial folder, leaves earlier checkpoints untouched, and raises a
+        one-line CheckpointError on every rank. Weights that are not all finite are never saved."""
         tag = tag_for(step)
         path = self.root / tag
+        bad = torch.tensor([0.0 if _weights_finite(engine) else 1.0])
+        dist.all_reduce_max(bad)
+        if bad.item() > 0:
+            raise DivergenceError(
+                f"not saving checkpoint {tag}: the weights hold NaN or inf values; {self._last_good()}"
+            )
         failure = ""
         # A cheap check first, so that a full disk is usually caught before anything is written.
         if self.rank == 0:
@@ -278,9 +303,9 @@ class CheckpointManager:
                 free = shutil.disk_usage(self.root).free
                 need = _estimate_bytes(engine)
                 if free < need:
-                    failure = f"needs about {need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free"
+                    failure = f"no space left on device: needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
             except OSError as exc:
-                failure = _oserror(exc)
+                failure = _write_error(exc, self.root)
         failure = dist.broadcast_object(failure)
         if not failure:
             in_deepspeed = True
@@ -292,48 +317,58 @@ class CheckpointManager:
                     (path / "recipe.yaml").write_text(recipe_yaml)
                     if tokenizer_path:
                         shutil.copyfile(tokenizer_path, path / "tokenizer.model")
-                    (path / META).write_text(json.dumps({k: v for k, v in client.items() if k != "recipe"}, indent=1) + "\n")
-            except OSError as exc:
-                failure = _oserror(exc)
+            # torch.save reports a failed write as a RuntimeError ("unexpected pos", "basic_ios::clear"):
+            # classified by type, never by its text.
+            except (OSError, RuntimeError) as exc:
+                failure = _write_error(exc, self.root)
                 if in_deepspeed:
                     dist.barrier()  # DeepSpeed's save ends with a barrier the other ranks are waiting in
-            except RuntimeError as exc:  # torch.save wraps some write errors
-                if "No space left" not in str(exc) and "write" not in str(exc).lower():
-                    raise
-                failure = str(exc).splitlines()[0]
-                if in_deepspeed:
-                    dist.barrier()
-        flag = torch.tensor([1.0 if failure else 0.0])
-        dist.all_reduce_max(flag)
-        if flag.item() > 0:
-            failures = [failure]
-            if dist.is_initialized() and self.world_size > 1:
-                failures = [None] * self.world_size
-                torch.distributed.all_gather_object(failures, failure)
-            first = next(f for f in failures if f)
-            if self.rank == 0:
-                shutil.rmtree(path, ignore_errors=True)
-            previous = self.latest()
-            kept = f"latest complete checkpoint is still {previous}" if previous else "no earlier checkpoint"
-            raise CheckpointError(f"could not save checkpoint {path}: {first}; {kept}")
+        self._agree_or_fail(failure, path)
         dist.barrier()
         if self.rank == 0:
-            tmp = path / (COMPLETE + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(f"step {step}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path / COMPLETE)
+            try:
+                # Checksums of every file, read back from disk: what resume, eval and export verify.
+                meta = {k: v for k, v in client.items() if k != "recipe"}
+                meta["files"] = {f.name: file_digest(f) for f in sorted(path.iterdir()) if f.is_file()}
+                _write_synced(path / META, json.dumps(meta, indent=1) + "\n")
+                _write_synced(path / (COMPLETE + ".tmp"), f"step {step}\n")
+                os.replace(path / (COMPLETE + ".tmp"), path / COMPLETE)
+            except OSError as exc:
+                failure = _write_error(exc, self.root)
+        self._agree_or_fail(dist.broadcast_object(failure), path)
+        self.last_verified = path
+        if self.rank == 0:
             self.prune()
         dist.barrier()
         return path
 
+    def _agree_or_fail(self, failure: str, path: Path) -> None:
+        """Every rank learns whether any rank failed; then all raise the first rank's reason."""
+        flag = torch.tensor([1.0 if failure else 0.0])
+        dist.all_reduce_max(flag)
+        if flag.item() == 0:
+            return
+        failures = [failure]
+        if dist.is_initialized() and self.world_size > 1:
+            failures = [None] * self.world_size
+            torch.distributed.all_gather_object(failures, failure)
+        first = next(f for f in failures if f)
+        if self.rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        raise CheckpointError(f"could not save checkpoint {path}: {first}; {self._last_good()}")
+
+    def _last_good(self) -> str:
+        previous = self.last_verified if self.last_verified and is_complete(self.last_verified) else self.latest()
+        return f"the last good checkpoint is {previous}" if previous else "there is no earlier checkpoint"
+
     def prune(self) -> None:
-        """Keep the last `keep_last` complete checkpoints (0 keeps all); drop older incomplete ones."""
+        """Keep the last `keep_last` complete checkpoints (0 keeps all), and always the last
+        verified one; drop older incomplete ones. Folders set aside as corrupt are never touched."""
         done = list_complete(self.root)
         if self.keep_last:
             for old in done[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != self.last_verified:
+                    shutil.rmtree(old, ignore_errors=True)
         if done:
             newest = int(_TAG.match(done[-1].name).group(1))
             for p in self.root.iterdir():
@@ -341,19 +376,33 @@ class CheckpointManager:
                 if m and int(m.group(1)) < newest and not is_complete(p):
                     shutil.rmtree(p, ignore_errors=True)
 
+    def set_aside(self, ckpt: Path, why: str, suffix: str = "corrupt") -> Path:
+        """Rename an unusable checkpoint out of the way (never delete it), on rank 0; say so in one line.
+        Resume, eval, export and pruning no longer see it."""
+        aside = ckpt.with_name(f"{ckpt.name}.{suffix}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = ckpt.with_name(f"{ckpt.name}.{suffix}{n}")
+        os.replace(ckpt, aside)
+        if self.last_verified == ckpt:
+            self.last_verified = None
+        dist.say(f"msllm: checkpoint {ckpt} is unusable ({why}): set aside as {aside.name}")
+        return aside
+
     def load(self, engine, ckpt: Path, state_rank: int | None = None) -> tuple[dict, dict]:
         """Load weights, optimizer and scheduler into `engine`; return (client state, the trainer state
         saved by rank `state_rank`, by default this rank)."""
         try:
             with safe_loading(ckpt):
                 load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        except (OSError, RuntimeError, KeyError, AssertionError) as exc:
+        except (OSError, RuntimeError, KeyError, AssertionError, ValueError, TypeError) as exc:
             raise CheckpointError(f"cannot load {ckpt}: {_first_sentence(exc)}") from None
         if load_path is None:
             raise CheckpointError(f"cannot load {ckpt}: DeepSpeed found no checkpoint files there")
         own = ckpt / f"trainer_state_rank{self.rank if state_rank is None else state_rank}.pt"
         if not own.is_file():
-            raise CheckpointError(f"{ckpt} has no {own.name}: it was saved by fewer ranks than {self.world_size}")
+            raise CheckpointError(f"{ckpt} has no {own.name}: the checkpoint is incomplete")
         rank_state = load_torch_file(own)
         return client["msllm"], rank_state
 
@@ -367,12 +416,7 @@ class CheckpointManager:
         saved = read_recipe(ckpt)
         check_same_model(ckpt, dataclasses.asdict(saved.model), dataclasses.asdict(recipe.model))
         meta = read_meta(ckpt)
-        saved_sha = meta.get("tokenizer_sha256")
-        if saved_sha and tokenizer_sha256 and saved_sha != tokenizer_sha256:
-            raise CheckpointError(
-                f"{ckpt} was trained with tokenizer sha256 {saved_sha[:12]}..., the shards in "
-                f"{recipe.data.shards_dir} use {tokenizer_sha256[:12]}..."
-            )
+        check_same_tokenizer(ckpt, meta, tokenizer_sha256, recipe.data.shards_dir)
         saved_world, saved_sp = int(meta.get("world_size", 1)), saved.parallel.sp
         saved_dp = saved_world // saved_sp
         zero = saved.parallel.zero_stage or recipe.parallel.zero_stage
@@ -386,22 +430,110 @@ class CheckpointManager:
         return dims.resume_state_rank(saved_sp)
 
     def resume(self, engine, recipe, dims, tokenizer_sha256: str | None) -> tuple[Path, dict, dict] | None:
-        """Load the latest complete checkpoint into `engine` when the recipe resumes and there is
-        one: (its path, the client state, this rank's trainer state); None otherwise."""
+        """Load the newest good checkpoint into `engine` when the recipe resumes and there is one:
+        (its path, the client state, this rank's trainer state); None otherwise. A checkpoint whose
+        files fail their checksums or cannot be read is set aside (renamed, kept) and the one before
+        is tried; one that does not fit the recipe, or would run code, stops the run."""
         if not recipe.checkpoint.resume:
             return None
-        latest = self.latest()
-        if latest is None:
-            return None
-        state_rank = self.check_resumable(latest, recipe, dims, tokenizer_sha256)
-        client, rank_state = self.load(engine, latest, state_rank=state_rank)
-        return latest, client, rank_state
+        while True:
+            latest = self.latest()
+            if latest is None:
+                return None
+            problem = dist.broadcast_object(verify_checkpoint(latest) if self.rank == 0 else "")
+            if not problem:
+                state_rank = self.check_resumable(latest, recipe, dims, tokenizer_sha256)
+                try:
+                    client, rank_state = self.load(engine, latest, state_rank=state_rank)
+                    problem = ""
+                except UnsafeCheckpointError:
+                    raise
+                except CheckpointError as exc:
+                    problem = str(exc)
+                flag = torch.tensor([1.0 if problem else 0.0])
+                dist.all_reduce_max(flag)
+                if flag.item() == 0:
+                    self.last_verified = latest
+                    return latest, client, rank_state
+                problem = dist.broadcast_object(problem) or "a rank could not load it"
+            if self.rank == 0:
+                self.set_aside(latest, problem)
+            dist.barrier()
 
 
-def _oserror(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return f"no space left on device ({exc.filename or 'while writing'})"
-    return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
+def _write_error(exc: BaseException, root: Path) -> str:
+    """One line for a failed write, classified by errno, or (for torch.save's RuntimeErrors, which
+    carry none) by the free space left."""
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on device ({exc.filename or 'while writing'})"
+        return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else _first_sentence(exc)
+    try:
+        if shutil.disk_usage(root).free < 1 << 20:
+            return "no space left on device (while writing)"
+    except OSError:
+        pass
+    return f"write failed ({_first_sentence(exc)})"
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _weights_finite(engine) -> bool:
+    """Whether this rank's share of the weights is all finite (ZeRO-3 keeps a partition per rank)."""
+    parts = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    parts = [t.detach() for t in parts if t is not None and t.numel()]
+    if not parts:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in parts]).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums
+# ----------------------------------------------------------------------------------------------
+
+
+def file_digest(path: Path) -> str:
+    """"xxh3_128:HEX" of a file's bytes (xxhash, which streaming already depends on: GB/s)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return f"xxh3_128:{h.hexdigest()}"
+
+
+def verify_checkpoint(ckpt: Path) -> str:
+    """"" when every file meta.json lists is there with its recorded checksum, else the first
+    problem in a few words. Checkpoints written before checksums were recorded pass unverified."""
+    try:
+        meta = json.loads((ckpt / META).read_text())
+    except (OSError, ValueError):
+        return f"{META} is unreadable"
+    for name, digest in (meta.get("files") or {}).items():
+        f = ckpt / name
+        try:
+            if file_digest(f) != digest:
+                return f"{name} fails its checksum"
+        except OSError as exc:
+            return f"{name}: {exc.strerror or exc}"
+    return ""
+
+
+def verified(ckpt: Path) -> Path:
+    """`ckpt` if its files pass their checksums, else a one-line CheckpointError naming an older
+    complete one (for eval, export and generate, which never rename anything)."""
+    problem = verify_checkpoint(ckpt)
+    if not problem:
+        return ckpt
+    older = [p for p in list_complete(ckpt.parent) if p.name < ckpt.name]
+    hint = f": use an older one, e.g. {older[-1]}" if older else ""
+    raise CheckpointError(f"checkpoint {ckpt} is corrupt ({problem}){hint}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,12 +63,21 @@ def evaluate_checkpoint(recipe, path: str) -> dict:
 
     from msllm.data import check_shards
     from msllm.models import build_model
-    from msllm.train.checkpoint import check_same_model, consolidated_state_dict, read_recipe, resolve_checkpoint
+    from msllm.train.checkpoint import (
+        check_same_model,
+        check_same_tokenizer,
+        consolidated_state_dict,
+        read_meta,
+        read_recipe,
+        resolve_checkpoint,
+    )
 
     denv = dist.read_env()
     ckpt = resolve_checkpoint(path)
     saved = read_recipe(ckpt)
-    manifest = check_shards(recipe.data).manifest
+    shards = check_shards(recipe.data)
+    manifest = shards.manifest
+    check_same_tokenizer(ckpt, read_meta(ckpt), shards.tokenizer_sha256, recipe.data.shards_dir)
     model_cfg = recipe.model
     if model_cfg.vocab_size == 0:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=int(manifest["vocab_size"]))

@@ -97,6 +97,12 @@ def export_checkpoint(checkpoint: str, out: str, force: bool = False) -> Path:
     from msllm.train.checkpoint import consolidated_state_dict, read_meta, read_recipe, resolve_checkpoint
 
     out_dir = Path(out)
+    source = Path(checkpoint).resolve()
+    target = out_dir.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise CheckpointError(
+            f"--out {out_dir} is, contains or lies inside the checkpoint source {checkpoint}: export to another folder"
+        )
     if out_dir.exists() and not force:
         raise CheckpointError(f"{out_dir} already exists: pass --force to replace it")
     ckpt = resolve_checkpoint(checkpoint)
@@ -146,7 +152,10 @@ def export_checkpoint(checkpoint: str, out: str, force: bool = False) -> Path:
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         else:
             os.replace(tmp, out_dir)
     except OSError as exc:

@@ -49,7 +49,9 @@ def build_optimizer(model: torch.nn.Module, recipe, device_name: str) -> torch.o
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    from msllm.train.nonfinite import GuardedAdamW
+
+    return GuardedAdamW(groups, **kwargs)  # AdamW that never applies a non-finite update
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from msllm import run_record
-from msllm.errors import DataError, DivergenceError, RecipeError
+from msllm.errors import DataError, RecipeError
 from msllm.parallel import ParallelDims
 from msllm.train import dist
 from msllm.train.callbacks import (
@@ -60,6 +60,8 @@ from msllm.train.callbacks import (
     peak_flops,
 )
 from msllm.train.checkpoint import CheckpointManager, set_rng_state
+from msllm.train.nonfinite import NonFiniteGuard
+from msllm.train.runfolder import claim_run_folder
 from msllm.train.dist import say
 from msllm.train.evaluate import token_cross_entropy_sum
 from msllm.train.optim import lr_at
@@ -151,6 +153,7 @@ class Trainer:
         # fp32 ZeRO 0 is the one setup in which DeepSpeed computes no gradient norm for us.
         self.own_grad_norm = recipe.parallel.zero_stage == 0 and t.precision == "fp32"
         self.preemption = PreemptionCallback()
+        self.nonfinite = NonFiniteGuard(t.max_skipped_steps)
         self.eval = EvalCallback(recipe, dims, self.shards)
         self.callbacks: list = []
 
@@ -171,8 +174,11 @@ class Trainer:
             f"steps {self.step}/{self.max_steps}"
             + (f" | ready in {fmt_duration(time.perf_counter() - started)}" if started else "")
         )
-        if self.step >= self.max_steps:
+        if self.step >= self.max_steps:  # a finished run: no second eval row, no new checkpoint
             say(f"nothing to do: the latest checkpoint is at step {self.step} >= train.max_steps {self.max_steps}")
+            for cb in self.callbacks:
+                cb.close()
+            return
         batches = iter(self.loader)  # train loaders repeat epochs forever
         t_start = time.perf_counter()
         try:
@@ -181,6 +187,7 @@ class Trainer:
             self.engine.train()
             while self.step < self.max_steps:
                 self.train_step(batches)
+                self.nonfinite.after_step(self)  # skipped updates: counted; too many in a row: stop
                 for cb in self.callbacks:
                     cb.on_step_end(self)
                 if self.should_stop:
@@ -189,6 +196,7 @@ class Trainer:
                     )
                     say(f"stopped after step {self.step} on {why}: checkpoint saved; rerun to resume")
                     return
+            self.nonfinite.at_end(self)
             for cb in self.callbacks:
                 cb.on_train_end(self)
             summary = f"finished {self.step} steps ({self.tokens:,} tokens) in {fmt_duration(time.perf_counter() - t_start)}"
@@ -275,14 +283,13 @@ class Trainer:
     def read_results(self, ce_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
         """The one place where the host waits for the device: the global loss of this step (one
         all-reduce of this rank's cross-entropy sum, on the device), the gradient norm (ours, or
-        DeepSpeed's), and the divergence check."""
+        DeepSpeed's)."""
         loss = dist.all_reduce_sum(ce_sum.float().reshape(1).clone())
         self.last_loss = loss.item() / self.tokens_per_step
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         self.last_grad_norm = None if grad_norm is None else float(grad_norm)
-        if not math.isfinite(self.last_loss):
-            raise DivergenceError(f"training diverged: loss is {self.last_loss} at step {self.step} (lower train.lr?)")
+        # A non-finite loss has non-finite gradients: that update was skipped (NonFiniteGuard).
 
     def flops(self) -> tuple[float | None, float]:
         """(training FLOPs per token, peak FLOP/s per device) for MFU; the log says which peak."""
@@ -307,8 +314,9 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def train(recipe) -> None:
-    """Entry point of `msllm train` (one process, torchrun, deepspeed launcher or srun)."""
+def train(recipe, overwrite: bool = False) -> None:
+    """Entry point of `msllm train` (one process, torchrun, deepspeed launcher or srun).
+    `overwrite`: move a run already in run.output_dir aside first (msllm.train.runfolder)."""
     t0 = time.perf_counter()
     denv = dist.read_env()
     dims = ParallelDims.from_recipe(recipe, denv.world_size, denv.rank)  # fails before any rank waits
@@ -316,5 +324,9 @@ def train(recipe) -> None:
     if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # ranks share the cores
     dist.init_distributed(denv)
-    Trainer(recipe, denv, dims).fit(started=t0)
+    folder = claim_run_folder(recipe, denv.is_main, overwrite)  # one training per folder, one run in it
+    try:
+        Trainer(recipe, denv, dims).fit(started=t0)
+    finally:
+        folder.release()
     sys.stdout.flush()

@@ -21,11 +21,12 @@ def one_line_error(proc: subprocess.CompletedProcess, command: str, code: int = 
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under `folder`: equal before and after = nothing touched."""
+    """{relative path: sha256} of every file under `folder`: equal before and after = nothing touched.
+    The run-folder lock (`.lock`, rewritten by whoever takes it) is left out."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"
     }
 
 
@@ -58,3 +59,30 @@ def rerecord_checksum(path: Path) -> None:
 
         meta["files"][path.name] = file_digest(path)
         meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """`msllm ARGS` in this process (for commands that start no training): (exit code, stdout, stderr)."""
+    from msllm.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(code: int, err: str, command: str, expected_code: int = 2) -> str:
+    assert code == expected_code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith(f"msllm {command}: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    """Invert `count` bytes in the middle of a file (same size, different content)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    for i in range(mid, min(mid + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -1,0 +1,108 @@
+"""The run folder (run.output_dir): one training at a time, and never two runs mixed in one folder.
+
+`claim_run_folder` is called by every rank before anything is read from or written to the folder;
+rank 0 does the work and tells the others the outcome:
+
+- the lock: rank 0 holds an exclusive `fcntl.flock` on `output_dir/.lock` for the whole run and
+  writes its pid, host and start time into it. The kernel drops the lock when the process dies
+  (kill -9 included), so a stale lock never blocks a rerun; a second training on the folder gets a
+  one-line error naming the holder.
+- a fresh start (`checkpoint.resume: false`) into a folder that already holds a run (checkpoints or
+  metrics) is refused, unless `msllm train --overwrite`, which first moves the old run aside to
+  `OUTPUT_DIR.replaced-YYYYmmdd-HHMMSS` (never deleted).
+- a folder that cannot be made or written (a file in the way, read-only, a full disk): one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from msllm.errors import RunFolderError
+from msllm.train import dist
+
+LOCK = ".lock"
+
+
+class RunFolder:
+    """The held lock of one run folder (rank 0 only; other ranks hold nothing)."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path = path
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def holds_a_run(out: Path) -> bool:
+    ckpts = out / "checkpoints"
+    return (out / "metrics.jsonl").is_file() or (ckpts.is_dir() and any(ckpts.iterdir()))
+
+
+def claim_run_folder(recipe, is_main: bool, overwrite: bool = False) -> RunFolder:
+    """Lock run.output_dir for this run (see the module doc); every rank calls this."""
+    out = Path(recipe.run.output_dir)
+    error, fd = "", None
+    if is_main:
+        try:
+            fd = _claim(out, recipe.checkpoint.resume, overwrite)
+        except RunFolderError as exc:
+            error = str(exc)
+    error = dist.broadcast_object(error)
+    if error:
+        raise RunFolderError(error)
+    return RunFolder(out, fd)
+
+
+def _claim(out: Path, resume: bool, overwrite: bool) -> int:
+    fd = _lock(out)
+    if overwrite and holds_a_run(out):
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(out, aside)  # the lock moves with it and is dropped once the new one is held
+        new_fd = _lock(out)
+        os.close(fd)
+        dist.say(f"msllm: moved the previous run in {out} aside to {aside}")
+        return new_fd
+    if not resume and holds_a_run(out):
+        os.close(fd)
+        raise RunFolderError(
+            f"run.output_dir {out} already holds a run and checkpoint.resume is false: use another "
+            f"run.output_dir, resume it (checkpoint.resume: true), or pass --overwrite to move the old run aside"
+        )
+    return fd
+
+
+def _lock(out: Path) -> int:
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"run.output_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunFolderError(f"cannot use run.output_dir {out}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunFolderError(
+                f"run.output_dir {out} is in use by another training ({holder}): wait for it to end, "
+                f"stop it, or use another run.output_dir"
+            ) from None
+        raise RunFolderError(f"cannot lock run.output_dir {out}: {exc.strerror or exc}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise RunFolderError(f"cannot write in run.output_dir {out}: {exc.strerror or exc}") from None
+    return fd

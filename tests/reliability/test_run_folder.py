@@ -1,0 +1,127 @@
+"""Issue 12, items 3, 4, 11 and 12: one training per run folder, never two runs mixed in one,
+and a folder that cannot be used is one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from helpers import checkpoints, one_line_error, tree_digest
+from train_helpers import check, clean_env, make_recipe, msllm, rows
+
+_MAIN = "import sys\nfrom msllm.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def _start(recipe, *args):
+    return subprocess.Popen([sys.executable, "-c", _MAIN, "train", str(recipe), *map(str, args)], env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, step: int) -> None:
+    for line in proc.stdout:
+        if line.startswith("step ") and line.split()[1].startswith(f"{step}/"):
+            return
+    raise AssertionError(f"the training ended before step {step}: {proc.stderr.read()[-2000:]}")
+
+
+def test_second_training_refused_and_lock_stale_after_kill_9(tmp_path, tiny_data):
+    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 2},
+                              eval={"every": 0, "max_batches": 1})
+    first = _start(recipe)
+    try:
+        _wait_for_step(first, 3)
+        line = one_line_error(msllm("train", recipe), "train")
+        assert f"is in use by another training (pid {first.pid} on " in line and "use another run.output_dir" in line
+        assert first.poll() is None  # the first one is untouched and still training
+    finally:
+        first.kill()  # kill -9: the kernel drops its lock
+        first.communicate()
+    saved = checkpoints(out)[-1]
+    proc = check(msllm("train", recipe, "--set", "train.max_steps=" + str(int(saved[5:]) + 1)))
+    assert f"resumed from {out / 'checkpoints' / saved}" in proc.stdout
+    steps = [r["step"] for r in rows(out)]
+    assert steps == sorted(set(steps))  # metrics.jsonl reads as one run: no step twice
+
+
+def test_fresh_start_into_a_finished_run_refused(run_copy):
+    recipe, out = run_copy
+    before = tree_digest(out)
+    line = one_line_error(msllm("train", recipe, "--set", "checkpoint.resume=false"), "train")
+    assert "already holds a run and checkpoint.resume is false" in line and "--overwrite" in line
+    assert tree_digest(out) == before
+
+
+def test_overwrite_moves_the_old_run_aside(run_copy, trained_run):
+    recipe, out = run_copy
+    before = tree_digest(out)
+    proc = check(msllm("train", recipe, "--overwrite", "--set", "checkpoint.resume=false", "--set", "train.max_steps=2"))
+    (aside,) = [p for p in out.parent.iterdir() if p.name.startswith(out.name + ".replaced-")]
+    assert f"moved the previous run in {out} aside to {aside}" in proc.stdout
+    assert tree_digest(aside) == before
+    assert [r["step"] for r in rows(out)] == [1, 2] and checkpoints(out) == ["step_0000002"]
+
+
+def test_rerun_of_a_finished_run_adds_no_eval_row(run_copy):
+    recipe, out = run_copy
+    before = tree_digest(out / "checkpoints")
+    metrics = (out / "metrics.jsonl").read_text()
+    proc = check(msllm("train", recipe))
+    assert "nothing to do" in proc.stdout
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert tree_digest(out / "checkpoints") == before
+
+
+def test_output_dir_that_is_a_file(tmp_path, tiny_data):
+    recipe, _ = make_recipe(tmp_path, tiny_data)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me\n")
+    line = one_line_error(msllm("train", recipe, "--set", f"run.output_dir={blocker}"), "train")
+    assert f"run.output_dir {blocker} is a file, not a folder" in line
+    assert blocker.read_text() == "keep me\n"
+
+
+def _tmpfs(where, options):
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True)
+
+
+@pytest.mark.parametrize("case", ["read-only", "full"])
+def test_unusable_output_disk_at_start(tmp_path, tiny_data, case):
+    """A read-only file system (a real ro mount: root ignores permission bits) or a full one."""
+    assert os.geteuid() == 0, "mounting a tmpfs needs root (as in CI)"
+    recipe, _ = make_recipe(tmp_path, tiny_data)
+    disk = tmp_path / "disk"
+    _tmpfs(disk, "size=64k")
+    try:
+        if case == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        else:
+            (disk / "run").mkdir()
+            try:
+                with open(disk / "filler", "wb") as f:
+                    while True:
+                        f.write(b"\0" * 4096)
+                        f.flush()
+            except OSError:  # full: what the test wants
+                pass
+        line = one_line_error(msllm("train", recipe, "--set", f"run.output_dir={disk / 'run'}"), "train")
+        expected = "Read-only file system" if case == "read-only" else "No space left on device"
+        assert f"run.output_dir {disk / 'run'}" in line and expected in line
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_read_only_shards_dir_to_prepare(tmp_path, tiny_data):
+    assert os.geteuid() == 0, "mounting a tmpfs needs root (as in CI)"
+    disk = tmp_path / "ro"
+    _tmpfs(disk, "size=64k,ro")
+    try:
+        recipe, out = make_recipe(tmp_path, tiny_data)
+        line = one_line_error(msllm("train", recipe, "--set", f"data.shards_dir={disk / 'shards'}"), "train")
+        assert "Read-only file system" in line
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -1,0 +1,117 @@
+"""Issue 12, item 9, and the cases that were already right and must stay so: Ctrl-C checkpoints
+like SIGTERM, a second Ctrl-C stops at once, kill -9 during a save loses nothing good."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+from helpers import checkpoints, one_line_error
+from train_helpers import check, clean_env, losses, make_recipe, msllm
+
+_MAIN = "import sys\nfrom msllm.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def _start(recipe, prelude: str = ""):
+    return subprocess.Popen([sys.executable, "-c", prelude + _MAIN, "train", str(recipe)], env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, text: str) -> None:
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"never saw {text!r}: {proc.stderr.read()[-2000:]}")
+
+
+def test_ctrl_c_checkpoints_and_the_rerun_is_exact(tmp_path, tiny_data, reference_run):
+    _, ref_out, _ = reference_run
+    recipe, out = make_recipe(tmp_path, tiny_data, checkpoint={"every": 0})
+    proc = _start(recipe)
+    try:
+        _wait_for(proc, "step  4/12")
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    stopped = [line for line in rest.splitlines() if line.startswith("stopped after step")]
+    assert len(stopped) == 1 and "on SIGINT: checkpoint saved" in stopped[0]
+    step = int(stopped[0].split()[3])
+    assert checkpoints(out) == [f"step_{step:07d}"]
+    check(msllm("train", recipe))
+    assert losses(out) == losses(ref_out)
+
+
+_SLOW_SAVES_AFTER_STEP_2 = """
+import re
+import time
+import deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine as engine
+_save = engine.TorchCheckpointEngine.save
+def save(self, state_dict, path):
+    result = _save(self, state_dict, path)
+    if int(re.search(r"step_(\\d+)", str(path)).group(1)) > 2:
+        print("SAVING", flush=True)
+        time.sleep(60)
+    return result
+engine.TorchCheckpointEngine.save = save
+"""
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path, tiny_data):
+    """Ctrl-C (delivered twice at once, as torchrun passes it on), then, while the checkpoint is
+    being written, a second Ctrl-C: exit 130 without waiting; the earlier checkpoint is intact."""
+    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 2})
+    proc = _start(recipe, _SLOW_SAVES_AFTER_STEP_2)
+    try:
+        _wait_for(proc, "saved checkpoint")
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        _wait_for(proc, "SAVING")
+        time.sleep(2.5)  # past the window in which a SIGINT is the same Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=40)  # the save alone would take 60 s
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "msllm train: interrupted" in err and "Traceback" not in err
+    assert checkpoints(out)[0] == "step_0000002" and (out / "checkpoints" / "step_0000002" / "COMPLETE").is_file()
+    assert not any((out / "checkpoints" / name / "COMPLETE").exists() for name in checkpoints(out)[1:])
+
+
+_SLOW_SAVE_AT_STEP_6 = """
+import time
+import deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine as engine
+_save = engine.TorchCheckpointEngine.save
+def save(self, state_dict, path):
+    result = _save(self, state_dict, path)
+    if "step_0000006" in str(path):
+        print("SAVING step 6", flush=True)
+        time.sleep(60)
+    return result
+engine.TorchCheckpointEngine.save = save
+"""
+
+
+def test_kill_9_during_a_save_resumes_exactly(tmp_path, tiny_data, trained_run):
+    """Killed while step 6 is half written: the rerun ignores it, resumes step 3 and logs the same
+    losses as the uninterrupted run."""
+    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 6}, eval={"every": 0, "max_batches": 2},
+                              checkpoint={"every": 3, "keep_last": 2})
+    proc = _start(recipe, _SLOW_SAVE_AT_STEP_6)
+    try:
+        _wait_for(proc, "SAVING step 6")
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = out / "checkpoints" / "step_0000006"
+    assert partial.is_dir() and not (partial / "COMPLETE").exists()
+    proc = check(msllm("train", recipe))
+    assert "step_0000003 at step 3" in proc.stdout
+    assert losses(out) == losses(trained_run[1])
+    assert (partial / "COMPLETE").is_file()
