@@ -26,8 +26,8 @@ def test_corrupt_decompressed_copy_beside_the_shards_is_never_read(tmp_path, tin
     import zstandard
 
     shards = _shards_copy(tmp_path, tiny_data)
-    raw = shards / "train" / "shard.00000.mds"
-    raw.write_bytes(zstandard.ZstdDecompressor().decompress((shards / "train" / "shard.00000.mds.zstd").read_bytes()))
+    raw = shards / "train" / "part-00000" / "shard.00000.mds"
+    raw.write_bytes(zstandard.ZstdDecompressor().decompress((shards / "train" / "part-00000" / "shard.00000.mds.zstd").read_bytes()))
     flip_bytes(raw, 256)
     stray = raw.read_bytes()
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 6}, eval={"every": 0, "max_batches": 2},
@@ -39,7 +39,7 @@ def test_corrupt_decompressed_copy_beside_the_shards_is_never_read(tmp_path, tin
 
 def test_corrupt_compressed_shard_is_one_line(tmp_path, tiny_data):
     shards = _shards_copy(tmp_path, tiny_data)
-    flip_bytes(shards / "train" / "shard.00000.mds.zstd", 16)
+    flip_bytes(shards / "train" / "part-00000" / "shard.00000.mds.zstd", 16)
     recipe, out = make_recipe(tmp_path, tiny_data)
     line = one_line_error(msllm("train", recipe, "--set", f"data.shards_dir={shards}"), "train")
     assert "shard.00000.mds.zstd" in line and "hash" in line and "msllm prep RECIPE --force" in line
