@@ -84,9 +84,10 @@ def compare_recipes(paths: list[str], seq_len: int = 0) -> str:
     from msllm.config import load_recipe
 
     rows = ["| recipe | arch | layers | parameters | train GFLOP/token | parameters MiB | gradients MiB | "
-            "optimizer MiB | activations MiB | total MiB | total vs first |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "optimizer MiB | activations MiB | total MiB | total vs {reference} |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     recipes = [(path, load_recipe(path)) for path in paths]
     recipes.sort(key=lambda item: item[1].model.arch != "vanilla")  # stable: the reference first
+    rows[0] = rows[0].format(reference="vanilla" if recipes and recipes[0][1].model.arch == "vanilla" else "the first")
     first = None
     for path, recipe in recipes:
         report = inspect_recipe(recipe, seq_len=seq_len)

@@ -140,18 +140,23 @@ def summarize(model: str, results: list[dict], recipe: Path, overrides: list[str
 
 def verdict(model: dict, reference: dict) -> tuple[str, str]:
     """(holds | does not hold | within noise, the reason) for "smaller memory and better
-    perplexity than the reference". A bits-per-byte difference counts when it exceeds twice its
-    standard error over the seeds."""
+    likelihood than the reference". A bits-per-byte difference counts when it exceeds twice its
+    standard error over the seeds; within that, the claim is undecided ("within noise") unless the
+    memory half already fails."""
     memory = model["memory"]["total"] / reference["memory"]["total"] - 1
     diff = model["bpb_mean"] - reference["bpb_mean"]
     se = math.sqrt(model["bpb_sd"] ** 2 / model["seeds"] + reference["bpb_sd"] ** 2 / reference["seeds"])
-    size = f"{diff:+.4f} bits/byte ({abs(diff) / se:.1f} standard errors)" if se else f"{diff:+.4f} bits/byte"
-    why = f"memory {memory:+.0%}, {size}"
-    if memory >= 0 or diff > 2 * se:
-        return "does not hold", why
     if diff < -2 * se:
-        return "holds", why
-    return "within noise", why
+        likelihood = "better"
+    elif diff > 2 * se:
+        likelihood = "worse"
+    else:
+        likelihood = "within noise"
+    size = f"{diff:+.4f} bits/byte, {abs(diff) / se:.1f} standard errors" if se else f"{diff:+.4f} bits/byte"
+    why = f"memory {memory:+.0%} ({'smaller' if memory < 0 else 'larger'}); likelihood {likelihood} ({size})"
+    if memory >= 0 or likelihood == "worse":
+        return "does not hold", why
+    return ("holds" if likelihood == "better" else "within noise"), why
 
 
 def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
