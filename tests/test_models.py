@@ -302,3 +302,25 @@ def test_each_model_compiles_as_one_graph_and_matches_eager(arch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-10, atol=1e-12)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_top_down_token_layers_see_the_token_however_large_the_coarse_output():
+    """Regression: the coarse output, added raw, outweighed the embeddings ~100:1 after training
+    and the token layers could not tell which token they were at. Inflate the coarse output 1000x:
+    the first token block's input must still change with the current token as much as with the
+    coarse context (both parts are RMS-normalised before they are added)."""
+    torch.manual_seed(0)
+    model = build_model(tiny("top_down"))
+    with torch.no_grad():
+        for block in model.scales[1]:
+            for p in block.parameters():
+                p.mul_(1000.0)
+    seen = []
+    model.scales[0][0].register_forward_pre_hook(lambda _module, args: seen.append(args[0][0, -1].clone()))
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % VOCAB
+    model(ids)
+    model(other)
+    change, size = (seen[0] - seen[1]).norm(), seen[0].norm()
+    assert change > 0.3 * size, (change, size)
