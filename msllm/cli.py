@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", action="store_true", help="list every recipe field with its type and doc")
     p.set_defaults(func=cmd_show_config)
 
-    p = sub.add_parser("inspect", help="parameters per scale, FLOPs per token, activation bytes")
+    p = sub.add_parser("inspect", help="parameters per scale, FLOPs per token, the memory of a training step")
     _add_recipe(p)
     p.add_argument("--seq-len", type=int, default=0, help="measure at this length (default: data.seq_len)")
     p.add_argument("--no-measure", action="store_true", help="skip the forward/backward measurement")
