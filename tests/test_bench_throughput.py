@@ -1,5 +1,6 @@
-"""`msllm bench throughput` at a toy size: every model trains in the bare loop of a fresh process,
-and the table and the plot are written. (Speed itself is measured by the benchmark, not asserted.)"""
+"""`msllm bench throughput` at a toy size: a model trains in the bare loop and in `msllm train`, each
+in a fresh process, and the table and the plot are written. (Speed itself is measured by the
+benchmark, not asserted.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import dataclasses
 
 import pytest
 
-from msllm.bench.throughput import CPU, measure, plot, rows_for, table
+from pathlib import Path
+
+from msllm.bench.throughput import CPU, measure, measure_trainer, plot, rows_for, table
 
 
 def test_one_measurement_reports_speed_mfu_and_memory():
@@ -23,6 +26,22 @@ def test_the_benchmark_writes_its_table_and_plot(tmp_path):
     assert [(r["model"], r["L"]) for r in rows] == [("hf_llama", 32), ("hf_llama", 64)]
     assert all("error" not in r for r in rows), rows
     text = table(rows, setting)
-    assert text.count("| hf_llama | eager |") == 2
+    assert text.count("| hf_llama | eager | bare |") == 2
     plot(rows, tmp_path / "throughput.png", "toy")
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_the_trainer_is_measured_on_its_own_shards_and_compared_with_the_bare_loop(tmp_path, monkeypatch):
+    recipe = str(Path("recipes/models/vanilla-tiny.yaml").resolve())
+    monkeypatch.chdir(tmp_path)  # the trainer's shards go to ./data/throughput-V-L
+    kwargs = dict(name="vanilla", recipe_path=recipe, vocab_size=0, seq_len=64, tokens_per_step=128, steps=2, compiled=False)
+    trained = measure_trainer(**kwargs)
+    assert "error" not in trained, trained
+    assert trained["loop"] == "msllm train" and trained["batch"] == 2
+    assert trained["tokens_per_s"] > 0 and 0 < trained["mfu"] < 1 and trained["peak_gib"] > 0
+    assert (tmp_path / "data" / "throughput-4000-64" / "manifest.json").is_file()
+    bare = measure(**kwargs)
+    text = table([bare, trained], dataclasses.replace(CPU, tokens_per_step=128, steps=2))
+    ratio = trained["tokens_per_s"] / bare["tokens_per_s"]
+    assert f"| vanilla | eager | msllm train | 64 | 2 | {trained['tokens_per_s']:,.0f} | {ratio:.2f}x |" in text

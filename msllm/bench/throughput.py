@@ -1,19 +1,21 @@
-"""`msllm bench throughput`: training tokens/s, MFU and peak memory of each architecture in a bare
-PyTorch loop (forward, cross-entropy, backward, AdamW step), eager and compiled, against the
-sequence length L; and Hugging Face LlamaForCausalLM at vanilla's dimensions as the outside
-reference.
+"""`msllm bench throughput`: training tokens/s, MFU and peak memory of each architecture against
+the sequence length L, eager and compiled, in two loops: a bare PyTorch loop (forward,
+cross-entropy, backward, AdamW step) and `msllm train` itself (DeepSpeed, the data loader, the
+callbacks), with the trainer's share of the bare loop's speed; and Hugging Face LlamaForCausalLM at
+vanilla's dimensions in the bare loop as the outside reference.
 
 - On a GPU: the BookCorpus recipes' models (recipes/models/*-bookcorpus.yaml, vocabulary 8000),
   bf16 autocast, L = 1k, 4k, 16k, 64k, 128k, batch x L = 64k tokens (or one sample).
 - On the CPU: the tiny recipes' models (recipes/models/*-tiny.yaml), fp32, L = 256 and 1k, 4k
   tokens per step, so that CI can smoke-test it (tests/test_bench_throughput.py).
 
-Each (model, L, mode) runs in a fresh process: its peak memory (CUDA max_memory_allocated, or the
-process's peak RSS on the CPU) and its compile caches are its own, and running out of memory ends
-only that row. The table is returned (run_benchmark appends it to benchmarks/throughput.md) and
-the plot is written to benchmarks/throughput.png (log axes).
-
-Not measured here yet: `msllm train` itself next to the bare loop (it needs shards at every L).
+Each (model, L, mode, loop) runs in a fresh process: its peak memory (CUDA max_memory_allocated,
+or the process's peak RSS on the CPU) and its compile caches are its own, and running out of memory
+ends only that row. The trainer reads the built-in corpus, cut into windows of L tokens
+(data/throughput-V-L, prepared on first use), with ZeRO 0 like the bare loop, and is timed over
+its second half of steps (the first half compiles and warms up). The table is returned
+(run_benchmark appends it to benchmarks/throughput.md) and the plot is written to
+benchmarks/throughput.png (log axes).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     import torch.nn.functional as F
 
     from msllm.models import flops_per_token
-    from msllm.train.callbacks import peak_rss_bytes
+    from msllm.train.callbacks import peak_flops, peak_rss_bytes
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -121,35 +123,14 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
         step_times.append(time.perf_counter() - start)
     # The median step: a step slowed down by another process on a shared machine does not count.
     tokens_per_s = batch * seq_len / statistics.median(step_times)
-    peak = peak_flops(device)
+    peak, _ = peak_flops(device)  # what `msllm train` computes its MFU against
     return {
-        "model": name, "mode": "compiled" if compiled else "eager", "L": seq_len, "batch": batch,
+        "model": name, "mode": "compiled" if compiled else "eager", "loop": "bare", "L": seq_len, "batch": batch,
         "tokens_per_s": tokens_per_s,
         "mfu": flops_per_token(cfg, seq_len) * tokens_per_s / peak,
         "peak_gib": (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) / 2**30,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
-
-
-def peak_flops(device) -> float:
-    """The peak MFU is measured against: on the CPU the measured dense fp32 matmul rate; on a GPU a
-    measured dense bf16 matmul rate (a lower bound of the datasheet peak)."""
-    import torch
-
-    from msllm.train.callbacks import cpu_peak_flops
-
-    if device.type != "cuda":
-        return cpu_peak_flops()
-    n = 8192
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    return 2.0 * n**3 * 20 / (time.perf_counter() - start)
 
 
 def run_in_fresh_process(kwargs: dict) -> dict:
@@ -159,42 +140,82 @@ def run_in_fresh_process(kwargs: dict) -> dict:
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-    return {"model": kwargs["name"], "mode": "compiled" if kwargs["compiled"] else "eager", "L": kwargs["seq_len"],
-            "error": "out of memory" if "out of memory" in error.lower() else error[:120]}
+    return {"model": kwargs["name"], "mode": "compiled" if kwargs["compiled"] else "eager", "loop": "bare",
+            "L": kwargs["seq_len"], "error": "out of memory" if "out of memory" in error.lower() else error[:120]}
+
+
+def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
+                    compiled: bool) -> dict:
+    """`msllm train` for 2 x `steps` steps in a fresh process; tokens/s, MFU and peak memory of its
+    last `steps` steps, from its metrics.jsonl."""
+    import tempfile
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    vocab = vocab_size or model_config(recipe_path, 0).vocab_size
+    batch = max(1, tokens_per_step // seq_len)
+    row = {"model": name, "mode": "compiled" if compiled else "eager", "loop": "msllm train", "L": seq_len, "batch": batch}
+    with tempfile.TemporaryDirectory(prefix="msllm-throughput-") as out:
+        settings = {
+            "run.output_dir": out, "data.source": "wikipedia-sample", "data.paths": "[]",
+            "data.shards_dir": f"data/throughput-{vocab}-{seq_len}", "data.seq_len": seq_len,
+            "data.tokenizer.vocab_size": vocab, "model.vocab_size": 0, "parallel.zero_stage": 0,
+            "train.micro_batch_size": batch, "train.grad_accum_steps": 1, "train.max_steps": 2 * steps,
+            "train.warmup_steps": 0, "train.compile": str(compiled).lower(), "train.precision": "bf16" if cuda else "fp32",
+            "log.every": steps, "log.tensorboard": "false", "eval.every": 0, "eval.max_batches": 1,
+            "checkpoint.every": 0, "checkpoint.keep_last": 1,
+        }
+        cmd = [sys.executable, "-m", "msllm.cli", "train", recipe_path, *[x for k, v in settings.items() for x in ("--set", f"{k}={v}")]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+            return {**row, "error": "out of memory" if "out of memory" in error.lower() else error[:120]}
+        logged = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [r for r in logged if r["kind"] == "train"][-1]
+    memory = last.get("accel_max_allocated_bytes") or last["peak_rss_bytes"]
+    return {**row, "tokens_per_s": last["tokens_per_s"], "mfu": last["mfu"], "peak_gib": memory / 2**30}
 
 
 def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True)) -> list[dict]:
+    """Every (model, L, mode) in the bare loop, and for msllm's models in `msllm train` too."""
     rows = []
     for name in models:
         recipe = setting.recipes.format(arch="vanilla" if name == "hf_llama" else name)
         for seq_len in setting.lengths:
             for compiled in modes:
-                row = run_in_fresh_process(dict(
-                    name=name, recipe_path=recipe, vocab_size=setting.vocab_size, seq_len=seq_len,
-                    tokens_per_step=setting.tokens_per_step, steps=setting.steps, compiled=compiled,
-                ))
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                kwargs = dict(name=name, recipe_path=recipe, vocab_size=setting.vocab_size, seq_len=seq_len,
+                              tokens_per_step=setting.tokens_per_step, steps=setting.steps, compiled=compiled)
+                found = [run_in_fresh_process(kwargs)]
+                if name != "hf_llama":
+                    found.append(measure_trainer(**kwargs))
+                for row in found:
+                    print(json.dumps(row), flush=True)
+                rows += found
     return rows
 
 
 def table(rows: list[dict], setting: Setting) -> str:
     lines = [
-        f"Bare training loop, {setting.tokens_per_step} tokens per step (or one sample), the median of {setting.steps} "
-        f"timed steps after 2 warm-up steps; models from `{setting.recipes}`"
-        + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
-        "Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU. "
-        "MFU against the measured dense matmul rate.",
+        f"{setting.tokens_per_step} tokens per step (or one sample); bare loop: the median of {setting.steps} timed "
+        f"steps after 2 warm-up steps; `msllm train`: its last {setting.steps} of {2 * setting.steps} steps. Models "
+        f"from `{setting.recipes}`" + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
+        "Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU. MFU against the peak "
+        "`msllm train` uses (msllm.train.callbacks.peak_flops). \"train / bare\": the trainer's tokens/s over the "
+        "bare loop's for the same model, L and mode.",
         "",
-        "| model | mode | L | batch | tokens/s | MFU | peak GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | mode | loop | L | batch | tokens/s | train / bare | MFU | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    bare = {(r["model"], r["mode"], r["L"]): r for r in rows if r.get("loop") == "bare" and "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['L']} | | {r['error']} | | |")
-        else:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['L']} | {r['batch']} | {r['tokens_per_s']:,.0f} "
-                         f"| {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r['L']} | | {r['error']} | | | |")
+            continue
+        ref = bare.get((r["model"], r["mode"], r["L"]))
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if r["loop"] != "bare" and ref else ""
+        lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r['L']} | {r['batch']} | {r['tokens_per_s']:,.0f} "
+                     f"| {ratio} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |")
     return "\n".join(lines)
 
 
@@ -206,8 +227,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key in dict.fromkeys((r["model"], r["mode"]) for r in rows):
-        ok = [r for r in rows if (r["model"], r["mode"]) == key and "error" not in r]
+    bare = [r for r in rows if r.get("loop") == "bare"]  # the trainer's rows are in the table
+    for key in dict.fromkeys((r["model"], r["mode"]) for r in bare):
+        ok = [r for r in bare if (r["model"], r["mode"]) == key and "error" not in r]
         if not ok:
             continue
         style = "-" if key[1] == "eager" else "--"
@@ -234,5 +256,5 @@ def bench_throughput(args) -> str:
     setting = GPU if torch.cuda.is_available() else CPU
     rows = rows_for(setting)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    plot(rows, Path(args.out) / "throughput.png", f"msllm bare-loop training throughput ({device})")
+    plot(rows, Path(args.out) / "throughput.png", f"bare-loop training throughput ({device})")
     return table(rows, setting) + "\n\n![throughput](throughput.png)"
