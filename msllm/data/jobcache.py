@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import socket
 from pathlib import Path
 
 JOB_ENV = "MSLLM_DATA_JOB"
@@ -82,8 +83,11 @@ def scope_streaming_shared_memory() -> None:
 
 
 def job_cache_folder(cache_root: Path) -> Path:
-    """`cache_root/<job tag>`: the folder of this job's split caches."""
-    return cache_root / job_tag()
+    """`cache_root/<job tag>-<host name>`: the folder of this job's split caches on this node. The
+    host name keeps the nodes of one job apart where they share the cache root (a cache_dir on a
+    shared filesystem, or emulated nodes on one machine): each node's first rank holds its folder's
+    lock for the whole job, and a second node waiting on it would never start."""
+    return cache_root / f"{job_tag()}-{socket.gethostname()}"
 
 
 def start_job_cache(cache_root: Path) -> None:
