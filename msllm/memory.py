@@ -120,7 +120,7 @@ def measure_step_peak(model_cfg, micro_batch: int, seq_len: int, steps: int = 2)
     on the CPU, the peak of the running sum of every allocation and free that torch's profiler
     records (exact tensor bytes, without the C allocator's slack)."""
     from msllm.models import build_model
-    from msllm.train.evaluate import token_cross_entropy_sum
+    from msllm.train.bare import bare_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
@@ -129,10 +129,7 @@ def measure_step_peak(model_cfg, micro_batch: int, seq_len: int, steps: int = 2)
         model = build_model(model_cfg).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)  # no flat copies
         for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = token_cross_entropy_sum(model(tokens[:, :-1]), tokens[:, 1:])
-            loss.backward()
-            optimizer.step()
+            bare_step(model, optimizer, tokens[:, :-1], tokens[:, 1:])
 
     if device == "cuda":
         torch.cuda.synchronize()

@@ -45,3 +45,21 @@ def test_the_trainer_is_measured_on_its_own_shards_and_compared_with_the_bare_lo
     text = table([bare, trained], dataclasses.replace(CPU, tokens_per_step=128, steps=2))
     ratio = trained["tokens_per_s"] / bare["tokens_per_s"]
     assert f"| vanilla | eager | msllm train | 64 | 2 | {trained['tokens_per_s']:,.0f} | {ratio:.2f}x |" in text
+
+
+@pytest.mark.slow
+def test_the_sequence_parallel_bench_splits_memory_and_sends_halos(tmp_path):
+    from msllm.bench import sequence_parallel
+
+    for arch in sequence_parallel.ARCHS:  # the shipped 16k recipes, at 2k tokens
+        shipped = Path(f"recipes/long_context/{arch}-16k-cpu.yaml").resolve()
+        (tmp_path / shipped.name).write_text(f"base: {shipped}\ndata: {{seq_len: 2048}}\n")
+    results = sequence_parallel.run(str(tmp_path), sps=(1, 2))
+    assert [(r["arch"], r["sp"], r["seq_len"]) for r in results] == [
+        (arch, sp, 2048) for arch in sequence_parallel.ARCHS for sp in (1, 2)]
+    by = {(r["arch"], r["sp"]): r for r in results}
+    for arch in sequence_parallel.ARCHS:
+        one, two = by[arch, 1], by[arch, 2]
+        assert one["bytes_sent"] == 0 < two["bytes_sent"]
+        assert two["activation_bytes"] < 0.75 * one["activation_bytes"], arch
+    assert sequence_parallel.to_markdown(results).count("\n") == 1 + len(results)

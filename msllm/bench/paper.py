@@ -114,19 +114,21 @@ def read_metrics(path: Path) -> dict:
 def summarize(model: str, results: list[dict], recipe: Path, overrides: list[str]) -> dict:
     """Mean and spread over seeds; FLOPs/token; the computed memory split, and a measured peak."""
     from msllm.config import load_recipe
-    from msllm.memory import measure_step_peak, step_memory
+    from msllm.memory import count_parameters, measure_step_peak, step_memory
     from msllm.models import build_model, flops_per_token
 
     r = load_recipe(recipe, overrides)
     vocab = r.data.tokenizer.vocab_size
     cfg = dataclasses.replace(r.model, vocab_size=vocab)
     bpb = [x["bits_per_byte"] for x in results]
-    memory = step_memory(build_model(cfg), vocab, r.train.micro_batch_size, r.data.seq_len, r.train.precision,
+    model = build_model(cfg)
+    parameters = count_parameters(model)  # before step_memory casts it to the recipe's precision
+    memory = step_memory(model, vocab, r.train.micro_batch_size, r.data.seq_len, r.train.precision,
                          r.parallel.zero_stage)
     return {
         "model": model,
         "layers": sum(s.layers for s in cfg.scales) + (cfg.final_layers if cfg.arch == "bottom_up" else 0),
-        "parameters": sum(p.numel() for p in build_model(cfg).parameters()),
+        "parameters": parameters,
         "bpb_mean": statistics.mean(bpb),
         "bpb_sd": statistics.stdev(bpb) if len(bpb) > 1 else 0.0,
         "bpb_min": min(bpb), "bpb_max": max(bpb), "seeds": len(bpb),

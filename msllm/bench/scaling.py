@@ -46,7 +46,7 @@ def measure(arch: str, L: int, repeats: int = 3) -> dict:
 
     from msllm.memory import step_memory
     from msllm.models import build_model
-    from msllm.train.evaluate import token_cross_entropy_sum
+    from msllm.train.bare import bare_step
 
     cfg = model_config(arch)
     torch.manual_seed(0)
@@ -56,9 +56,7 @@ def measure(arch: str, L: int, repeats: int = 3) -> dict:
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        token_cross_entropy_sum(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        optimizer.step()
+        bare_step(model, optimizer, tokens[:, :-1], tokens[:, 1:])
         if i:  # the first step allocates the optimizer state and warms the kernels up
             times.append(time.perf_counter() - start)
     memory = step_memory(build_model(cfg), VOCAB, 1, L)

@@ -81,9 +81,9 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
             compiled: bool) -> dict:
     """Train `steps` steps (after two warm-up steps) in a bare loop; tokens/s, MFU, peak memory."""
     import torch
-    import torch.nn.functional as F
 
     from msllm.models import flops_per_token
+    from msllm.train.bare import bare_step
     from msllm.train.callbacks import peak_flops, peak_rss_bytes
 
     cuda = torch.cuda.is_available()
@@ -99,12 +99,7 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = forward(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        bare_step(forward, optimizer, ids[:, :-1], ids[:, 1:], torch.bfloat16 if cuda else None)
 
     def synchronize():
         if cuda:
