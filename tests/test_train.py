@@ -58,6 +58,23 @@ def test_no_weight_decay_on_norms_and_biases_but_on_embeddings():
     assert ids(no_decay) == {id(model["lin"].bias), id(model["norm"].weight), id(model["norm"].bias)}
 
 
+def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
+    """On CUDA the trainer's AdamW is torch's fused kernel, like the bare loop it is benchmarked
+    against; the CPU keeps the foreach form that its figures and reference losses were taken with."""
+    import torch
+
+    from msllm.train.optim import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    recipe = from_dict({"model": {"arch": "vanilla"}})
+    fused, plain = build_optimizer(model, recipe, "cuda"), build_optimizer(model, recipe, "cpu")
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    model(torch.ones(2, 4)).sum().backward()
+    before = model.weight.detach().clone()
+    fused.step()  # the guard's finiteness check in front of the fused kernel (CPU tensors here)
+    assert not fused.overflow and not torch.equal(model.weight, before)
+
+
 def test_deepspeed_config_from_recipe():
     from msllm.train.optim import deepspeed_config
 
