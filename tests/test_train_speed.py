@@ -70,6 +70,13 @@ for name in ("item", "tolist", "cpu", "__float__", "__int__", "__bool__"):
         return _original(self, *args, **kwargs)
     setattr(torch.Tensor, name, counting)
 
+import deepspeed
+allreduce = deepspeed.DeepSpeedEngine.allreduce_gradients
+def counted_allreduce(self, *args, **kwargs):
+    print("GRADIENT ALL-REDUCE", flush=True)
+    return allreduce(self, *args, **kwargs)
+deepspeed.DeepSpeedEngine.allreduce_gradients = counted_allreduce
+
 train_step = trainer_module.Trainer.train_step
 def counted_train_step(self, batches):
     before = reads[0]
@@ -82,7 +89,8 @@ trainer_module.Trainer.train_step = counted_train_step
 def test_steps_that_do_not_log_never_read_device_tensors(tmp_path, tiny_data):
     """With log.every 4, msllm reads one scalar back to the host on steps 1-3 and 5-7 (whether the
     gradients are finite: GuardedAdamW, which never applies a NaN update), nothing else (no loss,
-    no norm); on steps 4 and 8 it also reads the loss and the gradient norm."""
+    no norm); on steps 4 and 8 it also reads the loss and the gradient norm. A single rank
+    all-reduces no gradients."""
     recipe, _ = make_recipe(
         tmp_path, tiny_data, train={"max_steps": 8}, log={"every": 4, "tensorboard": False},
         eval={"every": 0, "max_batches": 1}, checkpoint={"every": 0},
@@ -93,3 +101,5 @@ def test_steps_that_do_not_log_never_read_device_tensors(tmp_path, tiny_data):
     assert sorted(reads) == list(range(1, 9))
     assert all(reads[step] == 1 for step in (1, 2, 3, 5, 6, 7)), reads
     assert reads[4] > 1 and reads[8] > 1, reads
+    # One rank at ZeRO 0: no gradient all-reduce (nothing to average).
+    assert "GRADIENT ALL-REDUCE" not in proc.stdout

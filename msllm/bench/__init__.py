@@ -8,7 +8,7 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     sequence_parallel.py  sequence-parallel: per-rank memory, time and traffic at sp = 1, 2, 4
     quickstart.py         train-quickstart: both quickstart recipes end to end
     models.py             models: the paper-comparison recipes through msllm.inspect
-    throughput.py         throughput: bare-loop training speed and memory against L, eager and compiled
+    throughput.py         throughput: msllm train and a bare loop, speed and memory against L, eager and compiled
     paper.py              paper: the paper's comparison trained on the built-in corpus, with seeds
     scaling.py            scaling: step time and step memory against the sequence length
 

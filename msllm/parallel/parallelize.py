@@ -13,7 +13,8 @@ It applies, in this order (each step works on what the previous one left):
    checkpointing, the block's parts are compiled instead of the block: fairscale's checkpoint is an
    autograd Function that dynamo cannot trace, so it stays outside the compiled code.
 4. DeepSpeed (`parallel.zero_stage`, `train.precision`): ZeRO stage 0-3 over all ranks, with
-   AdamW and the learning-rate schedule; gradients are averaged over all dp * sp ranks.
+   AdamW and the learning-rate schedule; gradients are averaged over all dp * sp ranks (on a
+   single rank at ZeRO 0 there is nothing to average, and the all-reduce is switched off).
 
 None of the steps renames a parameter, so a checkpoint loads whatever the parallel settings of
 the run that wrote it.
@@ -70,4 +71,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, recipe):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(recipe)
     )
+    if dims.world_size == 1 and recipe.parallel.zero_stage == 0:
+        # One rank has nothing to average, but DeepSpeed would still copy every gradient through
+        # flat buffers and an all-reduce after each backward (2% of a step, measured on the CPU).
+        engine.enable_backward_allreduce = False
     return engine
