@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from pathlib import Path
 
@@ -63,3 +64,17 @@ def test_the_sequence_parallel_bench_splits_memory_and_sends_halos(tmp_path):
         assert one["bytes_sent"] == 0 < two["bytes_sent"]
         assert two["activation_bytes"] < 0.75 * one["activation_bytes"], arch
     assert sequence_parallel.to_markdown(results).count("\n") == 1 + len(results)
+
+
+def test_the_attention_bench_times_each_kernel_and_checks_it_against_dense():
+    from msllm.bench import attention
+
+    setting = attention.Setting(heads=2, head_dim=8, seq_len=256, window=16, check_len=128, dtype="float32", repeats=1)
+    rows = attention.run(setting, torch.device("cpu"))
+    assert [r["kernel"] for r in rows] == ["dense", "blocks"]  # no flex on the CPU: no backward there
+    assert rows[1]["max_diff"] < 1e-5
+    assert all(r["ms"] > 0 and r["saved_mib"] > 0 and r["peak_mib"] is None for r in rows)
+    text = attention.to_markdown(rows, setting, "the CPU")
+    assert "| dense |" in text and "| (reference) |" in text and f"| {rows[1]['max_diff']:.2e} |" in text
+    long = dataclasses.replace(setting, seq_len=attention.DENSE_MAX_LEN * 2)
+    assert "not run: L x L mask" in attention.to_markdown([{"kernel": "dense", "skipped": "L x L mask"}], long, "x")

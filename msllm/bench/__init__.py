@@ -11,6 +11,7 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     throughput.py         throughput: msllm train and a bare loop, speed and memory against L, eager and compiled
     paper.py              paper: the paper's comparison trained on the built-in corpus, with seeds
     scaling.py            scaling: step time and step memory against the sequence length
+    attention.py          attention: one layer's sliding-window attention per kernel (time, memory, agreement)
 
 To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
 it), and an entry in BENCHMARKS.
@@ -61,7 +62,11 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     ),
     "throughput": _lazy(
         "throughput", "bench_throughput",
-        "Bare-loop training tokens/s, MFU, peak memory per arch and HF Llama, eager and compiled, against L.",
+        "msllm train against a bare loop: tokens/s, MFU, peak memory per arch and HF Llama, eager and compiled, against L.",
+    ),
+    "attention": _lazy(
+        "attention", "bench_attention",
+        "One layer's sliding-window attention per kernel: forward + backward time, saved bytes, agreement with dense.",
     ),
     "train-quickstart": _lazy(
         "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."

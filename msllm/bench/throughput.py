@@ -1,8 +1,10 @@
 """`msllm bench throughput`: training tokens/s, MFU and peak memory of each architecture against
-the sequence length L, eager and compiled, in two loops: a bare PyTorch loop (forward,
-cross-entropy, backward, AdamW step) and `msllm train` itself (DeepSpeed, the data loader, the
-callbacks), with the trainer's share of the bare loop's speed; and Hugging Face LlamaForCausalLM at
-vanilla's dimensions in the bare loop as the outside reference.
+the sequence length L, eager and compiled, in two loops: the bare loop of msllm/train/bare.py
+(forward, cross-entropy, backward, AdamW step, on one batch) and `msllm train` itself (DeepSpeed,
+the data loader, the callbacks, the non-finite guard), with the trainer's share of the bare loop's
+speed; and Hugging Face LlamaForCausalLM at vanilla's dimensions in the bare loop as the outside
+reference. Compiled means each transformer block compiled, as `train.compile` does, in both loops
+(Llama: the whole model).
 
 - On a GPU: the BookCorpus recipes' models (recipes/models/*-bookcorpus.yaml, vocabulary 8000),
   bf16 autocast, L = 1k, 4k, 16k, 64k, 128k, batch x L = 64k tokens (or one sample).
@@ -23,7 +25,6 @@ benchmarks/throughput.png (log axes).
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ class Setting:
     vocab_size: int  # 0: the recipe's tokenizer vocabulary
     lengths: tuple[int, ...]
     tokens_per_step: int
-    steps: int  # timed steps (the median one counts), after two warm-up steps (compilation happens there)
+    steps: int  # timed steps, after two warm-up steps (compilation happens there)
     rounds: int  # bare loop and trainer measured this many times, alternately; each keeps its fastest round
 
 
@@ -84,7 +85,10 @@ def build(name: str, cfg, seq_len: int):
 
 def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
             compiled: bool) -> dict:
-    """Train `steps` steps (after two warm-up steps) in a bare loop; tokens/s, MFU, peak memory."""
+    """Train `steps` steps (after two warm-up steps) in a bare loop; tokens/s over those steps
+    (waiting for the device once, at the end, as `msllm train` between two log rows), MFU and peak
+    memory. Compiled: msllm's models block by block, as `train.compile` does (so that the ratio to
+    the trainer measures the trainer, not the compile granularity); Llama as a whole."""
     import torch
 
     from msllm.models import flops_per_token
@@ -97,8 +101,12 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     torch.manual_seed(0)
     model, forward = build(name, cfg, seq_len)
     model.to(device)
-    if compiled:
+    if compiled and name == "hf_llama":
         forward = torch.compile(forward)
+    elif compiled:
+        from msllm.parallel.parallelize import compile_blocks
+
+        compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     batch = max(1, tokens_per_step // seq_len)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
@@ -115,14 +123,11 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     synchronize()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    step_times = []
+    start = time.perf_counter()
     for _ in range(steps):
-        start = time.perf_counter()
         step()
-        synchronize()
-        step_times.append(time.perf_counter() - start)
-    # The median step: a step slowed down by another process on a shared machine does not count.
-    tokens_per_s = batch * seq_len / statistics.median(step_times)
+    synchronize()
+    tokens_per_s = steps * batch * seq_len / (time.perf_counter() - start)
     peak, _ = peak_flops(device)  # what `msllm train` computes its MFU against
     return {
         "model": name, "mode": "compiled" if compiled else "eager", "loop": "bare", "L": seq_len, "batch": batch,
@@ -146,9 +151,9 @@ def run_in_fresh_process(kwargs: dict) -> dict:
 
 def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
                     compiled: bool) -> dict:
-    """`msllm train` for 2 x `steps` steps in a fresh process, logging every step; tokens/s and
-    MFU of the median of its last `steps` steps (the statistic the bare loop reports), and its peak
-    memory, from its metrics.jsonl."""
+    """`msllm train` for 2 x `steps` steps in a fresh process, logging every `steps` steps (as a
+    run logs); tokens/s, MFU and peak memory of its last row: its last `steps` steps, the first
+    `steps` having compiled and warmed up."""
     import tempfile
 
     import torch
@@ -164,7 +169,7 @@ def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, 
             "data.tokenizer.vocab_size": vocab, "model.vocab_size": 0, "parallel.zero_stage": 0,
             "train.micro_batch_size": batch, "train.grad_accum_steps": 1, "train.max_steps": 2 * steps,
             "train.warmup_steps": 0, "train.compile": str(compiled).lower(), "train.precision": "bf16" if cuda else "fp32",
-            "log.every": 1, "log.tensorboard": "false", "eval.every": 0, "eval.max_batches": 1,
+            "log.every": steps, "log.tensorboard": "false", "eval.every": 0, "eval.max_batches": 1,
             "checkpoint.every": 0, "checkpoint.keep_last": 1,
         }
         cmd = [sys.executable, "-m", "msllm.cli", "train", recipe_path, *[x for k, v in settings.items() for x in ("--set", f"{k}={v}")]]
@@ -173,10 +178,9 @@ def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, 
             error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
             return {**row, "error": "out of memory" if "out of memory" in error.lower() else error[:120]}
         logged = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train_rows = [r for r in logged if r["kind"] == "train"]
-    median = sorted(train_rows[-steps:], key=lambda r: r["step_time_s"])[len(train_rows[-steps:]) // 2]
-    memory = train_rows[-1].get("accel_max_allocated_bytes") or train_rows[-1]["peak_rss_bytes"]  # peaks so far
-    return {**row, "tokens_per_s": median["tokens_per_s"], "mfu": median["mfu"], "peak_gib": memory / 2**30}
+    last = [r for r in logged if r["kind"] == "train"][-1]
+    memory = last.get("accel_max_allocated_bytes") or last["peak_rss_bytes"]
+    return {**row, "tokens_per_s": last["tokens_per_s"], "mfu": last["mfu"], "peak_gib": memory / 2**30}
 
 
 def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True)) -> list[dict]:
@@ -205,9 +209,9 @@ def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True))
 def table(rows: list[dict], setting: Setting) -> str:
     lines = [
         (f"Each loop ran {setting.rounds} times, alternately; the faster run of each is shown. " if setting.rounds > 1 else "")
-        + f"{setting.tokens_per_step} tokens per step (or one sample); bare loop: the median of {setting.steps} timed "
-        f"steps after 2 warm-up steps; `msllm train`: the median of its last {setting.steps} of {2 * setting.steps} "
-        f"steps (logging every step; its step time includes the data loader and the loss read-back). Models "
+        + f"{setting.tokens_per_step} tokens per step (or one sample); bare loop: {setting.steps} timed steps after 2 "
+        f"warm-up steps; `msllm train`: its last {setting.steps} of {2 * setting.steps} steps (one log row). "
+        "Compiled: each transformer block, as `train.compile` does, in both loops; Llama as a whole. Models "
         f"from `{setting.recipes}`" + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
         "Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU. MFU against the peak "
         "`msllm train` uses (msllm.train.callbacks.peak_flops). \"train / bare\": the trainer's tokens/s over the "
