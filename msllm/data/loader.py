@@ -78,6 +78,14 @@ def tokens_of(sample: dict[str, Any], sample_len: int) -> np.ndarray:
     return tokens
 
 
+# How many samples streaming's two threads fetch ahead of training. Once that many are ready they
+# poll every 7 ms (streaming's TICK), holding the GIL and a core at each wake: on a CPU-bound rank
+# that slows the step (seen at a third of the main thread's samples, py-spy, 2 cores). Shards in a
+# folder are fetched by a local copy, so the threads run through the epoch unthrottled and stop;
+# a URI keeps streaming's default (8 batches ahead), which bounds what a short job downloads.
+UNLIMITED_PREDOWNLOAD = 1 << 62
+
+
 class TokenWindowDataset(StreamingDataset):
     """A StreamingDataset of token windows that returns this rank's slice of inputs and labels."""
 
@@ -205,6 +213,7 @@ def build_dataloader(
         shuffle_seed=seed,
         replication=replication,
         validate_hash=_hash_to_validate(data_cfg, remote),
+        predownload=None if is_remote(data_cfg.shards_dir) else UNLIMITED_PREDOWNLOAD,
     )
     try:  # fail early and clearly: a sample of the wrong length, a corrupt first shard
         tokens_of(StreamingDataset.__getitem__(dataset, 0), data_cfg.seq_len + 1)
