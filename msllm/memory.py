@@ -20,8 +20,10 @@ The total is an upper bound of the peak: gradients grow in backward while activa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -67,21 +69,29 @@ def activation_bytes(model: nn.Module, input_ids: torch.Tensor, labels: torch.Te
     the log-probabilities and of the logits)."""
     from msllm.train.evaluate import token_cross_entropy_sum
 
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward(exclude=model.parameters()) as storages:
         logits = model(input_ids)
         loss = token_cross_entropy_sum(logits, labels) if labels is not None else None
     loss_backward = 2 * logits.numel() * 4 if labels is not None else 0
     del logits, loss
     return sum(storages.values()) + loss_backward
+
+
+@contextlib.contextmanager
+def saved_for_backward(exclude: Iterable[torch.Tensor] = ()) -> Iterator[dict[int, int]]:
+    """Record the tensors autograd saves for backward inside the block: yields {storage address:
+    bytes}, each storage once, the storages of `exclude` (parameters, a layer's inputs) left out."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
 
 
 def parameter_state_bytes(n_parameters: int, precision: str = "fp32", zero_stage: int = 0, dp: int = 1) -> tuple[int, int, int]:

@@ -68,19 +68,13 @@ def measure(kernel: str, setting: Setting, device) -> dict:
     """Median forward + backward time, bytes saved for backward, and (CUDA) peak bytes allocated."""
     import torch
 
+    from msllm.memory import saved_for_backward
+
     cuda = device.type == "cuda"
     q, k, v = _inputs(setting, setting.seq_len, device)
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = _forward_backward(kernel, setting.window, q, k, v)
-    del out
-    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v)}
-    saved_bytes = sum(n for ptr, n in saved.items() if ptr not in inputs)  # q, k, v are the layer's input
+    with saved_for_backward(exclude=(q, k, v)) as saved:  # q, k, v are the layer's input
+        _forward_backward(kernel, setting.window, q, k, v)
+    saved_bytes = sum(saved.values())
 
     def synchronize():
         if cuda:
