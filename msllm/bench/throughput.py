@@ -144,9 +144,14 @@ def run_in_fresh_process(kwargs: dict) -> dict:
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
-    error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
     return {"model": kwargs["name"], "mode": "compiled" if kwargs["compiled"] else "eager", "loop": "bare",
-            "L": kwargs["seq_len"], "error": "out of memory" if "out of memory" in error.lower() else error[:120]}
+            "L": kwargs["seq_len"], "error": failure(proc)}
+
+
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """What a failed row's process died of: "out of memory", or its last line of stderr."""
+    error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+    return "out of memory" if "out of memory" in error.lower() else error[:120]
 
 
 def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
@@ -175,8 +180,7 @@ def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, 
         cmd = [sys.executable, "-m", "msllm.cli", "train", recipe_path, *[x for k, v in settings.items() for x in ("--set", f"{k}={v}")]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            error = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-            return {**row, "error": "out of memory" if "out of memory" in error.lower() else error[:120]}
+            return {**row, "error": failure(proc)}
         logged = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = [r for r in logged if r["kind"] == "train"][-1]
     memory = last.get("accel_max_allocated_bytes") or last["peak_rss_bytes"]
