@@ -216,6 +216,18 @@ class TrainConfig:
         "Peak FLOP/s per device for MFU. 0: on an accelerator, the dense bf16 peak of a known device "
         "(by name) or else a measured bf16 matmul; on a CPU, a measured dense fp32 matmul.",
     )
+    loss_kernel: Literal["auto", "dense", "chunked", "liger", "cce"] = doc(
+        "auto",
+        "How the loss (head matmul, log-softmax, NLL) is computed, never holding all logits but for "
+        "dense: auto picks liger on CUDA if installed, else cce if installed, else chunked; chunked is "
+        "msllm's own (every device); liger and cce are fused CUDA kernels (pip install 'msllm[gpu]'); "
+        "dense materialises every logit (the reference). The log says which ran.",
+    )
+    loss_chunk_size: int = doc(
+        0,
+        "Positions per chunk of the chunked loss; 0: as many as make one chunk's fp32 logits about "
+        "32 MiB (262 positions at a 32k vocabulary).",
+    )
     compile: bool = doc(
         False,
         "torch.compile each transformer block in place (parameter names unchanged, so checkpoints "
@@ -481,6 +493,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "train.stop_at_step": recipe.train.stop_at_step,
         "train.grad_clip": recipe.train.grad_clip,
         "train.peak_flops": recipe.train.peak_flops,
+        "train.loss_chunk_size": recipe.train.loss_chunk_size,
         "eval.every": recipe.eval.every,
         "eval.max_batches": recipe.eval.max_batches,
         "checkpoint.every": recipe.checkpoint.every,

@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from msllm.memory import step_memory
+from msllm.memory import loss_activation_bytes, sample_tokens, step_memory
 from msllm.models import build_model, flops_per_token
 from msllm.parallel.parallelize import apply_activation_checkpointing
 
@@ -63,40 +63,60 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
         if recipe.parallel.activation_checkpointing:
             apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)
         start = time.perf_counter()
-        memory = step_memory(model, model_cfg.vocab_size, recipe.train.micro_batch_size, seq_len,
-                             recipe.train.precision, recipe.parallel.zero_stage, dp=1)
+        kernel = inspected_kernel(recipe.train.loss_kernel)
+        memory = step_memory(model, model_cfg.vocab_size, recipe.train.micro_batch_size, seq_len, recipe.train.precision,
+                             recipe.parallel.zero_stage, dp=1, loss_kernel=kernel,
+                             loss_chunk_size=recipe.train.loss_chunk_size)
         report["memory"] = memory
         print(
             f"training step  {recipe.train.micro_batch_size} x {seq_len} tokens, {recipe.train.precision}, "
-            f"ZeRO {recipe.parallel.zero_stage}, one rank (measured in {time.perf_counter() - start:.1f} s):"
+            f"ZeRO {recipe.parallel.zero_stage}, one rank, loss {kernel} (measured in {time.perf_counter() - start:.1f} s):"
         )
         for part, nbytes in memory.as_dict().items():
             print(f"  {part:<22} {nbytes / 2**20:>12,.1f} MiB")
+        if kernel != "dense":  # what the loss would cost with every logit materialised
+            tokens = sample_tokens(model, model_cfg.vocab_size, seq_len)
+            dense = loss_activation_bytes(model, tokens, recipe.train.micro_batch_size, "dense")
+            report["dense_loss_activations"] = dense
+            print(f"  {'(loss_activations, dense)':<22} {dense / 2**20:>12,.1f} MiB  (train.loss_kernel: dense)")
     return report
 
 
-def compare_recipes(paths: list[str], seq_len: int = 0) -> str:
+def inspected_kernel(requested: str) -> str:
+    """The loss kernel whose memory inspect measures: the recipe's, "auto" read as chunked (what runs
+    on a CPU, and where no fused CUDA kernel is installed); the fused kernels' own workspaces are
+    their libraries' and are not measured here, so they are shown as chunked too."""
+    return requested if requested in ("dense", "chunked") else "chunked"
+
+
+def compare_recipes(paths: list[str], seq_len: int = 0, vocab_size: int = 0) -> str:
     """A markdown table of parameters, train FLOPs per token and the memory of one training step
-    (per rank, the recipe's micro-batch and precision, parameters + gradients + optimizer state +
-    activations with the loss) for several recipes' models, each at its own data.seq_len unless
-    `seq_len` is given; the last column compares each total with the first vanilla recipe's (the
-    paper's comparison), or the first recipe's if there is no vanilla one."""
+    (per rank, the recipe's micro-batch and precision: parameters + gradients + optimizer state +
+    the body's activations + the loss's, chunked) for several recipes' models, each at its own
+    data.seq_len unless `seq_len` is given and at its tokenizer's vocabulary unless `vocab_size` is;
+    then the loss and the total with every logit materialised (dense). The "vs" columns compare each
+    total with the first vanilla recipe's (the paper's comparison), or the first recipe's."""
     from msllm.config import load_recipe
 
-    rows = ["| recipe | arch | layers | parameters | train GFLOP/token | parameters MiB | gradients MiB | "
-            "optimizer MiB | activations MiB | total MiB | total vs {reference} |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     recipes = [(path, load_recipe(path)) for path in paths]
     recipes.sort(key=lambda item: item[1].model.arch != "vanilla")  # stable: the reference first
-    rows[0] = rows[0].format(reference="vanilla" if recipes and recipes[0][1].model.arch == "vanilla" else "the first")
-    first = None
+    reference = "vanilla" if recipes and recipes[0][1].model.arch == "vanilla" else "the first"
+    rows = [f"| recipe | arch | layers | parameters | train GFLOP/token | parameters MiB | gradients MiB | optimizer MiB "
+            f"| body activations MiB | loss MiB (chunked) | total MiB | total vs {reference} | loss MiB (dense) "
+            f"| total MiB (dense) | total vs {reference} (dense) |", "|" + "---|" * 15]
+    first = first_dense = None
     for path, recipe in recipes:
-        report = inspect_recipe(recipe, seq_len=seq_len)
-        m, mem = recipe.model, report["memory"]
-        first = first or mem.total
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, loss_kernel="chunked"))
+        report = inspect_recipe(recipe, seq_len=seq_len, vocab_size=vocab_size)
+        m, mem, dense_loss = recipe.model, report["memory"], report["dense_loss_activations"]
+        dense_total = mem.total - mem.loss_activations + dense_loss
+        first, first_dense = first or mem.total, first_dense or dense_total
         layers = sum(s.layers for s in m.scales) + (m.final_layers if m.arch == "bottom_up" else 0)
-        mib = [f"{n / 2**20:,.0f}" for n in (mem.parameters, mem.gradients, mem.optimizer, mem.activations, mem.total)]
+        mib = lambda *ns: " | ".join(f"{n / 2**20:,.0f}" for n in ns)  # noqa: E731
         rows.append(
             f"| {path} | {m.arch} | {layers} | {report['parameters'] / 1e6:.1f} M | "
-            f"{report['train_flops_per_token'] / 1e9:.2f} | {' | '.join(mib)} | {mem.total / first - 1:+.0%} |"
+            f"{report['train_flops_per_token'] / 1e9:.2f} | "
+            f"{mib(mem.parameters, mem.gradients, mem.optimizer, mem.body_activations, mem.loss_activations, mem.total)} | "
+            f"{mem.total / first:.2f}x | {mib(dense_loss, dense_total)} | {dense_total / first_dense:.2f}x |"
         )
     return "\n".join(rows)

@@ -1,16 +1,17 @@
 """The memory of one training step, split by what holds it.
 
-A training step keeps four things in memory:
+A training step keeps these in memory:
 
 - parameters, gradients and optimizer state: bytes per parameter fixed by the precision and AdamW
   (table below), divided over the data-parallel ranks as far as the ZeRO stage shards them;
-- activations: the tensors autograd saves for backward during one micro-batch's forward pass and
-  loss, measured with `torch.autograd.graph.saved_tensors_hooks` on a real forward pass in the
-  recipe's precision. The loss counts: its fp32 log-probabilities (micro_batch x L x vocab) cost
-  every architecture the same and are a large share at small widths.
-
-  In backward, the loss adds two more buffers of that size (the gradients of the log-probabilities
-  and of the logits) while everything saved is still alive: they are counted too.
+- activations, in two parts, each measured with `torch.autograd.graph.saved_tensors_hooks` on a
+  real forward pass in the recipe's precision:
+  - the body's: what the model's layers save for backward, up to the final hidden states;
+  - the loss's: what the loss (msllm.train.loss, with the recipe's kernel) saves, plus the
+    workspace it holds for a while (msllm.train.loss.loss_workspace_bytes). The dense kernel
+    keeps fp32 log-probabilities of micro_batch x L x vocab and adds two buffers of that size in
+    backward; the chunked one keeps a gradient the size of the hidden states and one the size of
+    the head's weight, and one chunk of logits at a time.
 
 `step_memory` computes the split; `measure_step_peak` runs real training steps and measures the
 peak (CUDA's max_memory_allocated on an accelerator; on the CPU, every allocation and free that
@@ -42,19 +43,27 @@ class StepMemory:
     parameters: int
     gradients: int
     optimizer: int
-    activations: int  # saved for backward in one micro-batch, plus the loss's backward buffers
+    body_activations: int  # saved for backward by the model's layers in one micro-batch
+    loss_activations: int  # saved by the loss in one micro-batch, plus its workspace
+    loss_kernel: str = "chunked"
+
+    @property
+    def activations(self) -> int:
+        return self.body_activations + self.loss_activations
 
     @property
     def total(self) -> int:
         return self.parameters + self.gradients + self.optimizer + self.activations
 
     def as_dict(self) -> dict[str, int]:
-        return {**dataclasses.asdict(self), "total": self.total}
+        parts = {k: v for k, v in dataclasses.asdict(self).items() if k != "loss_kernel"}
+        return {**parts, "activations": self.activations, "total": self.total}
 
     def format(self) -> str:
         mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
         return (f"total {mib(self.total)} = parameters {mib(self.parameters)} + gradients {mib(self.gradients)}"
-                f" + optimizer {mib(self.optimizer)} + activations {mib(self.activations)}")
+                f" + optimizer {mib(self.optimizer)} + activations {mib(self.activations)} (body "
+                f"{mib(self.body_activations)} + loss {mib(self.loss_activations)}, {self.loss_kernel})")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -62,19 +71,46 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def activation_bytes(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward pass (each storage counted
-    once; parameters are not activations). With `labels`, the loss too: what its cross-entropy
-    saves, plus the two fp32 buffers of the logits' size that its backward adds (the gradients of
-    the log-probabilities and of the logits)."""
-    from msllm.train.evaluate import token_cross_entropy_sum
-
+def activation_bytes(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in the model's body (its forward up to the
+    final hidden states) on `input_ids`; each storage counted once, parameters left out."""
     with saved_for_backward(exclude=model.parameters()) as storages:
-        logits = model(input_ids)
-        loss = token_cross_entropy_sum(logits, labels) if labels is not None else None
-    loss_backward = 2 * logits.numel() * 4 if labels is not None else 0
-    del logits, loss
-    return sum(storages.values()) + loss_backward
+        hidden = model.hidden_states(input_ids)
+    del hidden
+    return sum(storages.values())
+
+
+def loss_activation_bytes(model: nn.Module, tokens: torch.Tensor, micro_batch: int, kernel: str = "chunked",
+                          chunk_size: int = 0) -> int:
+    """Bytes the loss holds in a micro-batch of `micro_batch` samples like `tokens` [1, L + 1]
+    (inputs and labels): what it saves for backward, measured on one and on two samples and
+    extended linearly (exact: the dense kernel's saved tensors grow with the positions; of the
+    chunked one's, the hidden states' gradient does and the weight's does not), plus its workspace
+    (msllm.train.loss.loss_workspace_bytes)."""
+    from msllm.train.loss import lm_loss, loss_workspace_bytes
+
+    with torch.no_grad():
+        hidden = model.hidden_states(tokens[:, :-1])
+    labels = tokens[:, 1:]
+    weight = model.lm_head.weight
+    saved = []
+    for n in (1, 2):
+        h = hidden.expand(n, -1, -1).clone().requires_grad_()
+        with saved_for_backward(exclude=model.parameters()) as storages:
+            loss = lm_loss(h, weight, labels.expand(n, -1), kernel, chunk_size)
+        saved.append(sum(storages.values()))
+        del loss, h
+    per_sample = saved[1] - saved[0]
+    positions = micro_batch * hidden.shape[1]
+    return saved[0] + per_sample * (micro_batch - 1) + loss_workspace_bytes(
+        kernel, positions, weight.shape[0], hidden.shape[-1], hidden.dtype, chunk_size)
+
+
+def sample_tokens(model: nn.Module, vocab_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """One random sample [1, seq_len + 1] on the model's device (the activations do not depend on
+    which tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (1, seq_len + 1), generator=generator).to(next(model.parameters()).device)
 
 
 @contextlib.contextmanager
@@ -108,25 +144,26 @@ def parameter_state_bytes(n_parameters: int, precision: str = "fp32", zero_stage
 
 
 def step_memory(model: nn.Module, vocab_size: int, micro_batch: int, seq_len: int, precision: str = "fp32",
-                zero_stage: int = 0, dp: int = 1, seed: int = 0) -> StepMemory:
+                zero_stage: int = 0, dp: int = 1, seed: int = 0, loss_kernel: str = "chunked",
+                loss_chunk_size: int = 0) -> StepMemory:
     """The memory split of a training step of `model` (as built, with activation checkpointing
-    applied if wanted; parameters on the device where the forward pass should run) on `micro_batch` x `seq_len` tokens per rank, at `precision`, with ZeRO
-    `zero_stage` over `dp` data-parallel ranks. Runs one forward pass (and loss) in `precision`
-    on the model's device; the model is cast in place."""
+    applied if wanted; parameters on the device where the forward pass should run) on
+    `micro_batch` x `seq_len` tokens per rank, at `precision`, with ZeRO `zero_stage` over `dp`
+    data-parallel ranks and the loss kernel `loss_kernel`. Runs the body's forward on one sample
+    (samples do not interact: the micro-batch is a multiple of it) and the loss on one and two, in
+    `precision` on the model's device; the model is cast in place."""
     parameters, gradients, optimizer = parameter_state_bytes(count_parameters(model), precision, zero_stage, dp)
     model.to(DTYPES[precision])
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab_size, (1, seq_len + 1), generator=generator).to(device)
-    # Samples do not interact, so one sample is measured and the micro-batch is a multiple of it.
-    activations = micro_batch * activation_bytes(model, tokens[:, :-1], tokens[:, 1:])
-    return StepMemory(parameters, gradients, optimizer, activations)
+    tokens = sample_tokens(model, vocab_size, seq_len, seed)
+    body = micro_batch * activation_bytes(model, tokens[:, :-1])
+    loss = loss_activation_bytes(model, tokens, micro_batch, loss_kernel, loss_chunk_size)
+    return StepMemory(parameters, gradients, optimizer, body, loss, loss_kernel)
 
 
-def measure_step_peak(model_cfg, micro_batch: int, seq_len: int, steps: int = 2) -> int:
+def measure_step_peak(model_cfg, micro_batch: int, seq_len: int, steps: int = 2, loss_kernel: str = "chunked") -> int:
     """Peak bytes of tensors alive during real training steps (forward, loss, backward, AdamW
     step) of a freshly built model, fp32, one rank, no ZeRO: compare with
-    `step_memory(..., "fp32").total`. On CUDA it is the allocator's peak (max_memory_allocated);
+    `step_memory(..., "fp32", loss_kernel=...).total`. On CUDA it is the allocator's peak (max_memory_allocated);
     on the CPU, the peak of the running sum of every allocation and free that torch's profiler
     records (exact tensor bytes, without the C allocator's slack)."""
     from msllm.models import build_model
@@ -139,7 +176,7 @@ def measure_step_peak(model_cfg, micro_batch: int, seq_len: int, steps: int = 2)
         model = build_model(model_cfg).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)  # no flat copies
         for _ in range(steps):
-            bare_step(model, optimizer, tokens[:, :-1], tokens[:, 1:])
+            bare_step(model, optimizer, tokens[:, :-1], tokens[:, 1:], loss_kernel=loss_kernel)
 
     if device == "cuda":
         torch.cuda.synchronize()

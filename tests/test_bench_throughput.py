@@ -11,7 +11,7 @@ import torch
 
 from pathlib import Path
 
-from msllm.bench.throughput import CPU, measure, measure_trainer, plot, rows_for, table
+from msllm.bench.throughput import CPU, loss_rows, measure, measure_trainer, plot, rows_for, table
 
 
 def test_one_measurement_reports_speed_mfu_and_memory():
@@ -45,7 +45,17 @@ def test_the_trainer_is_measured_on_its_own_shards_and_compared_with_the_bare_lo
     bare = measure(**kwargs)
     text = table([bare, trained], dataclasses.replace(CPU, tokens_per_step=128, steps=2))
     ratio = trained["tokens_per_s"] / bare["tokens_per_s"]
-    assert f"| vanilla | eager | msllm train | 64 | 2 | {trained['tokens_per_s']:,.0f} | {ratio:.2f}x |" in text
+    assert trained["loss"] == bare["loss"] == "chunked"  # what auto chooses on the CPU, in both loops
+    assert f"| vanilla | eager | msllm train | chunked | 64 | 2 | {trained['tokens_per_s']:,.0f} | {ratio:.2f}x |" in text
+
+
+def test_the_loss_kernels_are_timed_against_each_other():
+    setting = dataclasses.replace(CPU, tokens_per_step=64, steps=1, rounds=1, loss_length=32)
+    rows = loss_rows(setting, cuda=False)
+    assert [(r["model"], r["loss"], r["L"]) for r in rows] == [
+        (m, k, 32) for m in ("vanilla", "bottom_up") for k in ("dense", "chunked")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert table(rows, setting).count("| bare | dense | 32 |") == 2
 
 
 @pytest.mark.slow
@@ -78,3 +88,27 @@ def test_the_attention_bench_times_each_kernel_and_checks_it_against_dense():
     assert "| dense |" in text and "| (reference) |" in text and f"| {rows[1]['max_diff']:.2e} |" in text
     long = dataclasses.replace(setting, seq_len=attention.DENSE_MAX_LEN * 2)
     assert "not run: L x L mask" in attention.to_markdown([{"kernel": "dense", "skipped": "L x L mask"}], long, "x")
+
+
+@pytest.mark.slow
+def test_the_loss_bench_alternates_the_kernels_in_msllm_train_and_measures_their_memory(tmp_path, monkeypatch):
+    from msllm.bench import loss
+
+    recipe = str(Path("recipes/models/vanilla-tiny.yaml").resolve())
+    bookcorpus = Path("recipes/models/vanilla-bookcorpus.yaml").resolve()
+    monkeypatch.chdir(tmp_path)
+    speed = loss.speed_rows(("dense", "chunked"), rounds=2, steps=1, recipe=recipe)
+    assert [(r["round"], r["loss"]) for r in speed] == [(1, "dense"), (1, "chunked"), (2, "dense"), (2, "chunked")]
+    assert all(r["loop"] == "msllm train" and r["tokens_per_s"] > 0 for r in speed), speed
+    (tmp_path / "recipes" / "models").mkdir(parents=True)
+    for name in ("vanilla-bookcorpus.yaml", "bookcorpus-base.yaml"):
+        (tmp_path / "recipes" / "models" / name).write_text((bookcorpus.parent / name).read_text())
+    rows = loss.memory_rows()
+    memory = {r["kernel"]: r["bytes"] for r in rows}
+    assert memory["chunked"] < 0.3 * 2**30 < 5.5 * 2**30 < memory["dense"]  # issue 17's target, and the old cost
+    text = loss.to_markdown(speed, rows)
+    ratios = [speed[i + 1]["tokens_per_s"] / speed[i]["tokens_per_s"] for i in (0, 2)]
+    for i, ratio in enumerate(ratios):
+        assert f"| {i + 1} | {speed[2 * i]['tokens_per_s']:,.0f} | {speed[2 * i + 1]['tokens_per_s']:,.0f} | {ratio:.3f}x |" in text
+    assert f"Median chunked / dense over the rounds: **{(ratios[0] + ratios[1]) / 2:.3f}x**" in text
+    assert f"| chunked | {memory['chunked'] / 2**20:,.1f} |" in text

@@ -12,6 +12,7 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     paper.py              paper: the paper's comparison trained on the built-in corpus, with seeds
     scaling.py            scaling: step time and step memory against the sequence length
     attention.py          attention: one layer's sliding-window attention per kernel (time, memory, agreement)
+    loss.py               loss: the loss kernels' speed on the quickstart (alternating) and memory at BookCorpus sizes
 
 To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
 it), and an entry in BENCHMARKS.
@@ -67,6 +68,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "attention": _lazy(
         "attention", "bench_attention",
         "One layer's sliding-window attention per kernel: forward + backward time, saved bytes, agreement with dense.",
+    ),
+    "loss": _lazy(
+        "loss", "bench_loss",
+        "The loss kernels: quickstart tokens/s with dense and chunked alternating; the loss's memory at BookCorpus sizes.",
     ),
     "train-quickstart": _lazy(
         "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."

@@ -187,13 +187,13 @@ def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
     fig.savefig(out / "paper-bpb.png", dpi=110)
     plt.close(fig)
 
-    parts = ("parameters", "gradients", "optimizer", "activations")
+    parts = ("parameters", "gradients", "optimizer", "body_activations", "loss_activations")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(summary)
     bottom = [0.0] * len(names)
     for part in parts:
         values = [summary[m]["memory"][part] / 2**20 for m in names]
-        ax.bar(names, values, bottom=bottom, label=part)
+        ax.bar(names, values, bottom=bottom, label=part.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_ylabel("MiB per training step (one rank)")
     ax.set_title("Memory of a training step, by part")
@@ -210,15 +210,18 @@ def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: lis
     rows = [
         f"Recipes: recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} runs at a time, {threads} "
         "thread(s) each). Memory: one training step on one rank, computed by msllm.memory (the "
-        "measured peak of real fp32 steps beside it).",
+        "measured peak of real fp32 steps beside it); activations split into the body's and the loss's "
+        "(msllm.train.loss, chunked).",
         "",
         "| model | layers | parameters | val bits/byte (mean ± sd) | range | tokens/s | MFLOP/token | parameters MiB | "
-        "gradients MiB | optimizer MiB | activations MiB | total MiB | measured peak MiB | total vs vanilla-3 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "gradients MiB | optimizer MiB | body activations MiB | loss activations MiB | total MiB | measured peak MiB "
+        "| total vs vanilla-3 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, s in summary.items():
         mem = s["memory"]
-        mib = " | ".join(f"{mem[p] / 2**20:,.1f}" for p in ("parameters", "gradients", "optimizer", "activations", "total"))
+        mib = " | ".join(f"{mem[p] / 2**20:,.1f}" for p in ("parameters", "gradients", "optimizer", "body_activations",
+                                                             "loss_activations", "total"))
         peak = f"{s['measured_peak'] / 2**20:,.1f}" if s["measured_peak"] else "n/a"
         vs = f"{mem['total'] / ref['memory']['total'] - 1:+.1%}" if ref else ""
         rows.append(

@@ -60,7 +60,7 @@ def measure(arch: str, L: int, repeats: int = 3) -> dict:
         if i:  # the first step allocates the optimizer state and warms the kernels up
             times.append(time.perf_counter() - start)
     memory = step_memory(build_model(cfg), VOCAB, 1, L)
-    return {"L": L, "step_s": statistics.median(times), "memory": memory.total}
+    return {"L": L, "step_s": statistics.median(times), "memory": memory.total, "loss_memory": memory.loss_activations}
 
 
 def exponent(points: list[tuple[float, float]]) -> float:
@@ -98,16 +98,17 @@ def plot(results: dict, out: Path) -> None:
 
 def to_markdown(results: dict) -> str:
     lengths = [r["L"] for r in next(iter(results.values()))]
-    head = ("| arch | " + " | ".join(f"L={L} s / MiB" for L in lengths)
+    head = ("| arch | " + " | ".join(f"L={L} s / MiB (loss)" for L in lengths)
             + " | time exponent | time exponent, last doubling | memory exponent |")
     rows = [
-        "Models: recipes/models/*-tiny.yaml with a 256-token vocabulary; one sample per step, fp32, one process.",
+        "Models: recipes/models/*-tiny.yaml with a 256-token vocabulary; one sample per step, fp32, one process. "
+        "Memory: the whole training step (msllm.memory), of which the loss's activations (chunked) in brackets.",
         "",
         head,
         "|---|" + "---|" * (len(lengths) + 3),
     ]
     for arch, rs in results.items():
-        cells = " | ".join(f"{r['step_s']:.3f} / {r['memory'] / 2**20:,.0f}" for r in rs)
+        cells = " | ".join(f"{r['step_s']:.3f} / {r['memory'] / 2**20:,.0f} ({r['loss_memory'] / 2**20:,.1f})" for r in rs)
         t = exponent([(r["L"], r["step_s"]) for r in rs])
         last = exponent([(r["L"], r["step_s"]) for r in rs[-2:]])
         m = exponent([(r["L"], r["memory"]) for r in rs])

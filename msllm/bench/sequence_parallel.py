@@ -32,7 +32,7 @@ def _worker(recipe_path: str) -> None:
     import torch.distributed as dist
 
     from msllm.config import load_recipe
-    from msllm.memory import activation_bytes, count_parameters, parameter_state_bytes
+    from msllm.memory import activation_bytes, count_parameters, loss_activation_bytes, parameter_state_bytes
     from msllm.models import build_model
     from msllm.parallel import ParallelDims, sequence
     from msllm.train.bare import bare_step
@@ -50,7 +50,9 @@ def _worker(recipe_path: str) -> None:
     inputs = ids[:, rank * L // sp : (rank + 1) * L // sp]
     labels = ids[:, rank * L // sp + 1 : (rank + 1) * L // sp + 1]
 
-    activations = activation_bytes(model, inputs, labels)
+    body = activation_bytes(model, inputs)
+    loss = loss_activation_bytes(model, ids[:, rank * L // sp : (rank + 1) * L // sp + 1], 1)  # this rank's slice
+    activations = body + loss
     states = sum(parameter_state_bytes(count_parameters(model)))
 
     def step() -> float:
@@ -64,11 +66,12 @@ def _worker(recipe_path: str) -> None:
         sequence.bytes_sent[kind] = 0
     times = [step() for _ in range(3)]
     sent = sum(sequence.bytes_sent.values()) / 3
-    figures = torch.tensor([activations, statistics.median(times), sent], dtype=torch.float64)
+    figures = torch.tensor([activations, body, loss, statistics.median(times), sent], dtype=torch.float64)
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     if rank == 0:
-        activations, seconds, sent = figures.tolist()
+        activations, body, loss, seconds, sent = figures.tolist()
         print("RESULT " + json.dumps({"arch": cfg.arch, "sp": sp, "seq_len": L, "activation_bytes": activations,
+                                      "body_bytes": body, "loss_bytes": loss,
                                       "step_bytes": states + activations, "step_seconds": seconds,
                                       "bytes_sent": sent}), flush=True)
     dist.destroy_process_group()
@@ -102,15 +105,16 @@ def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2,
 
 def to_markdown(results: list[dict]) -> str:
     base = {r["arch"]: r for r in results if r["sp"] == 1}
-    rows = ["| arch | sp | training-step MiB per rank | vs sp=1 | of which activations (loss included) | "
-            "vs sp=1 | step s (fwd+bwd) | MiB sent per rank per step |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| arch | sp | training-step MiB per rank | vs sp=1 | activations MiB (body + loss) | vs sp=1 | "
+            "body MiB | loss MiB (chunked) | step s (fwd+bwd) | MiB sent per rank per step |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b = base.get(r["arch"])
         total = r["step_bytes"] / b["step_bytes"] if b else float("nan")
         acts = r["activation_bytes"] / b["activation_bytes"] if b else float("nan")
         rows.append(f"| {r['arch']} | {r['sp']} | {r['step_bytes'] / 2**20:.1f} | {total:.3f} | "
-                    f"{r['activation_bytes'] / 2**20:.1f} | {acts:.3f} | {r['step_seconds']:.2f} | {r['bytes_sent'] / 2**20:.2f} |")
+                    f"{r['activation_bytes'] / 2**20:.1f} | {acts:.3f} | {r['body_bytes'] / 2**20:.1f} | "
+                    f"{r['loss_bytes'] / 2**20:.1f} | {r['step_seconds']:.2f} | {r['bytes_sent'] / 2**20:.2f} |")
     return "\n".join(rows)
 
 

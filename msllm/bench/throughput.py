@@ -44,12 +44,13 @@ class Setting:
     tokens_per_step: int
     steps: int  # timed steps, after two warm-up steps (compilation happens there)
     rounds: int  # bare loop and trainer measured this many times, alternately; each keeps its fastest round
+    loss_length: int  # L of the loss-kernel rows (each kernel in the bare loop)
 
 
-GPU = Setting("recipes/models/{arch}-bookcorpus.yaml", 8000, (1024, 4096, 16384, 65536, 131072), 65536, 10, 1)
+GPU = Setting("recipes/models/{arch}-bookcorpus.yaml", 8000, (1024, 4096, 16384, 65536, 131072), 65536, 10, 1, 4096)
 # Shared CPUs slow down by a third for minutes at a time (other load on the host): two alternating
 # rounds, so that the bare loop and the trainer are each compared at their least disturbed.
-CPU = Setting("recipes/models/{arch}-tiny.yaml", 0, (256, 1024), 4096, 5, 2)
+CPU = Setting("recipes/models/{arch}-tiny.yaml", 0, (256, 1024), 4096, 5, 2, 1024)
 
 
 def model_config(recipe_path: str, vocab_size: int):
@@ -63,13 +64,13 @@ def model_config(recipe_path: str, vocab_size: int):
 
 
 def build(name: str, cfg, seq_len: int):
-    """The model `name` (an msllm arch, or "hf_llama": LlamaForCausalLM at vanilla's dimensions)
-    and a function ids -> logits."""
+    """The model `name`: an msllm arch, or "hf_llama", LlamaForCausalLM at vanilla's dimensions
+    behind msllm's model interface (so that the bare step gives it the same loss)."""
     if name != "hf_llama":
         from msllm.models import build_model
 
-        model = build_model(cfg)
-        return model, model
+        return build_model(cfg)
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     scale = cfg.scales[0]
@@ -79,30 +80,43 @@ def build(name: str, cfg, seq_len: int):
         max_position_embeddings=seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(hf)
-    return model, lambda ids: model(input_ids=ids, use_cache=False).logits
+
+    class HFLlama(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.llama = LlamaForCausalLM(hf)
+            self.lm_head = self.llama.lm_head
+
+        def forward(self, input_ids, loss=None):
+            hidden = self.llama.model(input_ids=input_ids, use_cache=False).last_hidden_state
+            return self.lm_head(hidden) if loss is None else loss(hidden, self.lm_head.weight)
+
+    return HFLlama()
 
 
 def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
-            compiled: bool) -> dict:
+            compiled: bool, loss_kernel: str = "auto") -> dict:
     """Train `steps` steps (after two warm-up steps) in a bare loop; tokens/s over those steps
     (waiting for the device once, at the end, as `msllm train` between two log rows), MFU and peak
     memory. Compiled: msllm's models block by block, as `train.compile` does (so that the ratio to
-    the trainer measures the trainer, not the compile granularity); Llama as a whole."""
+    the trainer measures the trainer, not the compile granularity); Llama as a whole. The loss is
+    msllm's, with `loss_kernel` resolved as the trainer resolves it."""
     import torch
 
     from msllm.models import flops_per_token
     from msllm.train.bare import bare_step
     from msllm.train.callbacks import peak_flops, peak_rss_bytes
+    from msllm.train.loss import choose_kernel
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    kernel = choose_kernel(loss_kernel, device.type)
     cfg = model_config(recipe_path, vocab_size)
     torch.manual_seed(0)
-    model, forward = build(name, cfg, seq_len)
+    model = build(name, cfg, seq_len)
     model.to(device)
     if compiled and name == "hf_llama":
-        forward = torch.compile(forward)
+        model = torch.compile(model)
     elif compiled:
         from msllm.parallel.parallelize import compile_blocks
 
@@ -112,7 +126,7 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), device=device)
 
     def step():
-        bare_step(forward, optimizer, ids[:, :-1], ids[:, 1:], torch.bfloat16 if cuda else None)
+        bare_step(model, optimizer, ids[:, :-1], ids[:, 1:], torch.bfloat16 if cuda else None, kernel)
 
     def synchronize():
         if cuda:
@@ -131,7 +145,7 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     peak, _ = peak_flops(device)  # what `msllm train` computes its MFU against
     return {
         "model": name, "mode": "compiled" if compiled else "eager", "loop": "bare", "L": seq_len, "batch": batch,
-        "tokens_per_s": tokens_per_s,
+        "loss": kernel, "tokens_per_s": tokens_per_s,
         "mfu": flops_per_token(cfg, seq_len) * tokens_per_s / peak,
         "peak_gib": (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) / 2**30,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -145,7 +159,7 @@ def run_in_fresh_process(kwargs: dict) -> dict:
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     return {"model": kwargs["name"], "mode": "compiled" if kwargs["compiled"] else "eager", "loop": "bare",
-            "L": kwargs["seq_len"], "error": failure(proc)}
+            "L": kwargs["seq_len"], "loss": kwargs.get("loss_kernel", "auto"), "error": failure(proc)}
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:
@@ -155,7 +169,7 @@ def failure(proc: subprocess.CompletedProcess) -> str:
 
 
 def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
-                    compiled: bool) -> dict:
+                    compiled: bool, loss_kernel: str = "auto") -> dict:
     """`msllm train` for 2 x `steps` steps in a fresh process, logging every `steps` steps (as a
     run logs); tokens/s, MFU and peak memory of its last row: its last `steps` steps, the first
     `steps` having compiled and warmed up."""
@@ -163,10 +177,13 @@ def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, 
 
     import torch
 
+    from msllm.train.loss import choose_kernel
+
     cuda = torch.cuda.is_available()
     vocab = vocab_size or model_config(recipe_path, 0).vocab_size
     batch = max(1, tokens_per_step // seq_len)
-    row = {"model": name, "mode": "compiled" if compiled else "eager", "loop": "msllm train", "L": seq_len, "batch": batch}
+    row = {"model": name, "mode": "compiled" if compiled else "eager", "loop": "msllm train", "L": seq_len, "batch": batch,
+           "loss": choose_kernel(loss_kernel, "cuda" if cuda else "cpu")}
     with tempfile.TemporaryDirectory(prefix="msllm-throughput-") as out:
         settings = {
             "run.output_dir": out, "data.source": "wikipedia-sample", "data.paths": "[]",
@@ -175,7 +192,7 @@ def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, 
             "train.micro_batch_size": batch, "train.grad_accum_steps": 1, "train.max_steps": 2 * steps,
             "train.warmup_steps": 0, "train.compile": str(compiled).lower(), "train.precision": "bf16" if cuda else "fp32",
             "log.every": steps, "log.tensorboard": "false", "eval.every": 0, "eval.max_batches": 1,
-            "checkpoint.every": 0, "checkpoint.keep_last": 1,
+            "checkpoint.every": 0, "checkpoint.keep_last": 1, "train.loss_kernel": loss_kernel,
         }
         cmd = [sys.executable, "-m", "msllm.cli", "train", recipe_path, *[x for k, v in settings.items() for x in ("--set", f"{k}={v}")]]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -188,7 +205,8 @@ def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, 
 
 
 def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True)) -> list[dict]:
-    """Every (model, L, mode) in the bare loop, and for msllm's models in `msllm train` too."""
+    """Every (model, L, mode) in the bare loop, and for msllm's models in `msllm train` too, with
+    the loss the trainer chooses; then the loss kernels against each other (loss_rows)."""
     rows = []
     for name in models:
         recipe = setting.recipes.format(arch="vanilla" if name == "hf_llama" else name)
@@ -196,17 +214,43 @@ def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True))
             for compiled in modes:
                 kwargs = dict(name=name, recipe_path=recipe, vocab_size=setting.vocab_size, seq_len=seq_len,
                               tokens_per_step=setting.tokens_per_step, steps=setting.steps, compiled=compiled)
-                best: dict[str, dict] = {}
-                for _ in range(setting.rounds):
-                    found = [run_in_fresh_process(kwargs)]
-                    if name != "hf_llama":
-                        found.append(measure_trainer(**kwargs))
-                    for row in found:
-                        print(json.dumps(row), flush=True)
-                        kept = best.get(row["loop"])
-                        if kept is None or "error" in kept or row.get("tokens_per_s", 0) > kept.get("tokens_per_s", 0):
-                            best[row["loop"]] = row
-                rows += best.values()
+                rows += best_of_rounds(kwargs, setting.rounds, trainer=name != "hf_llama")
+    return rows
+
+
+def best_of_rounds(kwargs: dict, rounds: int, trainer: bool) -> list[dict]:
+    """The bare loop (and `msllm train` if `trainer`) for one setting, `rounds` times alternately;
+    each loop's fastest round."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        found = [run_in_fresh_process(kwargs)]
+        if trainer:
+            found.append(measure_trainer(**kwargs))
+        for row in found:
+            print(json.dumps(row), flush=True)
+            kept = best.get(row["loop"])
+            if kept is None or "error" in kept or row.get("tokens_per_s", 0) > kept.get("tokens_per_s", 0):
+                best[row["loop"]] = row
+    return list(best.values())
+
+
+def loss_kernels(cuda: bool) -> tuple[str, ...]:
+    """The loss kernels that can run here: dense and chunked everywhere, the fused ones on CUDA
+    where their libraries are installed."""
+    from msllm.train.loss import installed
+
+    return ("dense", "chunked") + tuple(k for k in ("liger", "cce") if cuda and installed(k))
+
+
+def loss_rows(setting: Setting, cuda: bool) -> list[dict]:
+    """vanilla and bottom_up, eager, at the setting's loss length, in the bare loop with each loss kernel."""
+    rows = []
+    for name in ("vanilla", "bottom_up"):
+        for kernel in loss_kernels(cuda):
+            kwargs = dict(name=name, recipe_path=setting.recipes.format(arch=name), vocab_size=setting.vocab_size,
+                          seq_len=setting.loss_length, tokens_per_step=setting.tokens_per_step, steps=setting.steps,
+                          compiled=False, loss_kernel=kernel)
+            rows += best_of_rounds(kwargs, setting.rounds, trainer=False)
     return rows
 
 
@@ -221,18 +265,18 @@ def table(rows: list[dict], setting: Setting) -> str:
         "`msllm train` uses (msllm.train.callbacks.peak_flops). \"train / bare\": the trainer's tokens/s over the "
         "bare loop's for the same model, L and mode.",
         "",
-        "| model | mode | loop | L | batch | tokens/s | train / bare | MFU | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | loop | loss | L | batch | tokens/s | train / bare | MFU | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    bare = {(r["model"], r["mode"], r["L"]): r for r in rows if r.get("loop") == "bare" and "error" not in r}
+    bare = {(r["model"], r["mode"], r["L"], r.get("loss")): r for r in rows if r.get("loop") == "bare" and "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r['L']} | | {r['error']} | | | |")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | | {r['error']} | | | |")
             continue
-        ref = bare.get((r["model"], r["mode"], r["L"]))
+        ref = bare.get((r["model"], r["mode"], r["L"], r.get("loss")))
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if r["loop"] != "bare" and ref else ""
-        lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r['L']} | {r['batch']} | {r['tokens_per_s']:,.0f} "
-                     f"| {ratio} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |")
+        lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | {r['batch']} | "
+                     f"{r['tokens_per_s']:,.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |")
     return "\n".join(lines)
 
 
@@ -270,8 +314,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def bench_throughput(args) -> str:
     import torch
 
-    setting = GPU if torch.cuda.is_available() else CPU
+    cuda = torch.cuda.is_available()
+    setting = GPU if cuda else CPU
     rows = rows_for(setting)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    kernels = loss_rows(setting, cuda)
+    device = torch.cuda.get_device_name() if cuda else "CPU"
     plot(rows, Path(args.out) / "throughput.png", f"bare-loop training throughput ({device})")
-    return table(rows, setting) + "\n\n![throughput](throughput.png)"
+    return (table(rows, setting) + "\n\n![throughput](throughput.png)\n\n"
+            f"The loss kernels against each other (bare loop, eager, L={setting.loss_length}; msllm.train.loss):\n\n"
+            + table(kernels, setting))

@@ -1,10 +1,11 @@
 """Bottom-up: read the tokens locally, then summarise upwards.
 
-    tokens -> embed -> scale 0 blocks (local attention)      -> h0 ---------------------------+
-                         pool k1 -> scale 1 blocks (full)     -> h1 -> upsample f1 ----------+
-                                      pool k2 -> scale 2 ...  -> h2 -> upsample f2 ----------+
-                                                                                              |
-           logits <- lm_head <- norm <- final blocks (local) <- aggregate (sum | attention) <-+
+    tokens -> embed -> scale 0 blocks (local attention)      -> h0 --------------------------------+
+                         pool k1 -> scale 1 blocks (full)     -> h1 -> upsample f1 ----------------+
+                                      pool k2 -> scale 2 ...  -> h2 -> upsample f2 ----------------+
+                                                                                                   |
+    hidden states <- norm <- final blocks (local) <- aggregate (sum | attention) <-----------------+
+    logits <- lm_head <- hidden states
 
 Every pooling is causal (layers.CausalPool): coarse position j of scale s only summarises tokens
 <= j * f_s, and upsampling repeats it onto tokens j * f_s .. j * f_s + f_s - 1, so no token sees
@@ -19,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from msllm.models.layers import CausalPool, RMSNorm, Upsample, init_weights, make_blocks, make_core
+from msllm.models.layers import CausalLM, CausalPool, RMSNorm, Upsample, init_weights, make_blocks, make_core
 
 
 class ScaleAttention(nn.Module):
@@ -41,7 +42,7 @@ class ScaleAttention(nn.Module):
         return (weights.unsqueeze(-1) * stacked).sum(dim=2)
 
 
-class BottomUpLM(nn.Module):
+class BottomUpLM(CausalLM):
     def __init__(self, cfg):
         super().__init__()
         factors = cfg.cumulative_factors()
@@ -63,7 +64,7 @@ class BottomUpLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         L = input_ids.shape[1]
         input_ids = nn.functional.pad(input_ids, (0, -L % self.multiple))
         h = self.embed(input_ids)
@@ -78,4 +79,4 @@ class BottomUpLM(nn.Module):
         h = self.aggregate(per_scale) if self.aggregate is not None else sum(per_scale)
         for block in self.final:
             h = block(h)
-        return self.lm_head(self.norm(h))[:, :L]
+        return self.norm(h)[:, :L]

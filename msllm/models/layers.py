@@ -111,6 +111,28 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class CausalLM(nn.Module):
+    """What every architecture shares at its ends: `hidden_states(input_ids) -> [B, L, d]` (the final
+    hidden states, after the last norm; each model file defines it) and the output head `lm_head`
+    (its weight tied to the embeddings or not).
+
+    forward(input_ids)        -> logits [B, L, vocab] (generation, tests)
+    forward(input_ids, loss)  -> loss(hidden states, lm_head.weight): training and eval pass the
+                                 loss of msllm.train.loss, which never materialises all the logits.
+                                 It runs inside forward so that wrappers which gather parameters
+                                 around forward (ZeRO-3) have the head's weight in place.
+    """
+
+    lm_head: nn.Linear
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, loss=None) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids)
+        return self.lm_head(hidden) if loss is None else loss(hidden, self.lm_head.weight)
+
+
 def make_core(attention: str, window: int) -> nn.Module:
     return LocalCausalAttention(window) if attention == "local" else FullCausalAttention()
 

@@ -3,7 +3,7 @@
     tokens -> embed = x
     scale S-1:  pool(x, f_{S-1})                        -> blocks (full) -> h_{S-1}
     scale s:    norm(pool(x, f_s)) + upsample(norm(h_{s+1}), k_{s+1}) -> blocks        -> h_s
-    scale 0:    norm(x)            + upsample(norm(h_1), k_1)         -> blocks (local) -> norm -> lm_head
+    scale 0:    norm(x)            + upsample(norm(h_1), k_1)         -> blocks (local) -> norm -> hidden states
 
 Long range flows through the coarse path; the token scale stays local. Each pooling goes straight
 from the embeddings to its scale with a causal shift of f_s - 1 (layers.CausalPool), so coarse
@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msllm.models.layers import CausalPool, RMSNorm, Upsample, init_weights, make_blocks, make_core
+from msllm.models.layers import CausalLM, CausalPool, RMSNorm, Upsample, init_weights, make_blocks, make_core
 
 
-class TopDownLM(nn.Module):
+class TopDownLM(CausalLM):
     def __init__(self, cfg):
         super().__init__()
         factors = cfg.cumulative_factors()
@@ -48,7 +48,7 @@ class TopDownLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         L = input_ids.shape[1]
         input_ids = nn.functional.pad(input_ids, (0, -L % self.multiple))
         x = self.embed(input_ids)
@@ -60,4 +60,4 @@ class TopDownLM(nn.Module):
             h = inputs
             for block in self.scales[s]:
                 h = block(h)
-        return self.lm_head(self.norm(h))[:, :L]
+        return self.norm(h)[:, :L]

@@ -1,7 +1,7 @@
 """Vanilla: the baseline every claim is measured against. The Llama layout (pre-norm RMSNorm,
 RoPE, SwiGLU, no biases), so that it exports to a Hugging Face Llama checkpoint.
 
-    tokens -> embed -> N x Block -> norm -> lm_head -> logits
+    tokens -> embed -> N x Block -> norm -> hidden states -> lm_head -> logits
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msllm.models.layers import RMSNorm, init_weights, make_blocks, make_core
+from msllm.models.layers import CausalLM, RMSNorm, init_weights, make_blocks, make_core
 
 
-class VanillaLM(nn.Module):
+class VanillaLM(CausalLM):
     def __init__(self, cfg, core_factory=None):
         """`core_factory` makes each layer's attention core; by default the one scales[0] names
         (retina.py passes its own)."""
@@ -27,8 +27,8 @@ class VanillaLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(input_ids)
         for layer in self.layers:
             h = layer(h)
-        return self.lm_head(self.norm(h))
+        return self.norm(h)

@@ -66,6 +66,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, recipe):
         model = apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)
     if recipe.train.compile:
         model = compile_blocks(model, checkpointed=recipe.parallel.activation_checkpointing)
+    if recipe.parallel.zero_stage == 3:
+        # The loss reads the head's weight in the model's own forward, outside lm_head.forward
+        # (msllm.train.loss never computes all the logits): ZeRO-3 must gather it there too.
+        deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
     optimizer = build_optimizer(model, recipe, get_accelerator().device_name())
     scheduler = build_scheduler(optimizer, recipe.train)
     engine, _, _, _ = deepspeed.initialize(

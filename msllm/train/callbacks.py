@@ -326,7 +326,8 @@ class EvalCallback(Callback):
         trainer.engine.eval()
         try:
             row = evaluate(trainer.engine, self.loader, self.manifest, self.batch_size, r.eval.max_batches,
-                           trainer.device, dp_size=dims.dp)
+                           trainer.device, dp_size=dims.dp, loss_kernel=trainer.loss_kernel,
+                           loss_chunk_size=r.train.loss_chunk_size)
         finally:
             trainer.engine.train()
         row.update(step=trainer.step, tokens=trainer.tokens, time=time.time())

@@ -15,13 +15,6 @@ import torch
 from msllm.train import dist
 
 
-def token_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of the token cross-entropies of one slice, in fp32."""
-    return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum", ignore_index=-100
-    )
-
-
 def eval_batches(manifest: dict, batch_size: int, dp_size: int, max_batches: int) -> int:
     """Batches per rank that cover the validation split once (capped by eval.max_batches)."""
     samples = int(manifest["splits"]["validation"]["samples"])
@@ -30,9 +23,12 @@ def eval_batches(manifest: dict, batch_size: int, dp_size: int, max_batches: int
 
 
 @torch.no_grad()
-def evaluate(forward, loader, manifest: dict, batch_size: int, max_batches: int, device, dp_size: int = 1) -> dict:
-    """Run `forward(input_ids) -> logits` over one pass of the validation `loader` (at most
-    eval.max_batches batches); every rank calls this and gets the same result."""
+def evaluate(model, loader, manifest: dict, batch_size: int, max_batches: int, device, dp_size: int = 1,
+             loss_kernel: str = "chunked", loss_chunk_size: int = 0) -> dict:
+    """The summed loss of `model` (msllm.train.loss) over one pass of the validation `loader` (at
+    most eval.max_batches batches); every rank calls this and gets the same result."""
+    from msllm.train.loss import model_loss
+
     t0 = time.perf_counter()
     n_batches = eval_batches(manifest, batch_size, dp_size, max_batches)
     total = torch.zeros(2, dtype=torch.float64)
@@ -40,8 +36,7 @@ def evaluate(forward, loader, manifest: dict, batch_size: int, max_batches: int,
         if i >= n_batches:
             break
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        logits = forward(ids)
-        total[0] += token_cross_entropy_sum(logits, labels).double().cpu()
+        total[0] += model_loss(model, ids, labels, loss_kernel, loss_chunk_size).double().cpu()
         total[1] += (labels != -100).sum().item()
     dist.all_reduce_sum(total)
     loss = (total[0] / total[1].clamp(min=1)).item()
@@ -93,7 +88,11 @@ def evaluate_checkpoint(recipe, path: str) -> dict:
     from msllm.data import build_dataloader
 
     loader = build_dataloader(recipe.data, "validation", batch, recipe.run.seed, shuffle=False)
-    row = evaluate(model, loader, manifest, batch, recipe.eval.max_batches, device, dp_size=denv.world_size)
+    from msllm.train.loss import choose_kernel
+
+    kernel = choose_kernel(recipe.train.loss_kernel, device.type)
+    row = evaluate(model, loader, manifest, batch, recipe.eval.max_batches, device, dp_size=denv.world_size,
+                   loss_kernel=kernel, loss_chunk_size=recipe.train.loss_chunk_size)
     row["step"] = int(saved_step(ckpt))
     row["checkpoint"] = str(ckpt)
     if denv.is_main:

@@ -63,7 +63,7 @@ from msllm.train.checkpoint import CheckpointManager, set_rng_state
 from msllm.train.nonfinite import NonFiniteGuard
 from msllm.train.runfolder import claim_run_folder
 from msllm.train.dist import say
-from msllm.train.evaluate import token_cross_entropy_sum
+from msllm.train.loss import choose_kernel, model_loss
 from msllm.train.optim import lr_at
 
 
@@ -115,6 +115,8 @@ class Trainer:
 
         self.denv, self.dims = denv, dims
         self.accel = get_accelerator()
+        # Before anything is written: a fused kernel that cannot run here is a one-line error.
+        self.loss_kernel = choose_kernel(recipe.train.loss_kernel, self.accel.device_name())
         self.out = Path(recipe.run.output_dir)
 
         self.shards = prepare_data(recipe, denv)
@@ -171,6 +173,7 @@ class Trainer:
             f"(global batch {self.global_batch} = micro {r.train.micro_batch_size} x accum {self.gas} x dp {self.dims.dp}, "
             f"seq_len {r.data.seq_len}) | world {self.denv.world_size} ({self.dims.describe()}, {self.denv.launcher}) | "
             f"ZeRO {r.parallel.zero_stage} | {r.train.precision} on {self.accel.device_name()} | "
+            f"loss {self.loss_kernel}" + (" (auto)" if r.train.loss_kernel == "auto" else "") + " | "
             f"steps {self.step}/{self.max_steps}"
             + (f" | ready in {fmt_duration(time.perf_counter() - started)}" if started else "")
         )
@@ -266,7 +269,7 @@ class Trainer:
             batch = next(batches)
             ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
-            ce = token_cross_entropy_sum(engine(ids), labels)
+            ce = model_loss(engine, ids, labels, self.loss_kernel, self.recipe.train.loss_chunk_size)
             engine.backward(ce * self.grad_scale)
             if micro == self.gas - 1:
                 self.last_lr = float(engine.get_lr()[0])  # the rate this update uses (a host value)
