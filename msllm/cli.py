@@ -44,7 +44,8 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from msllm.inspect import inspect_recipe
 
-    inspect_recipe(_load(args), seq_len=args.seq_len, measure=not args.no_measure)
+    inspect_recipe(_load(args), seq_len=args.seq_len, measure=not args.no_measure, world_size=args.world_size,
+                   measure_len=args.measure_len)
     return 0
 
 
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--seq-len", type=int, default=0, help="measure at this length (default: data.seq_len)")
     p.add_argument("--no-measure", action="store_true", help="skip the forward/backward measurement")
+    p.add_argument("--world-size", type=int, default=0,
+                   help="ranks of the job (default parallel.sp): the memory is one rank's, ZeRO sharded over world/sp")
+    p.add_argument("--measure-len", type=int, default=0,
+                   help="measure the activations on samples of this many tokens and extend linearly to one rank's "
+                        "positions (for lengths too long to run here)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("prep", help="train the tokenizer and write MDS shards for a recipe's data")

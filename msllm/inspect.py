@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from msllm.errors import RecipeError
 from msllm.memory import loss_activation_bytes, sample_tokens, step_memory
 from msllm.models import build_model, flops_per_token
 from msllm.parallel.parallelize import apply_activation_checkpointing
@@ -41,9 +42,22 @@ def parameters_by_part(model: nn.Module) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: int = 0) -> dict:
-    """Print (and return) the figures for a recipe's model at `seq_len` (default data.seq_len)."""
+def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: int = 0, world_size: int = 0,
+                   measure_len: int = 0) -> dict:
+    """Print (and return) the figures for a recipe's model at `seq_len` (default data.seq_len).
+
+    The memory is one rank's in a job of `world_size` ranks (default parallel.sp: one data-parallel
+    replica): under sequence parallelism each rank holds seq_len / sp positions of every scale,
+    measured as the unsplit model on that many tokens (per rank, Ulysses' full attention over
+    H / sp heads saves what L / sp positions of H heads do; the halos add w positions per local
+    layer, not counted); ZeRO shards over dp = world_size / sp. `measure_len` measures on shorter
+    samples and extends linearly (msllm.memory.step_memory)."""
     seq_len = seq_len or recipe.data.seq_len
+    sp = recipe.parallel.sp
+    world_size = world_size or sp
+    if world_size % sp:
+        raise RecipeError(f"--world-size {world_size} is not a multiple of parallel.sp {sp}")
+    per_rank = seq_len // sp
     model_cfg = recipe.model
     if model_cfg.vocab_size == 0:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size or recipe.data.tokenizer.vocab_size)
@@ -64,19 +78,25 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
             apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)
         start = time.perf_counter()
         kernel = inspected_kernel(recipe.train.loss_kernel)
-        memory = step_memory(model, model_cfg.vocab_size, recipe.train.micro_batch_size, seq_len, recipe.train.precision,
-                             recipe.parallel.zero_stage, dp=1, loss_kernel=kernel,
-                             loss_chunk_size=recipe.train.loss_chunk_size)
+        measured = min(measure_len or per_rank, per_rank)
+        memory = step_memory(model, model_cfg.vocab_size, recipe.train.micro_batch_size, per_rank, recipe.train.precision,
+                             recipe.parallel.zero_stage, dp=world_size // sp, loss_kernel=kernel,
+                             loss_chunk_size=recipe.train.loss_chunk_size, measure_len=measured)
         report["memory"] = memory
+        layout = "one rank" if world_size == 1 else (
+            f"one rank of {world_size} (sp {sp}: {per_rank:,} of the {seq_len:,} positions; dp {world_size // sp})")
+        how = f"measured at {measured:,} tokens and extended linearly" if measured != per_rank else "measured"
         print(
             f"training step  {recipe.train.micro_batch_size} x {seq_len} tokens, {recipe.train.precision}, "
-            f"ZeRO {recipe.parallel.zero_stage}, one rank, loss {kernel} (measured in {time.perf_counter() - start:.1f} s):"
+            f"ZeRO {recipe.parallel.zero_stage}, {layout}, loss {kernel} ({how} in {time.perf_counter() - start:.1f} s):"
         )
         for part, nbytes in memory.as_dict().items():
             print(f"  {part:<22} {nbytes / 2**20:>12,.1f} MiB")
         if kernel != "dense":  # what the loss would cost with every logit materialised
-            tokens = sample_tokens(model, model_cfg.vocab_size, seq_len)
-            dense = loss_activation_bytes(model, tokens, recipe.train.micro_batch_size, "dense")
+            # measured on short samples and extended (exact for the loss): two long samples' dense
+            # logits could take more memory than this machine has
+            tokens = sample_tokens(model, model_cfg.vocab_size, min(measured, 2048))
+            dense = loss_activation_bytes(model, tokens, recipe.train.micro_batch_size * per_rank, "dense")
             report["dense_loss_activations"] = dense
             print(f"  {'(loss_activations, dense)':<22} {dense / 2**20:>12,.1f} MiB  (train.loss_kernel: dense)")
     return report

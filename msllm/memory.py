@@ -80,12 +80,13 @@ def activation_bytes(model: nn.Module, input_ids: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def loss_activation_bytes(model: nn.Module, tokens: torch.Tensor, micro_batch: int, kernel: str = "chunked",
+def loss_activation_bytes(model: nn.Module, tokens: torch.Tensor, positions: int, kernel: str = "chunked",
                           chunk_size: int = 0) -> int:
-    """Bytes the loss holds in a micro-batch of `micro_batch` samples like `tokens` [1, L + 1]
-    (inputs and labels): what it saves for backward, measured on one and on two samples and
-    extended linearly (exact: the dense kernel's saved tensors grow with the positions; of the
-    chunked one's, the hidden states' gradient does and the weight's does not), plus its workspace
+    """Bytes the loss holds for a micro-batch of `positions` positions (micro-batch x L on this
+    rank), measured on samples like `tokens` [1, n + 1] (inputs and labels): what it saves for
+    backward, measured on one and on two such samples and extended linearly to `positions` (exact:
+    the dense kernel's saved tensors grow with the positions; of the chunked one's, the hidden
+    states' gradient does and the weight's does not), plus its workspace at `positions`
     (msllm.train.loss.loss_workspace_bytes)."""
     from msllm.train.loss import lm_loss, loss_workspace_bytes
 
@@ -100,9 +101,9 @@ def loss_activation_bytes(model: nn.Module, tokens: torch.Tensor, micro_batch: i
             loss = lm_loss(h, weight, labels.expand(n, -1), kernel, chunk_size)
         saved.append(sum(storages.values()))
         del loss, h
-    per_sample = saved[1] - saved[0]
-    positions = micro_batch * hidden.shape[1]
-    return saved[0] + per_sample * (micro_batch - 1) + loss_workspace_bytes(
+    per_position = (saved[1] - saved[0]) / hidden.shape[1]
+    fixed = saved[0] - per_position * hidden.shape[1]
+    return round(fixed + per_position * positions) + loss_workspace_bytes(
         kernel, positions, weight.shape[0], hidden.shape[-1], hidden.dtype, chunk_size)
 
 
@@ -145,18 +146,23 @@ def parameter_state_bytes(n_parameters: int, precision: str = "fp32", zero_stage
 
 def step_memory(model: nn.Module, vocab_size: int, micro_batch: int, seq_len: int, precision: str = "fp32",
                 zero_stage: int = 0, dp: int = 1, seed: int = 0, loss_kernel: str = "chunked",
-                loss_chunk_size: int = 0) -> StepMemory:
+                loss_chunk_size: int = 0, measure_len: int = 0) -> StepMemory:
     """The memory split of a training step of `model` (as built, with activation checkpointing
     applied if wanted; parameters on the device where the forward pass should run) on
     `micro_batch` x `seq_len` tokens per rank, at `precision`, with ZeRO `zero_stage` over `dp`
     data-parallel ranks and the loss kernel `loss_kernel`. Runs the body's forward on one sample
     (samples do not interact: the micro-batch is a multiple of it) and the loss on one and two, in
-    `precision` on the model's device; the model is cast in place."""
+    `precision` on the model's device; the model is cast in place.
+
+    `measure_len` (0: seq_len) measures on samples of that many tokens instead and extends the
+    figures linearly to seq_len: for lengths too long to run here (activation bytes per token are
+    flat in L for every architecture, tests/test_models.py; the loss's extension is exact)."""
     parameters, gradients, optimizer = parameter_state_bytes(count_parameters(model), precision, zero_stage, dp)
     model.to(DTYPES[precision])
-    tokens = sample_tokens(model, vocab_size, seq_len, seed)
-    body = micro_batch * activation_bytes(model, tokens[:, :-1])
-    loss = loss_activation_bytes(model, tokens, micro_batch, loss_kernel, loss_chunk_size)
+    measured = measure_len or seq_len
+    tokens = sample_tokens(model, vocab_size, measured, seed)
+    body = round(micro_batch * activation_bytes(model, tokens[:, :-1]) * seq_len / measured)
+    loss = loss_activation_bytes(model, tokens, micro_batch * seq_len, loss_kernel, loss_chunk_size)
     return StepMemory(parameters, gradients, optimizer, body, loss, loss_kernel)
 
 

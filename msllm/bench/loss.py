@@ -54,7 +54,7 @@ def memory_rows(kernels: tuple[str, ...] = ("dense", "chunked")) -> list[dict]:
     torch.manual_seed(0)
     model = build_model(cfg).to(DTYPES[r.train.precision])
     tokens = sample_tokens(model, cfg.vocab_size, r.data.seq_len)
-    return [{"kernel": k, "bytes": loss_activation_bytes(model, tokens, r.train.micro_batch_size, k),
+    return [{"kernel": k, "bytes": loss_activation_bytes(model, tokens, r.train.micro_batch_size * r.data.seq_len, k),
              "positions": r.train.micro_batch_size * r.data.seq_len, "vocab": cfg.vocab_size, "d_model": cfg.d_model,
              "precision": r.train.precision} for k in kernels]
 

@@ -51,7 +51,7 @@ def _worker(recipe_path: str) -> None:
     labels = ids[:, rank * L // sp + 1 : (rank + 1) * L // sp + 1]
 
     body = activation_bytes(model, inputs)
-    loss = loss_activation_bytes(model, ids[:, rank * L // sp : (rank + 1) * L // sp + 1], 1)  # this rank's slice
+    loss = loss_activation_bytes(model, ids[:, rank * L // sp : (rank + 1) * L // sp + 1], L // sp)  # this rank's slice
     activations = body + loss
     states = sum(parameter_state_bytes(count_parameters(model)))
 
