@@ -64,21 +64,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from msllm.train.evaluate import evaluate_checkpoint
+    from msllm.use.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(_load(args), args.checkpoint)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from msllm.train.generate import generate_cli
+    from msllm.use.generate import generate_cli
 
-    generate_cli(args)
+    generate_cli(args.source, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from msllm.train.export import export_checkpoint
+    from msllm.use.export import export_checkpoint
 
     export_checkpoint(args.checkpoint, args.out, force=args.force)
     return 0

@@ -257,6 +257,11 @@ class CheckpointConfig:
     every: int = doc(0, "Save every this many steps (0: only at the end).")
     keep_last: int = doc(2, "Keep this many most recent complete checkpoints.")
     resume: bool = doc(True, "Resume from the latest complete checkpoint in output_dir.")
+    restart_if_all_corrupt: bool = doc(
+        True,
+        "When every checkpoint in output_dir fails its checks at resume (each is set aside, never "
+        "deleted): start again from step 0 with a loud warning (true), or stop with an error (false).",
+    )
 
 
 @dataclass
@@ -454,6 +459,19 @@ def _describe(value: Any) -> str:
     if value is None:
         return "nothing (null)"
     return f"{type(value).__name__} {value!r}"
+
+
+def with_vocab_size(recipe: Recipe, vocab_size: int) -> Recipe:
+    """The recipe with model.vocab_size taken from the tokenizer's `vocab_size` (when it is 0, the
+    usual case), or checked against it: the one place where the model meets its tokenizer."""
+    if recipe.model.vocab_size == 0:
+        return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, vocab_size=vocab_size))
+    if recipe.model.vocab_size < vocab_size:
+        raise RecipeError(
+            f"model.vocab_size {recipe.model.vocab_size} is smaller than the tokenizer's "
+            f"{vocab_size} (set it to 0 to take the tokenizer's)"
+        )
+    return recipe
 
 
 # ----------------------------------------------------------------------------------------------

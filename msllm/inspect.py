@@ -19,7 +19,7 @@ from torch import nn
 from msllm.errors import RecipeError
 from msllm.memory import loss_activation_bytes, sample_tokens, step_memory
 from msllm.models import build_model, flops_per_token
-from msllm.parallel.parallelize import apply_activation_checkpointing
+from msllm.distributed.parallelize import apply_activation_checkpointing
 
 
 def parameters_by_part(model: nn.Module) -> dict[str, int]:

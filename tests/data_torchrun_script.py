@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from msllm.config import DataConfig
 from msllm.data import build_dataloader
-from msllm.parallel import ParallelDims
+from msllm.distributed import ParallelDims
 
 
 def rows(batch):

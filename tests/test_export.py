@@ -35,10 +35,11 @@ def test_hf_llama_gives_the_same_logits(exported):
     import torch
     from transformers import LlamaForCausalLM
 
-    from msllm.train.generate import load_for_inference
+    from msllm.use.load import load_model
 
     _, dest = exported
-    ours, cfg, _, _ = load_for_inference(dest)
+    loaded = load_model(dest)
+    ours, cfg = loaded.model, loaded.recipe.model
     hf = LlamaForCausalLM.from_pretrained(str(dest / "hf"), dtype=torch.float32).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import types
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from msllm.config import ModelConfig, ScaleConfig
+from msllm.config import DataConfig, ModelConfig, Recipe, ScaleConfig
 
 ARCHS = {
     "vanilla": dict(scales=[ScaleConfig(layers=1, attention="full")]),
@@ -20,7 +19,7 @@ ARCHS = {
 
 
 def test_sampling_filters():
-    from msllm.train.generate import sample_next
+    from msllm.use.generate import sample_next
 
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
     g = torch.Generator().manual_seed(0)
@@ -38,7 +37,7 @@ def test_generate_every_architecture(tmp_path, tiny_data, arch, capsys):
     from safetensors.torch import save_file
 
     from msllm.models import build_model
-    from msllm.train.generate import generate_cli
+    from msllm.use.generate import generate_cli
 
     _, shards = tiny_data
     cfg = ModelConfig(arch=arch, vocab_size=320, d_model=32, n_heads=2, final_layers=1, **ARCHS[arch])
@@ -47,11 +46,11 @@ def test_generate_every_architecture(tmp_path, tiny_data, arch, capsys):
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps(asdict(cfg)))
+    (tmp_path / "recipe.yaml").write_text(Recipe(model=cfg, data=DataConfig(seq_len=16)).to_yaml())
     (tmp_path / "export.json").write_text(json.dumps({"seq_len": 16}))
     (tmp_path / "tokenizer.model").write_bytes((shards / "tokenizer.model").read_bytes())
-    args = types.SimpleNamespace(source=str(tmp_path), prompt="The cat", max_new_tokens=20, temperature=1.0,
-                                 top_k=50, top_p=0.95, seed=1)
-    text = generate_cli(args)
+    args = dict(source=str(tmp_path), prompt="The cat", max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, seed=1)
+    text = generate_cli(**args)
     assert text.startswith("The cat") and len(text) > len("The cat")
-    assert generate_cli(args) == text  # same seed, same text
+    assert generate_cli(**args) == text  # same seed, same text
     capsys.readouterr()

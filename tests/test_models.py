@@ -16,7 +16,7 @@ from msllm.models import build_model
 from msllm.models.attention import local_attention
 from msllm.models.layers import Attention, CausalPool, Upsample
 from msllm.models.retina import RetinaPattern, retina_attention
-from msllm.parallel.parallelize import apply_activation_checkpointing
+from msllm.distributed.parallelize import apply_activation_checkpointing
 
 VOCAB = 97
 

@@ -28,7 +28,7 @@ def _train_cfg(**kw):
 
 
 def test_schedule_warmup_then_cosine_or_linear_to_min_lr():
-    from msllm.train.optim import lr_at
+    from msllm.train.engine import lr_at
 
     cfg = _train_cfg(max_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="cosine")
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
@@ -46,7 +46,7 @@ def test_schedule_warmup_then_cosine_or_linear_to_min_lr():
 def test_no_weight_decay_on_norms_and_biases_but_on_embeddings():
     import torch
 
-    from msllm.train.optim import param_groups
+    from msllm.train.engine import param_groups
 
     model = torch.nn.ModuleDict(
         {"embed": torch.nn.Embedding(10, 4), "lin": torch.nn.Linear(4, 4), "norm": torch.nn.LayerNorm(4)}
@@ -63,7 +63,7 @@ def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
     against; the CPU keeps the foreach form that its figures and reference losses were taken with."""
     import torch
 
-    from msllm.train.optim import build_optimizer
+    from msllm.train.engine import build_optimizer
 
     model = torch.nn.Linear(4, 4)
     recipe = from_dict({"model": {"arch": "vanilla"}})
@@ -76,7 +76,7 @@ def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
 
 
 def test_deepspeed_config_from_recipe():
-    from msllm.train.optim import deepspeed_config
+    from msllm.train.engine import deepspeed_config
 
     r = from_dict({
         "model": {"arch": "vanilla"},
@@ -95,7 +95,7 @@ def test_deepspeed_config_from_recipe():
 
 
 def test_launcher_environments():
-    from msllm.train.dist import read_env
+    from msllm.distributed.env import read_env
 
     env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     d = read_env(env)
@@ -112,7 +112,7 @@ def test_launcher_environments():
 
 
 def test_world_size_must_be_a_multiple_of_sp():
-    from msllm.parallel import ParallelDims
+    from msllm.distributed import ParallelDims
 
     r = from_dict({"model": {"arch": "vanilla"}, "parallel": {"sp": 2}})
     assert ParallelDims.from_recipe(r, world_size=4, rank=0).dp == 2
@@ -123,7 +123,7 @@ def test_world_size_must_be_a_multiple_of_sp():
 def test_parallel_dims_lay_out_contiguous_sequence_parallel_groups():
     """rank = dp_rank * sp + sp_rank: groups of sp contiguous ranks read the same samples (one
     replica each), and on resume a rank continues from its replica's first rank in the saved run."""
-    from msllm.parallel import ParallelDims
+    from msllm.distributed import ParallelDims
 
     dims = [ParallelDims(world_size=8, rank=r, sp=4) for r in range(8)]
     assert [d.dp for d in dims] == [2] * 8
@@ -141,7 +141,7 @@ def test_mfu_peak_of_known_accelerators_by_device_name():
     """The names torch reports for each device, the most specific entry winning; unknown: None."""
     import torch
 
-    from msllm.train.callbacks import known_peak_flops, peak_flops
+    from msllm.metrics import known_peak_flops, peak_flops
 
     assert known_peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # SXM
     assert known_peak_flops("NVIDIA H200") == 989e12

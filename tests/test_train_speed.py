@@ -78,10 +78,10 @@ def counted_allreduce(self, *args, **kwargs):
 deepspeed.DeepSpeedEngine.allreduce_gradients = counted_allreduce
 
 train_step = trainer_module.Trainer.train_step
-def counted_train_step(self, batches):
+def counted_train_step(self, batches, plan):
     before = reads[0]
-    train_step(self, batches)
-    print(f"HOST READS step {self.step}: {reads[0] - before}", flush=True)
+    train_step(self, batches, plan)
+    print(f"HOST READS step {self.state.step}: {reads[0] - before}", flush=True)
 trainer_module.Trainer.train_step = counted_train_step
 """
 

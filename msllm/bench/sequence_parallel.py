@@ -34,7 +34,7 @@ def _worker(recipe_path: str) -> None:
     from msllm.config import load_recipe
     from msllm.memory import activation_bytes, count_parameters, loss_activation_bytes, parameter_state_bytes
     from msllm.models import build_model
-    from msllm.parallel import ParallelDims, sequence
+    from msllm.distributed import ParallelDims, sequence
     from msllm.train.bare import bare_step
 
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
@@ -44,7 +44,8 @@ def _worker(recipe_path: str) -> None:
     L = recipe.data.seq_len
     torch.manual_seed(0)
     dims = ParallelDims(world_size=sp, rank=dist.get_rank(), sp=sp)
-    model = sequence.apply_sequence_parallel(build_model(cfg), dims.sequence_parallel_group())
+    traffic = sequence.Traffic()
+    model = sequence.apply_sequence_parallel(build_model(cfg), dims.sequence_parallel_group(), traffic)
     ids = torch.randint(0, cfg.vocab_size, (1, L + 1), generator=torch.Generator().manual_seed(0))
     rank = dist.get_rank()
     inputs = ids[:, rank * L // sp : (rank + 1) * L // sp]
@@ -62,10 +63,9 @@ def _worker(recipe_path: str) -> None:
         return time.perf_counter() - start
 
     step()  # warm-up
-    for kind in sequence.bytes_sent:
-        sequence.bytes_sent[kind] = 0
+    traffic.reset()
     times = [step() for _ in range(3)]
-    sent = sum(sequence.bytes_sent.values()) / 3
+    sent = sum(traffic.bytes_sent.values()) / 3
     figures = torch.tensor([activations, body, loss, statistics.median(times), sent], dtype=torch.float64)
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     if rank == 0:

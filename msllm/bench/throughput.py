@@ -105,7 +105,7 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
 
     from msllm.models import flops_per_token
     from msllm.train.bare import bare_step
-    from msllm.train.callbacks import peak_flops, peak_rss_bytes
+    from msllm.metrics import peak_flops, peak_rss_bytes
     from msllm.train.loss import choose_kernel
 
     cuda = torch.cuda.is_available()
@@ -118,7 +118,7 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     if compiled and name == "hf_llama":
         model = torch.compile(model)
     elif compiled:
-        from msllm.parallel.parallelize import compile_blocks
+        from msllm.distributed.parallelize import compile_blocks
 
         compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
@@ -262,7 +262,7 @@ def table(rows: list[dict], setting: Setting) -> str:
         "Compiled: each transformer block, as `train.compile` does, in both loops; Llama as a whole. Models "
         f"from `{setting.recipes}`" + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
         "Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU. MFU against the peak "
-        "`msllm train` uses (msllm.train.callbacks.peak_flops). \"train / bare\": the trainer's tokens/s over the "
+        "`msllm train` uses (msllm.metrics.peak_flops). \"train / bare\": the trainer's tokens/s over the "
         "bare loop's for the same model, L and mode.",
         "",
         "| model | mode | loop | loss | L | batch | tokens/s | train / bare | MFU | peak GiB |",

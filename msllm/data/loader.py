@@ -7,7 +7,7 @@
 A sample of L+1 tokens gives input_ids = tokens[:-1] and labels = tokens[1:]; rank r of a
 sequence-parallel group of sp ranks keeps positions [r*L/sp, (r+1)*L/sp) of both. The ranks of a
 group read the same samples: StreamingDataset's `replication` makes them act as one data-parallel
-rank. Which slice and which replication is the trainer's msllm.parallel.ParallelDims' to say.
+rank. Which slice and which replication is the trainer's msllm.distributed.ParallelDims' to say.
 
 Train loaders repeat: at the end of an epoch the next one starts (reshuffled by streaming from the
 seed and the epoch number). `state_dict()` / `load_state_dict()` are streaming's (epoch, sample in

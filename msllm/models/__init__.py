@@ -7,7 +7,7 @@
     retina     one stack, attention ever coarser with distance (retina.py)
 
 Shared blocks live in layers.py. Parallelism and activation checkpointing are applied from outside
-(msllm.parallel.parallelize).
+(msllm.distributed.parallelize).
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
-"""Training, evaluation, checkpoints, export and generation on DeepSpeed.
+"""Training on DeepSpeed: the loop and the pieces it is built from.
 
-    trainer.py      `train(recipe)`: the loop, built from small pieces below
-    dist.py         launcher environment (torchrun, deepspeed, srun, single process) and collectives
-    optim.py        AdamW parameter groups, the learning-rate schedule, the DeepSpeed config
-    callbacks.py    console line, metrics.jsonl, TensorBoard, checkpoints, eval, preemption
-    checkpoint.py   complete-marker checkpoints, resume, pruning, consolidated weights
-    evaluate.py     loss / perplexity / bits per byte, and `msllm eval`
-    export.py       safetensors export and the Hugging Face Llama folder
-    generate.py     sampling from a checkpoint or an export
+    trainer.py      `train(recipe)` and the Trainer: the loop
+    schedule.py     what is due at each step (StepPlan), agreed by every rank; stop requests
+    engine.py       AdamW parameter groups, the learning-rate schedule, the DeepSpeed config and engine
+    loss.py         the one loss: never all the logits at once (chunked, dense, liger, cce)
+    nonfinite.py    never apply a non-finite update; a streak of them becomes a stop
+    callbacks.py    speed and log rows, console, metrics.jsonl, TensorBoard, eval
+    evaluate.py     validation loss / perplexity / bits per byte over a loader
+    bare.py         the bare training step (no DeepSpeed) the benchmarks and msllm.memory measure
+
+Checkpoints and the training state are msllm.checkpoint's; the distributed layer is
+msllm.distributed's; the commands that use a trained model are msllm.use's.
 """

@@ -1,4 +1,5 @@
-"""Validation loss, token perplexity and bits per byte; `msllm eval RECIPE --checkpoint PATH`.
+"""Validation loss, token perplexity and bits per byte of a model over the validation split: what
+the trainer's eval runs, and `msllm eval` (msllm.use.evaluate).
 
 Bits per byte = (mean loss in nats per token) * (tokens / bytes of the validation split) / ln 2,
 with the token and byte counts from the shards' manifest, so it does not depend on the tokenizer.
@@ -6,13 +7,12 @@ with the token and byte counts from the shards' manifest, so it does not depend 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
 import torch
 
-from msllm.train import dist
+from msllm.distributed import collectives as dist
 
 
 def eval_batches(manifest: dict, batch_size: int, dp_size: int, max_batches: int) -> int:
@@ -50,65 +50,3 @@ def evaluate(model, loader, manifest: dict, batch_size: int, max_batches: int, d
         "eval_tokens": int(total[1].item()),
         "eval_time_s": time.perf_counter() - t0,
     }
-
-
-def evaluate_checkpoint(recipe, path: str) -> dict:
-    """`msllm eval`: the recipe gives the data; the checkpoint gives the model (checked to match)."""
-    from deepspeed.accelerator import get_accelerator
-
-    from msllm.data import check_shards
-    from msllm.models import build_model
-    from msllm.train.checkpoint import (
-        check_same_model,
-        check_same_tokenizer,
-        consolidated_state_dict,
-        read_meta,
-        read_recipe,
-        resolve_checkpoint,
-    )
-
-    denv = dist.read_env()
-    ckpt = resolve_checkpoint(path)
-    saved = read_recipe(ckpt)
-    shards = check_shards(recipe.data)
-    manifest = shards.manifest
-    check_same_tokenizer(ckpt, read_meta(ckpt), shards.tokenizer_sha256, recipe.data.shards_dir)
-    model_cfg = recipe.model
-    if model_cfg.vocab_size == 0:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=int(manifest["vocab_size"]))
-    check_same_model(ckpt, dataclasses.asdict(saved.model), dataclasses.asdict(model_cfg))
-    if denv.world_size > 1:
-        dist.init_distributed(denv)
-    device = torch.device(get_accelerator().device_name(denv.local_rank))
-    model = build_model(model_cfg)
-    model.load_state_dict(consolidated_state_dict(ckpt))
-    model.to(device).eval()
-    batch = recipe.eval.micro_batch_size or recipe.train.micro_batch_size
-    # The consolidated model is not sequence-parallel: every rank reads whole samples.
-    from msllm.data import build_dataloader
-
-    loader = build_dataloader(recipe.data, "validation", batch, recipe.run.seed, shuffle=False)
-    from msllm.train.loss import choose_kernel
-
-    kernel = choose_kernel(recipe.train.loss_kernel, device.type)
-    row = evaluate(model, loader, manifest, batch, recipe.eval.max_batches, device, dp_size=denv.world_size,
-                   loss_kernel=kernel, loss_chunk_size=recipe.train.loss_chunk_size)
-    row["step"] = int(saved_step(ckpt))
-    row["checkpoint"] = str(ckpt)
-    if denv.is_main:
-        from msllm.run_record import describe
-        from msllm.train.checkpoint import read_meta
-
-        record = read_meta(ckpt).get("run_record")
-        print(f"trained with: {describe(record)}" if record else "trained with: (no run record: a checkpoint from before msllm recorded runs)")
-        print(
-            f"eval {ckpt} (step {row['step']}): loss {row['loss']:.4f} | ppl {row['perplexity']:.2f} | "
-            f"bpb {row['bits_per_byte']:.4f} | {row['eval_tokens']:,} tokens"
-        )
-    return row
-
-
-def saved_step(ckpt) -> int:
-    from msllm.train.checkpoint import read_meta
-
-    return int(read_meta(ckpt).get("step", 0))

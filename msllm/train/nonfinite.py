@@ -10,16 +10,21 @@ Two pieces:
   Its finiteness check is the guard's only cost: one scalar copied to the host per optimizer step,
   here and nowhere else.
 - `NonFiniteGuard`: after each step, counts the skipped ones; after `train.max_skipped_steps` in a
-  row it stops the run with a DivergenceError naming the last good checkpoint (checkpoints are
-  never written with non-finite weights: CheckpointManager.save refuses).
+  row it turns the step's plan into a stop for divergence (msllm.train.schedule), whose
+  DivergenceError names the last good checkpoint (the checkpoints that hold the weights which
+  gave the first non-finite gradients are set aside; checkpoints are never written with
+  non-finite weights: the Checkpointer refuses).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from msllm.distributed.env import say
 from msllm.errors import DivergenceError
-from msllm.train.dist import say
+from msllm.train.schedule import StepPlan, StopRequest
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -39,51 +44,35 @@ class GuardedAdamW(torch.optim.AdamW):
 
 
 class NonFiniteGuard:
-    def __init__(self, max_in_a_row: int):
+    """Counts the skipped updates; a streak of `max_in_a_row` ends the run as a stop request."""
+
+    def __init__(self, max_in_a_row: int, checkpointer):
         self.max_in_a_row = max_in_a_row
-        self.in_a_row = 0  # while > 0, no checkpoint is saved (CheckpointCallback asks)
+        self.checkpointer = checkpointer
+        self.in_a_row = 0  # while > 0, no checkpoint is saved: weights that give NaN gradients are none to resume
         self.skipped = 0  # over the whole run (this process)
 
-    def after_step(self, trainer) -> None:
-        """Called once per optimizer step, after `trainer.step` has advanced."""
-        engine = trainer.engine
+    def check(self, engine, plan: StepPlan) -> StepPlan:
+        """After optimizer step `plan.step`: the plan as it now stands. A skipped update cancels the
+        step's checkpoint; too many in a row, or a run that reaches max_steps inside a streak (it has
+        no good final state), become a stop for divergence."""
         inner = getattr(engine, "basic_optimizer", None)
         applied = engine.was_step_applied() and not getattr(inner, "overflow", False)
         if applied:  # (a non-finite loss has non-finite gradients: never applied)
             self.in_a_row = 0
-            return
+            return plan
         self.in_a_row += 1
         self.skipped += 1
         say(
-            f"step {trainer.step}: gradients not finite: update skipped "
+            f"step {plan.step}: gradients not finite: update skipped "
             f"({self.in_a_row} in a row; the run stops at {self.max_in_a_row})"
         )
-        if self.in_a_row >= self.max_in_a_row:
-            self.stop(trainer, first_bad=trainer.step - self.in_a_row + 1)
-
-    def at_end(self, trainer) -> None:
-        """A run that reaches max_steps inside a streak of skipped steps has no good final state."""
-        if self.in_a_row:
-            self.stop(trainer, first_bad=trainer.step - self.in_a_row + 1)
-
-    def stop(self, trainer, first_bad: int) -> None:
-        """Set aside the checkpoints that hold the weights which gave the first non-finite gradients
-        (the update of step first_bad - 1 made them) and stop, naming the newest one before."""
-        from msllm.train import dist
-        from msllm.train.checkpoint import list_complete, step_of
-
-        ckpt = trainer.ckpt
-        good = [p for p in list_complete(ckpt.root) if step_of(p) < first_bad - 1]
-        if trainer.denv.is_main:
-            for bad in list_complete(ckpt.root):
-                if step_of(bad) >= first_bad - 1:
-                    ckpt.set_aside(bad, f"its weights gave NaN or inf gradients at step {first_bad}", suffix="diverged")
-        dist.barrier()
-        where = (
-            f"the last good checkpoint is {good[-1]}: rerun with a lower train.lr to resume from it"
-            if good else "no checkpoint before that is left: rerun with a lower train.lr to start over"
-        )
-        raise DivergenceError(
-            f"training diverged: {self.in_a_row} updates in a row (steps {first_bad}-{trainer.step}) had NaN or "
+        plan = dataclasses.replace(plan, checkpoint=False)
+        if self.in_a_row < self.max_in_a_row and not plan.last:
+            return plan
+        first_bad = plan.step - self.in_a_row + 1
+        where = self.checkpointer.set_aside_diverged(first_bad)
+        return plan.stopped(StopRequest("divergence", DivergenceError(
+            f"training diverged: {self.in_a_row} updates in a row (steps {first_bad}-{plan.step}) had NaN or "
             f"inf gradients and were skipped; {where}"
-        )
+        )))

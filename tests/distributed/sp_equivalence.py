@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from msllm.config import ModelConfig, ScaleConfig
 from msllm.models import build_model
 from msllm.models.attention import FullCausalAttention, local_attention
-from msllm.parallel.dims import ParallelDims
-from msllm.parallel.sequence import (
+from msllm.distributed.dims import ParallelDims
+from msllm.distributed.sequence import (
     HaloLocalAttention,
     UlyssesAttention,
     apply_sequence_parallel,

@@ -55,7 +55,7 @@ def rerecord_checksum(path: Path) -> None:
     meta_file = path.parent / "meta.json"
     meta = json.loads(meta_file.read_text())
     if "files" in meta:
-        from msllm.train.checkpoint import file_digest
+        from msllm.checkpoint.files import file_digest
 
         meta["files"][path.name] = file_digest(path)
         meta_file.write_text(json.dumps(meta, indent=1) + "\n")

@@ -85,16 +85,18 @@ def test_corrupt_latest_named_by_eval_export_generate(run_copy, tmp_path, capsys
 
 
 def test_pruning_never_deletes_the_last_verified_checkpoint(tmp_path):
-    from msllm.train.checkpoint import CheckpointManager
+    from msllm.checkpoint.checkpointer import Checkpointer
+    from msllm.config import CheckpointConfig
+    from msllm.distributed import ParallelDims
 
-    manager = CheckpointManager(tmp_path, keep_last=1, rank=0, world_size=1)
+    checkpointer = Checkpointer(tmp_path, CheckpointConfig(keep_last=1), state=None, dims=ParallelDims(1, 0, 1))
     for step in (1, 2, 3):
-        folder = manager.root / f"step_{step:07d}"
+        folder = checkpointer.root / f"step_{step:07d}"
         folder.mkdir(parents=True)
         (folder / "meta.json").write_text("{}")
         (folder / "COMPLETE").write_text("")
-    manager.last_verified = manager.root / "step_0000001"
-    manager.prune()
+    checkpointer.last_verified = checkpointer.root / "step_0000001"
+    checkpointer.prune()
     assert checkpoints(tmp_path) == ["step_0000001", "step_0000003"]
 
 
@@ -120,10 +122,11 @@ def test_nan_update_never_applied_nor_saved(tmp_path, tiny_data):
 _NAN_FROM_STEP_5 = """
 import msllm.train.trainer as trainer_module
 _train_step = trainer_module.Trainer.train_step
-def train_step(self, batches):
-    if self.step >= 4 and not getattr(self.engine, "_nan_hook", None):
-        self.engine._nan_hook = [p.register_hook(lambda g: g * float("nan")) for p in self.engine.module.parameters()]
-    return _train_step(self, batches)
+def train_step(self, batches, plan):
+    engine = self.state.engine
+    if self.state.step >= 4 and not getattr(engine, "_nan_hook", None):
+        engine._nan_hook = [p.register_hook(lambda g: g * float("nan")) for p in engine.module.parameters()]
+    return _train_step(self, batches, plan)
 trainer_module.Trainer.train_step = train_step
 """
 
@@ -143,13 +146,13 @@ def test_divergence_names_the_last_good_checkpoint_and_rerun_resumes_it(tmp_path
 
 
 _POISON_AT_STEP_6 = """
-import msllm.train.callbacks as callbacks
-_save = callbacks.CheckpointCallback.save
-def save(self, trainer):
-    if trainer.step == 6:
-        next(trainer.engine.module.parameters()).data.fill_(float("nan"))
-    return _save(self, trainer)
-callbacks.CheckpointCallback.save = save
+from msllm.checkpoint.checkpointer import Checkpointer
+_save = Checkpointer.save
+def save(self, step):
+    if step == 6:
+        next(self.state.engine.module.parameters()).data.fill_(float("nan"))
+    return _save(self, step)
+Checkpointer.save = save
 """
 
 

@@ -1,20 +1,18 @@
-"""`parallelize(model, dims, recipe)`: the one function that turns a plain model into the engine
-that trains.
+"""`parallelize(model, dims, recipe)`: the one function that turns a plain model into the parallel
+model that trains (the trainer then wraps it in the DeepSpeed engine: msllm.train.engine).
 
 It applies, in this order (each step works on what the previous one left):
 
 1. sequence parallelism (`parallel.sp` > 1): the modules that look across positions are swapped
-   for forms that talk to the other ranks of this rank's group (msllm.parallel.sequence). First,
-   because activation checkpointing must recompute the distributed forms, exchanges included.
+   for forms that talk to the other ranks of this rank's group (msllm.distributed.sequence).
+   First, because activation checkpointing must recompute the distributed forms, exchanges
+   included.
 2. activation checkpointing (`parallel.activation_checkpointing`): every transformer block
    recomputes its activations in backward, optionally keeping its saved inputs in CPU memory.
 3. compilation (`train.compile`): torch.compile of each transformer block in place
    (`Module.compile()`), after the swaps above so that it compiles what will run. With
    checkpointing, the block's parts are compiled instead of the block: fairscale's checkpoint is an
    autograd Function that dynamo cannot trace, so it stays outside the compiled code.
-4. DeepSpeed (`parallel.zero_stage`, `train.precision`): ZeRO stage 0-3 over all ranks, with
-   AdamW and the learning-rate schedule; gradients are averaged over all dp * sp ranks (on a
-   single rank at ZeRO 0 there is nothing to average, and the all-reduce is switched off).
 
 None of the steps renames a parameter, so a checkpoint loads whatever the parallel settings of
 the run that wrote it.
@@ -25,7 +23,7 @@ from __future__ import annotations
 from torch import nn
 
 from msllm.models.layers import Block
-from msllm.parallel.dims import ParallelDims
+from msllm.distributed.dims import ParallelDims
 
 
 def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> nn.Module:
@@ -52,31 +50,15 @@ def compile_blocks(model: nn.Module, checkpointed: bool = False) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, recipe):
-    """Apply sequence parallelism, activation checkpointing, compilation and DeepSpeed to a built
-    model (in place, in that order) and return the DeepSpeed engine. Collective: every rank calls it."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+def parallelize(model: nn.Module, dims: ParallelDims, recipe, traffic=None) -> nn.Module:
+    """Apply sequence parallelism, activation checkpointing and compilation to a built model (in
+    place, in that order) and return it. Collective: every rank calls it. `traffic`: a
+    sequence.Traffic that the sequence-parallel exchanges count their bytes into (benchmarks)."""
+    from msllm.distributed.sequence import apply_sequence_parallel
 
-    from msllm.parallel.sequence import apply_sequence_parallel
-    from msllm.train.optim import build_optimizer, build_scheduler, deepspeed_config
-
-    model = apply_sequence_parallel(model, dims.sequence_parallel_group())
+    model = apply_sequence_parallel(model, dims.sequence_parallel_group(), traffic)
     if recipe.parallel.activation_checkpointing:
         model = apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)
     if recipe.train.compile:
         model = compile_blocks(model, checkpointed=recipe.parallel.activation_checkpointing)
-    if recipe.parallel.zero_stage == 3:
-        # The loss reads the head's weight in the model's own forward, outside lm_head.forward
-        # (msllm.train.loss never computes all the logits): ZeRO-3 must gather it there too.
-        deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
-    optimizer = build_optimizer(model, recipe, get_accelerator().device_name())
-    scheduler = build_scheduler(optimizer, recipe.train)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(recipe)
-    )
-    if dims.world_size == 1 and recipe.parallel.zero_stage == 0:
-        # One rank has nothing to average, but DeepSpeed would still copy every gradient through
-        # flat buffers and an all-reduce after each backward (2% of a step, measured on the CPU).
-        engine.enable_backward_allreduce = False
-    return engine
+    return model

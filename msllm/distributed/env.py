@@ -1,4 +1,4 @@
-"""Who am I in the job, and the few collectives the trainer needs.
+"""Who am I in the job: the launcher's environment, read once (collectives.py starts the group).
 
 The launcher decides the environment; `read_env` maps each of them to (rank, world, local rank):
 
@@ -15,8 +15,6 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
-
-import torch
 
 from msllm.errors import LauncherError
 
@@ -96,67 +94,3 @@ def say(*args) -> None:
     """Print on rank 0 only (callable before the process group starts)."""
     if os.environ.get("RANK", "0") == "0":
         print(*args, flush=True)
-
-
-def init_distributed(denv: DistEnv) -> None:
-    """Start torch.distributed (through DeepSpeed, on its accelerator's backend) if not started."""
-    import datetime
-
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(denv.local_rank)
-    deepspeed.init_distributed(
-        dist_backend=get_accelerator().communication_backend_name(),
-        auto_mpi_discovery=False,
-        verbose=False,
-        timeout=datetime.timedelta(minutes=60),
-    )
-
-
-def is_initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def barrier() -> None:
-    if is_initialized():
-        torch.distributed.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t
-
-
-_host_group = None  # a gloo group over all ranks, when the default backend is not gloo
-
-
-def any_rank(flag: bool) -> bool:
-    """Whether `flag` is true on any rank. A host-side all-reduce (gloo, on CPU tensors): it waits
-    for the other ranks' hosts, never for an accelerator. Collective: every rank calls it."""
-    global _host_group
-    if not is_initialized() or torch.distributed.get_world_size() == 1:
-        return flag
-    if torch.distributed.get_backend() != "gloo" and _host_group is None:
-        _host_group = torch.distributed.new_group(backend="gloo")  # every rank gets here at the same call
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_host_group)
-    return bool(t.item())
-
-
-def broadcast_object(obj, src: int = 0):
-    if is_initialized() and torch.distributed.get_world_size() > 1:
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj

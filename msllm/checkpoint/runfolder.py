@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from msllm.errors import RunFolderError
-from msllm.train import dist
+from msllm.distributed import collectives
+from msllm.distributed.env import say
 
 LOCK = ".lock"
 
@@ -47,18 +48,11 @@ def holds_a_run(out: Path) -> bool:
 
 
 def claim_run_folder(recipe, is_main: bool, overwrite: bool = False) -> RunFolder:
-    """Lock run.output_dir for this run (see the module doc); every rank calls this."""
+    """Lock run.output_dir for this run (see the module doc); every rank calls this, rank 0 does
+    the work and every rank raises its RunFolderError if it fails."""
     out = Path(recipe.run.output_dir)
-    error, fd = "", None
-    if is_main:
-        try:
-            fd = _claim(out, recipe.checkpoint.resume, overwrite)
-        except RunFolderError as exc:
-            error = str(exc)
-    error = dist.broadcast_object(error)
-    if error:
-        raise RunFolderError(error)
-    return RunFolder(out, fd)
+    fd = collectives.on_rank0(_claim, out, recipe.checkpoint.resume, overwrite)
+    return RunFolder(out, fd if is_main else None)
 
 
 def _claim(out: Path, resume: bool, overwrite: bool) -> int:
@@ -68,7 +62,7 @@ def _claim(out: Path, resume: bool, overwrite: bool) -> int:
         os.replace(out, aside)  # the lock moves with it and is dropped once the new one is held
         new_fd = _lock(out)
         os.close(fd)
-        dist.say(f"msllm: moved the previous run in {out} aside to {aside}")
+        say(f"msllm: moved the previous run in {out} aside to {aside}")
         return new_fd
     if not resume and holds_a_run(out):
         os.close(fd)

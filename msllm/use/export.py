@@ -1,10 +1,11 @@
-"""`msllm export CHECKPOINT --out DIR`: consolidated weights anyone can load without DeepSpeed.
+"""`msllm export SOURCE --out DIR`: consolidated weights anyone can load without DeepSpeed (SOURCE:
+a checkpoint or a run's output_dir, loaded and checked by msllm.use.load).
 
     DIR/model.safetensors   fp32 weights under msllm's parameter names (any ZeRO stage)
     DIR/config.json         the model section of the recipe (vocab_size filled in)
     DIR/recipe.yaml         the resolved recipe of the run
     DIR/tokenizer.model     the sentencepiece tokenizer
-    DIR/export.json         step, tokens seen, tokenizer sha256, source checkpoint
+    DIR/export.json         step, tokens seen, tokenizer sha256, source checkpoint, run record
     DIR/hf/                 vanilla with full attention only: a Hugging Face LlamaForCausalLM folder
 
 The folder is written under a temporary name next to DIR and renamed into place at the end; an
@@ -89,41 +90,25 @@ def to_hf_names(state: dict[str, torch.Tensor], tie: bool) -> dict[str, torch.Te
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def export_checkpoint(checkpoint: str, out: str, force: bool = False) -> Path:
+def export_checkpoint(source: str, out: str, force: bool = False) -> Path:
+    """Export the model in `source` (a checkpoint, a run's output_dir: msllm.use.load) to `out`."""
     from safetensors.torch import save_file
 
-    from msllm.models import build_model
-    from msllm.data.tokenizer import file_sha256
-    from msllm.train.checkpoint import consolidated_state_dict, read_meta, read_recipe, resolve_checkpoint
+    from msllm.use.load import load_model
 
     out_dir = Path(out)
-    source = Path(checkpoint).resolve()
-    target = out_dir.resolve()
-    if target == source or source in target.parents or target in source.parents:
+    origin, target = Path(source).resolve(), out_dir.resolve()
+    if target == origin or origin in target.parents or target in origin.parents:
         raise CheckpointError(
-            f"--out {out_dir} is, contains or lies inside the checkpoint source {checkpoint}: export to another folder"
+            f"--out {out_dir} is, contains or lies inside the checkpoint source {source}: export to another folder"
         )
     if out_dir.exists() and not force:
         raise CheckpointError(f"{out_dir} already exists: pass --force to replace it")
-    ckpt = resolve_checkpoint(checkpoint)
-    recipe = read_recipe(ckpt)
-    meta = read_meta(ckpt)
-    state = consolidated_state_dict(ckpt)
-    model = build_model(recipe.model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt}: weights do not fit its own recipe's model: {str(exc).splitlines()[0]}") from None
+    loaded = load_model(source)
+    recipe, meta = loaded.recipe, loaded.meta
     # Shared tensors (tied embeddings) are stored once per name: safetensors refuses aliases.
-    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
-
-    tokenizer = ckpt / "tokenizer.model"
-    if not tokenizer.is_file() and meta.get("tokenizer_path"):
-        tokenizer = Path(meta["tokenizer_path"])
-    if not tokenizer.is_file():
-        raise CheckpointError(f"{ckpt}: no tokenizer.model in the checkpoint nor at {meta.get('tokenizer_path')}")
-    if meta.get("tokenizer_sha256") and file_sha256(tokenizer) != meta["tokenizer_sha256"]:
-        raise CheckpointError(f"{tokenizer} is not the tokenizer {ckpt} was trained with (sha256 differs)")
+    state = {k: v.detach().clone().contiguous() for k, v in loaded.model.state_dict().items()}
+    tokenizer = loaded.path / "tokenizer.model"
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -135,11 +120,12 @@ def export_checkpoint(checkpoint: str, out: str, force: bool = False) -> Path:
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         info = {
-            "checkpoint": str(ckpt.resolve()),
+            "checkpoint": str(loaded.path.resolve()),
             "step": meta.get("step"),
             "tokens": meta.get("tokens"),
             "seq_len": recipe.data.seq_len,
             "tokenizer_sha256": meta.get("tokenizer_sha256"),
+            "run_record": meta.get("run_record"),
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
         note = ""
@@ -148,6 +134,7 @@ def export_checkpoint(checkpoint: str, out: str, force: bool = False) -> Path:
             note = " and hf/ (LlamaForCausalLM)"
         elif recipe.model.arch == "vanilla":
             note = " (no hf/: Llama has no local attention; train vanilla with attention: full to get one)"
+        _match_modes(tmp)
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
             os.replace(out_dir, old)
@@ -158,11 +145,30 @@ def export_checkpoint(checkpoint: str, out: str, force: bool = False) -> Path:
                 old.unlink()
         else:
             os.replace(tmp, out_dir)
-    except OSError as exc:
+    except BaseException as exc:  # a full disk, an interrupt, a library's own error: no half export stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write the export {out_dir}: {exc.strerror or exc}") from None
-    print(f"exported {ckpt} (step {meta.get('step')}) to {out_dir}: model.safetensors, config.json, recipe.yaml, tokenizer.model{note}")
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"could not write the export {out_dir}: {_os_error(exc)}") from None
+        raise
+    print(f"exported {loaded.path} (step {meta.get('step')}) to {out_dir}: model.safetensors, config.json, recipe.yaml, tokenizer.model{note}")
     return out_dir
+
+
+def _os_error(exc: OSError) -> str:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device ({exc.filename or 'while writing'})"
+    return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+
+
+def _match_modes(folder: Path) -> None:
+    """Every file the mode a plain file gets here (safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
 
 
 def _special_ids(tokenizer: Path) -> dict:

@@ -1,4 +1,6 @@
-"""Checkpoints: DeepSpeed's own files plus what an exact resume needs, made visible only when complete.
+"""The files of a checkpoint: their layout, safe loading, checksums, and reading them back
+(consolidated weights for eval, export and generate, without a DeepSpeed engine). What is written
+is the TrainState's decision (state.py); when, and by whom, the Checkpointer's (checkpointer.py).
 
 Layout of one checkpoint (`output_dir/checkpoints/step_0000200/`):
 
@@ -9,7 +11,8 @@ Layout of one checkpoint (`output_dir/checkpoints/step_0000200/`):
     meta.json                                    step, tokens seen, arch, ZeRO stage, world size,
                                                  tokenizer path and sha256
     recipe.yaml                                  the resolved recipe (vocab_size filled in)
-    tokenizer.model                              a copy of the sentencepiece model
+    tokenizer.model                              the tokenizer the run started with (its bytes, read
+                                                 once at start)
     COMPLETE                                     written last by rank 0 after every rank finished
 
 A folder without COMPLETE is ignored by resume, eval, export and generate.
@@ -22,22 +25,18 @@ listed by `deepspeed_safe_globals` only (`safe_loading`); anything else is refus
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
-from msllm.errors import CheckpointError, DivergenceError, UnsafeCheckpointError
-from msllm.train import dist
+from msllm.errors import CheckpointError, UnsafeCheckpointError
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
@@ -229,236 +228,6 @@ def load_torch_file(path: Path):
 def _first_sentence(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text.split(". ")[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# RNG states
-# ----------------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict:
-    """The RNG states, as tensors and plain values only (so that they load weights-only)."""
-    from deepspeed.accelerator import get_accelerator
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
-    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        state["accelerator"] = acc.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    from deepspeed.accelerator import get_accelerator
-
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "accelerator" in state and get_accelerator().device_name() != "cpu":
-        get_accelerator().set_rng_state(state["accelerator"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Save / load (collective: every rank calls these)
-# ----------------------------------------------------------------------------------------------
-
-
-def _estimate_bytes(engine) -> int:
-    n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    return int(n * 4 * 4)  # weights + two Adam moments (+ master copy or slack), fp32
-
-
-class CheckpointManager:
-    def __init__(self, output_dir: str | Path, keep_last: int, rank: int, world_size: int):
-        self.root = Path(output_dir) / "checkpoints"
-        self.keep_last = keep_last
-        self.rank = rank
-        self.world_size = world_size
-        self.last_verified: Path | None = None  # never pruned: the newest checkpoint known to be good
-
-    def latest(self) -> Path | None:
-        return latest_complete(self.root)
-
-    def save(self, engine, step: int, client: dict, rank_state: dict, recipe_yaml: str, tokenizer_path: str | None) -> Path:
-        """Write checkpoint `step`. A write error of any kind (a full disk, a vanished folder, a file
-        size limit) removes the partial folder, leaves earlier checkpoints untouched, and raises a
-        one-line CheckpointError on every rank. Weights that are not all finite are never saved."""
-        tag = tag_for(step)
-        path = self.root / tag
-        bad = torch.tensor([0.0 if _weights_finite(engine) else 1.0])
-        dist.all_reduce_max(bad)
-        if bad.item() > 0:
-            raise DivergenceError(
-                f"not saving checkpoint {tag}: the weights hold NaN or inf values; {self._last_good()}"
-            )
-        failure = ""
-        # A cheap check first, so that a full disk is usually caught before anything is written.
-        if self.rank == 0:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                if path.exists():
-                    shutil.rmtree(path)  # an incomplete attempt at the same step
-                free = shutil.disk_usage(self.root).free
-                need = _estimate_bytes(engine)
-                if free < need:
-                    failure = f"no space left on device: needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
-            except OSError as exc:
-                failure = _write_error(exc, self.root)
-        failure = dist.broadcast_object(failure)
-        if not failure:
-            in_deepspeed = True
-            try:
-                engine.save_checkpoint(str(self.root), tag=tag, client_state={"msllm": client}, save_latest=False)
-                in_deepspeed = False
-                torch.save(rank_state, path / f"trainer_state_rank{self.rank}.pt")
-                if self.rank == 0:
-                    (path / "recipe.yaml").write_text(recipe_yaml)
-                    if tokenizer_path:
-                        shutil.copyfile(tokenizer_path, path / "tokenizer.model")
-            # torch.save reports a failed write as a RuntimeError ("unexpected pos", "basic_ios::clear"):
-            # classified by type, never by its text.
-            except (OSError, RuntimeError) as exc:
-                failure = _write_error(exc, self.root)
-                if in_deepspeed:
-                    dist.barrier()  # DeepSpeed's save ends with a barrier the other ranks are waiting in
-        self._agree_or_fail(failure, path)
-        dist.barrier()
-        if self.rank == 0:
-            try:
-                # Checksums of every file, read back from disk: what resume, eval and export verify.
-                meta = {k: v for k, v in client.items() if k != "recipe"}
-                meta["files"] = {f.name: file_digest(f) for f in sorted(path.iterdir()) if f.is_file()}
-                _write_synced(path / META, json.dumps(meta, indent=1) + "\n")
-                _write_synced(path / (COMPLETE + ".tmp"), f"step {step}\n")
-                os.replace(path / (COMPLETE + ".tmp"), path / COMPLETE)
-            except OSError as exc:
-                failure = _write_error(exc, self.root)
-        self._agree_or_fail(dist.broadcast_object(failure), path)
-        self.last_verified = path
-        if self.rank == 0:
-            self.prune()
-        dist.barrier()
-        return path
-
-    def _agree_or_fail(self, failure: str, path: Path) -> None:
-        """Every rank learns whether any rank failed; then all raise the first rank's reason."""
-        flag = torch.tensor([1.0 if failure else 0.0])
-        dist.all_reduce_max(flag)
-        if flag.item() == 0:
-            return
-        failures = [failure]
-        if dist.is_initialized() and self.world_size > 1:
-            failures = [None] * self.world_size
-            torch.distributed.all_gather_object(failures, failure)
-        first = next(f for f in failures if f)
-        if self.rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        raise CheckpointError(f"could not save checkpoint {path}: {first}; {self._last_good()}")
-
-    def _last_good(self) -> str:
-        previous = self.last_verified if self.last_verified and is_complete(self.last_verified) else self.latest()
-        return f"the last good checkpoint is {previous}" if previous else "there is no earlier checkpoint"
-
-    def prune(self) -> None:
-        """Keep the last `keep_last` complete checkpoints (0 keeps all), and always the last
-        verified one; drop older incomplete ones. Folders set aside as corrupt are never touched."""
-        done = list_complete(self.root)
-        if self.keep_last:
-            for old in done[: -self.keep_last]:
-                if old != self.last_verified:
-                    shutil.rmtree(old, ignore_errors=True)
-        if done:
-            newest = int(_TAG.match(done[-1].name).group(1))
-            for p in self.root.iterdir():
-                m = _TAG.match(p.name)
-                if m and int(m.group(1)) < newest and not is_complete(p):
-                    shutil.rmtree(p, ignore_errors=True)
-
-    def set_aside(self, ckpt: Path, why: str, suffix: str = "corrupt") -> Path:
-        """Rename an unusable checkpoint out of the way (never delete it), on rank 0; say so in one line.
-        Resume, eval, export and pruning no longer see it."""
-        aside = ckpt.with_name(f"{ckpt.name}.{suffix}")
-        n = 1
-        while aside.exists():
-            n += 1
-            aside = ckpt.with_name(f"{ckpt.name}.{suffix}{n}")
-        os.replace(ckpt, aside)
-        if self.last_verified == ckpt:
-            self.last_verified = None
-        dist.say(f"msllm: checkpoint {ckpt} is unusable ({why}): set aside as {aside.name}")
-        return aside
-
-    def load(self, engine, ckpt: Path, state_rank: int | None = None) -> tuple[dict, dict]:
-        """Load weights, optimizer and scheduler into `engine`; return (client state, the trainer state
-        saved by rank `state_rank`, by default this rank)."""
-        try:
-            with safe_loading(ckpt):
-                load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        except (OSError, RuntimeError, KeyError, AssertionError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"cannot load {ckpt}: {_first_sentence(exc)}") from None
-        if load_path is None:
-            raise CheckpointError(f"cannot load {ckpt}: DeepSpeed found no checkpoint files there")
-        own = ckpt / f"trainer_state_rank{self.rank if state_rank is None else state_rank}.pt"
-        if not own.is_file():
-            raise CheckpointError(f"{ckpt} has no {own.name}: the checkpoint is incomplete")
-        rank_state = load_torch_file(own)
-        return client["msllm"], rank_state
-
-    # -- resume: whether a checkpoint fits this run, and which saved state each rank takes ------
-
-    def check_resumable(self, ckpt: Path, recipe, dims, tokenizer_sha256: str | None) -> int:
-        """Raise a one-line CheckpointError unless this run can continue from `ckpt`: the same
-        model, the same tokenizer, and a new world size only with the same data-parallel degree
-        and ZeRO stage 0 (DeepSpeed splits ZeRO 1-3 states by rank). Returns the saved rank whose
-        data-loader and RNG state this rank continues from (`dims` decides the mapping)."""
-        saved = read_recipe(ckpt)
-        check_same_model(ckpt, dataclasses.asdict(saved.model), dataclasses.asdict(recipe.model))
-        meta = read_meta(ckpt)
-        check_same_tokenizer(ckpt, meta, tokenizer_sha256, recipe.data.shards_dir)
-        saved_world, saved_sp = int(meta.get("world_size", 1)), saved.parallel.sp
-        saved_dp = saved_world // saved_sp
-        zero = saved.parallel.zero_stage or recipe.parallel.zero_stage
-        if saved_world != dims.world_size and (saved_dp != dims.dp or zero):
-            raise CheckpointError(
-                f"{ckpt} was saved by {saved_world} ranks (dp {saved_dp} x sp {saved_sp}), this run has "
-                f"{dims.world_size} ({dims.describe()}): changing the world size needs the same "
-                f"data-parallel degree and ZeRO stage 0 (DeepSpeed splits ZeRO 1-3 states by rank); keep the "
-                f"world size or start a new output_dir"
-            )
-        return dims.resume_state_rank(saved_sp)
-
-    def resume(self, engine, recipe, dims, tokenizer_sha256: str | None) -> tuple[Path, dict, dict] | None:
-        """Load the newest good checkpoint into `engine` when the recipe resumes and there is one:
-        (its path, the client state, this rank's trainer state); None otherwise. A checkpoint whose
-        files fail their checksums or cannot be read is set aside (renamed, kept) and the one before
-        is tried; one that does not fit the recipe, or would run code, stops the run."""
-        if not recipe.checkpoint.resume:
-            return None
-        while True:
-            latest = self.latest()
-            if latest is None:
-                return None
-            problem = dist.broadcast_object(verify_checkpoint(latest) if self.rank == 0 else "")
-            if not problem:
-                state_rank = self.check_resumable(latest, recipe, dims, tokenizer_sha256)
-                try:
-                    client, rank_state = self.load(engine, latest, state_rank=state_rank)
-                    problem = ""
-                except UnsafeCheckpointError:
-                    raise
-                except CheckpointError as exc:
-                    problem = str(exc)
-                flag = torch.tensor([1.0 if problem else 0.0])
-                dist.all_reduce_max(flag)
-                if flag.item() == 0:
-                    self.last_verified = latest
-                    return latest, client, rank_state
-                problem = dist.broadcast_object(problem) or "a rank could not load it"
-            if self.rank == 0:
-                self.set_aside(latest, problem)
-            dist.barrier()
 
 
 def _write_error(exc: BaseException, root: Path) -> str:

@@ -1,0 +1,120 @@
+"""The collectives msllm needs, and the two ways "rank 0 decides, every rank agrees" is written.
+
+    init_distributed    start torch.distributed through DeepSpeed, on its accelerator's backend
+    barrier, all_reduce_sum, all_reduce_max, broadcast_object, any_rank
+    first_failure(msg)  every rank passes its failure ("" for none); every rank gets the first
+                        rank's message: so that all ranks raise together, with the same reason
+    on_rank0(fn)        run fn on rank 0 alone; every rank gets its value, or raises its error
+
+Each is a no-op wrapper around the plain call when torch.distributed is not started (one process).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from msllm.distributed.env import DistEnv
+from msllm.errors import MsllmError
+
+
+def init_distributed(denv: DistEnv) -> None:
+    """Start torch.distributed (through DeepSpeed, on its accelerator's backend) if not started."""
+    import datetime
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(denv.local_rank)
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=datetime.timedelta(minutes=60),
+    )
+
+
+def is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+_host_group = None  # a gloo group over all ranks, when the default backend is not gloo
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank. A host-side all-reduce (gloo, on CPU tensors): it waits
+    for the other ranks' hosts, never for an accelerator. Collective: every rank calls it."""
+    global _host_group
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    if torch.distributed.get_backend() != "gloo" and _host_group is None:
+        _host_group = torch.distributed.new_group(backend="gloo")  # every rank gets here at the same call
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_host_group)
+    return bool(t.item())
+
+
+def broadcast_object(obj, src: int = 0):
+    if is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def first_failure(failure: str) -> str:
+    """The failure of the lowest rank that has one ("" on every rank when none has), on every rank.
+    Collective: every rank calls it, with its own failure or "". One all-reduce when nothing failed."""
+    flag = torch.tensor([1.0 if failure else 0.0])
+    all_reduce_max(flag)
+    if flag.item() == 0:
+        return ""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return failure
+    failures: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(failures, failure)
+    return next(f for f in failures if f)
+
+
+def on_rank0(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on rank 0 only; every rank returns its value. When it raises, rank 0
+    re-raises its exception and the other ranks raise one of the same MsllmError type with the same
+    message (any other exception: an MsllmError naming it), so that no rank waits for a rank that
+    has failed. Collective: every rank calls it; the value must be picklable."""
+    rank = torch.distributed.get_rank() if is_initialized() else 0
+    error: BaseException | None = None
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = ("value", fn(*args, **kwargs))
+        except Exception as exc:  # told to every rank, then re-raised here
+            error = exc
+            kind = type(exc) if isinstance(exc, MsllmError) else MsllmError
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            outcome = ("error", (kind, message if isinstance(exc, MsllmError) else f"rank 0 failed: {message}"))
+    outcome = broadcast_object(outcome)
+    if outcome[0] == "value":
+        return outcome[1]
+    if error is not None:
+        raise error
+    kind, message = outcome[1]
+    raise kind(message)
