@@ -72,7 +72,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
         for key, tp, default, help in field_docs():
             print(f"{key}  ({tp}, default {default})\n    {help}")
         return 0
-    print(_load(args).to_yaml(), end="")
+    print(_load(args).to_display_yaml(), end="")
     return 0
 
 

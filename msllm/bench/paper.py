@@ -208,8 +208,8 @@ def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
 def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: list[str]) -> str:
     ref = summary.get(REFERENCE)
     rows = [
-        f"Recipes: recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} runs at a time, {threads} "
-        "thread(s) each). Memory: one training step on one rank, computed by msllm.memory (the "
+        f"Recipes: recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
+        f"time, {threads} thread{'s' if threads != 1 else ''} each). Memory: one training step on one rank, computed by msllm.memory (the "
         "measured peak of real fp32 steps beside it); activations split into the body's and the loss's "
         "(msllm.train.loss, chunked).",
         "",
