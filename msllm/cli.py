@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0,
                    help="sample among the most likely tokens whose probabilities sum to p (nucleus); "
                         "1.0 keeps them all (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling: the same seed gives the same text (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling: the same seed gives the same text (default 0)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="consolidated safetensors (+ Hugging Face Llama for vanilla)")

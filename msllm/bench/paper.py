@@ -241,9 +241,9 @@ def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: lis
     ref = summary.get(REFERENCE)
     rows = [
         f"Recipes: recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
-        f"time, {threads} thread{'s' if threads != 1 else ''} each). Memory: one training step on one rank, computed by msllm.memory (the "
-        "measured peak of real fp32 steps beside it); activations split into the body's and the loss's "
-        "(msllm.train.loss, chunked).",
+        f"time, {threads} thread{'s' if threads != 1 else ''} each). Memory: one training step on one rank, "
+        "computed by msllm.memory (the measured peak of real fp32 steps beside it); activations split into the "
+        "body's and the loss's (msllm.train.loss, chunked).",
         "",
         "| model | layers | parameters | val bits/byte (mean ± sd) | range | tokens/s | MFLOP/token | parameters MiB | "
         "gradients MiB | optimizer MiB | body activations MiB | loss activations MiB | total MiB | measured peak MiB "
