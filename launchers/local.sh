@@ -92,6 +92,9 @@ if [[ -z ${OMP_NUM_THREADS:-} ]]; then
 fi
 export OMP_NUM_THREADS
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}}
+# Log lines as they are printed when stdout is a file or a pipe (nohup, tee). msllm.cli already
+# line-buffers its own stdout; this also covers torchrun's agent and any other MSLLM_MODULE.
+export PYTHONUNBUFFERED=1
 
 cmd=("$python" -m torch.distributed.run --nproc-per-node="$nproc_per_node")
 if ((nnodes == 1)) && [[ -z $head_addr ]]; then

@@ -11,6 +11,41 @@ import sys
 
 from msllm.errors import MsllmError
 
+# What `msllm --help` says first (the module docstring above is for developers).
+DESCRIPTION = (
+    "Pretrain multi-scale transformer language models (bottom-up, top-down, retina and a vanilla "
+    "baseline) from YAML recipes: prepare the data, train, evaluate, sample, export, benchmark."
+)
+
+
+class _PrintVersion(argparse.Action):
+    """`--version`: the installed package's version, looked up only when asked (the lookup scans
+    the installed distributions, tens of milliseconds that no other command should pay)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"msllm {version('msllm')}")
+        except PackageNotFoundError:  # imported from a source tree that was never pip-installed
+            print("msllm (version unknown: not installed; pip install -e . records it)")
+        parser.exit()
+
+
+def line_buffered_stdout() -> None:
+    """Send every line printed to stdout on at once, wherever stdout goes.
+
+    Python block-buffers stdout when it is a file or a pipe (slurm's log, nohup, `tee`), so a
+    running training's lines would reach the log only in 8 KiB blocks. Line buffering here, at the
+    one entry point every launcher runs (the console script, `python -m msllm.cli`, torchrun,
+    slurm_rank.py), covers every print of the process: the trainer's, DeepSpeed's, the loggers'.
+    """
+    if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+
 
 def _add_recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a YAML recipe")
@@ -37,7 +72,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
         for key, tp, default, help in field_docs():
             print(f"{key}  ({tp}, default {default})\n    {help}")
         return 0
-    print(_load(args).to_yaml(), end="")
+    print(_load(args).to_display_yaml(), end="")
     return 0
 
 
@@ -92,12 +127,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msllm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="msllm", description=DESCRIPTION)
+    parser.add_argument("--version", action=_PrintVersion, help="print msllm's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("show-config", help="print the resolved recipe (bases and overrides applied)")
     p.add_argument("recipe", nargs="?", help="path to a YAML recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (YAML scalar syntax); repeatable")
     p.add_argument("--docs", action="store_true", help="list every recipe field with its type and doc")
     p.set_defaults(func=cmd_show_config)
 
@@ -133,12 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint or an export")
     p.add_argument("source", help="checkpoint folder, run output_dir, or `msllm export` folder")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to sample at most; stops earlier at the end-of-text token (default 100)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divide the logits by this before sampling; 0 is greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely tokens only; 0 keeps them all (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the most likely tokens whose probabilities sum to p (nucleus); "
+                        "1.0 keeps them all (default 1.0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling: the same seed gives the same text (default 0)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="consolidated safetensors (+ Hugging Face Llama for vanilla)")
@@ -147,10 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="run a benchmark and append its result to benchmarks/")
+    p = sub.add_parser(
+        "bench", help="run a benchmark and append its result to benchmarks/NAME.md (or --out)",
+        description="Run a benchmark and append its result, with the command, date and machine, to "
+                    "OUT/NAME.md (plots beside it). OUT is benchmarks/ of the current folder unless --out "
+                    "is given: run from the repository root, that is the repository's committed results.",
+    )
     p.add_argument("name", help="which benchmark (see `msllm bench --list`)", nargs="?")
-    p.add_argument("--list", action="store_true")
-    p.add_argument("--out", default="benchmarks", help="folder for the results")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    p.add_argument("--out", default="benchmarks",
+                   help="folder to append NAME.md to and write the plots in (default: ./benchmarks, the "
+                        "repository's committed results when run from its root)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="paper: recipe override for every run (e.g. train.max_steps=4 for a smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", help="paper: seeds of each model (default 1 2 3)")
@@ -161,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    line_buffered_stdout()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "show-config" and not args.docs and not args.recipe:

@@ -181,6 +181,11 @@ class ModelConfig:
             return self.cumulative_factors()[-1]
         return 1
 
+    def uses_window(self, scale: ScaleConfig) -> bool:
+        """Whether `scale.window` is read: by local attention, and by retina, whose fine level takes
+        scales[0].window whatever the scale's attention says."""
+        return scale.attention == "local" or self.arch == "retina"
+
 
 @dataclass
 class ParallelConfig:
@@ -286,6 +291,17 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_display_yaml(self) -> str:
+        """The recipe as `msllm show-config` prints it: to_yaml() without the `window` of the
+        scales that read none (ModelConfig.uses_window), where it would mean nothing. to_yaml()
+        stays what run folders, checkpoints and exports save; this form loads back into a recipe
+        that builds the same model (an absent window takes its default, which nothing reads)."""
+        shown = self.to_dict()
+        for scale, raw in zip(self.model.scales, shown["model"]["scales"]):
+            if not self.model.uses_window(scale):
+                del raw["window"]
+        return yaml.safe_dump(shown, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -592,8 +608,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         # Halos come from the previous rank only: a window must fit in one rank's slice.
         for s, (scale, f_s) in enumerate(zip(m.scales, m.cumulative_factors())):
             per_rank = recipe.data.seq_len // (f_s * sp)
-            uses_window = scale.attention == "local" or m.arch == "retina"
-            if uses_window and scale.window > per_rank:
+            if m.uses_window(scale) and scale.window > per_rank:
                 fail(
                     f"model.scales[{s}].window",
                     f"window {scale.window} is longer than the {per_rank} positions each of the sp={sp} "

@@ -74,7 +74,8 @@ def peak_flops(device: torch.device, configured: float = 0.0) -> tuple[float, st
     if configured:
         return configured, "train.peak_flops"
     if device.type == "cpu":
-        return cpu_peak_flops(), f"best measured fp32 matmul, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        return cpu_peak_flops(), f"best measured fp32 matmul, {threads} thread{'s' if threads != 1 else ''}"
     module = getattr(torch, device.type, None)
     name = module.get_device_name(device) if hasattr(module, "get_device_name") else device.type
     known = known_peak_flops(name)

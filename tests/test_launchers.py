@@ -97,3 +97,11 @@ def test_compose_ranks_are_consistent():
     assert sorted(int(e["RANK"]) for e in envs) == list(range(len(services)))
     assert {int(e["WORLD_SIZE"]) for e in envs} == {len(services)}
     assert all(s.get("network_mode") == "service:rank0" for n, s in services.items() if n != "rank0")
+
+
+@pytest.mark.parametrize("script", ["local.sh", "slurm/train.sbatch", "deepspeed/train.sbatch"])
+def test_launchers_keep_python_output_unbuffered(script):
+    """Their logs are files or pipes: every Python process they start prints each line at once
+    (msllm.cli line-buffers its own stdout too: tests/test_live_logs.py)."""
+    text = (REPO / "launchers" / script).read_text()
+    assert re.search(r"^export PYTHONUNBUFFERED=1$", text, flags=re.M)

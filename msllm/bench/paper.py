@@ -161,57 +161,89 @@ def verdict(model: dict, reference: dict) -> tuple[str, str]:
     return ("holds" if likelihood == "better" else "within noise"), why
 
 
+# The parts of a training step's memory (msllm.memory), bottom to top of each bar. Tables written
+# before the loss's activations were counted apart have "activations" whole instead of the last two.
+MEMORY_PARTS = ("parameters", "gradients", "optimizer", "body_activations", "loss_activations")
+
+
 def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
     """benchmarks/paper-bpb.png (bits per byte against tokens, mean and min-max band over seeds)
     and benchmarks/paper-memory.png (the memory of a training step, stacked by part)."""
-    import matplotlib
+    from msllm.bench import plotting
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plotting.save(bpb_figure(results), out / "paper-bpb.png")
+    plotting.save(memory_figure({m: s["memory"] for m, s in summary.items()}), out / "paper-memory.png")
+    return ["paper-bpb.png", "paper-memory.png"]
 
-    out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model in summary:
+
+def bpb_figure(results: list[dict]):
+    """Validation bits per byte against training tokens: each model's mean over its seeds, and the
+    band from the lowest to the highest seed."""
+    from msllm.bench import plotting
+
+    fig, axes = plotting.new_figure(8.5, 4.5)
+    ax = axes[0, 0]
+    for model in dict.fromkeys(r["model"] for r in results):
         curves = [r["curve"] for r in results if r["model"] == model]
         tokens = [t for t, _ in curves[0]]
         per_point = list(zip(*[[b for _, b in c] for c in curves]))
-        mean = [statistics.mean(p) for p in per_point]
-        line, = ax.plot(tokens, mean, label=model, linestyle="--" if model.startswith("vanilla") else "-")
-        ax.fill_between(tokens, [min(p) for p in per_point], [max(p) for p in per_point], color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("training tokens")
+        line, = ax.plot(tokens, [statistics.mean(p) for p in per_point], label=model, marker="o", markersize=3,
+                        linestyle="--" if model.startswith("vanilla") else "-")
+        ax.fill_between(tokens, [min(p) for p in per_point], [max(p) for p in per_point], color=line.get_color(),
+                        alpha=0.2, linewidth=0)
+    ax.set_xlabel("training tokens (thousands)")
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e3:,.0f}")
     ax.set_ylabel("validation bits per byte")
-    ax.set_title("The paper's comparison on the built-in corpus (mean and range of the seeds)")
-    ax.legend()
+    ax.set_title("The paper's comparison on the built-in corpus\n(mean of the seeds; band: lowest to highest)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "paper-bpb.png", dpi=110)
-    plt.close(fig)
+    plotting.legend_outside(fig, "right upper", ncols=1)
+    return fig
 
-    parts = ("parameters", "gradients", "optimizer", "body_activations", "loss_activations")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = list(summary)
+
+def memory_figure(memory: dict[str, dict]):
+    """{model: {part: bytes}} as one bar per model, stacked by part (MiB), its total on top."""
+    from msllm.bench import plotting
+
+    fig, axes = plotting.new_figure(8.5, 4.5)
+    ax = axes[0, 0]
+    names = list(memory)
+    split = all("body_activations" in m for m in memory.values())
+    parts = MEMORY_PARTS if split else (*MEMORY_PARTS[:3], "activations")
     bottom = [0.0] * len(names)
     for part in parts:
-        values = [summary[m]["memory"][part] / 2**20 for m in names]
+        values = [memory[m].get(part, 0) / 2**20 for m in names]
         ax.bar(names, values, bottom=bottom, label=part.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, values)]
+    for x, total in enumerate(bottom):
+        ax.annotate(f"{total:,.0f}", (x, total), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom")
+    ax.set_ylim(0, 1.1 * max(bottom))  # room for the totals
     ax.set_ylabel("MiB per training step (one rank)")
-    ax.set_title("Memory of a training step, by part")
-    ax.legend()
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    fig.savefig(out / "paper-memory.png", dpi=110)
-    plt.close(fig)
-    return ["paper-bpb.png", "paper-memory.png"]
+    ax.set_title("Memory of a training step, by part (total on top)")
+    ax.tick_params(axis="x", labelrotation=20)
+    plotting.legend_outside(fig, "right upper", ncols=1)
+    return fig
+
+
+def replot(out: Path) -> list[str]:
+    """benchmarks/paper-memory.png again from the newest table in out/paper.md (no training). The
+    bits-per-byte curves are in the runs' result.json files, not in the table: that plot needs the
+    runs (`msllm bench paper` redraws both from them without training again)."""
+    from msllm.bench import plotting
+
+    rows = plotting.table_rows(plotting.last_section((out / "paper.md").read_text()))
+    memory = {r["model"]: {p: plotting.number(r[f"{p.replace('_', ' ')} MiB"]) * 2**20
+                           for p in (*MEMORY_PARTS, "activations") if f"{p.replace('_', ' ')} MiB" in r} for r in rows}
+    plotting.save(memory_figure(memory), out / "paper-memory.png")
+    return ["paper-memory.png"]
 
 
 def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: list[str]) -> str:
     ref = summary.get(REFERENCE)
     rows = [
-        f"Recipes: recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} runs at a time, {threads} "
-        "thread(s) each). Memory: one training step on one rank, computed by msllm.memory (the "
-        "measured peak of real fp32 steps beside it); activations split into the body's and the loss's "
-        "(msllm.train.loss, chunked).",
+        f"Recipes: recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
+        f"time, {threads} thread{'s' if threads != 1 else ''} each). Memory: one training step on one rank, "
+        "computed by msllm.memory (the measured peak of real fp32 steps beside it); activations split into the "
+        "body's and the loss's (msllm.train.loss, chunked).",
         "",
         "| model | layers | parameters | val bits/byte (mean ± sd) | range | tokens/s | MFLOP/token | parameters MiB | "
         "gradients MiB | optimizer MiB | body activations MiB | loss activations MiB | total MiB | measured peak MiB "

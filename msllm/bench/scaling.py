@@ -7,7 +7,7 @@ of the step (msllm.memory: parameters, gradients, optimizer state, activations w
 Then, per architecture, the exponent b of a least-squares fit of time ~ L^b and of memory ~ L^b
 over the lengths, and of time over the last doubling alone: full attention makes vanilla's time
 grow towards L^2 as L grows (at short L its linear layers still dominate), local and coarse
-attention keep the multi-scale models near L^1. Writes a table and benchmarks/scaling.png (log axes).
+attention keep the multi-scale models near L^1. Writes a table and benchmarks/scaling.png (log-log axes).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -71,29 +72,48 @@ def exponent(points: list[tuple[float, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def plot(results: dict, out: Path) -> None:
-    import matplotlib
+def figure(results: dict):
+    """Step time and step memory against L, one line per architecture, log-log (the slopes are
+    the fitted exponents of the table)."""
+    from msllm.bench import plotting
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plotting.new_figure(10, 4.6, ncols=2)
+    time_ax, memory_ax = axes[0]
     for arch, rows in results.items():
         Ls = [r["L"] for r in rows]
-        left.plot(Ls, [r["step_s"] for r in rows], marker="o", label=arch)
-        right.plot(Ls, [r["memory"] / 2**20 for r in rows], marker="o", label=arch)
-    for ax, label in ((left, "training step time (s)"), (right, "training step memory (MiB)")):
-        ax.set_xscale("log", base=2)
+        time_ax.plot(Ls, [r["step_s"] for r in rows], marker="o", label=arch)
+        memory_ax.plot(Ls, [r["memory"] / 2**20 for r in rows], marker="o", label=arch)
+    lengths = [r["L"] for rows in results.values() for r in rows]
+    for ax, label in ((time_ax, "training step time (s)"), (memory_ax, "training step memory (MiB)")):
+        plotting.length_axis(ax, lengths)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(lambda y, _: f"{y:g}")  # 0.1, 1, 100: not 10^-1
         ax.set_xlabel("sequence length L (tokens, one sample)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
-    fig.suptitle("Scaling with L on the CPU (tiny models)")
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=110)
-    plt.close(fig)
+    fig.suptitle("Scaling with L on the CPU (tiny models, log-log)")
+    plotting.legend_outside(fig, ncols=len(results))
+    return fig
+
+
+def plot(results: dict, out: Path) -> Path:
+    from msllm.bench import plotting
+
+    return plotting.save(figure(results), out / "scaling.png")
+
+
+def replot(out: Path) -> Path:
+    """benchmarks/scaling.png again from the newest table in out/scaling.md (no measuring)."""
+    from msllm.bench import plotting
+
+    results = {}
+    for row in plotting.table_rows(plotting.last_section((out / "scaling.md").read_text())):
+        cells = {int(m[1]): v for k, v in row.items() if (m := re.match(r"L=(\d+) ", k))}
+        results[row["arch"]] = [
+            {"L": L, "step_s": float(v.split("/")[0]), "memory": plotting.number(v.split("/")[1].split("(")[0]) * 2**20}
+            for L, v in cells.items()
+        ]
+    return plot(results, out)
 
 
 def to_markdown(results: dict) -> str:

@@ -19,7 +19,7 @@ ends only that row. The trainer reads the built-in corpus, cut into windows of L
 (data/throughput-V-L, prepared on first use), with ZeRO 0 like the bare loop, and is timed over
 its second half of steps (the first half compiles and warms up). The table is returned
 (run_benchmark appends it to benchmarks/throughput.md) and the plot is written to
-benchmarks/throughput.png (log axes).
+benchmarks/throughput.png (one column per model: tokens/s, train / bare, peak memory).
 """
 
 from __future__ import annotations
@@ -280,35 +280,90 @@ def table(rows: list[dict], setting: Setting) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Tokens/s and peak memory against L, one line per (model, mode), log axes."""
-    import matplotlib
+LOOP_COLORS = {"bare": "tab:blue", "msllm train": "tab:orange"}
+MODE_STYLES = {"eager": "-", "compiled": "--"}
+TARGET = 0.95  # msllm train's tokens/s over the bare loop's, at least (issue 10)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
-    bare = [r for r in rows if r.get("loop") == "bare"]  # the trainer's rows are in the table
-    for key in dict.fromkeys((r["model"], r["mode"]) for r in bare):
-        ok = [r for r in bare if (r["model"], r["mode"]) == key and "error" not in r]
-        if not ok:
-            continue
-        style = "-" if key[1] == "eager" else "--"
-        lengths = [r["L"] for r in ok]
-        line, = speed.plot(lengths, [r["tokens_per_s"] for r in ok], style, marker="o", label=f"{key[0]} {key[1]}")
-        memory.plot(lengths, [r["peak_gib"] for r in ok], style, marker="o", color=line.get_color())
-    for ax, label in ((speed, "training tokens/s"), (memory, "peak memory (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length L")
+def figure(rows: list[dict], title: str):
+    """One column per model: tokens/s against L (bare loop and msllm train, eager and compiled),
+    the trainer's tokens/s over the bare loop's, and peak memory (linear axes, from 0). Failed rows
+    are left out (the table names them)."""
+    from msllm.bench import plotting
+
+    ok = [r for r in rows if "error" not in r]
+    models = list(dict.fromkeys(r["model"] for r in ok))
+    lengths = [r["L"] for r in ok]
+    fig, axes = plotting.new_figure(3.0 * len(models) + 1, 8.5, nrows=3, ncols=len(models), sharex=True, sharey="row")
+    for col, model in enumerate(models):
+        speed, ratio, memory = axes[:, col]
+        speed.set_title(model)
+        mine = [r for r in ok if r["model"] == model]
+        bare = {(r["mode"], r["L"]): r["tokens_per_s"] for r in mine if r["loop"] == "bare"}
+        for loop in LOOP_COLORS:
+            for mode in MODE_STYLES:
+                series = sorted((r for r in mine if (r["loop"], r["mode"]) == (loop, mode)), key=lambda r: r["L"])
+                if not series:
+                    continue
+                style = dict(color=LOOP_COLORS[loop], linestyle=MODE_STYLES[mode], marker="o", label=f"{loop}, {mode}")
+                Ls = [r["L"] for r in series]
+                speed.plot(Ls, [r["tokens_per_s"] for r in series], **style)
+                memory.plot(Ls, [r["peak_gib"] for r in series], **style)
+                compared = [r for r in series if loop != "bare" and (mode, r["L"]) in bare]
+                if compared:
+                    ratio.plot([r["L"] for r in compared], [r["tokens_per_s"] / bare[(mode, r["L"])] for r in compared],
+                               **style)
+        if ratio.lines:
+            ratio.axhline(TARGET, color="grey", linestyle=":", label=f"target {TARGET}x")
+        else:
+            ratio.text(0.5, 0.5, "bare loop only\n(no msllm train run)", transform=ratio.transAxes, ha="center",
+                       va="center", color="grey")
+        for ax in (speed, ratio, memory):
+            plotting.length_axis(ax, lengths)
+            ax.grid(alpha=0.3)
+        memory.set_xlabel("sequence length L (tokens)")
+    for ax, label in zip(axes[:, 0], ("training tokens/s", "msllm train / bare loop\n(tokens/s ratio)",
+                                      "peak memory (GiB)")):
         ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    speed.legend(fontsize=7)
+    for row, key in ((0, "tokens_per_s"), (2, "peak_gib")):  # from 0, to above every model's highest point
+        axes[row, 0].set_ylim(0, 1.08 * max(r[key] for r in ok))
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plotting.legend_outside(fig, ncols=5)
+    return fig
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path:
+    from msllm.bench import plotting
+
+    return plotting.save(figure(rows, title), path)
+
+
+def rows_from_markdown(section: str) -> list[dict]:
+    """The rows of the table that `table` wrote (the registry's section of benchmarks/throughput.md)."""
+    from msllm.bench.plotting import number, table_rows
+
+    rows = []
+    for cell in table_rows(section):
+        row = {"model": cell["model"], "mode": cell["mode"], "loop": cell.get("loop", "bare"), "L": int(cell["L"])}
+        if not cell["batch"]:  # a failed row: its error is in the tokens/s column
+            rows.append({**row, "error": cell["tokens/s"]})
+            continue
+        rows.append({**row, "batch": int(cell["batch"]), "tokens_per_s": number(cell["tokens/s"]),
+                     "mfu": number(cell["MFU"]), "peak_gib": number(cell["peak GiB"])})
+    return rows
+
+
+def replot(out: Path) -> Path:
+    """benchmarks/throughput.png again from the newest table in out/throughput.md (no measuring)."""
+    from msllm.bench.plotting import last_section
+
+    section = last_section((out / "throughput.md").read_text())
+    device = "CPU" if "-tiny.yaml" in section else "GPU"
+    return plot(rows_from_markdown(section), out / "throughput.png", title(device))
+
+
+def title(device: str) -> str:
+    return f"Training throughput and memory: msllm train against the bare loop ({device})"
 
 
 def bench_throughput(args) -> str:
@@ -319,7 +374,7 @@ def bench_throughput(args) -> str:
     rows = rows_for(setting)
     kernels = loss_rows(setting, cuda)
     device = torch.cuda.get_device_name() if cuda else "CPU"
-    plot(rows, Path(args.out) / "throughput.png", f"bare-loop training throughput ({device})")
+    plot(rows, Path(args.out) / "throughput.png", title(device))
     return (table(rows, setting) + "\n\n![throughput](throughput.png)\n\n"
             f"The loss kernels against each other (bare loop, eager, L={setting.loss_length}; msllm.train.loss):\n\n"
             + table(kernels, setting))

@@ -91,6 +91,7 @@ def read_env(environ: dict | None = None) -> DistEnv:
 
 
 def say(*args) -> None:
-    """Print on rank 0 only (callable before the process group starts)."""
+    """Print on rank 0 only (callable before the process group starts). Each line reaches a log
+    file at once: msllm.cli line-buffers stdout for every print of the process."""
     if os.environ.get("RANK", "0") == "0":
-        print(*args, flush=True)
+        print(*args)
