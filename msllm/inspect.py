@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from msllm.errors import RecipeError
-from msllm.memory import loss_activation_bytes, sample_tokens, step_memory
+from msllm.memory import check_fits, loss_activation_bytes, sample_tokens, step_memory
 from msllm.models import build_model, flops_per_token
 from msllm.distributed.parallelize import apply_activation_checkpointing
 
@@ -61,6 +61,7 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
     model_cfg = recipe.model
     if model_cfg.vocab_size == 0:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size or recipe.data.tokenizer.vocab_size)
+    check_fits(model_cfg, torch.device("cpu"), what="inspect")  # inspect builds the model on this CPU, in fp32
     torch.manual_seed(recipe.run.seed)
     model = build_model(model_cfg)
     parts = parameters_by_part(model)

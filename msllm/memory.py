@@ -200,3 +200,45 @@ def measure_step_peak(model_cfg, micro_batch: int, seq_len: int, steps: int = 2,
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for this process's tensors on `device`: CUDA's free memory, or the host's
+    MemAvailable (Linux); None where neither can be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(model_cfg, device: torch.device, precision: str = "fp32", zero_stage: int = 0, dp: int = 1,
+               processes: int = 1, what: str = "train") -> None:
+    """Refuse, before anything is allocated, a model whose weights, gradients and optimizer state
+    alone (ZeRO-sharded as the recipe says; counted on the meta device, nothing allocated) do not
+    fit in the memory `device` has free, shared by `processes` ranks on one host: a one-line
+    RecipeError with both figures. Activations come on top, so passing is no promise."""
+    from msllm.errors import RecipeError
+    from msllm.models import build_model
+
+    free = available_bytes(device)
+    if free is None:
+        return
+    with torch.device("meta"):
+        n = count_parameters(build_model(model_cfg))
+    per_rank = sum(parameter_state_bytes(n, precision, zero_stage, dp)) if what == "train" else n * 4
+    need = per_rank * (processes if device.type == "cpu" else 1)
+    if need > free:
+        held = ("weights, gradients and optimizer state" if what == "train" else "fp32 weights")
+        raise RecipeError(
+            f"the model does not fit: {n / 1e6:,.1f}M parameters need {need / 2**30:,.1f} GiB for their {held}"
+            + (f" ({precision}, ZeRO {zero_stage} over dp {dp}" + (f", {processes} ranks on this host" if processes > 1 else "") + ")"
+               if what == "train" else "")
+            + f", and {device.type} has {free / 2**30:,.1f} GiB free: use a smaller model.d_model or fewer layers"
+            + (", more data-parallel ranks with ZeRO 3, or parallel.offload_optimizer" if what == "train" else "")
+        )

@@ -128,7 +128,8 @@ class Checkpointer:
             meta = self.state.meta()
             meta["files"] = {f.name: file_digest(f) for f in sorted(path.iterdir()) if f.is_file()}
             _write_synced(path / META, json.dumps(meta, indent=1) + "\n")
-            _write_synced(path / (COMPLETE + ".tmp"), f"step {step}\n")
+            # COMPLETE holds meta.json's checksum: an edited meta.json fails verification too.
+            _write_synced(path / (COMPLETE + ".tmp"), f"step {step}\nmeta {file_digest(path / META)}\n")
             os.replace(path / (COMPLETE + ".tmp"), path / COMPLETE)
         except OSError as exc:
             return _write_error(exc, self.root)

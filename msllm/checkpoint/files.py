@@ -235,11 +235,11 @@ def _write_error(exc: BaseException, root: Path) -> str:
     carry none) by the free space left."""
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"no space left on device ({exc.filename or 'while writing'})"
+            return f"no space left on device ({exc.filename or f'while writing in {root}'})"
         return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else _first_sentence(exc)
     try:
         if shutil.disk_usage(root).free < 1 << 20:
-            return "no space left on device (while writing)"
+            return f"no space left on device (while writing in {root})"
     except OSError:
         pass
     return f"write failed ({_first_sentence(exc)})"
@@ -278,12 +278,18 @@ def file_digest(path: Path) -> str:
 
 
 def verify_checkpoint(ckpt: Path) -> str:
-    """"" when every file meta.json lists is there with its recorded checksum, else the first
-    problem in a few words. Checkpoints written before checksums were recorded pass unverified."""
+    """"" when meta.json has the checksum COMPLETE recorded for it and every file it lists is there
+    with its recorded checksum, else the first problem in a few words. Checkpoints written before
+    checksums were recorded pass unverified."""
     try:
+        recorded = dict(line.split(" ", 1) for line in (ckpt / COMPLETE).read_text().splitlines() if " " in line)
+        if "meta" in recorded and file_digest(ckpt / META) != recorded["meta"]:
+            return f"{META} fails its checksum (edited or damaged)"
         meta = json.loads((ckpt / META).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnicodeDecodeError):
         return f"{META} is unreadable"
+    if not isinstance(meta, dict) or not isinstance(meta.get("files") or {}, dict):
+        return f"{META} is not an msllm checkpoint's"
     for name, digest in (meta.get("files") or {}).items():
         f = ckpt / name
         try:

@@ -56,6 +56,11 @@ def claim_run_folder(recipe, is_main: bool, overwrite: bool = False) -> RunFolde
 
 
 def _claim(out: Path, resume: bool, overwrite: bool) -> int:
+    if overwrite and (out.resolve() == Path.cwd().resolve() or out.resolve() in Path.cwd().resolve().parents):
+        raise RunFolderError(
+            f"--overwrite would move run.output_dir {out} aside, and it holds the working directory "
+            f"{Path.cwd()}: set run.output_dir to a folder of its own (e.g. runs/NAME)"
+        )
     fd = _lock(out)
     if overwrite and holds_a_run(out):
         aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -40,10 +40,13 @@ class Callback:
 class SpeedMonitor(Callback):
     """Throughput, MFU, memory and ETA over the steps since the last row."""
 
-    def __init__(self, flops_per_token: float | None, peak_flops: float | None, world_size: int):
+    def __init__(self, flops_per_token: float | None, peak_flops: float | None, world_size: int,
+                 remeasure=None):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops  # per device; None: unknown (n/a)
         self.world_size = world_size
+        self.remeasure = remeasure  # () -> peak FLOP/s again, or None when the peak was given (train.peak_flops)
+        self.peak_unreliable = False
 
     @classmethod
     def for_run(cls, recipe, device, world_size: int) -> SpeedMonitor:
@@ -58,7 +61,25 @@ class SpeedMonitor(Callback):
             fpt = None
         peak, source = collectives.on_rank0(peak_flops, device, recipe.train.peak_flops)
         say(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s per device ({source})")
-        return cls(fpt, peak, world_size)
+        remeasure = None if recipe.train.peak_flops else (lambda: peak_flops(device)[0])
+        return cls(fpt, peak, world_size, remeasure)
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Achieved over peak FLOP/s; never above 1. A rate above the peak means the peak was
+        measured while other work shared the device (a busy CPU at start): measure it again (the
+        CPU's best measurement is kept per machine); if the rate is still above it, the peak is
+        unreliable and MFU is not given (the row says so)."""
+        if not (self.flops_per_token and self.peak_flops):
+            return None
+        mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+        if mfu > 1.0 and self.remeasure is not None and not self.peak_unreliable:
+            self.peak_flops = max(self.peak_flops, self.remeasure())
+            mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+            if mfu > 1.0:
+                self.peak_unreliable = True
+                say(f"msllm: the measured peak ({self.peak_flops / 1e12:.3g} TFLOP/s) is below the achieved rate: MFU is "
+                    "not given (set train.peak_flops to the device's real peak)")
+        return None if mfu > 1.0 or self.peak_unreliable else mfu
 
     def on_train_start(self, trainer) -> None:
         self.t_start = time.perf_counter()
@@ -73,9 +94,7 @@ class SpeedMonitor(Callback):
         dt = max(trainer.train_time - self.train_time_last, 1e-9)
         steps = max(step - self.step_last, 1)
         tokens_per_s = steps * trainer.tokens_per_step / dt
-        mfu = None
-        if self.flops_per_token and self.peak_flops:
-            mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+        mfu = self.mfu(tokens_per_s)
         per_step = (now - self.t_start) / max(step - self.step_start, 1)
         row = {
             "kind": "train",
@@ -86,6 +105,7 @@ class SpeedMonitor(Callback):
             "tokens": trainer.state.tokens,
             "tokens_per_s": tokens_per_s,
             "mfu": mfu,
+            "peak_unreliable": self.peak_unreliable,
             "peak_rss_bytes": peak_rss_bytes(),
             "accel_max_allocated_bytes": accelerator_max_allocated(),
             "step_time_s": dt / steps,
@@ -115,7 +135,8 @@ class ConsoleLogger(Callback):
             )
             return
         grad = "n/a" if row["grad_norm"] is None else f"{row['grad_norm']:.3f}"
-        mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else (
+            "n/a (peak unreliable)" if row.get("peak_unreliable") else "n/a")
         mem = f"rss {row['peak_rss_bytes'] / 2**30:.2f}GiB"
         if row.get("accel_max_allocated_bytes") is not None:
             mem += f" acc {row['accel_max_allocated_bytes'] / 2**30:.2f}GiB"
@@ -225,3 +246,57 @@ class EvalCallback(Callback):
         self.last_row = row
         trainer.log(row)
         return row
+
+
+class ShardsWatch:
+    """The shards must stay the ones the run started with (a `msllm prep --force` into the folder of
+    a running training swaps the data and the tokenizer under it). Before every step that evaluates
+    or checkpoints, rank 0 reads the manifest again:
+
+    - changed: the run stops with a one-line DataError; the checkpoints so far stay (they hold the
+      tokenizer the run started with: msllm.checkpoint.TrainState);
+    - gone (the folder deleted): training goes on from this job's local copy of the shards, and says
+      so once; evaluation is skipped while the validation split is not there.
+    """
+
+    def __init__(self, data_cfg, manifest: dict):
+        from msllm.run_record import manifest_sha256
+
+        self.data_cfg = data_cfg
+        self.sha256 = manifest_sha256(manifest)
+        self.gone = False
+
+    def check(self, plan):
+        """The plan as the shards allow it (eval dropped while they are gone)."""
+        import dataclasses
+
+        if not (plan.eval or plan.checkpoint):
+            return plan
+        gone = collectives.on_rank0(self._gone)
+        if gone and not self.gone:
+            say(f"msllm: WARNING: the shards folder {self.data_cfg.shards_dir} is gone: training goes on from this "
+                "job's local copy of the shards; evaluation is skipped until the folder is back")
+        self.gone = gone
+        return dataclasses.replace(plan, eval=False) if gone else plan
+
+    def _gone(self) -> bool:
+        """Rank 0: whether the manifest is gone; a DataError when it changed."""
+        from msllm.data.manifest import MANIFEST_FILENAME, is_remote, read_manifest
+        from msllm.errors import DataError
+        from msllm.run_record import manifest_sha256
+
+        shards_dir = self.data_cfg.shards_dir
+        if not is_remote(shards_dir) and not (Path(shards_dir) / MANIFEST_FILENAME).is_file():
+            return True
+        try:
+            now = manifest_sha256(read_manifest(shards_dir, self.data_cfg))
+        except DataError:
+            return True
+        if now != self.sha256:
+            raise DataError(
+                f"the shards in {shards_dir} changed while this run trained (manifest sha256 {now[:12]}..., the run "
+                f"started with {self.sha256[:12]}...: was `msllm prep --force` run on it?): the run stops; its "
+                "checkpoints hold the data's old tokenizer. Put the old shards back and rerun to resume, or start a "
+                "new run.output_dir for the new data"
+            )
+        return False

@@ -15,6 +15,7 @@ and `Trainer.fit()` resumes if it can, then runs the loop, which reads as torcht
     plan = schedule.at(step)         what is due, agreed by every rank
     train_step(plan)                 grad_accum_steps micro-batches: forward with the loss, backward, step
     plan = guard.check(engine, plan) a skipped update cancels the checkpoint; too many: a stop
+    plan = shards_watch.check(plan)  the shards changed under the run: a stop; gone: no eval
     component.on_step(plan)          speed and log rows, eval (msllm.train.callbacks)
     checkpointer.save(step)          when the plan says so
     stop when the plan says so
@@ -52,8 +53,9 @@ from msllm.checkpoint.state import Tokenizer, TrainState
 from msllm.config import with_vocab_size
 from msllm.distributed import ParallelDims, collectives
 from msllm.distributed.env import DistEnv, read_env, say
+from msllm.memory import check_fits
 from msllm.metrics import fmt_duration
-from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, SpeedMonitor, TensorBoardLogger
+from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, ShardsWatch, SpeedMonitor, TensorBoardLogger
 from msllm.train.engine import lr_at
 from msllm.train.loss import choose_kernel, model_loss
 from msllm.train.nonfinite import NonFiniteGuard
@@ -84,6 +86,9 @@ class Trainer:
         # sum of CE over the global batch / global tokens; DeepSpeed divides by world and gas.
         self.grad_scale = dims.world_size * self.gas / self.tokens_per_step
 
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        check_fits(recipe.model, torch.device(self.accel.device_name(denv.local_rank)), t.precision,
+                   recipe.parallel.zero_stage, dims.dp, processes=local_ranks)  # before anything is allocated
         seed_everything(recipe.run.seed)  # identical initial weights on every rank
         model = build_model(recipe.model)
         self.n_params = sum(p.numel() for p in model.parameters())
@@ -101,6 +106,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out, recipe.checkpoint, self.state, dims)
         self.schedule = Schedule(recipe)
         self.guard = NonFiniteGuard(t.max_skipped_steps, self.checkpointer)
+        self.shards_watch = ShardsWatch(recipe.data, self.shards.manifest)
         self.eval = EvalCallback(recipe, dims, self.shards, self.loss_kernel)
         self.last_loss, self.last_lr, self.last_grad_norm = math.nan, lr_at(0, t), None
         self.train_time = 0.0  # seconds inside train_step (throughput excludes eval and checkpoints)
@@ -142,6 +148,7 @@ class Trainer:
                 plan = self.schedule.at(state.step + 1)
                 self.train_step(batches, plan)
                 plan = self.guard.check(state.engine, plan)
+                plan = self.shards_watch.check(plan)
                 for component in self.components:
                     component.on_step(self, plan)
                 if plan.checkpoint:
