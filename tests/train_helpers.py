@@ -67,11 +67,12 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def msllm(*args, env: dict | None = None, timeout: float = 300, python_code: str | None = None) -> subprocess.CompletedProcess:
+def msllm(*args, env: dict | None = None, timeout: float = 300, python_code: str | None = None,
+          cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`msllm ARGS` in one fresh process (optionally after running `python_code`, e.g. a patch)."""
     prelude = (python_code or "") + "\nimport sys\nfrom msllm.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     command = [sys.executable, "-c", prelude, *map(str, args)]
-    return subprocess.run(command, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def msllm_torchrun(nproc: int, *args, timeout: float = 400, cwd: Path | None = None) -> subprocess.CompletedProcess:

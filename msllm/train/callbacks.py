@@ -71,15 +71,18 @@ class SpeedMonitor(Callback):
         unreliable and MFU is not given (the row says so)."""
         if not (self.flops_per_token and self.peak_flops):
             return None
+        if self.peak_unreliable:
+            return None
         mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
-        if mfu > 1.0 and self.remeasure is not None and not self.peak_unreliable:
+        if mfu > 1.0 and self.remeasure is not None:
             self.peak_flops = max(self.peak_flops, self.remeasure())
             mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
-            if mfu > 1.0:
-                self.peak_unreliable = True
-                say(f"msllm: the measured peak ({self.peak_flops / 1e12:.3g} TFLOP/s) is below the achieved rate: MFU is "
-                    "not given (set train.peak_flops to the device's real peak)")
-        return None if mfu > 1.0 or self.peak_unreliable else mfu
+        if mfu > 1.0:
+            self.peak_unreliable = True
+            say(f"msllm: the peak ({self.peak_flops / 1e12:.3g} TFLOP/s per device) is below the achieved rate: MFU is "
+                "not given from now on (set train.peak_flops to the device's real peak)")
+            return None
+        return mfu
 
     def on_train_start(self, trainer) -> None:
         self.t_start = time.perf_counter()

@@ -1,0 +1,165 @@
+"""Issue 19, items 3, 6, 7 and 8 (training side): the data swapped or deleted under a running
+training, an edited meta.json, every checkpoint corrupt, a damaged trainer state, a model too big
+for memory, --overwrite of the working directory, MFU above 100%."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from helpers import checkpoints, cli, one_line, one_line_error, tree_digest
+from train_helpers import check, make_recipe, msllm, rows
+
+# At the start of step 4 (after checkpoint 3), ACTION is done to the run's shards folder.
+_AT_STEP_4 = """
+import json, shutil
+from pathlib import Path
+import msllm.train.trainer as trainer_module
+_train_step = trainer_module.Trainer.train_step
+def train_step(self, batches, plan):
+    if plan.step == 4:
+        shards = Path(self.recipe.data.shards_dir)
+        ACTION
+    return _train_step(self, batches, plan)
+trainer_module.Trainer.train_step = train_step
+"""
+# What `msllm prep --force` with another tokenizer leaves: another manifest (and tokenizer).
+_SWAP = """manifest = json.loads((shards / "manifest.json").read_text())
+        manifest["tokenizer_sha256"] = "0" * 64
+        (shards / "manifest.json").write_text(json.dumps(manifest))
+        (shards / "tokenizer.model").write_bytes(b"another tokenizer")"""
+_DELETE = """shutil.rmtree(shards)"""
+
+
+def _private_shards(tmp_path, tiny_data):
+    corpus, shards = tiny_data
+    mine = tmp_path / "shards"
+    shutil.copytree(shards, mine)
+    return (corpus, mine)
+
+
+def test_shards_swapped_under_a_run_stop_it_and_its_checkpoints_keep_the_old_tokenizer(tmp_path, tiny_data):
+    data = _private_shards(tmp_path, tiny_data)
+    tokenizer = (data[1] / "tokenizer.model").read_bytes()
+    recipe, out = make_recipe(tmp_path, data, train={"max_steps": 9}, checkpoint={"every": 3, "keep_last": 0},
+                              eval={"every": 0, "max_batches": 2})
+    line = one_line_error(msllm("train", recipe, python_code=_AT_STEP_4.replace("ACTION", _SWAP)), "train")
+    assert "the shards in" in line and "changed while this run trained" in line and "prep --force" in line
+    assert checkpoints(out) == ["step_0000003"]  # no checkpoint of the new data's step
+    assert (out / "checkpoints" / "step_0000003" / "tokenizer.model").read_bytes() == tokenizer
+
+
+def test_shards_deleted_under_a_run_keep_it_training_and_it_says_so(tmp_path, tiny_data):
+    data = _private_shards(tmp_path, tiny_data)
+    tokenizer = (data[1] / "tokenizer.model").read_bytes()
+    recipe, out = make_recipe(tmp_path, data, train={"max_steps": 9}, checkpoint={"every": 3, "keep_last": 0},
+                              eval={"every": 0, "max_batches": 2})
+    proc = check(msllm("train", recipe, python_code=_AT_STEP_4.replace("ACTION", _DELETE)))
+    notes = [line for line in proc.stdout.splitlines() if "is gone" in line]
+    assert len(notes) == 1 and "training goes on" in notes[0]  # said once, though checkpoints 6 and 9 came after
+    assert checkpoints(out) == ["step_0000003", "step_0000006", "step_0000009"]
+    for step in (6, 9):  # every later checkpoint holds the tokenizer the run started with
+        assert (out / "checkpoints" / f"step_{step:07d}" / "tokenizer.model").read_bytes() == tokenizer
+    assert rows(out, "eval") == []  # no validation split to evaluate on
+
+
+def test_an_edited_meta_json_fails_its_checksum(capsys, run_copy):
+    recipe, out = run_copy
+    meta_file = out / "checkpoints" / "step_0000006" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["zero_stage"] = None
+    meta_file.write_text(json.dumps(meta))
+    before = tree_digest(out)
+    code, _, err = cli(capsys, "export", out, "--out", out.parent / "export")
+    line = one_line(code, err, "export")
+    assert "step_0000006 is corrupt (meta.json fails its checksum (edited or damaged))" in line and "step_0000003" in line
+    assert tree_digest(out) == before
+    proc = check(msllm("train", recipe, "--set", "train.max_steps=7"))  # resume sets it aside, keeps it
+    assert "meta.json fails its checksum" in proc.stdout and "step_0000003 at step 3" in proc.stdout
+    assert "step_0000006.corrupt" in checkpoints(out)
+
+
+def test_a_trainer_state_without_its_dataloader_entry_falls_back(run_copy):
+    recipe, out = run_copy
+    path = out / "checkpoints" / "step_0000006" / "trainer_state_rank0.pt"
+    state = torch.load(path, weights_only=True)
+    del state["dataloader"]
+    torch.save(state, path)
+    from helpers import rerecord_checksum
+
+    rerecord_checksum(path)
+    meta = out / "checkpoints" / "step_0000006" / "meta.json"
+    complete = out / "checkpoints" / "step_0000006" / "COMPLETE"
+    from msllm.checkpoint.files import file_digest
+
+    complete.write_text(f"step 6\nmeta {file_digest(meta)}\n")  # as one who rewrites the whole folder would
+    proc = check(msllm("train", recipe, "--set", "train.max_steps=7"))
+    assert "has no dataloader entry" in proc.stdout and "step_0000003 at step 3" in proc.stdout
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_every_checkpoint_corrupt_restarts_loudly_or_stops(run_copy, allowed):
+    recipe, out = run_copy
+    for step in (3, 6):
+        (out / "checkpoints" / f"step_{step:07d}" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    overrides = ["--set", f"checkpoint.restart_if_all_corrupt={str(allowed).lower()}", "--set", "train.max_steps=1"]
+    if allowed:
+        proc = check(msllm("train", recipe, *overrides))
+        warning = [line for line in proc.stdout.splitlines() if line.startswith("msllm: WARNING")]
+        assert len(warning) == 1 and "all 2 checkpoints" in warning[0] and "starts again from step 0" in warning[0]
+    else:
+        line = one_line_error(msllm("train", recipe, *overrides), "train")
+        assert "all 2 checkpoints" in line and "restart_if_all_corrupt is false" in line
+    assert {"step_0000003.corrupt", "step_0000006.corrupt"} <= set(checkpoints(out))  # kept, renamed
+
+
+def test_a_model_too_big_for_memory_is_refused_before_anything_is_allocated(tmp_path, tiny_data, capsys):
+    from msllm.memory import available_bytes
+
+    free = available_bytes(torch.device("cpu"))
+    assert free is not None  # Linux: /proc/meminfo
+    big = {"d_model": 16384, "n_heads": 64, "scales": [{"factor": 1, "layers": 64, "attention": "full"}]}
+    recipe, out = make_recipe(tmp_path, tiny_data, model=big)
+    line = one_line_error(msllm("train", recipe), "train")
+    assert "the model does not fit" in line and "GiB free" in line
+    assert not (out / "checkpoints").exists()
+    code, _, err = cli(capsys, "inspect", recipe)
+    assert "the model does not fit" in one_line(code, err, "inspect") and "fp32 weights" in err
+
+
+def test_overwrite_of_the_working_directory_is_refused(tmp_path, tiny_data):
+    recipe, _ = make_recipe(tmp_path, tiny_data, run={"output_dir": "."})
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    proc = msllm("train", recipe, "--overwrite", cwd=work)
+    line = one_line_error(proc, "train")
+    assert "holds the working directory" in line and (work / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("work")) == ["work"]
+
+
+def test_mfu_above_100_percent_is_never_given():
+    from msllm.train.callbacks import SpeedMonitor
+
+    remeasured = []
+    monitor = SpeedMonitor(flops_per_token=1e6, peak_flops=1e9, world_size=1,
+                           remeasure=lambda: remeasured.append(1) or 4e9)
+    assert monitor.mfu(2000) == pytest.approx(0.5)  # 2e9 of 4e9 after the re-measurement
+    assert remeasured == [1] and monitor.peak_flops == 4e9
+    assert monitor.mfu(8000) is None and monitor.peak_unreliable  # still above the peak: unreliable
+    assert monitor.mfu(100) is None and remeasured == [1, 1]  # never given again, never measured again
+    fixed = SpeedMonitor(flops_per_token=1e6, peak_flops=1e9, world_size=1, remeasure=None)  # train.peak_flops
+    assert fixed.mfu(3000) is None and fixed.peak_unreliable and fixed.mfu(500) is None
+
+
+def test_an_unreliable_peak_is_shown_as_such_in_the_log_line():
+    from msllm.train.callbacks import ConsoleLogger
+
+    printed = []
+    row = {"kind": "train", "step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": None, "tokens_per_s": 1.0, "mfu": None,
+           "peak_unreliable": True, "peak_rss_bytes": 2**30, "eta_s": 1.0}
+    ConsoleLogger(10, printer=printed.append).on_log(None, row)
+    assert "mfu n/a (peak unreliable)" in printed[0]
