@@ -281,3 +281,25 @@ class Checkpointer:
 def _estimate_bytes(engine) -> int:
     n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     return int(n * 4 * 4)  # weights + two Adam moments (+ master copy or slack), fp32
+
+
+def finished_checkpoint(recipe) -> Path | None:
+    """The checkpoint of a run that has nothing left to do: the newest complete one in
+    run.output_dir, when the recipe resumes, it reached train.max_steps, verifies and holds the
+    recipe's model. Read without DeepSpeed or the process group, so that a rerun of a finished
+    training costs next to nothing; anything else (None) goes the whole way (resume and its rules)."""
+    if not recipe.checkpoint.resume:
+        return None
+    latest = latest_complete(Path(recipe.run.output_dir) / "checkpoints")
+    if latest is None:
+        return None
+    try:
+        if int(read_meta(latest).get("step", 0)) < recipe.train.max_steps or verify_checkpoint(latest):
+            return None
+        saved = dataclasses.asdict(read_recipe(latest).model)
+    except (CheckpointError, TypeError, ValueError):
+        return None
+    wanted = dataclasses.asdict(recipe.model)
+    if wanted["vocab_size"] == 0:  # filled in from the tokenizer when the run started
+        wanted["vocab_size"] = saved["vocab_size"]
+    return latest if saved == wanted else None

@@ -21,8 +21,12 @@ Public API (what the trainer and the CLI use):
 Every bad input is a one-line msllm.errors.DataError.
 """
 
-from msllm.data.manifest import Shards, check_shards, load_tokenizer, read_manifest
-from msllm.data.prepare import prepare_dataset
+from msllm.data.streaming_lazy import import_streaming
+
+import_streaming()  # before anything else imports streaming: see streaming_lazy.py
+
+from msllm.data.manifest import Shards, check_shards, load_tokenizer, read_manifest  # noqa: E402
+from msllm.data.prepare import prepare_dataset  # noqa: E402
 
 
 def build_dataloader(*args, **kwargs):

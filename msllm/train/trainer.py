@@ -47,7 +47,8 @@ import numpy as np
 import torch
 
 from msllm import run_record
-from msllm.checkpoint.checkpointer import Checkpointer
+from msllm.checkpoint.checkpointer import Checkpointer, finished_checkpoint
+from msllm.checkpoint.files import read_meta
 from msllm.checkpoint.runfolder import claim_run_folder
 from msllm.checkpoint.state import Tokenizer, TrainState
 from msllm.config import with_vocab_size
@@ -256,6 +257,11 @@ def train(recipe, overwrite: bool = False) -> None:
     t0 = time.perf_counter()
     denv = read_env()
     dims = ParallelDims.from_recipe(recipe, denv.world_size, denv.rank)  # fails before any rank waits
+    done = finished_checkpoint(recipe)
+    if done is not None:  # a finished run: no DeepSpeed, no peak measurement, no second eval row
+        say(f"nothing to do: the latest checkpoint {done} is at step {read_meta(done)['step']} >= "
+            f"train.max_steps {recipe.train.max_steps}")
+        return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # ranks share the cores
