@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint or an export")
     p.add_argument("source", help="checkpoint folder, run output_dir, or `msllm export` folder")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append",
+                   help="text to continue; repeat it for a batch (one text printed per prompt, blank-line separated)")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

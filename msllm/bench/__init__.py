@@ -13,6 +13,7 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     scaling.py            scaling: step time and step memory against the sequence length
     attention.py          attention: one layer's sliding-window attention per kernel (time, memory, agreement)
     loss.py               loss: the loss kernels' speed on the quickstart (alternating) and memory at BookCorpus sizes
+    generate.py           generate: cached decoding against the uncached loop, per arch and HF Llama; prefill
 
 To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
 it), and an entry in BENCHMARKS.
@@ -72,6 +73,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "loss": _lazy(
         "loss", "bench_loss",
         "The loss kernels: quickstart tokens/s with dense and chunked alternating; the loss's memory at BookCorpus sizes.",
+    ),
+    "generate": _lazy(
+        "generate", "bench_generate",
+        "Cached decoding tokens/s per arch against the uncached loop, vanilla and HF Llama generate; prefill; plot.",
     ),
     "train-quickstart": _lazy(
         "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."

@@ -340,6 +340,11 @@ class CachedSegment:
         """One past the last index kept: the positions (or blocks) seen so far."""
         return self.first + self.length
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the storage (keys and values), live rows or not."""
+        return 0 if self._keys is None else 2 * self._keys.numel() * self._keys.element_size()
+
     def segment(self) -> Segment:
         rows = slice(self._start, self._stop)
         return Segment(self._keys[:, :, rows], self._values[:, :, rows], self.first)
