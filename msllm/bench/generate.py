@@ -180,7 +180,8 @@ def build_models(setting: Setting) -> dict:
         torch.manual_seed(0)
         models[name] = build_model(cfg).eval()
     cfg = configs["vanilla"]
-    hf = build("hf_llama", cfg, SEQ_LEN).eval()
+    longest = max(P + n for P, n in (*setting.sweep, (setting.prompt, setting.new_tokens)))
+    hf = build("hf_llama", cfg, max(longest, SEQ_LEN)).eval()  # its max_position_embeddings: no warning at 16k
     hf.llama.load_state_dict(to_hf_names(models["vanilla"].state_dict(), cfg.tie_embeddings))
     hf.llama.generation_config.eos_token_id = None  # exactly new_tokens, whatever random weights sample
     hf.llama.generation_config.pad_token_id = 0

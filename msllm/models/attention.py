@@ -425,7 +425,8 @@ class FullCausalAttention(nn.Module):
         if n == 1 or first_position == 0:  # one query sees every key; a first chunk is the plain causal case
             return F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1)
         # A later chunk: query i (at first_position + i) sees keys 0 .. first_position + i.
-        mask = torch.arange(first_position + n, device=q.device) <= first_position + torch.arange(n, device=q.device).view(-1, 1)
+        positions = torch.arange(first_position + n, device=q.device)
+        mask = positions <= positions[first_position:].view(-1, 1)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
