@@ -10,7 +10,7 @@ import numpy as np
 
 from msllm.bench.generate import COLORS, MODELS, Setting, measure_all, plot, to_markdown
 
-TOY = Setting(prompt=48, new_tokens=6, uncached_tokens=2, sweep=((16, 4), (48, 6)), repeats=1,
+TOY = Setting(prompt=48, new_tokens=6, uncached_tokens=2, sweep=((16, 4), (48, 6)), rounds=2,
               d_model=32, n_heads=2, vocab_size=256)
 
 

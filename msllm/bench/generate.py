@@ -14,12 +14,12 @@ data.seq_len=4096, and top-down and retina at the same width, depth (6 blocks) a
 
 Random weights, fp32, batch 1, greedy, on the CPU with torch's default threads.
 
-1. At a 4096-token prompt: the prefill (one decode call over the prompt; best of `repeats`) against
-   one training forward pass of 4096 tokens (autograd on, the chunked loss, best of `repeats`);
-   then 256 new tokens: decode tokens/s, timed from the first new token's logits to the last's (so
-   without the prefill); the uncached loop of before (`uncached_generate`: every new token reruns
-   the last data.seq_len tokens) timed over a few tokens only, as each costs a whole forward pass;
-   the bytes of the cache's storage at the end.
+1. At a 4096-token prompt, the models taking turns over `rounds` rounds, each keeping its best: the
+   prefill (one decode call over the prompt) against one training forward pass of 4096 tokens
+   (autograd on, the chunked loss); then 256 new tokens: decode tokens/s, timed from the first new
+   token's logits to the last's (so without the prefill); the uncached loop of before
+   (`uncached_generate`: every new token reruns the last data.seq_len tokens) timed over a few
+   tokens only, as each costs a whole forward pass; the bytes of the cache's storage at the end.
 2. Decode tokens/s against the prompt length (1k-16k; fewer new tokens at 16k, as the table says)
    per architecture and HF Llama: a table and generate.png next to the markdown (log axes).
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 
 ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
 MODELS = (*ARCHS, "hf_llama")
-SEQ_LEN = 4096  # the models' data.seq_len: the uncached loop's crop, HF Llama's max_position_embeddings
+SEQ_LEN = 4096  # the models' data.seq_len: the uncached loop's crop
 # One colour per series of generate.png, in MODELS order (tests count them in the image).
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
@@ -46,7 +46,7 @@ class Setting:
     new_tokens: int  # tokens decoded after it
     uncached_tokens: int  # tokens the uncached loop is timed over (each a forward pass over the prompt)
     sweep: tuple[tuple[int, int], ...]  # (prompt length, new tokens) of the plot
-    repeats: int  # prefill and training forward: the best of this many
+    rounds: int  # the models take turns at the main prompt this many times; each keeps its best round
     d_model: int = 0  # 0: the quickstart's (tests shrink the models)
     n_heads: int = 0
     vocab_size: int = 0  # 0: the quickstart tokenizer's
@@ -54,7 +54,7 @@ class Setting:
 
 DEFAULT = Setting(
     prompt=4096, new_tokens=256, uncached_tokens=3,
-    sweep=((1024, 256), (2048, 256), (4096, 256), (8192, 256), (16384, 128)), repeats=2,
+    sweep=((1024, 256), (2048, 256), (4096, 256), (8192, 256), (16384, 128)), rounds=2,
 )
 
 
@@ -151,19 +151,16 @@ def hf_run(llama, prompt, new_tokens: int) -> dict:
             "tokens": out[0, prompt.shape[1]:].tolist()}
 
 
-def training_forward_s(model, ids, repeats: int) -> float:
-    """Best seconds of `repeats` training forward passes (autograd on, the chunked loss)."""
+def training_forward_s(model, ids) -> float:
+    """Seconds of one training forward pass (autograd on, the chunked loss)."""
     import functools
 
     from msllm.train.loss import lm_loss
 
     loss = functools.partial(lm_loss, labels=ids.roll(-1, dims=1), kernel="chunked")
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(ids, loss)
-        best = min(best, time.perf_counter() - start)
-    return best
+    start = time.perf_counter()
+    model(ids, loss)
+    return time.perf_counter() - start
 
 
 def build_models(setting: Setting) -> dict:
@@ -190,32 +187,41 @@ def build_models(setting: Setting) -> dict:
 
 
 def measure_all(setting: Setting) -> dict:
-    """{"main": one row per model at setting.prompt, "sweep": one row per (model, prompt length)}."""
+    """{"main": one row per model at setting.prompt, "sweep": one row per (model, prompt length)}.
+
+    A shared CPU's speed drifts over minutes, more than some differences measured here: at the main
+    prompt the models take turns, `rounds` times, and each keeps its best round (its fastest
+    decoding, its fastest prefill and training forward pass)."""
     import torch
 
     models = build_models(setting)
     vocab = model_configs(setting)["vanilla"].vocab_size
     prompts = {P: torch.randint(0, vocab, (1, P), generator=torch.Generator().manual_seed(P))
                for P in {setting.prompt, *(P for P, _ in setting.sweep)}}
-    main, sweep = [], []
-    for name in MODELS:
-        model, prompt = models[name], prompts[setting.prompt]
-        run = hf_run if name == "hf_llama" else cached_run
-        target = model.llama if name == "hf_llama" else model
-        row = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), **run(target, prompt, setting.new_tokens)}
-        for _ in range(setting.repeats - 1):
-            row["prefill_s"] = min(row["prefill_s"], run(target, prompt, 1)["prefill_s"])
-        row["forward_s"] = training_forward_s(model, prompt, setting.repeats)
-        if name != "hf_llama":
-            start = time.perf_counter()
-            uncached_generate(model, prompt[0].tolist(), setting.uncached_tokens, context=SEQ_LEN)
-            row["uncached_tokens_per_s"] = setting.uncached_tokens / (time.perf_counter() - start)
-        main.append(row)
+    runs = {name: (hf_run, models[name].llama) if name == "hf_llama" else (cached_run, models[name]) for name in MODELS}
+    prompt = prompts[setting.prompt]
+    main = {name: {"model": name, "parameters": sum(p.numel() for p in models[name].parameters()), "prefill_s": float("inf"),
+                   "forward_s": float("inf"), "decode_tokens_per_s": 0.0} for name in MODELS}
+    for _ in range(setting.rounds):
+        for name, (run, target) in runs.items():
+            row, got = main[name], run(target, prompt, setting.new_tokens)
+            row.update({key: got[key] for key in ("tokens", "cache_bytes") if key in got})
+            row["prefill_s"] = min(row["prefill_s"], got["prefill_s"])
+            row["decode_tokens_per_s"] = max(row["decode_tokens_per_s"], got["decode_tokens_per_s"])
+            row["forward_s"] = min(row["forward_s"], training_forward_s(models[name], prompt))
+    for name in ARCHS:  # a few tokens only: each is a forward pass over the whole prompt
+        start = time.perf_counter()
+        uncached_generate(models[name], prompt[0].tolist(), setting.uncached_tokens, context=SEQ_LEN)
+        main[name]["uncached_tokens_per_s"] = setting.uncached_tokens / (time.perf_counter() - start)
+    for row in main.values():
         print({k: v for k, v in row.items() if k != "tokens"}, flush=True)
+    sweep = []
+    for name, (run, target) in runs.items():
         for P, new in setting.sweep:
-            got = row if (P, new) == (setting.prompt, setting.new_tokens) else run(target, prompts[P], new)
+            got = main[name] if (P, new) == (setting.prompt, setting.new_tokens) else run(target, prompts[P], new)
             sweep.append({"model": name, "prompt": P, "new_tokens": new, "decode_tokens_per_s": got["decode_tokens_per_s"]})
-    return {"main": main, "sweep": sweep}
+            print(sweep[-1], flush=True)
+    return {"main": list(main.values()), "sweep": sweep}
 
 
 def to_markdown(results: dict, setting: Setting) -> str:
@@ -224,8 +230,8 @@ def to_markdown(results: dict, setting: Setting) -> str:
     lines = [
         f"Prompt of {setting.prompt:,} random tokens, then {setting.new_tokens} new tokens, batch 1, greedy, fp32, random "
         f"weights; the quickstart pair's sizes with data.seq_len={SEQ_LEN} (msllm/bench/generate.py lists the models). "
-        f"Decode tokens/s after the prefill; prefill and training forward (autograd, chunked loss) best of "
-        f"{setting.repeats}; the uncached loop (every token reruns the last {SEQ_LEN:,} tokens) timed over "
+        f"The models took turns {setting.rounds} times; each row is its best round (decode tokens/s after the prefill, "
+        f"prefill, training forward pass with autograd and the chunked loss); the uncached loop (every token reruns the last {SEQ_LEN:,} tokens) timed over "
         f"{setting.uncached_tokens} tokens.",
         "",
         "| model | parameters | prefill s | training forward s | prefill / forward | decode tokens/s | vs vanilla cached "
