@@ -12,7 +12,8 @@ data.seq_len=4096, and top-down and retina at the same width, depth (6 blocks) a
     hf_llama   LlamaForCausalLM at vanilla's dimensions with vanilla's weights (export's names),
                through its own generate() (greedy, its dynamic KV cache)
 
-Random weights, fp32, batch 1, greedy, on the CPU with torch's default threads.
+Random weights, fp32, batch 1, greedy, on the CPU with torch's threads (the table says how many:
+OMP_NUM_THREADS=1 on a CPU that other work shares, where two threads wait on each other).
 
 1. At a 4096-token prompt, the models taking turns over `rounds` rounds, each keeping its best: the
    prefill (one decode call over the prompt) against one training forward pass of 4096 tokens
@@ -221,15 +222,15 @@ def measure_all(setting: Setting) -> dict:
             got = main[name] if (P, new) == (setting.prompt, setting.new_tokens) else run(target, prompts[P], new)
             sweep.append({"model": name, "prompt": P, "new_tokens": new, "decode_tokens_per_s": got["decode_tokens_per_s"]})
             print(sweep[-1], flush=True)
-    return {"main": list(main.values()), "sweep": sweep}
+    return {"main": list(main.values()), "sweep": sweep, "threads": torch.get_num_threads()}
 
 
 def to_markdown(results: dict, setting: Setting) -> str:
     main = {r["model"]: r for r in results["main"]}
     vanilla = main["vanilla"]["decode_tokens_per_s"]
     lines = [
-        f"Prompt of {setting.prompt:,} random tokens, then {setting.new_tokens} new tokens, batch 1, greedy, fp32, random "
-        f"weights; the quickstart pair's sizes with data.seq_len={SEQ_LEN} (msllm/bench/generate.py lists the models). "
+        f"Prompt of {setting.prompt:,} random tokens, then {setting.new_tokens} new tokens, batch 1, greedy, fp32, "
+        f"{results['threads']} torch thread{'s' if results['threads'] > 1 else ''}, random weights; the quickstart pair's sizes with data.seq_len={SEQ_LEN} (msllm/bench/generate.py lists the models). "
         f"The models took turns {setting.rounds} times; each row is its best round (decode tokens/s after the prefill, "
         f"prefill, training forward pass with autograd and the chunked loss); the uncached loop (every token reruns the last {SEQ_LEN:,} tokens) timed over "
         f"{setting.uncached_tokens} tokens.",
