@@ -29,7 +29,7 @@ def series_in(path) -> int:
 def test_the_benchmark_measures_every_model_and_writes_its_tables_and_plot(tmp_path):
     results = measure_all(TOY)
     assert [r["model"] for r in results["main"]] == list(MODELS)
-    assert [(r["model"], r["prompt"]) for r in results["sweep"]] == [(m, P) for m in MODELS for P in (16, 48)]
+    assert [(r["prompt"], r["model"]) for r in results["sweep"]] == [(P, m) for P in (16, 48) for m in MODELS]
     for row in results["main"]:
         assert row["prefill_s"] > 0 and row["forward_s"] > 0 and row["decode_tokens_per_s"] > 0
         assert len(row["tokens"]) == TOY.new_tokens

@@ -22,7 +22,8 @@ OMP_NUM_THREADS=1 on a CPU that other work shares, where two threads wait on eac
    (`uncached_generate`: every new token reruns the last data.seq_len tokens) timed over a few
    tokens only, as each costs a whole forward pass; the bytes of the cache's storage at the end.
 2. Decode tokens/s against the prompt length (1k-16k; fewer new tokens at 16k, as the table says)
-   per architecture and HF Llama: a table and generate.png next to the markdown (log axes).
+   per architecture and HF Llama, taking turns in the same way: a table and generate.png next to
+   the markdown (log axes).
 """
 
 from __future__ import annotations
@@ -188,11 +189,11 @@ def build_models(setting: Setting) -> dict:
 
 
 def measure_all(setting: Setting) -> dict:
-    """{"main": one row per model at setting.prompt, "sweep": one row per (model, prompt length)}.
+    """{"main": one row per model at setting.prompt, "sweep": one row per (prompt length, model)}.
 
-    A shared CPU's speed drifts over minutes, more than some differences measured here: at the main
-    prompt the models take turns, `rounds` times, and each keeps its best round (its fastest
-    decoding, its fastest prefill and training forward pass)."""
+    A shared CPU's speed drifts over minutes, more than some differences measured here: at each
+    prompt length the models take turns, `rounds` times, and each keeps its best round (its fastest
+    decoding; at the main prompt also its fastest prefill and training forward pass)."""
     import torch
 
     models = build_models(setting)
@@ -217,11 +218,15 @@ def measure_all(setting: Setting) -> dict:
     for row in main.values():
         print({k: v for k, v in row.items() if k != "tokens"}, flush=True)
     sweep = []
-    for name, (run, target) in runs.items():
-        for P, new in setting.sweep:
-            got = main[name] if (P, new) == (setting.prompt, setting.new_tokens) else run(target, prompts[P], new)
-            sweep.append({"model": name, "prompt": P, "new_tokens": new, "decode_tokens_per_s": got["decode_tokens_per_s"]})
-            print(sweep[-1], flush=True)
+    for P, new in setting.sweep:  # at each length too, the models take turns and keep their best round
+        best = {name: 0.0 for name in MODELS}
+        if (P, new) == (setting.prompt, setting.new_tokens):
+            best = {name: row["decode_tokens_per_s"] for name, row in main.items()}
+        for _ in range(0 if (P, new) == (setting.prompt, setting.new_tokens) else setting.rounds):
+            for name, (run, target) in runs.items():
+                best[name] = max(best[name], run(target, prompts[P], new)["decode_tokens_per_s"])
+        sweep += [{"model": name, "prompt": P, "new_tokens": new, "decode_tokens_per_s": best[name]} for name in MODELS]
+        print(sweep[-len(MODELS):], flush=True)
     return {"main": list(main.values()), "sweep": sweep, "threads": torch.get_num_threads()}
 
 
