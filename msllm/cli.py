@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint or an export")
     p.add_argument("source", help="checkpoint folder, run output_dir, or `msllm export` folder")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="text to continue; repeat it for a batch (one text printed per prompt, blank-line separated)")
     p.add_argument("--max-new-tokens", type=int, default=100,
                    help="tokens to sample at most; stops earlier at the end-of-text token (default 100)")
     p.add_argument("--temperature", type=float, default=1.0,

@@ -14,6 +14,7 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     attention.py          attention: one layer's sliding-window attention per kernel (time, memory, agreement)
     loss.py               loss: the loss kernels' speed on the quickstart (alternating) and memory at BookCorpus sizes
     startup.py            startup: eval, generate, export, inspect and a finished train against importing torch
+    generate.py           generate: cached decoding against the uncached loop, per arch and HF Llama; prefill
 
 To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
 it), and an entry in BENCHMARKS.
@@ -77,6 +78,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "startup": _lazy(
         "startup", "bench_startup",
         "Start-up cost of eval, generate, export, inspect and a finished train against `import torch, msllm`.",
+    ),
+    "generate": _lazy(
+        "generate", "bench_generate",
+        "Cached decoding tokens/s per arch against the uncached loop, vanilla and HF Llama generate; prefill; plot.",
     ),
     "train-quickstart": _lazy(
         "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."

@@ -17,11 +17,22 @@ Kernels (`attend(..., kernel=)`):
 - "flex":   FlexAttention (compiled) over all segments laid end to end, with a BlockMask built from
             the same ranges: only key blocks some query of the block may see are computed, and
             blocks every query sees skip the mask. O(L * window). FlexAttention has no CPU backward.
-`kernel_for(device)` is the one place that picks: "flex" on CUDA, "blocks" elsewhere.
+- "slices": one query (a decode step): each segment cut to the range the query sees, SDPA with no
+            mask. O(window).
+`kernel_for(device)` is the one place that picks for training: "flex" on CUDA, "blocks" elsewhere.
+Cached decoding (`decode_attention`) uses "slices" for one new position and "blocks" for more, on
+every device: prompts come in any length, and FlexAttention would recompile for each.
 
 Plans (the blocks kernel's gather indices and masks, the flex BlockMask) depend only on shapes and
 the pattern, so they are built once per (pattern, first position, shapes, device) and cached;
 inside torch.compile they are traced instead (integer arithmetic on shapes, no graph break).
+
+Cached decoding (msllm/models/decoding.py has the model-level API): every attention core has
+`new_cache() -> LayerCache` and `decode(q, k, v, cache)`, which attends the new queries to the
+cached keys and their own, then updates the cache. A `LayerCache` holds one `CachedSegment` per key
+segment: the keys and values (after RoPE) that later queries may still see. Full attention keeps
+every position; local and retina attention forget whatever their pattern lets no later query see
+(below the pattern's lower bound at the next position), so they keep a window's worth per segment.
 """
 
 from __future__ import annotations
@@ -86,6 +97,8 @@ def attend(
         return _blocks(q, segments, pattern, first_position, layout)
     if kernel == "flex":
         return _flex(q, segments, pattern, first_position, layout)
+    if kernel == "slices":
+        return _slices(q, segments, pattern, first_position)
     raise ValueError(f"unknown attention kernel {kernel!r}")
 
 
@@ -283,6 +296,113 @@ def _flex(q, segments, pattern, first_position, layout):
 
 
 # ----------------------------------------------------------------------------------------------
+# slices: one query, each segment cut to its range
+# ----------------------------------------------------------------------------------------------
+
+
+def _slices(q, segments, pattern, first_position):
+    if q.shape[2] != 1:
+        raise ValueError(f"the slices kernel takes one query (a decode step), got {q.shape[2]}")
+    keys, values = [], []
+    for (lo, hi), segment in zip(pattern.ranges(first_position), segments):
+        end = segment.first + segment.keys.shape[2]
+        lo, hi = max(lo, 0, segment.first) - segment.first, min(hi, end) - segment.first
+        keys.append(segment.keys[:, :, lo:max(lo, hi)])
+        values.append(segment.values[:, :, lo:max(lo, hi)])
+    return F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches for decoding
+# ----------------------------------------------------------------------------------------------
+
+
+class CachedSegment:
+    """The keys and values [B, H, n, D] of one key segment kept between decode calls: indices
+    `first` .. `end` - 1 (positions for segment 0, block indices for pooled levels).
+
+    They live in rows [start, stop) of a preallocated storage, so that appending one position
+    costs O(1) (amortised) rather than a copy of everything kept: the storage is reallocated to
+    twice what is live when new rows do not fit, or when it is over four times what is live (after
+    a long prompt into a window that keeps a few dozen positions)."""
+
+    def __init__(self):
+        self._keys = self._values = None  # storage [B, H, capacity, D]
+        self._start = self._stop = 0
+        self.first = 0
+
+    @property
+    def length(self) -> int:
+        return self._stop - self._start
+
+    @property
+    def end(self) -> int:
+        """One past the last index kept: the positions (or blocks) seen so far."""
+        return self.first + self.length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the storage (keys and values), live rows or not."""
+        return 0 if self._keys is None else 2 * self._keys.numel() * self._keys.element_size()
+
+    def segment(self) -> Segment:
+        rows = slice(self._start, self._stop)
+        return Segment(self._keys[:, :, rows], self._values[:, :, rows], self.first)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep k, v [B, H, n, D] (n >= 0) as indices end .. end + n - 1."""
+        n, live = k.shape[2], self.length
+        capacity = -1 if self._keys is None else self._keys.shape[2]
+        if self._stop + n > capacity or capacity > 4 * (live + n) + 64:
+            new_capacity = 2 * (live + n) + 16
+            storage = [k.new_empty(*k.shape[:2], new_capacity, k.shape[3]) for _ in range(2)]
+            if live:
+                for new, old in zip(storage, (self._keys, self._values)):
+                    new[:, :, :live] = old[:, :, self._start:self._stop]
+            self._keys, self._values = storage
+            self._start, self._stop = 0, live
+        self._keys[:, :, self._stop:self._stop + n] = k
+        self._values[:, :, self._stop:self._stop + n] = v
+        self._stop += n
+
+    def drop_before(self, index: int) -> None:
+        """Forget the indices below `index`."""
+        drop = min(max(index - self.first, 0), self.length)
+        self._start += drop
+        self.first += drop
+
+
+class LayerCache:
+    """What one attention layer keeps between decode calls: a `CachedSegment` per key segment
+    (segment 0 the positions; retina adds its pooled levels)."""
+
+    def __init__(self, segments: int = 1):
+        self.segments = [CachedSegment() for _ in range(segments)]
+
+    @property
+    def position(self) -> int:
+        """The positions this layer has seen: the position of its next query."""
+        return self.segments[0].end
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, pattern,
+                     complete: Callable[[list[CachedSegment]], None] | None = None) -> torch.Tensor:
+    """A pattern's attention for new queries q [B, H, n, D] at positions cache.position ..
+    cache.position + n - 1, with their keys and values k, v: the new keys join segment 0,
+    `complete(segments)` appends what they complete (retina's pooled blocks), the queries attend
+    to what the cache holds, and each segment then forgets the indices below the pattern's lower
+    bound for the next position (ranges only grow with t: no later query sees them)."""
+    first_position, n = cache.position, q.shape[2]
+    cache.segments[0].append(k, v)
+    if complete is not None:
+        complete(cache.segments)
+    out = attend(q, [s.segment() for s in cache.segments], pattern, first_position, "slices" if n == 1 else "blocks")
+    for segment, (lo, _) in zip(cache.segments, pattern.ranges(first_position + n)):
+        segment.drop_before(lo)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # The attention cores: (q, k, v) of shape [B, H, L, D] -> [B, H, L, D], query t sees keys <= t only.
 # ----------------------------------------------------------------------------------------------
 
@@ -292,6 +412,22 @@ class FullCausalAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def new_cache(self) -> LayerCache:
+        return LayerCache()
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """New queries q [B, H, n, D] against every position so far (the cache keeps them all)."""
+        first_position, n = cache.position, q.shape[2]
+        past = cache.segments[0]
+        past.append(k, v)
+        keys, values, _ = past.segment()
+        if n == 1 or first_position == 0:  # one query sees every key; a first chunk is the plain causal case
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=n > 1)
+        # A later chunk: query i (at first_position + i) sees keys 0 .. first_position + i.
+        positions = torch.arange(first_position + n, device=q.device)
+        mask = positions <= positions[first_position:].view(-1, 1)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def fine_segment(k: torch.Tensor, v: torch.Tensor, past, first_position: int) -> Segment:
@@ -327,3 +463,10 @@ class LocalCausalAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return local_attention(q, k, v, self.window)
+
+    def new_cache(self) -> LayerCache:
+        return LayerCache()
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """New queries through the cache, which keeps the last window - 1 positions."""
+        return decode_attention(q, k, v, cache, SlidingWindow(self.window))

@@ -11,6 +11,11 @@ Every pooling is causal (layers.CausalPool): coarse position j of scale s only s
 <= j * f_s, and upsampling repeats it onto tokens j * f_s .. j * f_s + f_s - 1, so no token sees
 its future. Sequences of any length are padded at the end to a multiple of the coarsest factor;
 padding after the last real token cannot change any real position's output.
+
+Cached decoding (decoding.py) follows the same path for the new tokens only: a coarse position of
+scale s is computed when token j * f_s arrives (its pooling stream has the k_s positions below it
+then), its layers attend to their cache at that scale, and its upsampling stream serves it to
+tokens j * f_s .. j * f_s + f_s - 1.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import math
 import torch
 from torch import nn
 
-from msllm.models.layers import CausalLM, CausalPool, RMSNorm, Upsample, init_weights, make_blocks, make_core
+from msllm.models.decoding import DecodeCache, PoolStream, UpsampleStream
+from msllm.models.layers import (
+    CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, init_weights, make_blocks, make_core,
+)
 
 
 class ScaleAttention(nn.Module):
@@ -80,3 +88,20 @@ class BottomUpLM(CausalLM):
         for block in self.final:
             h = block(h)
         return self.norm(h)[:, :L]
+
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache(
+            scales=[[block.new_cache() for block in blocks] for blocks in self.scales],
+            pools=[PoolStream(pool) for pool in self.pools],
+            upsamples=[UpsampleStream(up) for up in self.upsamples],
+            final=[block.new_cache() for block in self.final],
+        )
+
+    def decode_hidden_states(self, new_ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        h = decode_blocks(self.scales[0], self.embed(new_ids), cache.scales[0])
+        per_scale = [h]
+        for s in range(1, len(self.scales)):
+            h = decode_blocks(self.scales[s], cache.pools[s - 1](h), cache.scales[s])  # the positions completed
+            per_scale.append(cache.upsamples[s - 1](h, new_ids.shape[1]))
+        h = self.aggregate(per_scale) if self.aggregate is not None else sum(per_scale)
+        return self.norm(decode_blocks(self.final, h, cache.final))

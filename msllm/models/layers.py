@@ -3,7 +3,8 @@ causal pooling and upsampling. Plain PyTorch; nothing here knows about distribut
 
 Shapes: B batch, L positions, d width, H heads, D = d / H head width.
 
-The attention cores and their kernels are in attention.py (retina's in retina.py).
+The attention cores and their kernels are in attention.py (retina's in retina.py). Cached
+decoding (decoding.py) passes each block its layer's cache; without one, forward is training's.
 
 Sequence parallelism (msllm/parallel/) swaps a few small modules for their distributed forms:
 the attention cores (`FullCausalAttention`, `LocalCausalAttention`, `RetinaAttention`), the shift
@@ -88,11 +89,15 @@ class Attention(nn.Module):
         self.rotary = Rotary(d // n_heads, rope_theta)
         self.core = core
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """x [B, L, d] at positions 0 .. L-1; with a `cache` (the core's LayerCache), x holds the L
+        positions after those the cache has seen, which then attend to them too."""
         B, L, d = x.shape
         q, k, v = (w(x).view(B, L, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        q, k = self.rotary(q, k)
-        out = self.core(q, k, v)
+        if cache is None:
+            out = self.core(*self.rotary(q, k), v)
+        else:
+            out = self.core.decode(*self.rotary(q, k, cache.position), v, cache)
         return self.wo(out.transpose(1, 2).reshape(B, L, d))
 
 
@@ -106,9 +111,13 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, eps)
         self.mlp = SwiGLU(d, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))
+
+    def new_cache(self):
+        """This block's attention cache for decoding (attention.LayerCache)."""
+        return self.attn.core.new_cache()
 
 
 class CausalLM(nn.Module):
@@ -116,11 +125,15 @@ class CausalLM(nn.Module):
     hidden states, after the last norm; each model file defines it) and the output head `lm_head`
     (its weight tied to the embeddings or not).
 
-    forward(input_ids)        -> logits [B, L, vocab] (generation, tests)
+    forward(input_ids)        -> logits [B, L, vocab] (tests, the uncached reference)
     forward(input_ids, loss)  -> loss(hidden states, lm_head.weight): training and eval pass the
                                  loss of msllm.train.loss, which never materialises all the logits.
                                  It runs inside forward so that wrappers which gather parameters
                                  around forward (ZeRO-3) have the head's weight in place.
+
+    Cached decoding (decoding.py): `new_cache()` and `decode(new_ids, cache)`, through each model's
+    `decode_hidden_states(new_ids, cache)`, its hidden_states for tokens that continue the ones the
+    cache has seen.
     """
 
     lm_head: nn.Linear
@@ -131,6 +144,29 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, loss=None) -> torch.Tensor:
         hidden = self.hidden_states(input_ids)
         return self.lm_head(hidden) if loss is None else loss(hidden, self.lm_head.weight)
+
+    def new_cache(self):
+        """An empty decoding.DecodeCache for this model (its parts named by the model)."""
+        raise NotImplementedError
+
+    def decode_hidden_states(self, new_ids: torch.Tensor, cache) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, new_ids: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, n, vocab] of the tokens new_ids [B, n] (n >= 1), which continue the cache's
+        sequence (the prompt, whole or a chunk, then one token per step); the cache advances by n.
+        They equal forward(all tokens so far)[:, -n:]. `last_only`: the last position's logits
+        only ([B, 1, vocab]), all that sampling needs after a prompt."""
+        B, n = new_ids.shape
+        if n < 1:
+            raise ValueError("decode needs at least one new token")
+        if cache.batch_size not in (None, B):
+            raise ValueError(f"this cache decodes a batch of {cache.batch_size}, got {B} rows")
+        cache.batch_size = B
+        hidden = self.decode_hidden_states(new_ids, cache)
+        cache.position += n
+        return self.lm_head(hidden[:, -1:] if last_only else hidden)
 
 
 def make_core(attention: str, window: int) -> nn.Module:
@@ -143,6 +179,16 @@ def make_blocks(cfg, n_layers: int, core_factory) -> nn.ModuleList:
         Block(cfg.d_model, cfg.n_heads, cfg.hidden_dim, core_factory(), cfg.rope_theta, cfg.norm_eps)
         for _ in range(n_layers)
     )
+
+
+def decode_blocks(blocks: nn.ModuleList, x: torch.Tensor, caches: list) -> torch.Tensor:
+    """The blocks applied to x [B, n, d], the positions after those their caches have seen; nothing
+    to do when n is 0 (a coarse scale that the new tokens complete no position of)."""
+    if x.shape[1] == 0:
+        return x
+    for block, cache in zip(blocks, caches):
+        x = block(x, cache)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,8 +230,13 @@ class CausalPool(nn.Module):
         self.proj = nn.Linear(k * d, d, bias=False) if mode == "linear" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool_groups(self.shift(x))
+
+    def pool_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, n*k, d] -> [B, n, d]: each group of k consecutive positions pooled, as they come
+        (the shift is the caller's: forward's, or decoding.PoolStream's)."""
         B, L, d = x.shape
-        groups = self.shift(x).view(B, L // self.k, self.k, d)
+        groups = x.reshape(B, L // self.k, self.k, d)
         if self.proj is None:
             return groups.mean(dim=2)
         return self.proj(groups.reshape(B, L // self.k, self.k * d))

@@ -17,6 +17,13 @@ level there is nothing to align with, and the window is the plain (t - w, t].
 
 `RetinaPattern` is that definition; the kernels in attention.py compute it (one attention over
 [fine keys ++ pooled keys of each level]).
+
+Cached decoding (decoding.py): each layer keeps, per level, the keys and values its pattern may
+still show a later query: the fine positions from a_0 on (w - 1 to w + k - 2 of them) and at level
+l the blocks from a_l / k^l on (about w * k / (k - 1) of them). A block of k^l tokens is pooled
+when its last token arrives, from the k blocks of level l - 1 that make it up, which are still
+kept then: a_{l-1} is a multiple of k^l at most the next position, so the blocks kept from it on
+include the incomplete group of the next block.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from msllm.models.attention import Segment, attend, fine_segment
+from msllm.models.attention import CachedSegment, LayerCache, Segment, attend, decode_attention, fine_segment
 from msllm.models.vanilla import VanillaLM
 
 
@@ -65,14 +72,18 @@ class RetinaPattern:
         return ranges
 
 
+def pool_blocks(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, H, n, D] -> [B, H, n // factor, D]: the mean of each complete group of `factor`."""
+    B, H, n, D = x.shape
+    return x[:, :, : n // factor * factor].view(B, H, n // factor, factor, D).mean(dim=3)
+
+
 def pool_levels(k: torch.Tensor, v: torch.Tensor, factor: int, levels: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values of levels 1 .. levels-1: means over complete blocks of factor^level tokens,
     [B, H, L, D] -> [B, H, L // factor^level, D], each level pooled from the one below."""
     pooled = []
     for _ in range(1, levels):
-        B, H, L, D = k.shape
-        n = L // factor
-        k, v = (x[:, :, : n * factor].view(B, H, n, factor, D).mean(dim=3) for x in (k, v))
+        k, v = pool_blocks(k, factor), pool_blocks(v, factor)
         pooled.append((k, v))
     return pooled
 
@@ -105,6 +116,21 @@ class RetinaAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return retina_attention(q, k, v, self.pattern)
+
+    def new_cache(self) -> LayerCache:
+        return LayerCache(segments=self.pattern.levels)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        return decode_attention(q, k, v, cache, self.pattern, complete=self.pool_completed_blocks)
+
+    def pool_completed_blocks(self, segments: list[CachedSegment]) -> None:
+        """Append to each level the blocks whose last token has arrived, pooled (as pool_levels
+        does) from the blocks of the level below."""
+        factor = self.pattern.factor
+        for below, level in zip(segments, segments[1:]):
+            keys, values, first = below.segment()
+            start, stop = level.end * factor - first, below.end // factor * factor - first
+            level.append(pool_blocks(keys[:, :, start:stop], factor), pool_blocks(values[:, :, start:stop], factor))
 
 
 class RetinaLM(VanillaLM):

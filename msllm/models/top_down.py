@@ -11,6 +11,11 @@ position j of scale s summarises tokens <= j * f_s, and upsampling by k_s places
 scale s-1 that already cover token j * f_s. Sequences of any length are padded at the end to a
 multiple of the coarsest factor.
 
+Cached decoding (decoding.py) follows the same path for the new tokens only: position j of scale s
+is computed when token j * f_s arrives (its pooling stream from the embeddings has tokens
+j*f_s - f_s + 1 .. j*f_s then, and the coarser position it reads was computed at a token <= j*f_s),
+its layers attend to their cache at that scale.
+
 The two parts of a scale's input are RMS-normalised (each with its own gain) before they are
 added. Added raw, the coarser output, whose norm grows with every block, outweighs the embeddings
 about 100 to 1 within a few dozen steps, and the token layers no longer see which token they are
@@ -23,7 +28,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msllm.models.layers import CausalLM, CausalPool, RMSNorm, Upsample, init_weights, make_blocks, make_core
+from msllm.models.decoding import DecodeCache, PoolStream, UpsampleStream
+from msllm.models.layers import (
+    CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, init_weights, make_blocks, make_core,
+)
 
 
 class TopDownLM(CausalLM):
@@ -61,3 +69,20 @@ class TopDownLM(CausalLM):
             for block in self.scales[s]:
                 h = block(h)
         return self.norm(h)[:, :L]
+
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache(
+            scales=[[block.new_cache() for block in blocks] for blocks in self.scales],
+            pools=[PoolStream(pool) for pool in self.pools],
+            upsamples=[UpsampleStream(up) for up in self.upsamples],
+        )
+
+    def decode_hidden_states(self, new_ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        x = self.embed(new_ids)
+        h = None  # the positions of the next coarser scale completed by the new tokens
+        for s in reversed(range(len(self.scales))):
+            inputs = x if s == 0 else cache.pools[s - 1](x)
+            if h is not None:
+                inputs = self.input_norms[s](inputs) + cache.upsamples[s](self.context_norms[s](h), inputs.shape[1])
+            h = decode_blocks(self.scales[s], inputs, cache.scales[s])
+        return self.norm(h)

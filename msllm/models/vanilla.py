@@ -2,6 +2,9 @@
 RoPE, SwiGLU, no biases), so that it exports to a Hugging Face Llama checkpoint.
 
     tokens -> embed -> N x Block -> norm -> hidden states -> lm_head -> logits
+
+Cached decoding (decoding.py): each block keeps its attention's cache (every position for full
+attention, the window for local attention).
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msllm.models.layers import CausalLM, RMSNorm, init_weights, make_blocks, make_core
+from msllm.models.decoding import DecodeCache
+from msllm.models.layers import CausalLM, RMSNorm, decode_blocks, init_weights, make_blocks, make_core
 
 
 class VanillaLM(CausalLM):
@@ -32,3 +36,9 @@ class VanillaLM(CausalLM):
         for layer in self.layers:
             h = layer(h)
         return self.norm(h)
+
+    def new_cache(self) -> DecodeCache:
+        return DecodeCache(layers=[layer.new_cache() for layer in self.layers])
+
+    def decode_hidden_states(self, new_ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        return self.norm(decode_blocks(self.layers, self.embed(new_ids), cache.layers))

@@ -5,6 +5,7 @@ for memory, --overwrite of the working directory, MFU above 100%."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -163,3 +164,20 @@ def test_an_unreliable_peak_is_shown_as_such_in_the_log_line():
            "peak_unreliable": True, "peak_rss_bytes": 2**30, "eta_s": 1.0}
     ConsoleLogger(10, printer=printed.append).on_log(None, row)
     assert "mfu n/a (peak unreliable)" in printed[0]
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--temperature", "1e-45", "--temperature: 1e-45 is out of range: it must be 0 (greedy) or at least 0.001"),
+    ("--seed", str(2**64 + 1), "--seed: 18446744073709551617 is out of range: it must be in [0, 2^63)"),
+    ("--top-p", "0", "--top-p: 0.0 is out of range"),
+])
+def test_generate_flags_out_of_range_are_one_line(capsys, trained_run, flag, value, expected):
+    _, out = trained_run
+    code, _, err = cli(capsys, "generate", out, "--prompt", "The", flag, value)
+    assert expected in one_line(code, err, "generate")
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(trained_run):
+    _, out = trained_run
+    proc = msllm("generate", out, "--prompt", os.fsdecode(b"caf\xe9"))  # Latin-1 bytes in a UTF-8 locale
+    assert "--prompt: not valid UTF-8 text" in one_line_error(proc, "generate")
