@@ -1,4 +1,23 @@
-"""Errors that reach the user as one line (the CLI prints them and exits non-zero)."""
+"""Errors that reach the user as one line (the CLI prints them and exits non-zero), and the
+helpers that keep a bad value in such a line short."""
+
+import reprlib
+
+# A bad value in a message is cut to one line, whatever it holds (a recipe may hold 100,000 values).
+MAX_SHOWN_CHARS = 100
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 60, 60
+
+
+def short_repr(value: object) -> str:
+    """repr(value) in at most MAX_SHOWN_CHARS characters (reprlib stops before building the repr
+    of a huge value)."""
+    return clip(_SHORT_REPR.repr(value))
+
+
+def clip(text: str) -> str:
+    """`text` cut to at most MAX_SHOWN_CHARS characters."""
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
 
 
 class MsllmError(Exception):
