@@ -9,15 +9,15 @@ _SHORT_REPR = reprlib.Repr()
 _SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 60, 60
 
 
-def short_repr(value: object) -> str:
-    """repr(value) in at most MAX_SHOWN_CHARS characters (reprlib stops before building the repr
-    of a huge value)."""
-    return clip(_SHORT_REPR.repr(value))
+def short_repr(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """repr(value) in at most `limit` characters, built without the repr of a huge value (reprlib
+    shortens what containers hold; a string is cut first)."""
+    return clip(repr(value[:limit]) if isinstance(value, str) else _SHORT_REPR.repr(value), limit)
 
 
-def clip(text: str) -> str:
-    """`text` cut to at most MAX_SHOWN_CHARS characters."""
-    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 3] + "..."
+def clip(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`text` cut to at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class MsllmError(Exception):

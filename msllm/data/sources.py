@@ -187,10 +187,47 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if path.suffix == ".zst":
+        return io.BufferedReader(_ZstdReader(path))
+    return path.open("rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame, with an EOFError if the file ends
+    inside a frame: zstandard's stream_reader returns a truncated file's first part as if it were
+    all of it."""
+
+    def __init__(self, path: Path):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb")))
-    return path.open("rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._file = path.open("rb")
+        self._frame = self._decompressor.decompressobj()
+        self._ready = b""
+        self._in_frame = False  # compressed bytes of the current frame were read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._ready:
+            if self._frame.eof:  # a frame ended: what follows it is the next frame
+                rest, self._frame, self._in_frame = self._frame.unused_data, self._decompressor.decompressobj(), False
+                chunk = rest
+            else:
+                chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._in_frame = True
+            self._ready = self._frame.decompress(chunk)
+        n = min(len(buffer), len(self._ready))
+        buffer[:n], self._ready = self._ready[:n], self._ready[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 @contextlib.contextmanager
