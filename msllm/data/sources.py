@@ -45,16 +45,12 @@ def input_files(data_cfg: DataConfig) -> list[Path]:
     for pattern in data_cfg.paths:
         expanded = os.path.expanduser(pattern)
         if glob.has_magic(expanded):
-            matches = sorted(
-                p for p in glob.glob(expanded, recursive=True)
-                if os.path.isfile(p) and _inside(p, written_by_msllm) is None
-            )
-            if not matches:
-                raise DataError(
-                    f"data.paths: the glob {pattern!r} matches no files (outside data.shards_dir and "
-                    "data.cache_dir, which msllm writes)"
-                )
-            files.extend(Path(p) for p in matches)
+            matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+            corpus = [p for p in matches if _inside(p, written_by_msllm) is None]
+            if not corpus:
+                outside = " outside data.shards_dir and data.cache_dir, which msllm writes" if matches else ""
+                raise DataError(f"data.paths: the glob {pattern!r} matches no files{outside}")
+            files.extend(Path(p) for p in corpus)
         elif os.path.isfile(expanded):
             folder = _inside(expanded, written_by_msllm)
             if folder is not None:
