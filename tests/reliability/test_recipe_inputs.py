@@ -144,14 +144,18 @@ def test_vocab_size_above_the_floor_names_the_corpus_minimum(tmp_path, tiny_data
     [
         (["--seq-len", "1000000000000"], "--seq-len: must be between 1 and 16,777,216 (2**24), got 1,000,000,000,000"),
         (["--set", "data.seq_len=1000000000000"], "data.seq_len: at most 16,777,216 (2**24) tokens"),
-        (["--seq-len", str(2**24)], "measuring a training step at seq_len 16,777,216 needs about "),
+        (["--seq-len", str(2**24)], "measuring on samples of 16,777,216 tokens needs about "),
+        (["--seq-len", str(2**24), "--measure-len", str(2**22)], "measuring on samples of 4,194,304 tokens needs about "),
     ],
 )
 def test_inspect_at_an_impossible_length_is_one_line(tmp_path, tiny_data, capsys, monkeypatch, args, message):
-    monkeypatch.setattr("msllm.inspect.available_memory", lambda: 8 << 30)  # any machine: 8 GiB free
+    monkeypatch.setattr("msllm.inspect.available_memory", lambda: 256 << 20)  # any machine: 256 MiB free
     recipe, _ = make_recipe(tmp_path, tiny_data)
     code, _, err = cli(capsys, "inspect", recipe, *args)
     line = one_line(code, err, "inspect")
     assert message in line
     if "measuring" in message:
-        assert "but this machine has 8.0 GiB available: lower data.seq_len (or --seq-len), or pass --no-measure" in line
+        assert "but this machine has 0.2 GiB available: pass --measure-len " in line and "or --no-measure" in line
+        fits = int(line.split("--measure-len ")[1].split()[0])
+        code, out, err = cli(capsys, "inspect", recipe, *args[:2], "--measure-len", fits)
+        assert code == 0 and f"measured at {fits:,} tokens and extended linearly" in out, err
