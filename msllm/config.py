@@ -76,9 +76,11 @@ class TokenizerConfig:
         "the exact minimum; 362 for the built-in wikipedia-sample).",
     )
     byte_fallback: bool = doc(True, "Map unknown characters to UTF-8 byte pieces instead of <unk>.")
-    character_coverage: float = doc(0.9995, "Fraction of characters the vocabulary must cover.")
+    character_coverage: float = doc(
+        0.9995, "Fraction of characters the vocabulary must cover (0.98 to 1, sentencepiece's range)."
+    )
     input_sentence_size: int = doc(
-        1_000_000, "At most this many sentences are sampled from the corpus to train the tokenizer."
+        1_000_000, "At most this many sentences are sampled from the corpus to train the tokenizer (0: all)."
     )
 
 
@@ -648,6 +650,8 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
             f"of the corpus; set data.tokenizer.vocab_size to {smallest_vocab} or more (msllm prep names "
             "the corpus's exact minimum)",
         )
+    if not 0.98 <= tok.character_coverage <= 1.0:  # what sentencepiece accepts
+        fail("data.tokenizer.character_coverage", f"must be between 0.98 and 1, got {tok.character_coverage}")
     sample_bytes = 4 * (d.seq_len + 1)  # int32 tokens
     if not sample_bytes <= d.shard_size_limit < 1 << 32:
         fail(
@@ -669,6 +673,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "checkpoint.every": recipe.checkpoint.every,
         "checkpoint.keep_last": recipe.checkpoint.keep_last,
         "data.num_workers": recipe.data.num_workers,
+        "data.tokenizer.input_sentence_size": recipe.data.tokenizer.input_sentence_size,
     }.items():
         if value < 0:
             fail(key, f"must not be negative, got {value}")

@@ -167,7 +167,8 @@ class Shards:
 def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
     """Check that the shards in data.shards_dir fit the recipe; return them as a `Shards` record.
 
-    DataError (one line) when: the shards are missing or incomplete; their seq_len is not the
+    DataError (one line) when: the shards are missing or incomplete; the manifest lacks a field
+    or disagrees with its tokenizer (vocab_size, special ids: edited); their seq_len is not the
     recipe's; their tokenizer is not the one the recipe names (data.tokenizer.model) or the saved
     tokenizer file was changed; the recipe trains a tokenizer of another vocab size; or the model's
     `vocab_size` is too small for the token ids in the shards.

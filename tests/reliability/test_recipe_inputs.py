@@ -117,6 +117,8 @@ def test_the_largest_seed_trains(tmp_path, tiny_data):
                                         "and 256 byte pieces (byte_fallback) plus one piece per character of the corpus; "
                                         "set data.tokenizer.vocab_size to 260 or more"),
         ("data.seq_len=1000000000000", "data.seq_len: at most 16,777,216 (2**24) tokens, got 1,000,000,000,000"),
+        ("data.tokenizer.character_coverage=0.5", "data.tokenizer.character_coverage: must be between 0.98 and 1, got 0.5"),
+        ("data.tokenizer.input_sentence_size=-5", "data.tokenizer.input_sentence_size: must not be negative, got -5"),
     ],
 )
 def test_data_values_refused_before_prep(tmp_path, tiny_data, capsys, override, message):
@@ -125,6 +127,23 @@ def test_data_values_refused_before_prep(tmp_path, tiny_data, capsys, override, 
     code, _, err = cli(capsys, "prep", recipe, "--set", f"data.shards_dir={shards}", "--set", override)
     assert message in one_line(code, err, "prep")
     assert not shards.exists() and not (tmp_path / ".new_shards.partial").exists()
+
+
+def test_sentencepiece_errors_past_validation_are_one_line(tmp_path, tiny_data):
+    """Called from code, without a recipe's validation: sentencepiece's RuntimeError and ValueError
+    (here "cannot parse -5 as int", once a traceback) are one DataError line."""
+    from msllm.config import DataConfig, TokenizerConfig
+    from msllm.data import prepare_dataset
+    from msllm.errors import DataError
+
+    for tokenizer, message in ((TokenizerConfig(vocab_size=320, input_sentence_size=-5), "cannot parse"),
+                               (TokenizerConfig(vocab_size=2), "INTERNAL")):
+        cfg = DataConfig(source="text", paths=[str(tiny_data[0])], split_on_blank_lines=True, seq_len=64, workers=1,
+                         shards_dir=str(tmp_path / "s"), tokenizer=tokenizer)
+        with pytest.raises(DataError) as caught:
+            prepare_dataset(cfg, quiet=True)
+        line = str(caught.value)
+        assert line.startswith("sentencepiece could not train the tokenizer: ") and message in line and "\n" not in line
 
 
 def test_vocab_size_above_the_floor_names_the_corpus_minimum(tmp_path, tiny_data, capsys):
