@@ -168,7 +168,7 @@ def test_vocab_size_above_the_floor_names_the_corpus_minimum(tmp_path, tiny_data
     ],
 )
 def test_inspect_at_an_impossible_length_is_one_line(tmp_path, tiny_data, capsys, monkeypatch, args, message):
-    monkeypatch.setattr("msllm.inspect.available_memory", lambda: 256 << 20)  # any machine: 256 MiB free
+    monkeypatch.setattr("msllm.inspect.available_bytes", lambda device: 256 << 20)  # any machine: 256 MiB free
     recipe, _ = make_recipe(tmp_path, tiny_data)
     code, _, err = cli(capsys, "inspect", recipe, *args)
     line = one_line(code, err, "inspect")
