@@ -7,6 +7,7 @@ path or flag never shows a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from msllm.errors import MsllmError
@@ -211,8 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _not_the_cuda_home_warning(record: logging.LogRecord) -> bool:
+    """On a machine with a CUDA toolkit but no GPU, importing DeepSpeed (through
+    torch.utils.cpp_extension) logs "No CUDA runtime is found, using CUDA_HOME=..." on stderr, a
+    second line before every one-line error. This filter drops that message only."""
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 def main(argv: list[str] | None = None) -> int:
     line_buffered_stdout()
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_not_the_cuda_home_warning)  # once: same object
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "show-config" and not args.docs and not args.recipe:

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from msllm.errors import RecipeError
+from msllm.errors import RecipeError, clip, short_repr
 
 
 def doc(default: Any, help: str, required: bool = False) -> Any:
@@ -35,6 +35,14 @@ def doc(default: Any, help: str, required: bool = False) -> Any:
     return field(default=default, metadata=metadata)
 
 
+# Bounds no recipe needs to reach, so that a typo fails at load time instead of as an allocation of
+# terabytes or an integer overflow deep inside torch or mosaicml-streaming.
+MAX_SEQ_LEN = 1 << 24
+SEED_LIMIT = 1 << 63  # torch takes seeds below 2**64, streaming none below 0; the trainer adds per-rank offsets
+SPECIAL_PIECES = 4  # pad, unk, bos, eos: every tokenizer msllm trains has them (msllm.data.tokenizer)
+BYTE_PIECES = 256  # one per byte value, with byte_fallback
+
+
 # ----------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------
@@ -48,7 +56,9 @@ class RunConfig:
         "Folder for checkpoints, metrics.jsonl, TensorBoard events and the resolved recipe. "
         "Relative paths are relative to the working directory.",
     )
-    seed: int = doc(1234, "Seed for parameter init, data shuffling, and every RNG in training.")
+    seed: int = doc(
+        1234, "Seed for parameter init, data shuffling, and every RNG in training (0 <= seed < 2**63)."
+    )
 
 
 @dataclass
@@ -59,11 +69,18 @@ class TokenizerConfig:
         "split and saved next to the shards.",
     )
     type: Literal["unigram", "bpe"] = doc("unigram", "sentencepiece model type when training one.")
-    vocab_size: int = doc(8000, "Vocabulary size when training a tokenizer.")
+    vocab_size: int = doc(
+        8000,
+        "Vocabulary size when training a tokenizer: at least the 4 special pieces, the 256 byte "
+        "pieces with byte_fallback, and one piece per character of the corpus (`msllm prep` names "
+        "the exact minimum; 362 for the built-in wikipedia-sample).",
+    )
     byte_fallback: bool = doc(True, "Map unknown characters to UTF-8 byte pieces instead of <unk>.")
-    character_coverage: float = doc(0.9995, "Fraction of characters the vocabulary must cover.")
+    character_coverage: float = doc(
+        0.9995, "Fraction of characters the vocabulary must cover (0.98 to 1, sentencepiece's range)."
+    )
     input_sentence_size: int = doc(
-        1_000_000, "At most this many sentences are sampled from the corpus to train the tokenizer."
+        1_000_000, "At most this many sentences are sampled from the corpus to train the tokenizer (0: all)."
     )
 
 
@@ -90,7 +107,9 @@ class DataConfig:
         "Folder of the MDS shards: `train/`, `validation/`, `manifest.json`, the tokenizer.",
     )
     seq_len: int = doc(
-        1024, "Training sequence length L; shards hold windows of L+1 tokens (inputs and labels)."
+        1024,
+        "Training sequence length L; shards hold windows of L+1 tokens (inputs and labels). "
+        f"At most {MAX_SEQ_LEN:,} (2**24).",
     )
     tokenizer: TokenizerConfig = doc(TokenizerConfig(), "The sentencepiece tokenizer.")
     workers: int = doc(2, "Worker processes that tokenize during `msllm prep`.")
@@ -99,14 +118,19 @@ class DataConfig:
         "`msllm prep` saves its progress after about this many bytes of text (one MDS sub-folder "
         "per split each time): rerun after an interruption, it continues from the last save.",
     )
-    shard_size_limit: int = doc(1 << 26, "Upper bound on the bytes of one MDS shard.")
+    shard_size_limit: int = doc(
+        1 << 26,
+        "Upper bound on the bytes of one MDS shard: at least one sample (4 * (seq_len + 1) bytes), "
+        "below 2**32 (mosaicml-streaming's limit).",
+    )
     shuffle: bool = doc(True, "Shuffle training samples (deterministically, from run.seed).")
     num_workers: int = doc(0, "DataLoader worker processes per rank during training.")
     cache_dir: str = doc(
         "",
         "Local folder where each training job keeps its copy of the shards it reads (copied or "
         "downloaded from shards_dir, then decompressed there; shards_dir is never written to). "
-        "Empty means msllm-streaming-cache under the system temp dir.",
+        "Empty means msllm-data-cache under the system temp dir. It must be empty or absent when "
+        "first used: msllm marks it as its own (.msllm-cache) and removes only what it marked.",
     )
 
 
@@ -334,7 +358,13 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
         where = f"{chain[-1]}: base " if chain else ""
         raise RecipeError(f"{where}recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): save the recipe as UTF-8"
+        ) from None
+    try:
+        data = load_yaml(text, source=str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -350,9 +380,91 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
     merged: dict = {}
     for b in bases:
         if not isinstance(b, str):
-            raise RecipeError(f"{path}: base: expected a path (or a list of paths), got {b!r}")
+            raise RecipeError(f"{path}: base: expected a path (or a list of paths), got {_describe(b)}")
         merged = _deep_merge(merged, _read_with_bases(path.parent / b, chain=(*chain, resolved)))
     return _deep_merge(merged, data)
+
+
+# A recipe may hold at most this many values (every mapping, list and scalar, counted as often as
+# aliases repeat them) nested at most this deep. Real recipes hold a few hundred values a few levels
+# deep; an alias bomb (a few lines of anchors that expand to gigabytes) or a file nested thousands
+# deep (which exhausts Python's recursion) is refused before anything is built from it.
+MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_DEPTH = 64
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The YAML document in `text` (safe tags only), or a RecipeError if it nests deeper than
+    MAX_RECIPE_DEPTH or expands to more than MAX_RECIPE_VALUES values; yaml.YAMLError if invalid."""
+    loader = _BoundedLoader(text, source)
+    try:
+        return loader.get_single_data()
+    except ValueError as exc:  # a value the safe constructors cannot build: a 5000-digit integer, a 13th month
+        raise RecipeError(f"{source}: a YAML value that cannot be read: {clip(str(exc))}") from None
+    finally:
+        loader.dispose()
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that bounds the document's depth while composing it (composing recurses) and
+    its size with aliases expanded, once composed and before any Python object is built."""
+
+    def __init__(self, text: str, source: str):
+        super().__init__(text)
+        self.source = source
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_RECIPE_DEPTH:
+                raise RecipeError(f"{self.source}: YAML nested more than {MAX_RECIPE_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_document(self, node):
+        _check_expanded_size(node, self.source)
+        return super().construct_document(node)
+
+
+def _check_expanded_size(root: yaml.Node, source: str) -> None:
+    """RecipeError if the node graph, aliases expanded, holds more than MAX_RECIPE_VALUES values,
+    nests deeper than MAX_RECIPE_DEPTH, or contains itself. Iterative (a chain of aliases may be
+    deeper than Python's recursion), each node visited once: the size of a node aliased many times
+    is counted from its memo."""
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth) with aliases expanded
+    open_nodes: set[int] = set()  # nodes whose children are being counted: the path from the root
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = _yaml_children(node)
+        if children_done:
+            open_nodes.discard(id(node))
+            values = 1 + sum(done[id(c)][0] for c in children)
+            depth = 1 + max((done[id(c)][1] for c in children), default=0)
+            if values > MAX_RECIPE_VALUES:
+                raise RecipeError(
+                    f"{source}: the YAML expands to more than {MAX_RECIPE_VALUES:,} values (aliases "
+                    "repeated): a recipe needs a few hundred; remove the repeated aliases"
+                )
+            if depth > MAX_RECIPE_DEPTH:
+                raise RecipeError(f"{source}: YAML nested more than {MAX_RECIPE_DEPTH} levels deep (aliases expanded)")
+            done[id(node)] = (values, depth)
+        elif id(node) in open_nodes:
+            raise RecipeError(f"{source}: a YAML anchor contains an alias of itself (an endless value)")
+        elif id(node) not in done:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in done)
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -373,7 +485,7 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
     if len(keys) < 2 or not all(keys):
         raise RecipeError(f"{source}: expected section.key=value")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
+        value = load_yaml(value_text, source=source) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
     node = raw
@@ -396,8 +508,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            where = f"{prefix}.{key}" if prefix else str(key)
-            close = _suggest(str(key), list(fields))
+            name = clip(str(key))
+            where = f"{prefix}.{name}" if prefix else name
+            close = _suggest(name, list(fields))
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else (
                 f" (valid keys: {', '.join(fields)})"
             )
@@ -440,7 +553,7 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) if isinstance(a, str) else str(a) for a in args)
-            raise RecipeError(f"{source}: {key}: {value!r} is not one of {choices}")
+            raise RecipeError(f"{source}: {key}: {short_repr(value)} is not one of {choices}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -453,6 +566,8 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{source}: {key}: expected an integer, got {_describe(value)}")
+        if not -(1 << 63) <= value < 1 << 63:  # no count, size or seed needs more, and torch takes no more
+            raise RecipeError(f"{source}: {key}: {_describe(value)} is out of range (at most 2**63-1 in size)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -472,9 +587,10 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
 
 
 def _describe(value: Any) -> str:
+    """A bad value's type and its start, never more than a line."""
     if value is None:
         return "nothing (null)"
-    return f"{type(value).__name__} {value!r}"
+    return clip(f"{type(value).__name__} {short_repr(value)}")
 
 
 def with_vocab_size(recipe: Recipe, vocab_size: int) -> Recipe:
@@ -519,6 +635,30 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
     for key, value in positive.items():
         if value < 1:
             fail(key, f"must be at least 1, got {value}")
+    if not 0 <= recipe.run.seed < SEED_LIMIT:
+        fail("run.seed", f"must be in [0, 2**63), got {recipe.run.seed}")
+    d = recipe.data
+    if d.seq_len > MAX_SEQ_LEN:
+        fail("data.seq_len", f"at most {MAX_SEQ_LEN:,} (2**24) tokens, got {d.seq_len:,}")
+    tok = d.tokenizer
+    smallest_vocab = SPECIAL_PIECES + (BYTE_PIECES if tok.byte_fallback else 0)
+    if not tok.model and tok.vocab_size < smallest_vocab:
+        pieces = f"{SPECIAL_PIECES} special pieces" + (f" and {BYTE_PIECES} byte pieces (byte_fallback)" if tok.byte_fallback else "")
+        fail(
+            "data.tokenizer.vocab_size",
+            f"{tok.vocab_size} is too small: a tokenizer needs its {pieces} plus one piece per character "
+            f"of the corpus; set data.tokenizer.vocab_size to {smallest_vocab} or more (msllm prep names "
+            "the corpus's exact minimum)",
+        )
+    if not 0.98 <= tok.character_coverage <= 1.0:  # what sentencepiece accepts
+        fail("data.tokenizer.character_coverage", f"must be between 0.98 and 1, got {tok.character_coverage}")
+    sample_bytes = 4 * (d.seq_len + 1)  # int32 tokens
+    if not sample_bytes <= d.shard_size_limit < 1 << 32:
+        fail(
+            "data.shard_size_limit",
+            f"must hold one sample of seq_len+1 int32 tokens ({sample_bytes:,} bytes) and stay below 2**32 "
+            f"(mosaicml-streaming's limit), got {d.shard_size_limit:,}",
+        )
     for key, value in {
         "model.vocab_size": m.vocab_size,
         "model.mlp_hidden": m.mlp_hidden,
@@ -533,6 +673,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "checkpoint.every": recipe.checkpoint.every,
         "checkpoint.keep_last": recipe.checkpoint.keep_last,
         "data.num_workers": recipe.data.num_workers,
+        "data.tokenizer.input_sentence_size": recipe.data.tokenizer.input_sentence_size,
     }.items():
         if value < 0:
             fail(key, f"must not be negative, got {value}")
@@ -564,7 +705,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
     if m.head_dim % 2:
         fail("model.n_heads", f"head dim d_model/n_heads = {m.head_dim} must be even for RoPE")
     if len(recipe.train.betas) != 2:
-        fail("train.betas", f"expected two numbers [beta1, beta2], got {recipe.train.betas}")
+        fail("train.betas", f"expected two numbers [beta1, beta2], got {_describe(recipe.train.betas)}")
     if recipe.train.lr < recipe.train.min_lr:
         fail("train.min_lr", f"{recipe.train.min_lr} is above train.lr {recipe.train.lr}")
     if not m.scales:
@@ -591,7 +732,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         fail(
             "data.seq_len",
             f"{recipe.data.seq_len} is not a multiple of the cumulative pooling factor {multiple} "
-            f"(model.scales factors {[s.factor for s in m.scales[1:]]}); use e.g. "
+            f"(model.scales factors {clip(str([s.factor for s in m.scales[1:]]))}); use e.g. "
             f"{max(multiple, recipe.data.seq_len // multiple * multiple)}",
         )
     sp = recipe.parallel.sp

@@ -1,4 +1,23 @@
-"""Errors that reach the user as one line (the CLI prints them and exits non-zero)."""
+"""Errors that reach the user as one line (the CLI prints them and exits non-zero), and the
+helpers that keep a bad value in such a line short."""
+
+import reprlib
+
+# A bad value in a message is cut to one line, whatever it holds (a recipe may hold 100,000 values).
+MAX_SHOWN_CHARS = 100
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 60, 60
+
+
+def short_repr(value: object, limit: int = MAX_SHOWN_CHARS) -> str:
+    """repr(value) in at most `limit` characters, built without the repr of a huge value (reprlib
+    shortens what containers hold; a string is cut first)."""
+    return clip(repr(value[:limit]) if isinstance(value, str) else _SHORT_REPR.repr(value), limit)
+
+
+def clip(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`text` cut to at most `limit` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class MsllmError(Exception):

@@ -16,8 +16,17 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from msllm.config import MAX_SEQ_LEN
 from msllm.errors import RecipeError
-from msllm.memory import check_fits, loss_activation_bytes, sample_tokens, step_memory
+from msllm.memory import (
+    DTYPES,
+    activation_bytes,
+    available_bytes,
+    check_fits,
+    loss_activation_bytes,
+    sample_tokens,
+    step_memory,
+)
 from msllm.models import build_model, flops_per_token
 from msllm.distributed.parallelize import apply_activation_checkpointing
 
@@ -53,6 +62,8 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
     layer, not counted); ZeRO shards over dp = world_size / sp. `measure_len` measures on shorter
     samples and extends linearly (msllm.memory.step_memory)."""
     seq_len = seq_len or recipe.data.seq_len
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise RecipeError(f"--seq-len: must be between 1 and {MAX_SEQ_LEN:,} (2**24), got {seq_len:,}")
     sp = recipe.parallel.sp
     world_size = world_size or sp
     if world_size % sp:
@@ -80,6 +91,7 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
         start = time.perf_counter()
         kernel = inspected_kernel(recipe.train.loss_kernel)
         measured = min(measure_len or per_rank, per_rank)
+        _check_measurement_fits(model, model_cfg, measured, recipe.train.precision, kernel)
         memory = step_memory(model, model_cfg.vocab_size, recipe.train.micro_batch_size, per_rank, recipe.train.precision,
                              recipe.parallel.zero_stage, dp=world_size // sp, loss_kernel=kernel,
                              loss_chunk_size=recipe.train.loss_chunk_size, measure_len=measured)
@@ -101,6 +113,33 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
             report["dense_loss_activations"] = dense
             print(f"  {'(loss_activations, dense)':<22} {dense / 2**20:>12,.1f} MiB  (train.loss_kernel: dense)")
     return report
+
+
+# What a measurement on long samples needs is extrapolated from a forward at this length first:
+# activations grow linearly with the length (msllm.memory.step_memory's measure_len relies on it).
+PROBE_LEN = 1024
+
+
+def _check_measurement_fits(model: nn.Module, model_cfg, measured: int, precision: str, kernel: str) -> None:
+    """A one-line RecipeError, before anything large is allocated, if measuring on samples of
+    `measured` tokens needs more memory than this machine has available: one sample's body
+    activations and two samples' loss, extrapolated from about PROBE_LEN tokens."""
+    multiple = model_cfg.length_multiple()
+    probe = max(PROBE_LEN // multiple, 1) * multiple
+    available = available_bytes(torch.device("cpu"))
+    if measured <= 2 * probe or available is None:
+        return
+    model.to(DTYPES[precision])
+    tokens = sample_tokens(model, model_cfg.vocab_size, probe)
+    per_probe = activation_bytes(model, tokens[:, :-1]) + loss_activation_bytes(model, tokens, 2 * probe, kernel)
+    needed = per_probe * measured // probe
+    if needed > available:
+        fits = max(available // 2 * probe // per_probe // multiple * multiple, multiple)  # half of what fits
+        raise RecipeError(
+            f"measuring on samples of {measured:,} tokens needs about {needed / 2**30:,.1f} GiB (extrapolated from "
+            f"{probe:,} tokens) but this machine has {available / 2**30:,.1f} GiB available: pass --measure-len "
+            f"{fits} (measures shorter samples and extends linearly) or --no-measure"
+        )
 
 
 def inspected_kernel(requested: str) -> str:

@@ -17,6 +17,13 @@ time on one host: MSLLM_DATA_JOB if set, else a hash of the launcher's rendezvou
 (MASTER_ADDR, MASTER_PORT, SLURM_JOB_ID, TORCHELASTIC_RUN_ID) when started by a launcher, else
 the process id. DataLoader worker processes take their rank's tag with the pickled dataset (not
 from the environment, which unrelated jobs started from the same process would inherit too).
+
+The cache removes only what it can prove it made, since data.cache_dir may name any folder. A
+cache root is claimed when first used: absent or empty, it gets a marker file `.msllm-cache`
+holding a random cache id; a root that holds anything else without that marker (a run folder, a
+project) is refused with one line. Each job writes the cache id into its lock file and into a
+marker inside its folder, and a later job removes a stale folder and its lock only when both
+hold the id; every other file, in a claimed root too, is left alone.
 """
 
 from __future__ import annotations
@@ -26,14 +33,22 @@ import hashlib
 import os
 import shutil
 import socket
+import time
+import uuid
 from pathlib import Path
+
+from msllm.errors import DataError
 
 JOB_ENV = "MSLLM_DATA_JOB"
 _RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
 _LOCK_SUFFIX = ".lock"
+ROOT_MARKER = ".msllm-cache"  # in a cache root: its cache id, then what the folder is
+ENTRY_MARKER = ".msllm-cache-entry"  # in each job's folder: the id of the cache that made it
 
 # cache root -> the open file whose flock says "this job's cache folder there is in use"
 _job_locks: dict[Path, object] = {}
+# cache root -> its cache id, once this process has checked or claimed it
+_claimed_roots: dict[Path, str] = {}
 
 
 _tag: str | None = None
@@ -90,31 +105,96 @@ def job_cache_folder(cache_root: Path) -> Path:
     return cache_root / f"{job_tag()}-{socket.gethostname()}"
 
 
+def claim_cache_root(cache_root: Path) -> str:
+    """The cache id of `cache_root`, claiming the folder for msllm if it is absent or empty; a
+    DataError naming what is there if it holds files without msllm's marker."""
+    root = cache_root.absolute()
+    if root in _claimed_roots:
+        return _claimed_roots[root]
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / ROOT_MARKER
+    if not marker.is_file():
+        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()
+                         if not (p.name == ROOT_MARKER and p.is_file()))  # another process may claim it now
+        if foreign:
+            listing = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise DataError(
+                f"data.cache_dir {cache_root} holds files that msllm did not put there ({listing}): use an "
+                "empty folder or a new one"
+            )
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pass  # claimed by another process at the same moment: its id is ours
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{uuid.uuid4().hex}\nmsllm's data cache (data.cache_dir): msllm removes only the "
+                        f"job folders here that hold {ENTRY_MARKER} with the id above.\n")
+    for _ in range(200):  # a marker just created by another process may not hold its id yet
+        cache_id = _first_line(marker)
+        if cache_id:
+            _claimed_roots[root] = cache_id
+            return cache_id
+        time.sleep(0.01)
+    raise DataError(f"{marker} holds no cache id: remove it, or set data.cache_dir to an empty folder")
+
+
 def start_job_cache(cache_root: Path) -> None:
     """On a node's first rank, once per job and cache root: take this job's cache folder, emptied, and lock it.
 
     A cache folder left by an earlier job with the same tag is removed (its shards may be of
     other contents), and so are the folders of jobs that are no longer running (their lock is
-    free), so caches do not pile up in the temp dir. Folders of running jobs are left alone.
+    free), so caches do not pile up in the temp dir; each only if it holds this cache's id.
+    Folders of running jobs, and anything else, are left alone.
     """
+    cache_id = claim_cache_root(cache_root)
     cache_root = cache_root.absolute()
     if cache_root in _job_locks:
         return
-    cache_root.mkdir(parents=True, exist_ok=True)
     mine = job_cache_folder(cache_root)
     lock = open(str(mine) + _LOCK_SUFFIX, "a+")
     fcntl.flock(lock, fcntl.LOCK_EX)  # an earlier attempt of this job may still be exiting
+    lock.seek(0)
+    lock.truncate()
+    lock.write(cache_id + "\n")
+    lock.flush()
     _job_locks[cache_root] = lock
-    shutil.rmtree(mine, ignore_errors=True)
+    if mine.exists() or mine.is_symlink():  # left by an earlier attempt of this job
+        if not _is_entry(mine, cache_id):
+            raise DataError(f"{mine} is in the data cache but msllm did not make it: remove it, or set data.cache_dir elsewhere")
+        shutil.rmtree(mine)
     mine.mkdir()
-    for lock_file in cache_root.glob("*" + _LOCK_SUFFIX):
-        folder = Path(str(lock_file)[: -len(_LOCK_SUFFIX)])
+    (mine / ENTRY_MARKER).write_text(cache_id + "\n")
+    for lock_file in cache_root.iterdir():
+        name = lock_file.name
+        if not name.endswith(_LOCK_SUFFIX) or name == _LOCK_SUFFIX or _first_line(lock_file) != cache_id:
+            continue  # not a lock file of this cache
+        folder = lock_file.with_name(name[: -len(_LOCK_SUFFIX)])
         if folder == mine:
             continue
-        with open(lock_file, "a+") as lock:
+        try:
+            probe = open(lock_file)
+        except FileNotFoundError:
+            continue  # removed by another job starting now
+        with probe:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # a running job holds it
-            shutil.rmtree(folder, ignore_errors=True)
-            lock_file.unlink(missing_ok=True)
+            if _is_entry(folder, cache_id):
+                shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists() and not folder.is_symlink():
+                lock_file.unlink(missing_ok=True)
+
+
+def _is_entry(folder: Path, cache_id: str) -> bool:
+    """Whether `folder` is a job folder that this cache made (it holds the cache's entry marker)."""
+    return folder.is_dir() and not folder.is_symlink() and _first_line(folder / ENTRY_MARKER) == cache_id
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.readline(200).strip()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return ""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -36,7 +37,8 @@ from msllm.data.jobcache import (
     scope_streaming_shared_memory,
     start_job_cache,
 )
-from msllm.data.manifest import MANIFEST_FILENAME, is_remote, read_manifest, remote_cache_root, streaming_remote
+from msllm.data.integrity import check_index
+from msllm.data.manifest import MANIFEST_FILENAME, download, is_remote, remote_cache_root, streaming_remote
 from msllm.errors import DataError
 
 # LLM Foundry's scripts name the held-out split `val`; ours is `validation`. Either is read.
@@ -201,6 +203,7 @@ def build_dataloader(
         shuffle = data_cfg.shuffle and split == "train"
     _start_job_once(data_cfg)
     local, remote = _split_location(data_cfg, split)
+    index = _fetch_checked_index(data_cfg, local, remote)
     _loaders_built += 1
     dataset = TokenWindowDataset(
         seq_len=data_cfg.seq_len,
@@ -212,7 +215,7 @@ def build_dataloader(
         shuffle=shuffle,
         shuffle_seed=seed,
         replication=replication,
-        validate_hash=_hash_to_validate(data_cfg, remote),
+        validate_hash=_hash_to_validate(index),
         predownload=None if is_remote(data_cfg.shards_dir) else UNLIMITED_PREDOWNLOAD,
     )
     try:  # fail early and clearly: a sample of the wrong length, a corrupt first shard
@@ -275,20 +278,38 @@ def _split_location(data_cfg: DataConfig, split: str) -> tuple[str, str]:
     return str(job_cache_folder(remote_cache_root(data_cfg)) / name), remote
 
 
-def _hash_to_validate(data_cfg: DataConfig, remote: str) -> Optional[str]:
+def _fetch_checked_index(data_cfg: DataConfig, local: str, remote: str) -> dict[str, Any]:
+    """Copy (or download) the split's index.json into the loader's cache folder `local`, check
+    that every file it names stays inside the split (msllm.data.integrity.check_index), and
+    return it. streaming then reads this very copy (it fetches an index only when `local` has
+    none), so what it sees is what was checked: every index of a training or an eval goes
+    through here."""
+    where = f"{remote.rstrip('/')}/index.json"
+    folder = Path(local)
+    folder.mkdir(parents=True, exist_ok=True)
+    unchecked = folder / f"index.json.{os.getpid()}.unchecked"  # not the name streaming reads
+    try:
+        if is_remote(data_cfg.shards_dir):
+            download(where, unchecked)
+        else:
+            shutil.copyfile(where, unchecked)
+        index = json.loads(unchecked.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON or not UTF-8
+        unchecked.unlink(missing_ok=True)
+        raise DataError(f"{where} is not a readable MDS index: run `msllm prep RECIPE --force`") from None
+    try:
+        check_index(index, where)
+    except DataError:
+        unchecked.unlink()
+        raise
+    os.replace(unchecked, folder / "index.json")  # the ranks of a node write the same bytes: any rename wins
+    return index
+
+
+def _hash_to_validate(index: dict[str, Any]) -> Optional[str]:
     """xxh64 (else sha1) if every shard records it: streaming checks each shard as it arrives in
     the cache, so a corrupt or changed shard is caught when first read."""
-    if is_remote(data_cfg.shards_dir):
-        try:  # the manifest says which hashes msllm prep recorded; shards of other tools: none
-            recorded = [set(read_manifest(data_cfg.shards_dir, data_cfg).get("hashes", []))]
-        except DataError:
-            return None
-    else:
-        try:
-            index = json.loads((Path(remote) / "index.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            raise DataError(f"{remote}/index.json is not a readable MDS index: run `msllm prep RECIPE --force`") from None
-        recorded = [set(shard.get("hashes", [])) for shard in index.get("shards", [])]
+    recorded = [set(shard.get("hashes", [])) for shard in index["shards"]]
     for algorithm in ("xxh64", "sha1"):
         if recorded and all(algorithm in hashes for hashes in recorded):
             return algorithm

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from msllm.config import DataConfig
-from msllm.data.integrity import check_splits
-from msllm.errors import DataError
+from msllm.data.integrity import check_manifest
+from msllm.errors import DataError, short_repr
 
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_FORMAT = "msllm-shards/1"
@@ -44,19 +44,37 @@ def remote_cache_root(data_cfg: DataConfig | None = None) -> Path:
     """Where copies of remote shards go: data.cache_dir, or a folder under the system temp dir."""
     if data_cfg is not None and data_cfg.cache_dir:
         return Path(data_cfg.cache_dir)
-    return Path(tempfile.gettempdir()) / "msllm-streaming-cache"
+    return Path(tempfile.gettempdir()) / "msllm-data-cache"
+
+
+def staging_folder(data_cfg: DataConfig) -> Path:
+    """Where `msllm prep` writes a dataset before it is complete: next to a local target (so the
+    final move is a rename), in the local cache for a remote one."""
+    target = data_cfg.shards_dir
+    if is_remote(target):
+        return remote_cache_root(data_cfg) / f"prep-{hashlib.sha1(target.encode()).hexdigest()[:16]}.partial"
+    folder = Path(target)
+    return folder.parent / f".{folder.name}.partial"
 
 
 def _local_copy(shards_dir: str, filename: str, cache_root: Path) -> Path:
     """The local path of a file of shards_dir, downloading it first if shards_dir is remote."""
     if not is_remote(shards_dir):
         return Path(shards_dir) / filename
+    from msllm.data.jobcache import claim_cache_root
+
+    claim_cache_root(cache_root)  # never write into a folder that holds files msllm did not put there
+    local = cache_root / hashlib.sha1(shards_dir.encode()).hexdigest()[:16] / filename
+    download(streaming_remote(shards_dir).rstrip("/") + "/" + filename, local)
+    return local
+
+
+def download(remote: str, local: Path) -> None:
+    """Download the object `remote` (a URI, or a path as streaming names local files) to `local`,
+    whole or not at all (through a temporary name); a one-line DataError if it cannot."""
     from streaming.base.storage.download import CloudDownloader
 
-    folder = cache_root / hashlib.sha1(shards_dir.encode()).hexdigest()[:16]
-    local = folder / filename
-    remote = streaming_remote(shards_dir).rstrip("/") + "/" + filename
-    tmp = folder / f".{filename}.{os.getpid()}.tmp"
+    tmp = local.parent / f".{local.name}.{os.getpid()}.tmp"
     try:
         CloudDownloader.direct_download(remote, str(tmp))
     except FileNotFoundError:
@@ -66,7 +84,6 @@ def _local_copy(shards_dir: str, filename: str, cache_root: Path) -> Path:
             raise DataError(f"{remote} does not exist (check the bucket and the path in data.shards_dir)") from None
         raise DataError(f"cannot download {remote}: {storage_error(exc)}") from None
     os.replace(tmp, local)
-    return local
 
 
 def storage_code(exc: BaseException) -> str:
@@ -150,15 +167,17 @@ class Shards:
 def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
     """Check that the shards in data.shards_dir fit the recipe; return them as a `Shards` record.
 
-    DataError (one line) when: the shards are missing or incomplete; their seq_len is not the
+    DataError (one line) when: the shards are missing or incomplete; the manifest lacks a field
+    or disagrees with its tokenizer (vocab_size, special ids: edited); their seq_len is not the
     recipe's; their tokenizer is not the one the recipe names (data.tokenizer.model) or the saved
     tokenizer file was changed; the recipe trains a tokenizer of another vocab size; or the model's
     `vocab_size` is too small for the token ids in the shards.
     """
-    from msllm.data.tokenizer import file_sha256
+    from msllm.data.tokenizer import file_sha256, load_sentencepiece, special_ids
 
     shards_dir = data_cfg.shards_dir
     manifest = read_manifest(shards_dir, data_cfg)
+    check_manifest(manifest, shards_dir)  # an edited manifest fails here, not after the whole run
     fix = "run `msllm prep RECIPE --force` to rebuild them, or set data.shards_dir elsewhere"
     if manifest["seq_len"] != data_cfg.seq_len:
         raise DataError(
@@ -171,6 +190,17 @@ def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
             f"{saved_tokenizer} is missing or differs from the tokenizer the shards were written "
             f"with (sha256 {manifest['tokenizer_sha256'][:12]}...): {fix}"
         )
+    # The model's vocabulary comes from the manifest: one that disagrees with the tokenizer
+    # (edited) would index past the embedding at the first token it lacks.
+    tokenizer = load_sentencepiece(saved_tokenizer)
+    recorded = {"vocab_size": manifest["vocab_size"], **{k: manifest.get(k) for k in special_ids(tokenizer)}}
+    actual = {"vocab_size": tokenizer.GetPieceSize(), **special_ids(tokenizer)}
+    for field, value in actual.items():
+        if recorded[field] != value:
+            raise DataError(
+                f"{shards_dir}/manifest.json says {field} {short_repr(recorded[field])} but its tokenizer.model has "
+                f"{value} (the manifest was edited): {fix}"
+            )
     if data_cfg.source != "shards":
         if data_cfg.tokenizer.model:
             given = Path(data_cfg.tokenizer.model)
@@ -193,5 +223,4 @@ def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
             f"{manifest['vocab_size']}: set model.vocab_size to 0 (take it from the data) or "
             f"{manifest['vocab_size']} or more"
         )
-    check_splits(manifest, shards_dir)  # an edited manifest fails here, not after the whole run
     return Shards(manifest=manifest, tokenizer_path=saved_tokenizer, tokenizer_sha256=manifest["tokenizer_sha256"])

@@ -28,6 +28,7 @@ therefore be moved or copied anywhere, and the corpus may be absent where they a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -51,7 +52,7 @@ from msllm.data.manifest import (
     SPLITS,
     is_remote,
     read_manifest,
-    remote_cache_root,
+    staging_folder,
     storage_code,
     storage_error,
     streaming_remote,
@@ -131,8 +132,8 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
 
     if remote:  # only now: training from a dataset that is up to date needs no write access
         _check_writable_remote(data_cfg)
-    staging = _staging_folder(data_cfg)
-    with _exclusive(staging, target):
+    staging = staging_folder(data_cfg)
+    with _exclusive(staging, target), _writing(staging):
         started = time.perf_counter()
         manifest = _write_dataset(data_cfg, staging, fingerprint, quiet)
         manifest["fingerprint"] = fingerprint
@@ -177,21 +178,11 @@ def _check_writable_remote(data_cfg: DataConfig) -> None:
 
     target = data_cfg.shards_dir
     try:  # the uploader checks that the bucket exists and that the credentials may see it
-        CloudUploader.get((str(_staging_folder(data_cfg)), streaming_remote(target)), exist_ok=True)
+        CloudUploader.get((str(staging_folder(data_cfg)), streaming_remote(target)), exist_ok=True)
     except Exception as exc:  # each cloud client raises its own types
         if storage_code(exc) == "404":  # of the bucket itself
             raise DataError(f"cannot write to {target}: the bucket does not exist (create it first)") from None
         raise DataError(f"cannot write to {target}: {storage_error(exc)}") from None
-
-
-def _staging_folder(data_cfg: DataConfig) -> Path:
-    """Where a dataset is written before it is complete: next to a local target (so the final
-    move is a rename), in the local cache for a remote one."""
-    target = data_cfg.shards_dir
-    if is_remote(target):
-        return remote_cache_root(data_cfg) / f"prep-{hashlib.sha1(target.encode()).hexdigest()[:16]}.partial"
-    folder = Path(target)
-    return folder.parent / f".{folder.name}.partial"
 
 
 class _exclusive:
@@ -213,6 +204,26 @@ class _exclusive:
 
     def __exit__(self, *exc_info):
         self.handle.close()  # the file stays: removing it would let a waiting prep lock a stale copy
+
+
+@contextlib.contextmanager
+def _writing(staging: Path) -> Iterator[None]:
+    """A full disk (or a read-only or over-quota one) while prep writes: one line naming the folder
+    prep writes in, and the file if it is in there (streaming's merge_index moves its result from
+    a temporary folder, whose name would mislead). A rerun continues from what was saved; a
+    complete dataset already at data.shards_dir is untouched until the end."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None:  # not the disk's: a library's own error, shown as it is
+            raise
+        name = exc.filename
+        inside = isinstance(name, (str, bytes)) and Path(os.fsdecode(name)).absolute().is_relative_to(staging.absolute())
+        file = f" ({exc.filename})" if inside else ""
+        raise DataError(
+            f"cannot write the dataset in {staging}: {exc.strerror}{file}: free space there or set "
+            "data.shards_dir elsewhere, then rerun (prep continues from what it saved)"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------

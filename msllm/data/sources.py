@@ -9,12 +9,14 @@ the fingerprint that tells `msllm prep` whether the shards are up to date.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import io
 import json
 import os
 import re
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -27,22 +29,35 @@ WIKIPEDIA_SAMPLE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p
 
 
 def input_files(data_cfg: DataConfig) -> list[Path]:
-    """The files a source reads, sorted; a DataError if a path or glob matches nothing."""
+    """The files a source reads, sorted; a DataError if a path or glob matches nothing.
+
+    What msllm itself writes (data.shards_dir, prep's staging folder beside it, data.cache_dir) is
+    never corpus: a glob that covers it (`data/**`) skips those files, so that a rerun reads the
+    same corpus as the first run; a path that names such a file is refused."""
     if data_cfg.source == "wikipedia-sample":
         return [_wikipedia_sample_path()]
     if data_cfg.source not in ("text", "jsonl"):
         raise DataError(f"data.source {data_cfg.source!r} has no input files to read")
     if not data_cfg.paths:
         raise DataError(f"data.source {data_cfg.source!r} needs files or globs in data.paths")
+    written_by_msllm = _folders_msllm_writes(data_cfg)
     files: list[Path] = []
     for pattern in data_cfg.paths:
         expanded = os.path.expanduser(pattern)
         if glob.has_magic(expanded):
             matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise DataError(f"data.paths: the glob {pattern!r} matches no files")
-            files.extend(Path(p) for p in matches)
+            corpus = [p for p in matches if _inside(p, written_by_msllm) is None]
+            if not corpus:
+                outside = " outside data.shards_dir and data.cache_dir, which msllm writes" if matches else ""
+                raise DataError(f"data.paths: the glob {pattern!r} matches no files{outside}")
+            files.extend(Path(p) for p in corpus)
         elif os.path.isfile(expanded):
+            folder = _inside(expanded, written_by_msllm)
+            if folder is not None:
+                raise DataError(
+                    f"data.paths: {pattern} is inside {folder}, which msllm writes (data.shards_dir or "
+                    "data.cache_dir): move the corpus out of it"
+                )
             files.append(Path(expanded))
         elif os.path.isdir(expanded):
             raise DataError(
@@ -53,6 +68,24 @@ def input_files(data_cfg: DataConfig) -> list[Path]:
     # The same file named twice (by two globs) would be read twice: keep the first mention.
     unique = list(dict.fromkeys(p.resolve() for p in files))
     return unique
+
+
+def _folders_msllm_writes(data_cfg: DataConfig) -> list[Path]:
+    from msllm.data.manifest import is_remote, remote_cache_root, staging_folder
+
+    folders = [remote_cache_root(data_cfg), staging_folder(data_cfg)]
+    if not is_remote(data_cfg.shards_dir):
+        folders.append(Path(data_cfg.shards_dir))
+    return [folder.resolve() for folder in folders]
+
+
+def _inside(path: str, folders: list[Path]) -> Path | None:
+    """The folder of `folders` that holds `path` (or its staging lock file), or None."""
+    resolved = Path(path).resolve()
+    for folder in folders:
+        if resolved.is_relative_to(folder) or resolved == folder.with_name(folder.name + ".lock"):
+            return folder
+    return None
 
 
 def iter_documents(data_cfg: DataConfig) -> Iterator[str]:
@@ -97,7 +130,8 @@ _reported: set[str] = set()
 
 
 def _text_documents(path: Path, split_on_blank_lines: bool, errors: DecodeErrorCounter) -> Iterator[str]:
-    raw = path.read_bytes()
+    with _reading(path), _open_binary(path) as f:
+        raw = f.read()
     if not split_on_blank_lines:
         text = _decode(raw, path, str(path), errors)
         if text is not None and text.strip():
@@ -111,7 +145,7 @@ def _text_documents(path: Path, split_on_blank_lines: bool, errors: DecodeErrorC
 
 
 def _jsonl_documents(path: Path, text_field: str, errors: DecodeErrorCounter) -> Iterator[str]:
-    with _open_binary(path) as f:
+    with _reading(path), _open_binary(path) as f:
         for line_number, raw_line in enumerate(f, start=1):
             where = f"{path}:{line_number}"
             line = _decode(raw_line, path, where, errors)
@@ -121,6 +155,8 @@ def _jsonl_documents(path: Path, text_field: str, errors: DecodeErrorCounter) ->
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{where}: JSON nested too deeply to read (thousands of levels): fix the record") from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = ", ".join(list(record)[:5]) if isinstance(record, dict) else type(record).__name__
                 raise DataError(
@@ -143,14 +179,66 @@ def _decode(raw: bytes, path: Path, where: str, errors: DecodeErrorCounter) -> s
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
-    """Open a jsonl file, decompressing .gz and .zst by their suffix."""
+    """Open an input file, decompressing .gz and .zst by their suffix."""
     if path.suffix == ".gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if path.suffix == ".zst":
+        return io.BufferedReader(_ZstdReader(path))
+    return path.open("rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame, with an EOFError if the file ends
+    inside a frame: zstandard's stream_reader returns a truncated file's first part as if it were
+    all of it."""
+
+    def __init__(self, path: Path):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(path.open("rb")))
-    return path.open("rb")
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._file = path.open("rb")
+        self._frame = self._decompressor.decompressobj()
+        self._ready = b""
+        self._in_frame = False  # compressed bytes of the current frame were read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._ready:
+            if self._frame.eof:  # a frame ended: what follows it is the next frame
+                rest, self._frame, self._in_frame = self._frame.unused_data, self._decompressor.decompressobj(), False
+                chunk = rest
+            else:
+                chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._in_frame = True
+            self._ready = self._frame.decompress(chunk)
+        n = min(len(buffer), len(self._ready))
+        buffer[:n], self._ready = self._ready[:n], self._ready[n:]
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn what reading (and decompressing) `path` can raise into one line naming the file: a
+    truncated .gz ends in EOFError, one that is not gzip raises BadGzipFile, corrupt compressed
+    data zlib's or zstandard's error."""
+    import zstandard
+
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as exc:
+        raise DataError(f"{path}: cannot decompress it, it is truncated or corrupt ({exc}): fix or replace the file") from None
+    except OSError as exc:  # the disk's own errors
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------

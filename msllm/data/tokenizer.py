@@ -53,7 +53,7 @@ def train_tokenizer(
                 num_threads=num_threads,
                 minloglevel=2,  # warnings and errors only: prep shows its own progress
             )
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # sentencepiece's errors (a full disk is an OSError: prep names it)
         raise _explain_training_error(exc, cfg) from None
 
 
@@ -64,7 +64,7 @@ def _lines(documents: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
-def _explain_training_error(exc: RuntimeError, cfg: TokenizerConfig) -> DataError:
+def _explain_training_error(exc: Exception, cfg: TokenizerConfig) -> DataError:
     message = str(exc)
     too_high = re.search(r"Vocabulary size (?:is )?too high \((\d+)\).*<= (\d+)", message)
     if too_high:
