@@ -294,7 +294,9 @@ def finished_checkpoint(recipe) -> Path | None:
     if latest is None:
         return None
     try:
-        if int(read_meta(latest).get("step", 0)) < recipe.train.max_steps or verify_checkpoint(latest):
+        meta = read_meta(latest)
+        # Only a checkpoint with recorded checksums can be known good without loading it.
+        if not meta.get("files") or int(meta.get("step", 0)) < recipe.train.max_steps or verify_checkpoint(latest):
             return None
         saved = dataclasses.asdict(read_recipe(latest).model)
     except (CheckpointError, TypeError, ValueError):

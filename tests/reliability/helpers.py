@@ -52,13 +52,20 @@ def plant_malicious(path: Path, marker: Path) -> None:
 
 
 def rerecord_checksum(path: Path) -> None:
+    """Record `path`'s new checksum in its checkpoint's meta.json, and meta.json's in COMPLETE (as
+    one who rewrites the whole folder would)."""
+    from msllm.checkpoint.files import file_digest
+
     meta_file = path.parent / "meta.json"
     meta = json.loads(meta_file.read_text())
     if "files" in meta:
-        from msllm.checkpoint.files import file_digest
-
         meta["files"][path.name] = file_digest(path)
         meta_file.write_text(json.dumps(meta, indent=1) + "\n")
+    complete = path.parent / "COMPLETE"
+    lines = complete.read_text().splitlines()
+    if any(line.startswith("meta ") for line in lines):
+        complete.write_text("".join(f"meta {file_digest(meta_file)}\n" if line.startswith("meta ") else line + "\n"
+                                    for line in lines))
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

@@ -62,6 +62,7 @@ def test_garbage_without_recorded_checksums_is_unreadable_and_falls_back(run_cop
     meta = json.loads((ckpt / "meta.json").read_text())
     del meta["files"]
     (ckpt / "meta.json").write_text(json.dumps(meta))
+    (ckpt / "COMPLETE").write_text("step 6\n")  # as such checkpoints wrote it: no checksum of meta.json
     (ckpt / "trainer_state_rank0.pt").write_bytes(b"\x00" * 100)
     note, _ = _resume_falls_back(recipe, out, trained_run, "trainer_state_rank0.pt")
     assert "not a readable torch checkpoint file" in note
