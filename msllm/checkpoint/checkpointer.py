@@ -28,7 +28,7 @@ from msllm.checkpoint.files import (
     _TAG,
     _first_sentence,
     _weights_finite,
-    _write_error,
+    describe_write_error,
     _write_synced,
     check_same_model,
     check_same_tokenizer,
@@ -94,7 +94,7 @@ class Checkpointer:
             # torch.save reports a failed write as a RuntimeError ("unexpected pos", "basic_ios::clear"):
             # classified by type, never by its text.
             except (OSError, RuntimeError) as exc:
-                failure = _write_error(exc, self.root)
+                failure = describe_write_error(exc, self.root)
                 if in_deepspeed:
                     dist.barrier()  # DeepSpeed's save ends with a barrier the other ranks are waiting in
         self._raise_on_failure(dist.first_failure(failure), path)
@@ -118,7 +118,7 @@ class Checkpointer:
             if free < need:
                 return f"no space left on device in {self.root}: needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
         except OSError as exc:
-            return _write_error(exc, self.root)
+            return describe_write_error(exc, self.root)
         return ""
 
     def _seal(self, path: Path, step: int) -> str:
@@ -132,7 +132,7 @@ class Checkpointer:
             _write_synced(path / (COMPLETE + ".tmp"), f"step {step}\nmeta {file_digest(path / META)}\n")
             os.replace(path / (COMPLETE + ".tmp"), path / COMPLETE)
         except OSError as exc:
-            return _write_error(exc, self.root)
+            return describe_write_error(exc, self.root)
         return ""
 
     def _raise_on_failure(self, failure: str, path: Path) -> None:

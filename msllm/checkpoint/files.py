@@ -230,7 +230,7 @@ def _first_sentence(exc: BaseException) -> str:
     return text.split(". ")[0]
 
 
-def _write_error(exc: BaseException, root: Path) -> str:
+def describe_write_error(exc: BaseException, root: Path) -> str:
     """One line for a failed write, classified by errno, or (for torch.save's RuntimeErrors, which
     carry none) by the free space left."""
     if isinstance(exc, OSError):

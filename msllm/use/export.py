@@ -92,8 +92,10 @@ def to_hf_names(state: dict[str, torch.Tensor], tie: bool) -> dict[str, torch.Te
 
 def export_checkpoint(source: str, out: str, force: bool = False) -> Path:
     """Export the model in `source` (a checkpoint, a run's output_dir: msllm.use.load) to `out`."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from msllm.checkpoint.files import describe_write_error
     from msllm.use.load import load_model
 
     out_dir = Path(out)
@@ -147,19 +149,11 @@ def export_checkpoint(source: str, out: str, force: bool = False) -> Path:
             os.replace(tmp, out_dir)
     except BaseException as exc:  # a full disk, an interrupt, a library's own error: no half export stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write the export {out_dir}: {_os_error(exc)}") from None
+        if isinstance(exc, (OSError, SafetensorError)):  # safetensors reports a failed write as its own error
+            raise CheckpointError(f"could not write the export {out_dir}: {describe_write_error(exc, out_dir.parent)}") from None
         raise
     print(f"exported {loaded.path} (step {meta.get('step')}) to {out_dir}: model.safetensors, config.json, recipe.yaml, tokenizer.model{note}")
     return out_dir
-
-
-def _os_error(exc: OSError) -> str:
-    import errno
-
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on device ({exc.filename or 'while writing'})"
-    return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
 
 
 def _match_modes(folder: Path) -> None:

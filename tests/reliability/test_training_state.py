@@ -174,3 +174,20 @@ def test_a_prompt_that_is_not_utf8_is_one_line(trained_run):
     _, out = trained_run
     proc = msllm("generate", out, "--prompt", os.fsdecode(b"caf\xe9"))  # Latin-1 bytes in a UTF-8 locale
     assert "--prompt: not valid UTF-8 text" in one_line_error(proc, "generate")
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_path, trained_run, capsys):
+    import subprocess
+
+    assert os.geteuid() == 0, "mounting a small tmpfs needs root (as in CI)"
+    _, out = trained_run
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        code, _, err = cli(capsys, "export", out, "--out", disk / "export")
+        line = one_line(code, err, "export")
+        assert "could not write the export" in line and "no space left on device" in line and str(disk) in line
+        assert list(disk.iterdir()) == []  # no .export.tmp-PID folder left behind
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
