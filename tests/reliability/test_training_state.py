@@ -191,3 +191,62 @@ def test_export_onto_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_
         assert list(disk.iterdir()) == []  # no .export.tmp-PID folder left behind
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.fixture
+def exported(tmp_path, trained_run, capsys):
+    _, out = trained_run
+    dest = tmp_path / "export"
+    code, _, err = cli(capsys, "export", out, "--out", dest)
+    assert code == 0, err
+    return dest
+
+
+def _spoil_safetensors_header(path):
+    """The header claims a tensor twice as long as the bytes that follow it."""
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end + (end - begin)]
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda d: (d / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes()[:-1] + b"x"),
+     "is not the tokenizer the model was trained with"),
+    (lambda d: (d / "export.json").write_text("{not json"), "export.json cannot be read"),
+    (lambda d: _spoil_safetensors_header(d / "model.safetensors"), "model.safetensors is not a readable safetensors file"),
+    (lambda d: (d / "recipe.yaml").unlink(), "is not a complete msllm export: recipe.yaml missing"),
+])
+def test_a_damaged_export_is_one_line_for_generate_and_eval(exported, trained_run, capsys, damage, expected):
+    recipe, _ = trained_run
+    damage(exported)
+    before = tree_digest(exported)
+    code, _, err = cli(capsys, "generate", exported, "--prompt", "The", "--max-new-tokens", "2")
+    assert expected in one_line(code, err, "generate")
+    code, _, err = cli(capsys, "eval", recipe, "--checkpoint", exported)
+    assert expected in one_line(code, err, "eval")
+    assert tree_digest(exported) == before
+
+
+def test_an_export_tokenizer_with_more_tokens_than_the_model_is_refused(exported, tiny_data, tmp_path, capsys):
+    import sentencepiece as spm
+
+    corpus, _ = tiny_data
+    with open(tmp_path / "big.model", "wb") as f:  # another tokenizer, bigger than the model's 320
+        spm.SentencePieceTrainer.train(input=str(corpus), model_writer=f, vocab_size=330, minloglevel=2,
+                                       byte_fallback=True)
+    (exported / "tokenizer.model").write_bytes((tmp_path / "big.model").read_bytes())
+    info = json.loads((exported / "export.json").read_text())
+    info["tokenizer_sha256"] = None  # as an export edited by hand would leave it
+    (exported / "export.json").write_text(json.dumps(info))
+    code, _, err = cli(capsys, "generate", exported, "--prompt", "The")
+    assert "more than the model's 320" in one_line(code, err, "generate")
+    (exported / "tokenizer.model").write_bytes(b"garbage")
+    code, _, err = cli(capsys, "generate", exported, "--prompt", "The")
+    assert "is not a sentencepiece model" in one_line(code, err, "generate")
