@@ -45,33 +45,46 @@ _LOCK_SUFFIX = ".lock"
 ROOT_MARKER = ".msllm-cache"  # in a cache root: its cache id, then what the folder is
 ENTRY_MARKER = ".msllm-cache-entry"  # in each job's folder: the id of the cache that made it
 
-# cache root -> the open file whose flock says "this job's cache folder there is in use"
-_job_locks: dict[Path, object] = {}
-# cache root -> its cache id, once this process has checked or claimed it
-_claimed_roots: dict[Path, str] = {}
+class ProcessDataJob:
+    """What this process holds of its job's data side, in one place (state that lives as long as the
+    process, as streaming's shared memory and the cache locks do; `PROCESS` is the one instance):
+
+    tag            the job's tag, fixed at its first use
+    job_locks      cache root -> the open file whose flock says "this job's cache folder there is in use"
+    claimed_roots  cache root -> its cache id, once this process has checked or claimed it
+    started        whether this process has cleaned the job's stale shared memory (once, before its
+                   first dataset: msllm.data.loader)
+    loaders_built  datasets made so far (each gets a cache folder of its own: streaming refuses two
+                   datasets on one local folder)
+    """
+
+    def __init__(self):
+        self.tag: str | None = None
+        self.job_locks: dict[Path, object] = {}
+        self.claimed_roots: dict[Path, str] = {}
+        self.started = False
+        self.loaders_built = 0
 
 
-_tag: str | None = None
+PROCESS = ProcessDataJob()
 
 
 def job_tag() -> str:
     """This job's tag (see the module docstring), fixed at its first use in a process."""
-    global _tag
-    if _tag is None:
+    if PROCESS.tag is None:
         if os.environ.get(JOB_ENV):
-            _tag = os.environ[JOB_ENV]
+            PROCESS.tag = os.environ[JOB_ENV]
         elif "MASTER_PORT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             rendezvous = "\0".join(os.environ.get(k, "") for k in _RENDEZVOUS_VARIABLES)
-            _tag = "j" + hashlib.sha1(rendezvous.encode()).hexdigest()[:10]
+            PROCESS.tag = "j" + hashlib.sha1(rendezvous.encode()).hexdigest()[:10]
         else:
-            _tag = f"p{os.getpid()}"
-    return _tag
+            PROCESS.tag = f"p{os.getpid()}"
+    return PROCESS.tag
 
 
 def adopt_job_tag(tag: str) -> None:
     """In a DataLoader worker process: use the tag of the rank that started it."""
-    global _tag
-    _tag = tag
+    PROCESS.tag = tag
 
 
 def scope_streaming_shared_memory() -> None:
@@ -109,8 +122,8 @@ def claim_cache_root(cache_root: Path) -> str:
     """The cache id of `cache_root`, claiming the folder for msllm if it is absent or empty; a
     DataError naming what is there if it holds files without msllm's marker."""
     root = cache_root.absolute()
-    if root in _claimed_roots:
-        return _claimed_roots[root]
+    if root in PROCESS.claimed_roots:
+        return PROCESS.claimed_roots[root]
     root.mkdir(parents=True, exist_ok=True)
     marker = root / ROOT_MARKER
     if not marker.is_file():
@@ -133,7 +146,7 @@ def claim_cache_root(cache_root: Path) -> str:
     for _ in range(200):  # a marker just created by another process may not hold its id yet
         cache_id = _first_line(marker)
         if cache_id:
-            _claimed_roots[root] = cache_id
+            PROCESS.claimed_roots[root] = cache_id
             return cache_id
         time.sleep(0.01)
     raise DataError(f"{marker} holds no cache id: remove it, or set data.cache_dir to an empty folder")
@@ -149,7 +162,7 @@ def start_job_cache(cache_root: Path) -> None:
     """
     cache_id = claim_cache_root(cache_root)
     cache_root = cache_root.absolute()
-    if cache_root in _job_locks:
+    if cache_root in PROCESS.job_locks:
         return
     mine = job_cache_folder(cache_root)
     lock = open(str(mine) + _LOCK_SUFFIX, "a+")
@@ -158,7 +171,7 @@ def start_job_cache(cache_root: Path) -> None:
     lock.truncate()
     lock.write(cache_id + "\n")
     lock.flush()
-    _job_locks[cache_root] = lock
+    PROCESS.job_locks[cache_root] = lock
     if mine.exists() or mine.is_symlink():  # left by an earlier attempt of this job
         if not _is_entry(mine, cache_id):
             raise DataError(f"{mine} is in the data cache but msllm did not make it: remove it, or set data.cache_dir elsewhere")

@@ -31,6 +31,7 @@ from streaming.base.util import clean_stale_shared_memory
 
 from msllm.config import DataConfig
 from msllm.data.jobcache import (
+    PROCESS,
     adopt_job_tag,
     job_cache_folder,
     job_tag,
@@ -43,9 +44,6 @@ from msllm.errors import DataError
 
 # LLM Foundry's scripts name the held-out split `val`; ours is `validation`. Either is read.
 _SPLIT_FOLDER_ALIASES = {"validation": ("validation", "val"), "train": ("train",)}
-
-_job_started = False
-_loaders_built = 0
 
 
 def tokens_of(sample: dict[str, Any], sample_len: int) -> np.ndarray:
@@ -189,7 +187,6 @@ def build_dataloader(
     Works in one process with no environment, and under torchrun / the deepspeed launcher
     (streaming reads RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE).
     """
-    global _loaders_built
     if split not in _SPLIT_FOLDER_ALIASES:
         raise DataError(f"unknown split {split!r}: use 'train' or 'validation'")
     if batch_size < 1:
@@ -204,7 +201,7 @@ def build_dataloader(
     _start_job_once(data_cfg)
     local, remote = _split_location(data_cfg, split)
     index = _fetch_checked_index(data_cfg, local, remote)
-    _loaders_built += 1
+    PROCESS.loaders_built += 1
     dataset = TokenWindowDataset(
         seq_len=data_cfg.seq_len,
         sp_size=sp_size,
@@ -242,13 +239,12 @@ def _start_job_once(data_cfg: DataConfig) -> None:
     touch another job's blocks; it ends with a barrier when torch.distributed is up, so the other
     ranks wait for the cache folder.
     """
-    global _job_started
     scope_streaming_shared_memory()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         start_job_cache(remote_cache_root(data_cfg))  # once per cache root
-    if not _job_started:
+    if not PROCESS.started:
         clean_stale_shared_memory()
-        _job_started = True
+        PROCESS.started = True
 
 
 def _split_location(data_cfg: DataConfig, split: str) -> tuple[str, str]:
@@ -274,7 +270,7 @@ def _split_location(data_cfg: DataConfig, split: str) -> tuple[str, str]:
             raise DataError(f"no {split} shards in {root} (expected {root / split / 'index.json'})")
     # A folder per loader: streaming refuses a cache folder that another live dataset uses. The
     # ranks of a node build their loaders in the same order, so they agree on the name.
-    name = f"{split}-{_loaders_built}-{hashlib.sha1(remote.encode()).hexdigest()[:8]}"
+    name = f"{split}-{PROCESS.loaders_built}-{hashlib.sha1(remote.encode()).hexdigest()[:8]}"
     return str(job_cache_folder(remote_cache_root(data_cfg)) / name), remote
 
 
