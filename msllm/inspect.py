@@ -2,7 +2,7 @@
 
 Parameters per scale, training FLOPs per token (the figure MFU is computed from), and the memory
 of one training step on one rank, split into parameters, gradients, optimizer state and
-activations with the loss (msllm.memory): the activations are measured on a real forward pass at
+activations with the loss (msllm.train.memory): the activations are measured on a real forward pass at
 the recipe's sequence length and precision, so the figure compares architectures on a CPU as it
 would on a GPU.
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 from msllm.config import MAX_SEQ_LEN
 from msllm.errors import RecipeError
-from msllm.memory import (
+from msllm.train.memory import (
     DTYPES,
     activation_bytes,
     available_bytes,
@@ -60,7 +60,7 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
     measured as the unsplit model on that many tokens (per rank, Ulysses' full attention over
     H / sp heads saves what L / sp positions of H heads do; the halos add w positions per local
     layer, not counted); ZeRO shards over dp = world_size / sp. `measure_len` measures on shorter
-    samples and extends linearly (msllm.memory.step_memory)."""
+    samples and extends linearly (msllm.train.memory.step_memory)."""
     seq_len = seq_len or recipe.data.seq_len
     if not 1 <= seq_len <= MAX_SEQ_LEN:
         raise RecipeError(f"--seq-len: must be between 1 and {MAX_SEQ_LEN:,} (2**24), got {seq_len:,}")
@@ -116,7 +116,7 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
 
 
 # What a measurement on long samples needs is extrapolated from a forward at this length first:
-# activations grow linearly with the length (msllm.memory.step_memory's measure_len relies on it).
+# activations grow linearly with the length (msllm.train.memory.step_memory's measure_len relies on it).
 PROBE_LEN = 1024
 
 

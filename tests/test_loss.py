@@ -11,7 +11,7 @@ import torch
 
 from msllm.config import ModelConfig, ScaleConfig
 from msllm.errors import RecipeError
-from msllm.memory import saved_for_backward
+from msllm.train.memory import saved_for_backward
 from msllm.models import build_model
 from msllm.train.loss import IGNORE_INDEX, choose_kernel, chunk_rows, installed, lm_loss, model_loss
 

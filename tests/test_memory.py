@@ -1,4 +1,4 @@
-"""The memory of a training step (msllm.memory): the computed split against a measurement."""
+"""The memory of a training step (msllm.train.memory): the computed split against a measurement."""
 
 import dataclasses
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msllm.config import ModelConfig, ScaleConfig
-from msllm.memory import BYTES_PER_PARAMETER, measure_step_peak, step_memory
+from msllm.train.memory import BYTES_PER_PARAMETER, measure_step_peak, step_memory
 from msllm.models import build_model
 
 VOCAB = 512

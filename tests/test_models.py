@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from msllm.config import ModelConfig, ScaleConfig
-from msllm.memory import activation_bytes
+from msllm.train.memory import activation_bytes
 from msllm.models import build_model
 from msllm.models.attention import local_attention
 from msllm.models.layers import Attention, CausalPool, Upsample

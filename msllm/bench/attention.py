@@ -68,7 +68,7 @@ def measure(kernel: str, setting: Setting, device) -> dict:
     """Median forward + backward time, bytes saved for backward, and (CUDA) peak bytes allocated."""
     import torch
 
-    from msllm.memory import saved_for_backward
+    from msllm.train.memory import saved_for_backward
 
     cuda = device.type == "cuda"
     q, k, v = _inputs(setting, setting.seq_len, device)

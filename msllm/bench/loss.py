@@ -7,7 +7,7 @@
    last `STEPS` steps, the chunked / dense ratio of each pair and their median. On a GPU the
    fused kernels (liger, cce) that are installed join the rotation.
 2. Memory at the BookCorpus sizes (16 x 1024 positions, d_model 512, vocabulary 32,000, bf16): what
-   the loss alone holds per micro-batch under each kernel (msllm.memory.loss_activation_bytes:
+   the loss alone holds per micro-batch under each kernel (msllm.train.memory.loss_activation_bytes:
    saved for backward plus workspace; the fused kernels are not measured on the CPU).
 """
 
@@ -44,7 +44,7 @@ def memory_rows(kernels: tuple[str, ...] = ("dense", "chunked")) -> list[dict]:
     import torch
 
     from msllm.config import load_recipe
-    from msllm.memory import DTYPES, loss_activation_bytes, sample_tokens
+    from msllm.train.memory import DTYPES, loss_activation_bytes, sample_tokens
     from msllm.models import build_model
 
     r = load_recipe("recipes/models/vanilla-bookcorpus.yaml")
@@ -86,7 +86,7 @@ def to_markdown(speed: list[dict], memory: list[dict]) -> str:
     lines += [
         "",
         f"Memory: what the loss holds per micro-batch ({m['positions']:,} positions, d_model {m['d_model']}, vocabulary "
-        f"{m['vocab']:,}, {m['precision']}; msllm.memory.loss_activation_bytes: saved for backward plus workspace):",
+        f"{m['vocab']:,}, {m['precision']}; msllm.train.memory.loss_activation_bytes: saved for backward plus workspace):",
         "",
         "| kernel | loss MiB per micro-batch |",
         "|---|---|",

@@ -6,7 +6,7 @@ trains the recipes in recipes/paper/ -- vanilla with N = 3 layers, vanilla with 
 reference), and bottom-up (sum and attention aggregation), top-down and retina with 2N layers, most
 at coarse scales -- on the built-in corpus with the same width, vocabulary, context (1024 tokens),
 tokens and schedule, each with several seeds, and reports for each model: validation bits per byte
-(mean and spread over seeds), the memory of a training step split into its parts (msllm.memory),
+(mean and spread over seeds), the memory of a training step split into its parts (msllm.train.memory),
 tokens/s and FLOPs/token; then a verdict on the claim at this scale, and two plots.
 
 Each run is `msllm train RECIPE --set run.seed=S --set run.output_dir=...` in a subprocess; its
@@ -114,7 +114,7 @@ def read_metrics(path: Path) -> dict:
 def summarize(model: str, results: list[dict], recipe: Path, overrides: list[str]) -> dict:
     """Mean and spread over seeds; FLOPs/token; the computed memory split, and a measured peak."""
     from msllm.config import load_recipe
-    from msllm.memory import count_parameters, measure_step_peak, step_memory
+    from msllm.train.memory import count_parameters, measure_step_peak, step_memory
     from msllm.models import build_model, flops_per_token
 
     r = load_recipe(recipe, overrides)
@@ -161,7 +161,7 @@ def verdict(model: dict, reference: dict) -> tuple[str, str]:
     return ("holds" if likelihood == "better" else "within noise"), why
 
 
-# The parts of a training step's memory (msllm.memory), bottom to top of each bar. Tables written
+# The parts of a training step's memory (msllm.train.memory), bottom to top of each bar. Tables written
 # before the loss's activations were counted apart have "activations" whole instead of the last two.
 MEMORY_PARTS = ("parameters", "gradients", "optimizer", "body_activations", "loss_activations")
 
@@ -242,7 +242,7 @@ def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: lis
     rows = [
         f"Recipes: recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
         f"time, {threads} thread{'s' if threads != 1 else ''} each). Memory: one training step on one rank, "
-        "computed by msllm.memory (the measured peak of real fp32 steps beside it); activations split into the "
+        "computed by msllm.train.memory (the measured peak of real fp32 steps beside it); activations split into the "
         "body's and the loss's (msllm.train.loss, chunked).",
         "",
         "| model | layers | parameters | val bits/byte (mean ± sd) | range | tokens/s | MFLOP/token | parameters MiB | "

@@ -3,7 +3,7 @@
 For the four architectures at one small size (recipes/models/*-tiny.yaml, with a small vocabulary so
 that the head does not hide how attention scales), one sample of L tokens for L = 1k, 2k, 4k, 8k,
 16k on the CPU: the median time of a training step (forward, loss, backward, AdamW) and the memory
-of the step (msllm.memory: parameters, gradients, optimizer state, activations with the loss).
+of the step (msllm.train.memory: parameters, gradients, optimizer state, activations with the loss).
 Then, per architecture, the exponent b of a least-squares fit of time ~ L^b and of memory ~ L^b
 over the lengths, and of time over the last doubling alone: full attention makes vanilla's time
 grow towards L^2 as L grows (at short L its linear layers still dominate), local and coarse
@@ -45,7 +45,7 @@ def measure(arch: str, L: int, repeats: int = 3) -> dict:
     """Median step time of `repeats` steps after a warm-up step, and the memory split."""
     import torch
 
-    from msllm.memory import step_memory
+    from msllm.train.memory import step_memory
     from msllm.models import build_model
     from msllm.train.bare import bare_step
 
@@ -122,7 +122,7 @@ def to_markdown(results: dict) -> str:
             + " | time exponent | time exponent, last doubling | memory exponent |")
     rows = [
         "Models: recipes/models/*-tiny.yaml with a 256-token vocabulary; one sample per step, fp32, one process. "
-        "Memory: the whole training step (msllm.memory), of which the loss's activations (chunked) in brackets.",
+        "Memory: the whole training step (msllm.train.memory), of which the loss's activations (chunked) in brackets.",
         "",
         head,
         "|---|" + "---|" * (len(lengths) + 3),

@@ -4,7 +4,7 @@ multi-scale models at 16k tokens with sp = 1, 2 and 4.
 For each architecture's recipe in recipes/long_context/*-16k-cpu.yaml and each sp, it starts
 `torchrun --nproc_per_node=sp -m msllm.bench.sequence_parallel RECIPE` (one sequence-parallel
 group, batch 1) and reads one JSON line back from rank 0. Each rank measures:
-- the memory of a training step (msllm.memory): fp32 parameters, gradients and AdamW state (sequence
+- the memory of a training step (msllm.train.memory): fp32 parameters, gradients and AdamW state (sequence
   parallelism replicates them), and the activations of its slice with the loss, the largest over
   the ranks;
 - step time: forward + backward of one sample, the median of 3 after a warm-up, the slowest rank;
@@ -32,7 +32,7 @@ def _worker(recipe_path: str) -> None:
     import torch.distributed as dist
 
     from msllm.config import load_recipe
-    from msllm.memory import activation_bytes, count_parameters, loss_activation_bytes, parameter_state_bytes
+    from msllm.train.memory import activation_bytes, count_parameters, loss_activation_bytes, parameter_state_bytes
     from msllm.models import build_model
     from msllm.distributed import ParallelDims, sequence
     from msllm.train.bare import bare_step

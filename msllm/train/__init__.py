@@ -7,7 +7,8 @@
     nonfinite.py    never apply a non-finite update; a streak of them becomes a stop
     callbacks.py    speed and log rows, console, metrics.jsonl, TensorBoard, eval
     evaluate.py     validation loss / perplexity / bits per byte over a loader
-    bare.py         the bare training step (no DeepSpeed) the benchmarks and msllm.memory measure
+    bare.py         the bare training step (no DeepSpeed) that the benchmarks measure
+    memory.py       the memory of one training step (StepMemory), computed and measured on the bare step
 
 Checkpoints and the training state are msllm.checkpoint's; the distributed layer is
 msllm.distributed's; the commands that use a trained model are msllm.use's.

@@ -2,7 +2,7 @@
 DeepSpeed engine, data loader or callbacks.
 
 It is the reference that the benchmarks time (`msllm bench throughput` compares `msllm train`
-against it) and that msllm.memory measures, so that they all time and measure the same step.
+against it) and that msllm.train.memory measures, so that they all time and measure the same step.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
         IGNORE_INDEX (-100). Sums, not means: sequence parallelism adds the ranks' sums exactly.
 
     model_loss(model, input_ids, labels)  the same, through the model's forward (msllm.models'
-        `forward(input_ids, loss)`): what training, eval, the bare step and msllm.memory call.
+        `forward(input_ids, loss)`): what training, eval, the bare step and msllm.train.memory call.
 
 A kernel computes it (`train.loss_kernel`; `choose_kernel` resolves "auto"):
 
@@ -165,7 +165,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def loss_workspace_bytes(kernel: str, positions: int, vocab_size: int, d_model: int, dtype: torch.dtype,
                          chunk_size: int = 0) -> int:
-    """Bytes the loss holds for a while beyond what it saves for backward (msllm.memory adds them to
+    """Bytes the loss holds for a while beyond what it saves for backward (msllm.train.memory adds them to
     the loss's activations). dense: the two fp32 buffers of the logits' size that its backward makes
     (the gradients of the log-probabilities and of the logits) while everything saved is alive.
     chunked: one chunk's fp32 logits and its hidden-state gradient, and, below fp32, the logits' cast

@@ -54,7 +54,7 @@ from msllm.checkpoint.state import Tokenizer, TrainState
 from msllm.config import with_vocab_size
 from msllm.distributed import ParallelDims, collectives
 from msllm.distributed.env import DistEnv, read_env, say
-from msllm.memory import check_fits
+from msllm.train.memory import check_fits
 from msllm.metrics import fmt_duration
 from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, ShardsWatch, SpeedMonitor, TensorBoardLogger
 from msllm.train.engine import lr_at

@@ -111,7 +111,7 @@ def test_every_checkpoint_corrupt_restarts_loudly_or_stops(run_copy, allowed):
 
 
 def test_a_model_too_big_for_memory_is_refused_before_anything_is_allocated(tmp_path, tiny_data, capsys):
-    from msllm.memory import available_bytes
+    from msllm.train.memory import available_bytes
 
     free = available_bytes(torch.device("cpu"))
     assert free is not None  # Linux: /proc/meminfo
