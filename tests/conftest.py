@@ -5,7 +5,8 @@
     reference_run       one uninterrupted run of the tiny vanilla recipe
 
 Each is built once per session (on disk, so that every module shares it). Helpers that are not
-fixtures live in data_helpers.py, train_helpers.py and launch.py.
+fixtures live in data_helpers.py, train_helpers.py (running `msllm`), model_helpers.py (the tiny
+model of each architecture) and launch.py (torchrun).
 """
 
 from __future__ import annotations

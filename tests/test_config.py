@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from msllm.config import field_docs, load_recipe
 from msllm.errors import RecipeError
+from train_helpers import check, msllm
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml"))
@@ -122,11 +121,8 @@ def test_every_field_is_documented():
 
 def test_cli_prints_one_line_and_exits_2_on_a_bad_recipe(tmp_path):
     path = write(tmp_path, GOOD.replace("n_heads: 4", "n_heads: 3"))
-    result = subprocess.run([sys.executable, "-m", "msllm.cli", "show-config", str(path)], capture_output=True, text=True)
+    result = msllm("show-config", path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "not divisible by n_heads 3" in result.stderr
-    ok = subprocess.run(
-        [sys.executable, "-m", "msllm.cli", "show-config", str(write(tmp_path, GOOD, "ok.yaml")), "--set", "train.lr=0.5"],
-        capture_output=True, text=True, check=True,
-    )
+    ok = check(msllm("show-config", write(tmp_path, GOOD, "ok.yaml"), "--set", "train.lr=0.5"))
     assert "lr: 0.5" in ok.stdout and "arch: bottom_up" in ok.stdout

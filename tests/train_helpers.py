@@ -1,8 +1,9 @@
-"""Shared pieces of the trainer tests (tests/test_train*.py, test_export.py, test_generate.py).
+"""Shared pieces of the tests that run `msllm` (the trainer's, the reliability cases, the CLI's).
 
-A tiny corpus, a recipe writer, and runners for `msllm` in a subprocess (one process, or several
-gloo ranks through tests/launch.py's torchrun). Their fixtures (the tiny shards, one reference
-run) are in conftest.py. Nothing is tested here.
+A tiny corpus, a recipe writer, and the one way to run `msllm` in another process: `msllm`
+(to its end), `start_msllm` (in the background; `wait_for_line` reads its progress), both over
+`msllm_command`, and `msllm_torchrun` (several gloo ranks through tests/launch.py's torchrun).
+Their fixtures (the tiny shards, one reference run) are in conftest.py. Nothing is tested here.
 """
 
 from __future__ import annotations
@@ -117,9 +118,11 @@ _schedule.Schedule.at = _wait_then_plan
 """
 
 
-def msllm_torchrun(nproc: int, *args, timeout: float = 400, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`msllm ARGS` on `nproc` gloo ranks under torchrun."""
-    return torchrun(nproc, "-m", "msllm.cli", *args, timeout=timeout, cwd=cwd)
+def msllm_torchrun(nproc: int, *args, timeout: float = 400, cwd: Path | None = None,
+                   env: dict | None = None) -> subprocess.CompletedProcess:
+    """`msllm ARGS` on `nproc` gloo ranks under torchrun (`torchrun_command` starts them in the
+    background)."""
+    return torchrun(nproc, "-m", "msllm.cli", *args, timeout=timeout, cwd=cwd, env=env)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
