@@ -64,3 +64,21 @@ def reference_run(tmp_path_factory, tiny_data) -> tuple[Path, Path, str]:
         proc = check(msllm("train", recipe))
         log.write_text(proc.stdout)
     return recipe, out, log.read_text()
+
+
+@pytest.fixture
+def saved_plots(monkeypatch) -> dict:
+    """{file name: (figure, path)} of every figure the benchmarks save during the test through
+    msllm.bench.plotting.save, which still writes them: a test reads the series drawn on the
+    figure and decodes the PNG on disk (`check_saved_plot`)."""
+    from msllm.bench import plotting
+
+    saved = {}
+    save = plotting.save
+
+    def save_and_keep(fig, path):
+        saved[Path(path).name] = (fig, Path(path))
+        return save(fig, path)
+
+    monkeypatch.setattr(plotting, "save", save_and_keep)
+    return saved

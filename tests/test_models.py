@@ -207,15 +207,32 @@ def test_forward_and_backward_at_16k_tokens_and_d256(arch):
         "vanilla": [ScaleConfig(1, 1, "full")],
         "retina": [ScaleConfig(1, 1, "local", 128)],
     }.get(arch, [ScaleConfig(1, 1, "local", 128), ScaleConfig(4, 1, "full"), ScaleConfig(4, 1, "full")])
-    cfg = ModelConfig(arch=arch, vocab_size=512, d_model=256, n_heads=4, scales=scales, final_layers=1)
+    # Retina's one layer reaches back w * (1 + k + ... + k^(S-1)) tokens: 5 levels of factor 4 make
+    # that 128 * 341 = 43,648, the whole sequence.
+    levels = {"retina": dict(retina_levels=5, retina_factor=4)}.get(arch, {})
+    cfg = ModelConfig(arch=arch, vocab_size=512, d_model=256, n_heads=4, scales=scales, final_layers=1, **levels)
     torch.manual_seed(0)
     model = build_model(cfg)
-    ids = torch.randint(0, 512, (1, 16384))
+    L = 16384
+    ids = torch.randint(0, 512, (1, L))
+    embeddings = []
+    model.embed.register_forward_hook(lambda module, inputs, output: embeddings.append(output))
     logits = model(ids)
+    # Long-range flow: the loss of the last position reaches the embedding of the first token.
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits[0, -2], ids[0, -1]), embeddings[0], retain_graph=True)
+    assert torch.isfinite(grad).all() and torch.count_nonzero(grad[0, 0]) > 0, f"{arch}: position {L - 2} does not see token 0"
     loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # Causality at this length: a late token changes no earlier logit.
+    p = L - 1001  # not on a block boundary of any scale
+    changed = ids.clone()
+    changed[0, p] = (ids[0, p] + 1) % 512
+    with torch.no_grad():
+        base, out = model(ids), model(changed)
+    assert torch.equal(out[0, :p], base[0, :p]), f"{arch}: token {p} changed an earlier logit"
+    assert not torch.equal(out[0, p], base[0, p]), f"{arch}: token {p} did not change its own logit"
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
