@@ -6,11 +6,15 @@
 
 Each is built once per session (on disk, so that every module shares it). Helpers that are not
 fixtures live in data_helpers.py, train_helpers.py (running `msllm`), model_helpers.py (the tiny
-model of each architecture) and launch.py (torchrun).
+model of each architecture), plot_helpers.py and launch.py (torchrun).
+
+A test marked `@pytest.mark.needs_root("why")` skips, saying why, when not run as root, and fails
+instead under CI (CI=true), which must run every test (`.ci/run` runs as root).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +22,18 @@ import pytest
 from data_helpers import make_documents, text_config, write_text_files
 from msllm.config import DataConfig, TokenizerConfig
 from train_helpers import base_recipe, check, corpus_text, make_recipe, msllm
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """`needs_root` without root: a skip, or under CI a failure (before any fixture is made)."""
+    marker = item.get_closest_marker("needs_root")
+    if marker is None or os.geteuid() == 0:
+        return
+    why = f"needs root ({marker.args[0] if marker.args else 'see the test'})"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{why}, and CI runs every test: run the suite as root (.ci/run does)", pytrace=False)
+    pytest.skip(f"{why}: run as root to include it, as CI does")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ previous checkpoint kept."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -170,9 +169,9 @@ def _mount_tmpfs(where: Path, size: str) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
 
 
+@pytest.mark.needs_root("mounts a 3.5 MiB tmpfs")
 def test_really_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_data):
     """The run folder on a 3.5 MiB tmpfs: step 3 fits, step 6 does not."""
-    assert os.geteuid() == 0, "mounting a small tmpfs needs root (as in CI)"
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "3500k")
     try:

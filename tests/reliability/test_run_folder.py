@@ -3,7 +3,6 @@ and a folder that cannot be used is one line."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
@@ -78,10 +77,10 @@ def _tmpfs(where, options):
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True)
 
 
+@pytest.mark.needs_root("mounts a tmpfs")
 @pytest.mark.parametrize("case", ["read-only", "full"])
 def test_unusable_output_disk_at_start(tmp_path, tiny_data, case):
     """A read-only file system (a real ro mount: root ignores permission bits) or a full one."""
-    assert os.geteuid() == 0, "mounting a tmpfs needs root (as in CI)"
     recipe, _ = make_recipe(tmp_path, tiny_data)
     disk = tmp_path / "disk"
     _tmpfs(disk, "size=64k")
@@ -104,8 +103,8 @@ def test_unusable_output_disk_at_start(tmp_path, tiny_data, case):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.needs_root("mounts a read-only tmpfs")
 def test_read_only_shards_dir_to_prepare(tmp_path, tiny_data):
-    assert os.geteuid() == 0, "mounting a tmpfs needs root (as in CI)"
     disk = tmp_path / "ro"
     _tmpfs(disk, "size=64k,ro")
     try:
