@@ -5,11 +5,16 @@
     reference_run       one uninterrupted run of the tiny vanilla recipe
 
 Each is built once per session (on disk, so that every module shares it). Helpers that are not
-fixtures live in data_helpers.py, train_helpers.py and launch.py.
+fixtures live in data_helpers.py, train_helpers.py (running `msllm`), model_helpers.py (the tiny
+model of each architecture), plot_helpers.py and launch.py (torchrun).
+
+A test marked `@pytest.mark.needs_root("why")` skips, saying why, when not run as root, and fails
+instead under CI (CI=true), which must run every test (`.ci/run` runs as root).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,18 @@ import pytest
 from data_helpers import make_documents, text_config, write_text_files
 from msllm.config import DataConfig, TokenizerConfig
 from train_helpers import base_recipe, check, corpus_text, make_recipe, msllm
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """`needs_root` without root: a skip, or under CI a failure (before any fixture is made)."""
+    marker = item.get_closest_marker("needs_root")
+    if marker is None or os.geteuid() == 0:
+        return
+    why = f"needs root ({marker.args[0] if marker.args else 'see the test'})"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{why}, and CI runs every test: run the suite as root (.ci/run does)", pytrace=False)
+    pytest.skip(f"{why}: run as root to include it, as CI does")
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +80,21 @@ def reference_run(tmp_path_factory, tiny_data) -> tuple[Path, Path, str]:
         proc = check(msllm("train", recipe))
         log.write_text(proc.stdout)
     return recipe, out, log.read_text()
+
+
+@pytest.fixture
+def saved_plots(monkeypatch) -> dict:
+    """{file name: (figure, path)} of every figure the benchmarks save during the test through
+    msllm.bench.plotting.save, which still writes them: a test reads the series drawn on the
+    figure and decodes the PNG on disk (`check_saved_plot`)."""
+    from msllm.bench import plotting
+
+    saved = {}
+    save = plotting.save
+
+    def save_and_keep(fig, path):
+        saved[Path(path).name] = (fig, Path(path))
+        return save(fig, path)
+
+    monkeypatch.setattr(plotting, "save", save_and_keep)
+    return saved

@@ -27,11 +27,17 @@ def clean_env(**extra: str) -> dict:
     return env
 
 
-def torchrun(nproc: int, *args: str | Path, env: dict | None = None, timeout: float = 600, cwd=None):
-    """Run `torchrun --nproc_per_node=nproc ARGS...` (ARGS: a script and its arguments, or `-m module ...`)
-    and return the CompletedProcess (stdout and stderr captured as text)."""
-    command = [
+def torchrun_command(nproc: int, *args: str | Path) -> list[str]:
+    """The command line of `torchrun --nproc_per_node=nproc ARGS...` on a free local port (ARGS: a
+    script and its arguments, or `-m module ...`)."""
+    return [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
         f"--master_port={free_port()}", *map(str, args),
     ]
-    return subprocess.run(command, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def torchrun(nproc: int, *args: str | Path, env: dict | None = None, timeout: float = 600, cwd=None):
+    """Run `torchrun_command(nproc, ARGS...)` to its end and return the CompletedProcess (stdout
+    and stderr captured as text)."""
+    return subprocess.run(torchrun_command(nproc, *args), env=env or clean_env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)

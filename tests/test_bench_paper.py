@@ -6,6 +6,7 @@ import json
 import pytest
 
 from msllm.bench import paper, scaling
+from plot_helpers import check_png, legend_labels, lines
 
 
 def summary(bpb: list[float], total: int) -> dict:
@@ -26,7 +27,7 @@ def test_the_verdict_weighs_the_effect_against_the_seed_spread():
 
 
 @pytest.mark.slow
-def test_bench_paper_trains_every_model_and_seed_and_skips_finished_runs(tmp_path, monkeypatch):
+def test_bench_paper_trains_every_model_and_seed_and_skips_finished_runs(tmp_path, monkeypatch, saved_plots):
     args = argparse.Namespace(models=("vanilla-3", "bottom_up-6"), seeds=(1, 2), runs=str(tmp_path / "runs"),
                               out=str(tmp_path / "out"), jobs=2,
                               set=["train.max_steps=4", "eval.every=2", "eval.max_batches=1", "log.every=1"])
@@ -37,8 +38,18 @@ def test_bench_paper_trains_every_model_and_seed_and_skips_finished_runs(tmp_pat
     assert results["vanilla-3-seed1"]["bits_per_byte"] != results["vanilla-3-seed2"]["bits_per_byte"]
     assert all(len(r["curve"]) >= 2 for r in results.values())
     assert "| vanilla-3 | 3 |" in text and "bottom_up-6: **" in text
-    assert (tmp_path / "out" / "paper-bpb.png").stat().st_size > 10_000
-    assert (tmp_path / "out" / "paper-memory.png").stat().st_size > 10_000
+    assert sorted(saved_plots) == ["paper-bpb.png", "paper-memory.png"]
+    for fig, path in saved_plots.values():
+        assert path.parent == tmp_path / "out"
+        check_png(fig, path)
+    bpb, _ = saved_plots["paper-bpb.png"]
+    assert legend_labels(bpb) == list(args.models)  # one curve per model, its seeds' mean
+    for model, (tokens, mean) in lines(bpb.axes[0]).items():
+        curves = [results[f"{model}-seed{seed}"]["curve"] for seed in args.seeds]
+        assert tokens == [t for t, _ in curves[0]]
+        assert mean == pytest.approx([sum(c[i][1] for c in curves) / len(curves) for i in range(len(tokens))])
+    memory, _ = saved_plots["paper-memory.png"]
+    assert [t.get_text() for t in memory.axes[0].get_xticklabels()] == list(args.models)  # one bar per model
 
     # A second run trains nothing: it reads the saved results (no subprocess may start).
     def no_training(*a, **k):
@@ -48,8 +59,13 @@ def test_bench_paper_trains_every_model_and_seed_and_skips_finished_runs(tmp_pat
     assert paper.bench_paper(args) == text
 
 
-def test_bench_scaling_fits_exponents_and_plots(tmp_path):
+def test_bench_scaling_fits_exponents_and_plots(tmp_path, saved_plots):
     text = scaling.bench_scaling(argparse.Namespace(lengths=(128, 256), models=("vanilla", "bottom_up"), out=str(tmp_path)))
     assert text.count("| vanilla |") == 1 and text.count("| bottom_up |") == 1
-    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+    fig, path = saved_plots["scaling.png"]
+    assert path == tmp_path / "scaling.png"
+    check_png(fig, path)
+    assert legend_labels(fig) == ["vanilla", "bottom_up"]
+    for ax in fig.axes:  # step time, step memory: one line per model, a point per length
+        assert {model: x for model, (x, _) in lines(ax).items()} == {"vanilla": [128, 256], "bottom_up": [128, 256]}
     assert scaling.exponent([(1, 3), (2, 12), (4, 48)]) == pytest.approx(2.0)

@@ -11,6 +11,7 @@ import torch
 
 from pathlib import Path
 
+from plot_helpers import check_png, legend_labels, lines
 from msllm.bench.throughput import CPU, loss_rows, measure, measure_trainer, plot, rows_for, table
 
 
@@ -21,7 +22,7 @@ def test_one_measurement_reports_speed_mfu_and_memory():
 
 
 @pytest.mark.slow
-def test_the_benchmark_writes_its_table_and_plot(tmp_path):
+def test_the_benchmark_writes_its_table_and_plot(tmp_path, saved_plots):
     setting = dataclasses.replace(CPU, lengths=(32, 64), tokens_per_step=64, steps=1)
     rows = rows_for(setting, models=("hf_llama",), modes=(False,))
     assert [(r["model"], r["L"]) for r in rows] == [("hf_llama", 32), ("hf_llama", 64)]
@@ -29,7 +30,13 @@ def test_the_benchmark_writes_its_table_and_plot(tmp_path):
     text = table(rows, setting)  # two rounds each (the CPU setting): the faster one is kept
     assert text.count("| hf_llama | eager | bare |") == 2 and "ran 2 times, alternately" in text
     plot(rows, tmp_path / "throughput.png", "toy")
-    assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig, path = saved_plots["throughput.png"]
+    check_png(fig, path)
+    assert legend_labels(fig) == ["bare, eager"]  # the one loop and mode measured
+    speed, ratio, memory = fig.axes  # one model: one column of three
+    assert lines(speed) == {"bare, eager": ([32, 64], [r["tokens_per_s"] for r in rows])}
+    assert lines(memory) == {"bare, eager": ([32, 64], [r["peak_gib"] for r in rows])}
+    assert not lines(ratio)  # no msllm train run to compare
 
 
 @pytest.mark.slow

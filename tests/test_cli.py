@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import subprocess
-import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -15,12 +14,9 @@ import yaml
 
 from msllm.cli import DESCRIPTION, build_parser
 from msllm.config import from_dict, load_recipe
+from train_helpers import msllm
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def msllm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "msllm.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_version_is_the_installed_package_version():

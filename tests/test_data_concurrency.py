@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import clean_env, free_port
+from launch import clean_env, torchrun_command
 from train_helpers import losses, make_recipe
 
 _HOLDER = """
@@ -72,10 +72,7 @@ def test_two_trainings_started_at_once_on_one_read_only_shards_folder_both_compl
     jobs = []
     for name in ("a", "b"):
         recipe, out = make_recipe(tmp_path, (corpus, fresh), name=f"{name}.yaml", train={"max_steps": 4})
-        runner = tmp_path / f"runner_{name}.py"
-        runner.write_text("import sys\nfrom msllm.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   f"--master_port={free_port()}", str(runner), "train", str(recipe)]
+        command = torchrun_command(2, "-m", "msllm.cli", "train", recipe)
         jobs.append((subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, cwd=tmp_path), out))
     results = [(proc.communicate(timeout=600), proc.returncode, out) for proc, out in jobs]
@@ -99,8 +96,7 @@ def test_two_nodes_first_read_one_shards_folder_at_the_same_moment(data_small_co
     script = Path(__file__).parent / "data_torchrun_script.py"
     procs = []
     for name, shards_dir in (("node0", fresh), ("node1", fresh), ("other", other)):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                   f"--master_port={free_port()}", str(script), str(shards_dir), str(cfg.seq_len), str(tmp_path / name)]
+        command = torchrun_command(2, script, shards_dir, cfg.seq_len, tmp_path / name)
         procs.append(subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=600)

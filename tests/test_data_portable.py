@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from data_helpers import make_documents, text_config, write_text_files
+from train_helpers import msllm, start_msllm, wait_for_line
 
 from msllm.config import TokenizerConfig
 from msllm.data import build_dataloader, prepare_dataset, read_manifest
@@ -61,6 +58,24 @@ def test_moved_shards_and_corpus_are_up_to_date_and_the_corpus_may_be_absent(dat
     assert _tree(original) == before
 
 
+# Once progress.json records 3 parts done, the first tokens of part 3 are added and the prep
+# prints a line and sleeps: a kill that follows lands in the middle of a part, at a known one.
+_PAUSE_IN_PART_3 = """
+import time
+import msllm.data.prepare as prepare
+_write_json, _add = prepare._write_json, prepare.WindowWriter.add
+def write_json(path, value):
+    _write_json(path, value)
+    prepare.in_part_3 = path.name == prepare.PROGRESS_FILENAME and value.get("parts_done") == 3
+def add(self, tokens, documents, text_bytes):
+    _add(self, tokens, documents, text_bytes)
+    if getattr(prepare, "in_part_3", False):
+        print("PAUSED IN PART 3", flush=True)
+        time.sleep(600)
+prepare._write_json, prepare.WindowWriter.add = write_json, add
+"""
+
+
 @pytest.mark.slow
 def test_killed_prep_continues_where_it_stopped_and_gives_the_same_shards(tmp_path, data_small_corpus):
     small_cfg, _ = data_small_corpus
@@ -76,24 +91,19 @@ def test_killed_prep_continues_where_it_stopped_and_gives_the_same_shards(tmp_pa
         f"  workers: 2\n  validation_fraction: 0.1\n  prep_checkpoint_bytes: 40000\n  tokenizer:\n    model: {tokenizer}\n"
     )
     progress = tmp_path / ".shards.partial" / "progress.json"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "msllm.cli", "prep", str(recipe)]
-    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    parts_done = 0
-    deadline = time.monotonic() + 300
-    while parts_done < 3 and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-        parts_done = json.loads(progress.read_text()).get("parts_done", 0) if progress.is_file() else 0
-    run.send_signal(signal.SIGKILL)  # for real: no cleanup runs
-    _, stderr = run.communicate()
+    run = start_msllm("prep", recipe, python_code=_PAUSE_IN_PART_3)
+    try:
+        wait_for_line(run, "PAUSED IN PART 3")
+    finally:
+        run.send_signal(signal.SIGKILL)  # for real: no cleanup runs
+        _, stderr = run.communicate()
     assert run.returncode == -signal.SIGKILL, stderr
     assert "<" in stderr and "B/s" in stderr  # the progress bar shows the time left and the rate
     assert not (tmp_path / "shards").exists()
-    saved = json.loads(progress.read_text())["parts_done"]
-    assert saved >= 3
+    assert json.loads(progress.read_text())["parts_done"] == 3
     kept = _tree(tmp_path / ".shards.partial" / "train" / "part-00000")
 
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    rerun = msllm("prep", recipe, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "continuing the interrupted run" in rerun.stdout
     assert _tree(tmp_path / "shards" / "train" / "part-00000") == kept  # finished parts were not redone

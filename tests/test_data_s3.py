@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from launch import clean_env, free_port, torchrun
-from train_helpers import base_recipe, check, corpus_text, losses, write_recipe
+from launch import clean_env, free_port
+from train_helpers import base_recipe, check, corpus_text, losses, msllm, msllm_torchrun, write_recipe
 
 BUCKET = "msllm-test"
 _REGION = "us-east-1"
@@ -73,8 +73,7 @@ def _s3_env(env: dict, **extra: str) -> dict:
 
 
 def _cli(env: dict, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "msllm.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return msllm(*args, env=env)
 
 
 @pytest.mark.slow
@@ -108,11 +107,11 @@ def test_prep_to_s3_then_two_ranks_train_from_it_and_resume_exactly(s3_server, t
     assert "is up to date" in check(_cli(_s3_env(env), "prep", first)).stdout
 
     # 2 ranks read the shards from the bucket; a run stopped at step 3 and resumed matches it.
-    check(torchrun(2, "-m", "msllm.cli", "train", first, env=_s3_env(env), cwd=tmp_path))
+    check(msllm_torchrun(2, "train", first, env=_s3_env(env), cwd=tmp_path))
     second, second_out = recipe("second")
-    check(torchrun(2, "-m", "msllm.cli", "train", second, "--set", "train.stop_at_step=3", env=_s3_env(env), cwd=tmp_path))
+    check(msllm_torchrun(2, "train", second, "--set", "train.stop_at_step=3", env=_s3_env(env), cwd=tmp_path))
     assert sorted(losses(second_out)) == [1, 2, 3]
-    resumed = check(torchrun(2, "-m", "msllm.cli", "train", second, env=_s3_env(env), cwd=tmp_path))
+    resumed = check(msllm_torchrun(2, "train", second, env=_s3_env(env), cwd=tmp_path))
     assert "at step 3" in resumed.stdout
     assert losses(second_out) == losses(first_out) and sorted(losses(first_out)) == list(range(1, 7))
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 
 from launch import clean_env
-from train_helpers import make_recipe
+from train_helpers import make_recipe, msllm_command
 
 STEP_LINE = re.compile(r"^step +\d+/", flags=re.M)
 
@@ -24,8 +23,7 @@ def test_step_lines_reach_a_file_while_the_run_goes_on(tmp_path, tiny_data):
     del env["PYTHONUNBUFFERED"]  # what a user's shell has: the fix must not depend on it
     log, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
     with log.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "msllm.cli", "train", str(recipe)], stdout=stdout, stderr=stderr,
-                                env=env)
+        proc = subprocess.Popen(msllm_command("train", recipe), stdout=stdout, stderr=stderr, env=env)
     try:
         # metrics.jsonl is written line by line; once it holds 3 train rows, the console lines of
         # those steps (printed in the same on_log call, ConsoleLogger before or after it) must

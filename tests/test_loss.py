@@ -9,10 +9,9 @@ dense in bf16, so the two differ by bf16 rounding).
 import pytest
 import torch
 
-from msllm.config import ModelConfig, ScaleConfig
 from msllm.errors import RecipeError
 from msllm.train.memory import saved_for_backward
-from msllm.models import build_model
+from model_helpers import tiny_model
 from msllm.train.loss import IGNORE_INDEX, choose_kernel, chunk_rows, installed, lm_loss, model_loss
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 3e-2)}  # (loss rtol, gradient atol)
@@ -79,21 +78,12 @@ def test_batched_shapes_and_no_grad_give_the_same_sum():
     torch.testing.assert_close(flat, lm_loss(hidden, weight, labels, "dense"), rtol=1e-5, atol=0)
 
 
-def tiny_model(arch, tie):
-    local = ScaleConfig(factor=1, layers=1, attention="local", window=8)
-    scales = {"vanilla": [ScaleConfig(layers=2)], "retina": [ScaleConfig(layers=2, attention="local", window=8)],
-              "bottom_up": [local, ScaleConfig(factor=4, layers=1)], "top_down": [local, ScaleConfig(factor=4, layers=1)]}
-    cfg = ModelConfig(arch=arch, d_model=32, n_heads=4, vocab_size=300, scales=scales[arch], tie_embeddings=tie)
-    torch.manual_seed(0)
-    return build_model(cfg)
-
-
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
 def test_every_model_trains_with_the_same_gradients_through_either_kernel(arch, tie):
     """model_loss runs the loss inside the model's forward on its hidden states and head weight:
     the same as cross-entropy on the logits, with tied embeddings getting both gradients."""
-    model = tiny_model(arch, tie)
+    model = tiny_model(arch, vocab_size=300, tie_embeddings=tie)
     ids = torch.randint(0, 300, (2, 37))  # not a multiple of the pooling factor
     labels = torch.randint(0, 300, (2, 37))
     labels[0, :5] = IGNORE_INDEX

@@ -5,28 +5,18 @@ import dataclasses
 import pytest
 import torch
 
-from msllm.config import ModelConfig, ScaleConfig
 from msllm.train.memory import BYTES_PER_PARAMETER, measure_step_peak, step_memory
 from msllm.models import build_model
+from model_helpers import tiny_config
 
 VOCAB = 512
-
-
-def tiny(arch: str) -> ModelConfig:
-    local = ScaleConfig(factor=1, layers=1, attention="local", window=16)
-    scales = {
-        "vanilla": [ScaleConfig(factor=1, layers=2, attention="full")],
-        "retina": [ScaleConfig(factor=1, layers=2, attention="local", window=16)],
-        "bottom_up": [local, ScaleConfig(factor=4, layers=2, attention="full")],
-        "top_down": [local, ScaleConfig(factor=4, layers=2, attention="full")],
-    }[arch]
-    return ModelConfig(arch=arch, d_model=64, n_heads=4, vocab_size=VOCAB, scales=scales)
+SIZE = dict(d_model=64, n_heads=4, vocab_size=VOCAB)  # the tiny models of model_helpers, at this size
 
 
 @pytest.mark.parametrize("kernel", ["chunked", "dense"])
 @pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
 def test_the_computed_split_matches_the_measured_peak_of_real_steps(arch, kernel):
-    cfg, batch, L = tiny(arch), 2, 256
+    cfg, batch, L = tiny_config(arch, **SIZE), 2, 256
     torch.manual_seed(0)
     computed = step_memory(build_model(cfg), VOCAB, batch, L, loss_kernel=kernel)
     measured = measure_step_peak(cfg, batch, L, loss_kernel=kernel)
@@ -39,7 +29,7 @@ def test_the_computed_split_matches_the_measured_peak_of_real_steps(arch, kernel
 
 
 def test_the_loss_is_counted_in_the_activations_and_chunking_removes_its_vocabulary_term():
-    cfg, L, d = tiny("vanilla"), 128, 64
+    cfg, L, d = tiny_config("vanilla", **SIZE), 128, SIZE["d_model"]
     small, large = (dataclasses.replace(cfg, vocab_size=v) for v in (256, 4096))
     memory = {(v, k): step_memory(build_model(c), v, 1, L, loss_kernel=k)
               for v, c in ((256, small), (4096, large)) for k in ("dense", "chunked")}
@@ -57,12 +47,12 @@ def test_the_loss_is_counted_in_the_activations_and_chunking_removes_its_vocabul
 
 
 def test_zero_stages_shard_states_over_data_parallel_ranks():
-    model = build_model(tiny("vanilla"))
+    model = build_model(tiny_config("vanilla", **SIZE))
     n = sum(p.numel() for p in model.parameters())
     w, g, o = BYTES_PER_PARAMETER["bf16"]
     expected = {0: (w * n, g * n, o * n), 1: (w * n, g * n, o * n // 4), 2: (w * n, g * n // 4, o * n // 4),
                 3: (w * n // 4, g * n // 4, o * n // 4)}
     for stage, (params, grads, optim) in expected.items():
-        m = step_memory(build_model(tiny("vanilla")), VOCAB, 1, 64, "bf16", zero_stage=stage, dp=4)
+        m = step_memory(build_model(tiny_config("vanilla", **SIZE)), VOCAB, 1, 64, "bf16", zero_stage=stage, dp=4)
         assert (m.parameters, m.gradients, m.optimizer) == (params, grads, optim), stage
         assert m.total == params + grads + optim + m.activations

@@ -3,7 +3,6 @@ linearly with length, activation checkpointing, determinism and a small overfit.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -17,44 +16,34 @@ from msllm.models.attention import local_attention
 from msllm.models.layers import Attention, CausalPool, Upsample
 from msllm.models.retina import RetinaPattern, retina_attention
 from msllm.distributed.parallelize import apply_activation_checkpointing
+from model_helpers import tiny_config
 
-VOCAB = 97
-
-
-def tiny(arch: str, **overrides) -> ModelConfig:
-    """A small model of `arch`; multi-scale ones get two scales (factor 4) unless overridden."""
-    if arch in ("bottom_up", "top_down"):
-        scales = [ScaleConfig(1, 1, "local", 8), ScaleConfig(4, 1, "full")]
-    else:
-        scales = [ScaleConfig(1, 2, "full" if arch == "vanilla" else "local", 8)]
-    cfg = ModelConfig(arch=arch, vocab_size=VOCAB, d_model=32, n_heads=2, scales=scales, retina_levels=3,
-                      retina_factor=2, final_layers=1)
-    return dataclasses.replace(cfg, **overrides)
+VOCAB = tiny_config("vanilla").vocab_size  # 97
 
 
 CONFIGS = {
-    "vanilla-full": tiny("vanilla"),
-    "vanilla-local": tiny("vanilla", scales=[ScaleConfig(1, 2, "local", 5)]),
-    "bottom_up-k4": tiny("bottom_up"),
-    "bottom_up-k2-3scales-attnagg-linear": tiny(
+    "vanilla-full": tiny_config("vanilla"),
+    "vanilla-local": tiny_config("vanilla", scales=[ScaleConfig(1, 2, "local", 5)]),
+    "bottom_up-k4": tiny_config("bottom_up"),
+    "bottom_up-k2-3scales-attnagg-linear": tiny_config(
         "bottom_up",
         scales=[ScaleConfig(1, 1, "local", 3), ScaleConfig(2, 1, "full"), ScaleConfig(2, 1, "full")],
         aggregation="attention", pooling="linear", upsampling="linear",
     ),
-    "bottom_up-window-smaller-than-block": tiny(
+    "bottom_up-window-smaller-than-block": tiny_config(
         "bottom_up", scales=[ScaleConfig(1, 1, "local", 2), ScaleConfig(4, 1, "local", 3), ScaleConfig(4, 1, "full")]
     ),
-    "top_down-k4": tiny("top_down"),
-    "top_down-k2-3scales-linear": tiny(
+    "top_down-k4": tiny_config("top_down"),
+    "top_down-k2-3scales-linear": tiny_config(
         "top_down",
         scales=[ScaleConfig(1, 1, "local", 16), ScaleConfig(2, 1, "full"), ScaleConfig(2, 1, "full")],
         pooling="linear", upsampling="linear",
     ),
-    "top_down-window-smaller-than-block": tiny(
+    "top_down-window-smaller-than-block": tiny_config(
         "top_down", scales=[ScaleConfig(1, 1, "local", 3), ScaleConfig(4, 1, "full"), ScaleConfig(2, 1, "full")]
     ),
-    "retina-k2": tiny("retina"),
-    "retina-k4-window-smaller-than-block": tiny(
+    "retina-k2": tiny_config("retina"),
+    "retina-k4-window-smaller-than-block": tiny_config(
         "retina", scales=[ScaleConfig(1, 2, "local", 3)], retina_factor=4, retina_levels=3
     ),
 }
@@ -191,10 +180,10 @@ def test_retina_attention_matches_its_definition(L, window, factor, levels, kern
 
 
 MEMORY_CONFIGS = {
-    "vanilla": tiny("vanilla", d_model=64),
-    "bottom_up": tiny("bottom_up", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
-    "top_down": tiny("top_down", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
-    "retina": tiny("retina", d_model=64, scales=[ScaleConfig(1, 1, "local", 64)], retina_factor=4),
+    "vanilla": tiny_config("vanilla", d_model=64),
+    "bottom_up": tiny_config("bottom_up", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
+    "top_down": tiny_config("top_down", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
+    "retina": tiny_config("retina", d_model=64, scales=[ScaleConfig(1, 1, "local", 64)], retina_factor=4),
 }
 
 
@@ -218,21 +207,38 @@ def test_forward_and_backward_at_16k_tokens_and_d256(arch):
         "vanilla": [ScaleConfig(1, 1, "full")],
         "retina": [ScaleConfig(1, 1, "local", 128)],
     }.get(arch, [ScaleConfig(1, 1, "local", 128), ScaleConfig(4, 1, "full"), ScaleConfig(4, 1, "full")])
-    cfg = ModelConfig(arch=arch, vocab_size=512, d_model=256, n_heads=4, scales=scales, final_layers=1)
+    # Retina's one layer reaches back w * (1 + k + ... + k^(S-1)) tokens: 5 levels of factor 4 make
+    # that 128 * 341 = 43,648, the whole sequence.
+    levels = {"retina": dict(retina_levels=5, retina_factor=4)}.get(arch, {})
+    cfg = ModelConfig(arch=arch, vocab_size=512, d_model=256, n_heads=4, scales=scales, final_layers=1, **levels)
     torch.manual_seed(0)
     model = build_model(cfg)
-    ids = torch.randint(0, 512, (1, 16384))
+    L = 16384
+    ids = torch.randint(0, 512, (1, L))
+    embeddings = []
+    model.embed.register_forward_hook(lambda module, inputs, output: embeddings.append(output))
     logits = model(ids)
+    # Long-range flow: the loss of the last position reaches the embedding of the first token.
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits[0, -2], ids[0, -1]), embeddings[0], retain_graph=True)
+    assert torch.isfinite(grad).all() and torch.count_nonzero(grad[0, 0]) > 0, f"{arch}: position {L - 2} does not see token 0"
     loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    # Causality at this length: a late token changes no earlier logit.
+    p = L - 1001  # not on a block boundary of any scale
+    changed = ids.clone()
+    changed[0, p] = (ids[0, p] + 1) % 512
+    with torch.no_grad():
+        base, out = model(ids), model(changed)
+    assert torch.equal(out[0, :p], base[0, :p]), f"{arch}: token {p} changed an earlier logit"
+    assert not torch.equal(out[0, p], base[0, p]), f"{arch}: token {p} did not change its own logit"
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
 @pytest.mark.parametrize("offload", [False, True])
 def test_activation_checkpointing_gives_the_same_gradients_and_recomputes_instead_of_saving(arch, offload):
-    cfg = tiny(arch)
+    cfg = tiny_config(arch)
     ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
     grads, saved, attention_calls = [], [], []
     for checkpointed in (False, True):
@@ -260,7 +266,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_recomputes_instea
 @pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
 def test_same_seed_same_logits(arch):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
-    a, b, c = build(tiny(arch), seed=5), build(tiny(arch), seed=5), build(tiny(arch), seed=6)
+    a, b, c = build(tiny_config(arch), seed=5), build(tiny_config(arch), seed=5), build(tiny_config(arch), seed=6)
     assert torch.equal(a(ids), b(ids))
     assert not torch.equal(a(ids), c(ids))
 
@@ -270,7 +276,7 @@ def test_same_seed_same_logits(arch):
 def test_a_tiny_model_overfits_a_short_repeated_text(arch):
     text = b"the quick brown fox jumps over the lazy dog; "
     torch.manual_seed(0)
-    model = build_model(tiny(arch, vocab_size=256, d_model=64, n_heads=4))
+    model = build_model(tiny_config(arch, vocab_size=256, d_model=64, n_heads=4))
     stream = torch.tensor(list(text * 40))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     windows = stream.unfold(0, 65, 7)  # overlapping windows of 64 inputs + 1 label
@@ -291,7 +297,7 @@ def test_each_model_compiles_as_one_graph_and_matches_eager(arch):
     """torch.compile(fullgraph=True) fails on any graph break (`.item()`, data-dependent Python
     control flow). The aot_eager backend traces forward and backward as inductor would, without
     the minutes of C++ compilation; outputs and gradients must be those of eager mode."""
-    cfg = tiny(arch)
+    cfg = tiny_config(arch)
     ids = torch.randint(0, VOCAB, (2, 45), generator=torch.Generator().manual_seed(0))
     eager, compiled = build(cfg), build(cfg)
     results = []
@@ -310,7 +316,7 @@ def test_top_down_token_layers_see_the_token_however_large_the_coarse_output():
     the first token block's input must still change with the current token as much as with the
     coarse context (both parts are RMS-normalised before they are added)."""
     torch.manual_seed(0)
-    model = build_model(tiny("top_down"))
+    model = build_model(tiny_config("top_down"))
     with torch.no_grad():
         for block in model.scales[1]:
             for p in block.parameters():

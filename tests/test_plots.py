@@ -12,6 +12,7 @@ import matplotlib.image
 import pytest
 
 from msllm.bench import paper, plotting, scaling, throughput
+from plot_helpers import check_png, legend_labels, lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,19 +38,13 @@ def check_readable(fig) -> list[str]:
             assert all(y0 <= y <= y1 for y in line.get_ydata()), f"{line.get_label()}: a point above/below the axes"
         for bar in ax.patches:
             assert y0 <= bar.get_y() + bar.get_height() <= y1
-    return [t.get_text() for t in fig.legends[0].get_texts()]
+    return legend_labels(fig)
 
 
-def check_png(fig, path: Path) -> None:
+def check_saved_png(fig, path: Path) -> None:
     """Saved, the figure is a PNG of its size x DPI pixels."""
-    width, height = fig.get_size_inches() * plotting.DPI
     plotting.save(fig, path)
-    image = matplotlib.image.imread(path)
-    assert image.shape[:2] == (round(height), round(width))
-
-
-def lines(ax) -> dict:
-    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+    check_png(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,7 +96,7 @@ def test_throughput_plot_shows_both_loops_their_ratio_and_memory(tmp_path):
     assert [t.get_text() for t in memory[0].get_xticklabels()] == ["256", "1k"]
     assert check_readable(fig) == ["bare, eager", "bare, compiled", "msllm train, eager", "msllm train, compiled",
                                    "target 0.95x"]
-    check_png(fig, tmp_path / "throughput.png")
+    check_saved_png(fig, tmp_path / "throughput.png")
 
 
 def test_throughput_rows_read_back_from_the_table():
@@ -140,7 +135,7 @@ def test_paper_memory_chart_stacks_the_parts_of_each_step(tmp_path):
     assert [t.get_text() for t in ax.texts] == ["300", "428"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["vanilla-3", "retina-6"]
     assert "MiB" in ax.get_ylabel()
-    check_png(fig, tmp_path / "paper-memory.png")
+    check_saved_png(fig, tmp_path / "paper-memory.png")
 
 
 def test_paper_bpb_plot_draws_each_model_with_its_seed_band(tmp_path):
@@ -154,7 +149,7 @@ def test_paper_bpb_plot_draws_each_model_with_its_seed_band(tmp_path):
     assert drawn["top_down-6"][1] == pytest.approx([2.5 - 0.05 * t + 0.02 + 0.02 for t in (1, 2, 3)])  # seed mean
     assert len(ax.collections) == 2  # the lowest-to-highest band of each model
     assert ax.get_xlabel() == "training tokens (thousands)" and ax.get_ylabel() == "validation bits per byte"
-    check_png(fig, tmp_path / "paper-bpb.png")
+    check_saved_png(fig, tmp_path / "paper-bpb.png")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,7 +167,7 @@ def test_scaling_plot_draws_time_and_memory_per_architecture(tmp_path):
     assert lines(memory_ax)["vanilla"][1] == pytest.approx([16, 32, 64])  # MiB
     assert time_ax.get_ylabel() == "training step time (s)" and memory_ax.get_ylabel() == "training step memory (MiB)"
     assert [t.get_text() for t in time_ax.get_xticklabels()] == ["1k", "2k", "4k"]
-    check_png(fig, tmp_path / "scaling.png")
+    check_saved_png(fig, tmp_path / "scaling.png")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,15 +8,13 @@ import json
 import math
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from msllm.config import from_dict
 from msllm.errors import RecipeError
-from launch import clean_env
-from train_helpers import check, error_lines, losses, make_recipe, msllm, rows
+from train_helpers import (check, error_lines, losses, make_recipe, msllm, rows, start_msllm, wait_for_a_signal_before_step,
+                           wait_for_line)
 
 # ----------------------------------------------------------------------------------------------
 # Pieces
@@ -253,21 +251,19 @@ def test_exact_resume_single_rank(tmp_path, tiny_data, reference_run):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_data):
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 0})
-    cmd = [sys.executable, "-c", "import sys; from msllm.cli import main; sys.exit(main(sys.argv[1:]))", "train", str(recipe)]
-    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_msllm("train", recipe, python_code=wait_for_a_signal_before_step(4))
     try:
-        for line in proc.stdout:
-            if line.startswith("step ") and "3/100000" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
+        wait_for_line(proc, "WAITING FOR A SIGNAL BEFORE STEP 4")
+        proc.send_signal(signal.SIGTERM)
         rest, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    assert "stopped after step" in rest and "SIGTERM" in rest
-    stopped = max(losses(out))
-    assert (out / "checkpoints" / f"step_{stopped:07d}" / "COMPLETE").is_file()
+    assert "stopped after step 4 on SIGTERM: checkpoint saved" in rest
+    assert max(losses(out)) == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004"]
+    assert (out / "checkpoints" / "step_0000004" / "COMPLETE").is_file()
 
 
 _FULL_DISK = """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train_helpers import check, losses, make_recipe, msllm, msllm_torchrun, rows
+from train_helpers import check, losses, make_recipe, msllm, msllm_torchrun, rows, start_msllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -70,21 +70,14 @@ def test_zero3_export_equals_stage0_weights(zero_runs, tmp_path):
 
 def test_srun_environment_without_torchrun(tmp_path, tiny_data):
     """Two processes started as srun starts them (SLURM_PROCID / SLURM_NTASKS only) train together."""
-    import subprocess
-    import sys
-
     from launch import clean_env, free_port
 
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 2}, eval={"every": 0}, checkpoint={"every": 0})
-    code = "import sys; from msllm.cli import main; sys.exit(main(sys.argv[1:]))"
     port = str(free_port())
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, "train", str(recipe)],
-            env=clean_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_JOB_ID="7",
-                          SLURM_STEP_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE="2", MASTER_PORT=port),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        start_msllm("train", recipe, env=clean_env(
+            SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_JOB_ID="7",
+            SLURM_STEP_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE="2", MASTER_PORT=port))
         for r in (0, 1)
     ]
     results = [p.communicate(timeout=300) for p in procs]

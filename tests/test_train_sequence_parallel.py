@@ -42,6 +42,22 @@ def run(tmp, tiny_data, arch: str, nproc: int, sp: int, zero_stage: int = 0, **p
     return recipe, out
 
 
+@pytest.fixture(scope="session")
+def sp1_run(tmp_path_factory, tiny_data):
+    """sp1_run(arch, nproc=1, zero_stage=0) -> output_dir of the sp=1 run of `arch` on `nproc`
+    ranks that the sp=2 runs are compared with: made once per session, however many tests compare
+    with it (read it, never write into it)."""
+    root = tmp_path_factory.mktemp("sp1_runs")
+    made = {}
+
+    def sp1_run(arch: str, nproc: int = 1, zero_stage: int = 0):
+        if (arch, nproc, zero_stage) not in made:
+            made[arch, nproc, zero_stage] = run(root, tiny_data, arch, nproc=nproc, sp=1, zero_stage=zero_stage)[1]
+        return made[arch, nproc, zero_stage]
+
+    return sp1_run
+
+
 def assert_same_run(got, ref):
     got_rows, ref_rows = rows(got), rows(ref)
     assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows] == list(range(1, STEPS + 1))
@@ -54,32 +70,28 @@ def assert_same_run(got, ref):
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_sp2_logs_the_losses_of_sp1(tmp_path, tiny_data, arch):
-    _, ref = run(tmp_path, tiny_data, arch, nproc=1, sp=1)
+def test_sp2_logs_the_losses_of_sp1(tmp_path, tiny_data, sp1_run, arch):
     _, got = run(tmp_path, tiny_data, arch, nproc=2, sp=2)
-    assert_same_run(got, ref)
+    assert_same_run(got, sp1_run(arch))
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_dp2_sp2_logs_the_losses_of_dp2_sp1(tmp_path, tiny_data, arch):
-    _, ref = run(tmp_path, tiny_data, arch, nproc=2, sp=1, zero_stage=1)
+def test_dp2_sp2_logs_the_losses_of_dp2_sp1(tmp_path, tiny_data, sp1_run, arch):
     _, got = run(tmp_path, tiny_data, arch, nproc=4, sp=2, zero_stage=1)
-    assert_same_run(got, ref)
+    assert_same_run(got, sp1_run(arch, nproc=2, zero_stage=1))
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_sp2_with_zero_and_activation_checkpointing_logs_the_losses_of_sp1(tmp_path, tiny_data, zero_stage):
+def test_sp2_with_zero_and_activation_checkpointing_logs_the_losses_of_sp1(tmp_path, tiny_data, sp1_run, zero_stage):
     """The exchanges also run inside the recomputation of checkpointed blocks, under ZeRO 2 and 3."""
-    _, ref = run(tmp_path, tiny_data, "top_down", nproc=1, sp=1)
     _, got = run(tmp_path, tiny_data, "top_down", nproc=2, sp=2, zero_stage=zero_stage,
                  activation_checkpointing=True, offload_activations=zero_stage == 3)
-    assert_same_run(got, ref)
+    assert_same_run(got, sp1_run("top_down"))
 
 
-def test_checkpoint_saved_with_sp2_resumes_with_sp1_and_back(tmp_path, tiny_data):
+def test_checkpoint_saved_with_sp2_resumes_with_sp1_and_back(tmp_path, tiny_data, sp1_run):
     """The parameters do not depend on sp, and neither does the data order: a run that switches sp
     at a checkpoint logs the losses of a run that never did."""
-    _, ref = run(tmp_path, tiny_data, "bottom_up", nproc=1, sp=1)
     recipe, out = make_recipe(
         tmp_path, tiny_data, name="switch.yaml", model=MODELS["bottom_up"], parallel={"sp": 2},
         train={"max_steps": STEPS, "micro_batch_size": 2}, eval={"every": 0, "max_batches": 2},
@@ -90,7 +102,7 @@ def test_checkpoint_saved_with_sp2_resumes_with_sp1_and_back(tmp_path, tiny_data
     assert "resumed from" in proc.stdout
     proc = check(msllm_torchrun(2, "train", recipe, cwd=tmp_path))
     assert "resumed from" in proc.stdout
-    assert_same_run(out, ref)
+    assert_same_run(out, sp1_run("bottom_up"))
 
 
 def test_a_recipe_that_does_not_fit_the_world_fails_before_starting(tmp_path, tiny_data):

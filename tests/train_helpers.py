@@ -1,8 +1,9 @@
-"""Shared pieces of the trainer tests (tests/test_train*.py, test_export.py, test_generate.py).
+"""Shared pieces of the tests that run `msllm` (the trainer's, the reliability cases, the CLI's).
 
-A tiny corpus, a recipe writer, and runners for `msllm` in a subprocess (one process, or several
-gloo ranks through tests/launch.py's torchrun). Their fixtures (the tiny shards, one reference
-run) are in conftest.py. Nothing is tested here.
+A tiny corpus, a recipe writer, and the one way to run `msllm` in another process: `msllm`
+(to its end), `start_msllm` (in the background; `wait_for_line` reads its progress), both over
+`msllm_command`, and `msllm_torchrun` (several gloo ranks through tests/launch.py's torchrun).
+Their fixtures (the tiny shards, one reference run) are in conftest.py. Nothing is tested here.
 """
 
 from __future__ import annotations
@@ -67,17 +68,61 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def msllm(*args, env: dict | None = None, timeout: float = 300, python_code: str | None = None,
-          cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`msllm ARGS` in one fresh process (optionally after running `python_code`, e.g. a patch)."""
+def msllm_command(*args, python_code: str | None = None) -> list[str]:
+    """The command line of `msllm ARGS` in a fresh interpreter, after running `python_code` (e.g. a
+    patch) when given: the one way the tests start `msllm` in another process."""
     prelude = (python_code or "") + "\nimport sys\nfrom msllm.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    command = [sys.executable, "-c", prelude, *map(str, args)]
-    return subprocess.run(command, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return [sys.executable, "-c", prelude, *map(str, args)]
 
 
-def msllm_torchrun(nproc: int, *args, timeout: float = 400, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`msllm ARGS` on `nproc` gloo ranks under torchrun."""
-    return torchrun(nproc, "-m", "msllm.cli", *args, timeout=timeout, cwd=cwd)
+def msllm(*args, env: dict | None = None, timeout: float = 300, python_code: str | None = None,
+          cwd: Path | None = None, **run) -> subprocess.CompletedProcess:
+    """`msllm ARGS` in one fresh process, run to its end (stdout and stderr captured as text)."""
+    return subprocess.run(msllm_command(*args, python_code=python_code), env=env or clean_env(), capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, **run)
+
+
+def start_msllm(*args, python_code: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    """`msllm ARGS` started in the background, its stdout and stderr as text pipes (read the
+    progress lines with `wait_for_line`)."""
+    return subprocess.Popen(msllm_command(*args, python_code=python_code), env=env or clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, text: str) -> str:
+    """Read `proc`'s stdout up to the first line that holds `text` and return it; fail with the end
+    of its stderr if it ends first."""
+    for line in proc.stdout:
+        if text in line:
+            return line
+    raise AssertionError(f"the process ended (exit {proc.wait()}) before printing {text!r}:\n{proc.stderr.read()[-3000:]}")
+
+
+def wait_for_a_signal_before_step(step: int) -> str:
+    """Python code for `python_code=`: just before optimizer step `step` the training prints
+    `WAITING FOR A SIGNAL BEFORE STEP <step>` and waits (up to 120 s) until a stop signal has
+    reached it. A test that signals once it reads that line knows the run stops after exactly
+    that step, however slowly the machine runs."""
+    return f"""
+import time
+import msllm.train.schedule as _schedule
+_plan_of_step = _schedule.Schedule.at
+def _wait_then_plan(self, step):
+    if step == {step}:
+        print("WAITING FOR A SIGNAL BEFORE STEP {step}", flush=True)
+        deadline = time.monotonic() + 120
+        while self.signals.received is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _plan_of_step(self, step)
+_schedule.Schedule.at = _wait_then_plan
+"""
+
+
+def msllm_torchrun(nproc: int, *args, timeout: float = 400, cwd: Path | None = None,
+                   env: dict | None = None) -> subprocess.CompletedProcess:
+    """`msllm ARGS` on `nproc` gloo ranks under torchrun (`torchrun_command` starts them in the
+    background)."""
+    return torchrun(nproc, "-m", "msllm.cli", *args, timeout=timeout, cwd=cwd, env=env)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

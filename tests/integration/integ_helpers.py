@@ -151,6 +151,16 @@ class Trainer:
         sets = {"run.output_dir": str(output_dir), "data.shards_dir": str(shards_dir), **overrides}
         return [str(TINY_RECIPE)] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
+    def held_before_step(self, step: int) -> dict:
+        """The environment of a job whose ranks wait, once they reach optimizer step `step`, until
+        a stop signal reaches them, and print a line saying so (`WAITING FOR A SIGNAL`): a test
+        that signals once the line is in the log knows the run stops after exactly `step`. The
+        real trainer runs as held_train.py; the stand-in reads STANDIN_HOLD_AFTER_STEP."""
+        if self.kind == "standin":
+            return {"STANDIN_HOLD_AFTER_STEP": str(step)}
+        path = os.pathsep.join(p for p in (str(HERE), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+        return {"MSLLM_MODULE": "held_train", "MSLLM_HOLD_BEFORE_STEP": str(step), "PYTHONPATH": path}
+
     @staticmethod
     def checkpoint_steps(output_dir: Path) -> list[int]:
         """Steps of the complete checkpoints in a run's output_dir (checkpoints/step_0000200/COMPLETE)."""

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     max_steps = int(recipe["train"]["max_steps"])
     every = int(recipe.get("checkpoint", {}).get("every", 0))
     step_seconds = float(os.environ.get("STANDIN_STEP_SECONDS", "0.5"))
+    hold_after = int(os.environ.get("STANDIN_HOLD_AFTER_STEP", "0"))  # Trainer.held_before_step
 
     rank, world, local_rank = _env_rank()
     stop = {"signal": None}
@@ -104,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
     step = start
     while step < max_steps:
+        if step == hold_after and step > start:  # once, in the run that reached it
+            print(f"msllm-standin: WAITING FOR A SIGNAL AFTER STEP {step}", flush=True)
+            deadline = time.monotonic() + 120
+            while stop["signal"] is None and time.monotonic() < deadline:
+                time.sleep(0.01)
         # Every rank must agree on stopping, or the collectives below would hang.
         flag = torch.tensor([1.0 if stop["signal"] else 0.0])
         dist.all_reduce(flag)

@@ -40,6 +40,7 @@ def _log(workdir, job_id, name="msllm"):
 @pytest.fixture
 def cluster(slurm_cluster, trainer):
     slurm_cluster.trainer = trainer
+    slurm_cluster.extra_env = {}  # what a test adds for its own jobs
     return slurm_cluster
 
 
@@ -59,17 +60,20 @@ def test_sbatch_trains_on_two_nodes(cluster, trainer, shards_dir, tmp_path):
 
 def test_usr1_checkpoints_requeues_and_resumes(cluster, trainer, shards_dir, tmp_path):
     out = tmp_path / "run"
-    max_steps = 100
+    max_steps, held = 100, 6
     args = trainer.recipe_args(out, shards_dir, **{"train.max_steps": max_steps, "checkpoint.every": 4})
+    # The ranks wait at step 6 (past the periodic checkpoint of step 4) until they are signalled,
+    # however slowly the machine runs: the stop lands after exactly that step.
+    cluster.extra_env = trainer.held_before_step(held)
     proc, job_id = _submit(cluster, SBATCH, tmp_path, args, wait=False, timeout=60)
     assert proc.returncode == 0, proc.stdout
     log = _log(tmp_path, job_id)
 
-    # Let it train past its first periodic checkpoint, then send what slurm sends before the time
-    # limit (#SBATCH --signal=B:USR1@120): USR1 to the batch shell only.
-    wait_for(lambda: trainer.checkpoint_steps(out), 240, "the first periodic checkpoint",
+    # Then what slurm sends before the time limit (#SBATCH --signal=B:USR1@120): USR1 to the batch
+    # shell only.
+    wait_for(lambda: log.is_file() and "WAITING FOR A SIGNAL" in log.read_text(), 240, f"the ranks to wait at step {held}",
              diagnostics=lambda: tail(log, 60) + "\n" + cluster.diagnostics())
-    saved_before_signal = trainer.checkpoint_steps(out)[-1]
+    assert trainer.checkpoint_steps(out) == [4]
     run(["scancel", "--signal=USR1", "--batch", job_id], env=cluster.env)
 
     # The script requeues the job; it starts again once its credential lifetime has passed
@@ -79,13 +83,9 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, trainer, shards_dir, tmp
     assert info["JobState"] == "COMPLETED", f"{info}\n{text[-4000:]}"
     assert int(info.get("Restarts", "0")) == 1, f"the job was not requeued once: {info}\n{text[-4000:]}"
     assert "asking the ranks to checkpoint and stop" in text and "requeueing job" in text, text[-4000:]
-    starts = trainer.start_steps(text)
-    assert len(starts) == 2 and starts[0] == 0, f"expected two starts, the second resumed: {starts}\n{text[-4000:]}"
-    resumed = starts[1]
-    # It resumed from the checkpoint written when it was signalled (at or after the periodic one).
-    assert saved_before_signal <= resumed < max_steps, f"resumed from {resumed}\n{text[-4000:]}"
-    stopped = trainer.signal_stop_steps(text)
-    assert stopped == [resumed], f"stopped at {stopped}, resumed from {resumed}\n{text[-4000:]}"
+    # It stopped after the step it was signalled at, checkpointed it, and resumed from there.
+    assert trainer.start_steps(text) == [0, held], f"expected a start and a resume at step {held}\n{text[-4000:]}"
+    assert trainer.signal_stop_steps(text) == [held], text[-4000:]
     assert trainer.checkpoint_steps(out)[-1] == max_steps, text[-4000:]
 
 

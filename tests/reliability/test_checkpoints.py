@@ -5,18 +5,16 @@ previous checkpoint kept."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import checkpoints, cli, flip_bytes, one_line, one_line_error, tree_digest
-from train_helpers import check, clean_env, losses, make_recipe, msllm, rows
+from train_helpers import check, losses, make_recipe, msllm, rows
 
 
 def _resume_falls_back(recipe, out, trained_run, broken: str):
@@ -171,9 +169,9 @@ def _mount_tmpfs(where: Path, size: str) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
 
 
+@pytest.mark.needs_root("mounts a 3.5 MiB tmpfs")
 def test_really_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_data):
     """The run folder on a 3.5 MiB tmpfs: step 3 fits, step 6 does not."""
-    assert os.geteuid() == 0, "mounting a small tmpfs needs root (as in CI)"
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "3500k")
     try:
@@ -199,9 +197,7 @@ def test_write_error_inside_torch_save_is_one_line(tmp_path, tiny_data):
     """A 1 MiB file size limit: torch.save's writer fails mid-file (a RuntimeError, not an OSError)."""
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 3}, checkpoint={"every": 3},
                               eval={"every": 0, "max_batches": 1}, log={"every": 1, "tensorboard": False})
-    code = "import sys\nfrom msllm.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    proc = subprocess.run([sys.executable, "-c", code, "train", str(recipe)], env=clean_env(), capture_output=True,
-                          text=True, timeout=300, preexec_fn=_file_size_limit)
+    proc = msllm("train", recipe, preexec_fn=_file_size_limit)
     line = one_line_error(proc, "train")
     assert "could not save checkpoint" in line and "step_0000003" in line and "there is no earlier checkpoint" in line
     assert checkpoints(out) == []  # the partial folder is gone

@@ -3,48 +3,36 @@ and a folder that cannot be used is one line."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 
 import pytest
 
 from helpers import checkpoints, one_line_error, tree_digest
-from train_helpers import check, clean_env, make_recipe, msllm, rows
-
-_MAIN = "import sys\nfrom msllm.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-
-
-def _start(recipe, *args):
-    return subprocess.Popen([sys.executable, "-c", _MAIN, "train", str(recipe), *map(str, args)], env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_step(proc, step: int) -> None:
-    for line in proc.stdout:
-        if line.startswith("step ") and line.split()[1].startswith(f"{step}/"):
-            return
-    raise AssertionError(f"the training ended before step {step}: {proc.stderr.read()[-2000:]}")
+from msllm.checkpoint.files import latest_complete, step_of
+from train_helpers import check, make_recipe, msllm, rows, start_msllm, wait_for_line
 
 
 def test_second_training_refused_and_lock_stale_after_kill_9(tmp_path, tiny_data):
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 2},
                               eval={"every": 0, "max_batches": 1})
-    first = _start(recipe)
+    first = start_msllm("train", recipe)
     try:
-        _wait_for_step(first, 3)
+        wait_for_line(first, " 3/100000 |")  # step 2's checkpoint is complete: it is saved before step 3 runs
         line = one_line_error(msllm("train", recipe), "train")
         assert f"is in use by another training (pid {first.pid} on " in line and "use another run.output_dir" in line
         assert first.poll() is None  # the first one is untouched and still training
     finally:
-        first.kill()  # kill -9: the kernel drops its lock
+        first.kill()  # kill -9, wherever it is (a save included): the kernel drops its lock
         first.communicate()
-    saved = checkpoints(out)[-1]
-    proc = check(msllm("train", recipe, "--set", "train.max_steps=" + str(int(saved[5:]) + 1)))
-    assert f"resumed from {out / 'checkpoints' / saved}" in proc.stdout
-    steps = [r["step"] for r in rows(out)]
-    assert steps == sorted(set(steps))  # metrics.jsonl reads as one run: no step twice
+    # What the resume must start from: the newest checkpoint with its COMPLETE marker (a folder the
+    # kill left half written is not one), as msllm.checkpoint decides it.
+    saved = latest_complete(out / "checkpoints")
+    assert saved is not None and step_of(saved) >= 2
+    proc = check(msllm("train", recipe, "--set", f"train.max_steps={step_of(saved) + 1}"))
+    assert f"resumed from {saved} at step {step_of(saved)}" in proc.stdout
+    # metrics.jsonl reads as one run: each step once, the rows the killed run logged after its
+    # last complete checkpoint dropped.
+    assert [r["step"] for r in rows(out)] == list(range(1, step_of(saved) + 2))
 
 
 def test_fresh_start_into_a_finished_run_refused(run_copy):
@@ -89,10 +77,10 @@ def _tmpfs(where, options):
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True)
 
 
+@pytest.mark.needs_root("mounts a tmpfs")
 @pytest.mark.parametrize("case", ["read-only", "full"])
 def test_unusable_output_disk_at_start(tmp_path, tiny_data, case):
     """A read-only file system (a real ro mount: root ignores permission bits) or a full one."""
-    assert os.geteuid() == 0, "mounting a tmpfs needs root (as in CI)"
     recipe, _ = make_recipe(tmp_path, tiny_data)
     disk = tmp_path / "disk"
     _tmpfs(disk, "size=64k")
@@ -115,8 +103,8 @@ def test_unusable_output_disk_at_start(tmp_path, tiny_data, case):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.needs_root("mounts a read-only tmpfs")
 def test_read_only_shards_dir_to_prepare(tmp_path, tiny_data):
-    assert os.geteuid() == 0, "mounting a tmpfs needs root (as in CI)"
     disk = tmp_path / "ro"
     _tmpfs(disk, "size=64k,ro")
     try:

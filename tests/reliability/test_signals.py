@@ -4,34 +4,19 @@ like SIGTERM, a second Ctrl-C stops at once, kill -9 during a save loses nothing
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 
-from helpers import checkpoints, one_line_error
-from train_helpers import check, clean_env, losses, make_recipe, msllm
-
-_MAIN = "import sys\nfrom msllm.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-
-
-def _start(recipe, prelude: str = ""):
-    return subprocess.Popen([sys.executable, "-c", prelude + _MAIN, "train", str(recipe)], env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(proc, text: str) -> None:
-    for line in proc.stdout:
-        if text in line:
-            return
-    raise AssertionError(f"never saw {text!r}: {proc.stderr.read()[-2000:]}")
+from helpers import checkpoints
+from msllm.train.schedule import StopSignals
+from train_helpers import check, losses, make_recipe, msllm, start_msllm, wait_for_a_signal_before_step, wait_for_line
 
 
 def test_ctrl_c_checkpoints_and_the_rerun_is_exact(tmp_path, tiny_data, reference_run):
     _, ref_out, _ = reference_run
     recipe, out = make_recipe(tmp_path, tiny_data, checkpoint={"every": 0})
-    proc = _start(recipe)
+    proc = start_msllm("train", recipe, python_code=wait_for_a_signal_before_step(5))
     try:
-        _wait_for(proc, "step  4/12")
+        wait_for_line(proc, "WAITING FOR A SIGNAL BEFORE STEP 5")
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=120)
     finally:
@@ -39,22 +24,32 @@ def test_ctrl_c_checkpoints_and_the_rerun_is_exact(tmp_path, tiny_data, referenc
             proc.kill()
     assert proc.returncode == 0, err[-2000:]
     stopped = [line for line in rest.splitlines() if line.startswith("stopped after step")]
-    assert len(stopped) == 1 and "on SIGINT: checkpoint saved" in stopped[0]
-    step = int(stopped[0].split()[3])
-    assert checkpoints(out) == [f"step_{step:07d}"]
+    assert stopped == ["stopped after step 5 on SIGINT: checkpoint saved; rerun to resume"]
+    assert checkpoints(out) == ["step_0000005"]
     check(msllm("train", recipe))
     assert losses(out) == losses(ref_out)
 
 
+# Saves after step 2 take a minute: "SAVING" is printed once the save has begun and the first
+# Ctrl-C has reached the run, with the monotonic time (system-wide, the test's clock too) at
+# which the run noted that Ctrl-C.
 _SLOW_SAVES_AFTER_STEP_2 = """
 import re
 import time
 import deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine as engine
+import msllm.train.schedule as schedule
+_install = schedule.StopSignals.install
+def install(self):
+    schedule.installed = self
+    _install(self)
+schedule.StopSignals.install = install
 _save = engine.TorchCheckpointEngine.save
 def save(self, state_dict, path):
     result = _save(self, state_dict, path)
     if int(re.search(r"step_(\\d+)", str(path)).group(1)) > 2:
-        print("SAVING", flush=True)
+        while schedule.installed.first_sigint is None:
+            time.sleep(0.01)
+        print(f"SAVING; first Ctrl-C at {schedule.installed.first_sigint!r}", flush=True)
         time.sleep(60)
     return result
 engine.TorchCheckpointEngine.save = save
@@ -65,13 +60,15 @@ def test_second_ctrl_c_stops_at_once(tmp_path, tiny_data):
     """Ctrl-C (delivered twice at once, as torchrun passes it on), then, while the checkpoint is
     being written, a second Ctrl-C: exit 130 without waiting; the earlier checkpoint is intact."""
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 2})
-    proc = _start(recipe, _SLOW_SAVES_AFTER_STEP_2)
+    proc = start_msllm("train", recipe, python_code=_SLOW_SAVES_AFTER_STEP_2)
     try:
-        _wait_for(proc, "saved checkpoint")
+        wait_for_line(proc, "saved checkpoint")
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGINT)
-        _wait_for(proc, "SAVING")
-        time.sleep(2.5)  # past the window in which a SIGINT is the same Ctrl-C
+        first_ctrl_c = float(wait_for_line(proc, "SAVING; first Ctrl-C at ").split()[-1])
+        # Past the window in which a SIGINT is the same Ctrl-C, on the clock the run reads.
+        while time.monotonic() <= first_ctrl_c + StopSignals.SAME_CTRL_C_S + 0.1:
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=40)  # the save alone would take 60 s
     finally:
@@ -101,9 +98,9 @@ def test_kill_9_during_a_save_resumes_exactly(tmp_path, tiny_data, trained_run):
     losses as the uninterrupted run."""
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 6}, eval={"every": 0, "max_batches": 2},
                               checkpoint={"every": 3, "keep_last": 2})
-    proc = _start(recipe, _SLOW_SAVE_AT_STEP_6)
+    proc = start_msllm("train", recipe, python_code=_SLOW_SAVE_AT_STEP_6)
     try:
-        _wait_for(proc, "SAVING step 6")
+        wait_for_line(proc, "SAVING step 6")
         proc.kill()
         proc.communicate(timeout=60)
     finally:

@@ -176,10 +176,10 @@ def test_a_prompt_that_is_not_utf8_is_one_line(trained_run):
     assert "--prompt: not valid UTF-8 text" in one_line_error(proc, "generate")
 
 
+@pytest.mark.needs_root("mounts a 64 kB tmpfs")
 def test_export_onto_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_path, trained_run, capsys):
     import subprocess
 
-    assert os.geteuid() == 0, "mounting a small tmpfs needs root (as in CI)"
     _, out = trained_run
     disk = tmp_path / "disk"
     disk.mkdir()
