@@ -10,7 +10,7 @@ import torch
 
 from msllm.config import field_docs, load_recipe, validate, with_vocab_size
 from msllm.inspect import inspect_recipe, parameters_by_part
-from msllm.memory import count_parameters, parameter_state_bytes
+from msllm.train.memory import count_parameters, parameter_state_bytes
 from msllm.models import build_model
 from msllm.errors import RecipeError
 from train_helpers import check, msllm
@@ -51,7 +51,7 @@ def test_every_shipped_recipe_loads_and_builds_its_model(path):
     with torch.device("meta"):
         model = build_model(recipe.model)
     assert all(p.is_meta for p in model.parameters())
-    n = count_parameters(model)  # msllm.memory's count: tied weights once
+    n = count_parameters(model)  # msllm.train.memory's count: tied weights once
     assert n == sum(parameters_by_part(model).values())  # inspect's table of parts adds up to it
     assert n > recipe.model.vocab_size * recipe.model.d_model  # more than the embeddings
     if n <= 20_000_000:  # small enough to build for real on this CPU, as `msllm inspect` does
