@@ -120,6 +120,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from msllm.use.import_hf import write_import_recipe
+
+    write_import_recipe(args.folder, args.out, force=args.force)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from msllm.bench import run_benchmark
 
@@ -186,11 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the sampling: the same seed gives the same text (default 0)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="consolidated safetensors (+ Hugging Face Llama for vanilla)")
-    p.add_argument("checkpoint", help="checkpoint folder or run output_dir")
+    p = sub.add_parser("export", help="consolidated safetensors and a Hugging Face folder (hf/), every architecture")
+    p.add_argument("checkpoint", help="checkpoint folder, run output_dir, or `msllm export` folder")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing export folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-hf", help="a recipe that starts a vanilla run from a local Hugging Face Llama folder")
+    p.add_argument("folder", help="Hugging Face Llama folder: config.json, *.safetensors, tokenizer.model (sentencepiece)")
+    p.add_argument("--out", required=True, help="recipe file to write (model, tokenizer and train.init_from set)")
+    p.add_argument("--force", action="store_true", help="replace an existing recipe file")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser(
         "bench", help="run a benchmark and append its result to benchmarks/NAME.md (or --out)",
@@ -204,10 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder to append NAME.md to and write the plots in (default: ./benchmarks, the "
                         "repository's committed results when run from its root)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="paper: recipe override for every run (e.g. train.max_steps=4 for a smoke test)")
-    p.add_argument("--seeds", type=int, nargs="+", help="paper: seeds of each model (default 1 2 3)")
-    p.add_argument("--jobs", type=int, default=0, help="paper: runs at a time (default: 2 on 2+ cores)")
-    p.add_argument("--runs", help="paper: folder of the runs and their results (default runs/paper)")
+                   help="paper, bytes: recipe override for every run (e.g. train.max_steps=4 for a smoke test)")
+    p.add_argument("--seeds", type=int, nargs="+", help="paper, bytes: seeds of each model (default 1 2 3)")
+    p.add_argument("--jobs", type=int, default=0, help="paper, bytes: runs at a time (default: 2 on 2+ cores)")
+    p.add_argument("--runs", help="paper, bytes: folder of the runs and their results (default runs/paper, runs/bytes)")
     p.set_defaults(func=cmd_bench)
     return parser
 

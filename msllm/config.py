@@ -41,6 +41,7 @@ MAX_SEQ_LEN = 1 << 24
 SEED_LIMIT = 1 << 63  # torch takes seeds below 2**64, streaming none below 0; the trainer adds per-rank offsets
 SPECIAL_PIECES = 4  # pad, unk, bos, eos: every tokenizer msllm trains has them (msllm.data.tokenizer)
 BYTE_PIECES = 256  # one per byte value, with byte_fallback
+BYTES_VOCAB_SIZE = SPECIAL_PIECES + BYTE_PIECES  # data.tokenizer.type bytes (msllm.data.tokenizer.ByteTokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,12 +69,17 @@ class TokenizerConfig:
         "Path to an existing sentencepiece .model to reuse. If unset, one is trained on the train "
         "split and saved next to the shards.",
     )
-    type: Literal["unigram", "bpe"] = doc("unigram", "sentencepiece model type when training one.")
+    type: Literal["unigram", "bpe", "bytes"] = doc(
+        "unigram",
+        "sentencepiece model type when training one, or `bytes`: byte-level data, UTF-8 byte b as "
+        "id 4 + b after the 4 special ids (260 ids), no tokenizer to train (the other tokenizer "
+        "fields are then not read).",
+    )
     vocab_size: int = doc(
         8000,
         "Vocabulary size when training a tokenizer: at least the 4 special pieces, the 256 byte "
         "pieces with byte_fallback, and one piece per character of the corpus (`msllm prep` names "
-        "the exact minimum; 362 for the built-in wikipedia-sample).",
+        "the exact minimum; 362 for the built-in wikipedia-sample). Type bytes: always 260.",
     )
     byte_fallback: bool = doc(True, "Map unknown characters to UTF-8 byte pieces instead of <unk>.")
     character_coverage: float = doc(
@@ -82,6 +88,10 @@ class TokenizerConfig:
     input_sentence_size: int = doc(
         1_000_000, "At most this many sentences are sampled from the corpus to train the tokenizer (0: all)."
     )
+
+    def data_vocab_size(self) -> int:
+        """The vocabulary the data will have: 260 for bytes, else the trained tokenizer's size."""
+        return BYTES_VOCAB_SIZE if self.type == "bytes" else self.vocab_size
 
 
 @dataclass
@@ -111,7 +121,7 @@ class DataConfig:
         "Training sequence length L; shards hold windows of L+1 tokens (inputs and labels). "
         f"At most {MAX_SEQ_LEN:,} (2**24).",
     )
-    tokenizer: TokenizerConfig = doc(TokenizerConfig(), "The sentencepiece tokenizer.")
+    tokenizer: TokenizerConfig = doc(TokenizerConfig(), "The tokenizer: sentencepiece, or bytes.")
     workers: int = doc(2, "Worker processes that tokenize during `msllm prep`.")
     prep_checkpoint_bytes: int = doc(
         1 << 28,
@@ -144,6 +154,18 @@ class ScaleConfig:
         "full", "Causal sliding-window attention over `window` tokens, or full causal attention."
     )
     window: int = doc(128, "Window w of local attention (and of retina's fine level).")
+    pool: Literal["fixed", "dynamic"] = doc(
+        "fixed",
+        "How this scale is made from the next finer one: fixed causal pooling by `factor`, or "
+        "`dynamic`: learned chunk boundaries after H-Net (bottom_up, the coarsest scale only; "
+        "msllm.models.chunking). A dynamic scale leaves `factor` at 1 and sets `target_ratio`.",
+    )
+    target_ratio: float = doc(
+        4.0, "pool dynamic: the compression (finer positions per chunk) the ratio loss aims at (> 1)."
+    )
+    ratio_loss_weight: float = doc(
+        0.03, "pool dynamic: weight alpha of H-Net's ratio loss, added to the per-token LM loss (>= 0)."
+    )
 
 
 @dataclass
@@ -192,7 +214,8 @@ class ModelConfig:
         return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
 
     def cumulative_factors(self) -> list[int]:
-        """f_s for each scale: the number of tokens one position of scale s stands for."""
+        """f_s for each scale: the number of tokens one position of scale s stands for (a dynamic
+        scale has factor 1 here: it pools the finer scale's positions by learned chunks instead)."""
         out, f = [], 1
         for s, scale in enumerate(self.scales):
             f *= scale.factor if s > 0 else 1
@@ -272,6 +295,14 @@ class TrainConfig:
         "Stop after this step with a checkpoint, as on preemption, while the schedule still runs to "
         "max_steps (for jobs shorter than the run; rerun with 0 to finish). 0: train to max_steps.",
     )
+    init_from: str = doc(
+        "",
+        "A local Hugging Face Llama folder (config.json, safetensors weights, a sentencepiece "
+        "tokenizer.model) whose weights a new vanilla run starts from, instead of a random init. The "
+        "recipe's model must be that Llama (`msllm import-hf` writes such a recipe) and its shards "
+        "must use that tokenizer. A resumed run replaces these weights with its checkpoint's. Empty: "
+        "random init.",
+    )
 
 
 @dataclass
@@ -318,13 +349,16 @@ class Recipe:
 
     def to_display_yaml(self) -> str:
         """The recipe as `msllm show-config` prints it: to_yaml() without the `window` of the
-        scales that read none (ModelConfig.uses_window), where it would mean nothing. to_yaml()
+        scales that read none (ModelConfig.uses_window), and without `pool`, `target_ratio` and
+        `ratio_loss_weight` on fixed scales (the default pooling; the other two mean nothing there). to_yaml()
         stays what run folders, checkpoints and exports save; this form loads back into a recipe
         that builds the same model (an absent window takes its default, which nothing reads)."""
         shown = self.to_dict()
         for scale, raw in zip(self.model.scales, shown["model"]["scales"]):
             if not self.model.uses_window(scale):
                 del raw["window"]
+            if scale.pool == "fixed":
+                del raw["pool"], raw["target_ratio"], raw["ratio_loss_weight"]
         return yaml.safe_dump(shown, sort_keys=False)
 
 
@@ -642,7 +676,9 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         fail("data.seq_len", f"at most {MAX_SEQ_LEN:,} (2**24) tokens, got {d.seq_len:,}")
     tok = d.tokenizer
     smallest_vocab = SPECIAL_PIECES + (BYTE_PIECES if tok.byte_fallback else 0)
-    if not tok.model and tok.vocab_size < smallest_vocab:
+    if tok.type == "bytes" and tok.model:
+        fail("data.tokenizer.model", "type bytes has no tokenizer model to reuse; unset data.tokenizer.model")
+    if tok.type != "bytes" and not tok.model and tok.vocab_size < smallest_vocab:
         pieces = f"{SPECIAL_PIECES} special pieces" + (f" and {BYTE_PIECES} byte pieces (byte_fallback)" if tok.byte_fallback else "")
         fail(
             "data.tokenizer.vocab_size",
@@ -714,7 +750,20 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         key = f"model.scales[{s}]"
         if s == 0 and scale.factor != 1:
             fail(f"{key}.factor", f"the token scale has factor 1, got {scale.factor}")
-        if s > 0 and scale.factor < 2:
+        if scale.pool == "dynamic":
+            if m.arch != "bottom_up":
+                fail(f"{key}.pool", f"dynamic chunking is for bottom_up only, not {m.arch}")
+            if s == 0 or s != len(m.scales) - 1:
+                fail(f"{key}.pool", "dynamic: only the coarsest scale (the last, not the token scale) can be dynamic")
+            if scale.factor != 1:
+                fail(f"{key}.factor", f"a dynamic scale has no pooling factor (leave it at 1; set target_ratio), got {scale.factor}")
+            if not scale.target_ratio > 1.0:
+                fail(f"{key}.target_ratio", f"must be above 1, got {scale.target_ratio}")
+            if scale.ratio_loss_weight < 0:
+                fail(f"{key}.ratio_loss_weight", f"must not be negative, got {scale.ratio_loss_weight}")
+            if recipe.parallel.sp > 1:
+                fail("parallel.sp", "a dynamic-chunking scale does not run under sequence parallelism yet; use sp 1")
+        elif s > 0 and scale.factor < 2:
             fail(f"{key}.factor", f"a coarser scale needs a pooling factor >= 2, got {scale.factor}")
         if scale.layers < 0 or (scale.layers == 0 and m.arch in ("vanilla", "retina")):
             fail(f"{key}.layers", f"must be at least 1, got {scale.layers}")
@@ -727,6 +776,9 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         fail("model.scales", f"{m.arch} has a single stack: give exactly one scale, got {len(m.scales)}")
     if m.arch == "retina" and m.retina_factor < 2:
         fail("model.retina_factor", f"must be at least 2, got {m.retina_factor}")
+    if recipe.train.init_from and (m.arch != "vanilla" or m.scales[0].attention != "full"):
+        fail("train.init_from", "a Hugging Face Llama folder starts a vanilla model with full attention only, "
+             f"got {m.arch} with {m.scales[0].attention} attention")
     multiple = m.length_multiple()
     if recipe.data.seq_len % multiple:
         fail(

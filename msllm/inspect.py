@@ -71,7 +71,7 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
     per_rank = seq_len // sp
     model_cfg = recipe.model
     if model_cfg.vocab_size == 0:
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size or recipe.data.tokenizer.vocab_size)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size or recipe.data.tokenizer.data_vocab_size())
     check_fits(model_cfg, torch.device("cpu"), what="inspect")  # inspect builds the model on this CPU, in fp32
     torch.manual_seed(recipe.run.seed)
     model = build_model(model_cfg)

@@ -10,6 +10,11 @@ model of each architecture), plot_helpers.py and launch.py (torchrun).
 
 A test marked `@pytest.mark.needs_root("why")` skips, saying why, when not run as root, and fails
 instead under CI (CI=true), which must run every test (`.ci/run` runs as root).
+
+CI runs the suite on two pytest-xdist workers (`-n 2`). The integration tests share daemons and
+module fixtures (slurm, dockerd, the base image) and the reliability tests signal training
+processes at chosen moments: each of those two folders runs on one worker, as one xdist group
+(with `--dist loadgroup`, which the addopts in pyproject.toml select).
 """
 
 from __future__ import annotations
@@ -22,6 +27,17 @@ import pytest
 from data_helpers import make_documents, text_config, write_text_files
 from msllm.config import DataConfig, TokenizerConfig
 from train_helpers import base_recipe, check, corpus_text, make_recipe, msllm
+
+
+SERIAL_FOLDERS = ("integration", "reliability")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Each of SERIAL_FOLDERS runs on one xdist worker, its tests one after another."""
+    for item in items:
+        folder = item.path.parent.name
+        if folder in SERIAL_FOLDERS:
+            item.add_marker(pytest.mark.xdist_group(folder))
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -46,7 +46,7 @@ def test_every_shipped_recipe_loads_and_builds_its_model(path):
     """Each shipped recipe validates with its vocabulary filled in, builds its model on the meta
     device (no memory), and counts the parameters that `msllm inspect` counts and its header says."""
     recipe = load_recipe(path)  # type-checked and validated
-    recipe = with_vocab_size(recipe, recipe.data.tokenizer.vocab_size)  # what training does once the tokenizer exists
+    recipe = with_vocab_size(recipe, recipe.data.tokenizer.data_vocab_size())  # what training does once the tokenizer exists
     validate(recipe, source=str(path))
     with torch.device("meta"):
         model = build_model(recipe.model)

@@ -24,10 +24,13 @@ def exported(tmp_path_factory, reference_run):
 def test_export_folder(exported):
     _, dest = exported
     for name in ("model.safetensors", "config.json", "recipe.yaml", "tokenizer.model", "export.json",
-                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.model"):
+                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.model", "hf/tokenizer_config.json",
+                 "hf/generation_config.json"):
         assert (dest / name).is_file(), name
     assert json.loads((dest / "config.json").read_text())["arch"] == "vanilla"
     assert json.loads((dest / "export.json").read_text())["step"] == 12
+    hf_config = json.loads((dest / "hf" / "config.json").read_text())
+    assert [hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")] == [2, 3, 0]  # msllm's tokenizer
     assert not list(dest.parent.glob(".tiny.*"))  # no temporary folder left behind
 
 

@@ -33,6 +33,15 @@ CONFIGS = {
     "bottom_up-window-smaller-than-block": tiny_config(
         "bottom_up", scales=[ScaleConfig(1, 1, "local", 2), ScaleConfig(4, 1, "local", 3), ScaleConfig(4, 1, "full")]
     ),
+    # Learned chunking (pool: dynamic, msllm.models.chunking): boundaries move with the tokens.
+    "bottom_up-dynamic": tiny_config(
+        "bottom_up", scales=[ScaleConfig(1, 1, "local", 8), ScaleConfig(1, 1, "full", pool="dynamic", target_ratio=3.0)]
+    ),
+    "bottom_up-k2-then-dynamic-attnagg-linear": tiny_config(
+        "bottom_up",
+        scales=[ScaleConfig(1, 1, "local", 3), ScaleConfig(2, 1, "full"), ScaleConfig(1, 1, "local", 4, pool="dynamic")],
+        aggregation="attention", pooling="linear", upsampling="linear",
+    ),
     "top_down-k4": tiny_config("top_down"),
     "top_down-k2-3scales-linear": tiny_config(
         "top_down",
@@ -72,6 +81,32 @@ def test_changing_a_token_changes_no_earlier_logit(name):
         out = model(changed)
         assert torch.equal(out[:, :p], base[:, :p]), f"{name}: token {p} changed an earlier logit"
         assert not torch.allclose(out[:, p], base[:, p]), f"{name}: token {p} did not change its own logit"
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if "dynamic" in n])
+def test_changing_a_token_at_or_next_to_a_chunk_boundary_changes_no_earlier_logit(name):
+    """Dynamic chunking: the tokens right at, before and after each learned boundary (where a
+    perturbation moves boundaries, and where a chunk's coarse state is first served)."""
+    model = build(CONFIGS[name])
+    torch.manual_seed(3)
+    L = 45
+    ids = torch.randint(0, VOCAB, (3, L))
+    base = model(ids)
+    chunking = model.pools[-1]
+    base_boundaries = chunking.last_chunks.boundaries.clone()
+    f = model.upsamples[-1].k  # tokens per position of the scale that is chunked
+    near = sorted({t for s in torch.nonzero(base_boundaries[0])[:, 0].tolist() for t in (s * f - 1, s * f, s * f + 1, s * f + f)
+                   if 0 <= t < L})
+    assert len(near) >= 10, f"{name}: too few boundaries to test ({near})"
+    moved = 0
+    for p in near:
+        changed = ids.clone()
+        changed[:, p] = (changed[:, p] + 1 + torch.arange(3)) % VOCAB
+        out = model(changed)
+        moved += not torch.equal(chunking.last_chunks.boundaries, base_boundaries)
+        assert torch.equal(out[:, :p], base[:, :p]), f"{name}: token {p} (near a boundary) changed an earlier logit"
+        assert not torch.allclose(out[:, p], base[:, p]), f"{name}: token {p} did not change its own logit"
+    assert moved > 0, f"{name}: no perturbation moved a boundary: the test did not test moving chunks"
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

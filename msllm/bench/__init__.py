@@ -15,6 +15,7 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     loss.py               loss: the loss kernels' speed on the quickstart (alternating) and memory at BookCorpus sizes
     startup.py            startup: eval, generate, export, inspect and a finished train against importing torch
     generate.py           generate: cached decoding against the uncached loop, per arch and HF Llama; prefill
+    bytes.py              bytes: BPE vs byte-level models, fixed pooling vs learned chunking, with seeds
 
 To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
 it), and an entry in BENCHMARKS.
@@ -82,6 +83,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "generate": _lazy(
         "generate", "bench_generate",
         "Cached decoding tokens/s per arch against the uncached loop, vanilla and HF Llama generate; prefill; plot.",
+    ),
+    "bytes": _lazy(
+        "bytes", "bench_bytes",
+        "BPE vanilla vs byte-level vanilla, fixed-pooling and dynamic-chunking bottom-up at equal FLOPs/byte, seeds, verdict.",
     ),
     "train-quickstart": _lazy(
         "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."

@@ -171,7 +171,7 @@ def build_models(setting: Setting) -> dict:
 
     from msllm.bench.throughput import build
     from msllm.models import build_model
-    from msllm.use.export import to_hf_names
+    from msllm.use.hf.llama import to_llama_names
 
     configs = model_configs(setting)
     models = {}
@@ -181,7 +181,7 @@ def build_models(setting: Setting) -> dict:
     cfg = configs["vanilla"]
     longest = max(P + n for P, n in (*setting.sweep, (setting.prompt, setting.new_tokens)))
     hf = build("hf_llama", cfg, max(longest, SEQ_LEN)).eval()  # its max_position_embeddings: no warning at 16k
-    hf.llama.load_state_dict(to_hf_names(models["vanilla"].state_dict(), cfg.tie_embeddings))
+    hf.llama.load_state_dict(to_llama_names(models["vanilla"].state_dict(), cfg.tie_embeddings))
     hf.llama.generation_config.eos_token_id = None  # exactly new_tokens, whatever random weights sample
     hf.llama.generation_config.pad_token_id = 0
     models["hf_llama"] = hf

@@ -38,43 +38,84 @@ SEEDS = (1, 2, 3)
 
 def bench_paper(args: argparse.Namespace) -> str:
     """Train every (model, seed), then tabulate, plot and judge. Returns the markdown section."""
-    recipes = Path(getattr(args, "recipes", None) or "recipes/paper")
-    runs = Path(getattr(args, "runs", None) or "runs/paper")
-    seeds = tuple(getattr(args, "seeds", None) or SEEDS)
-    models = tuple(getattr(args, "models", None) or MODELS)
-    overrides = list(getattr(args, "set", None) or [])
-    jobs = getattr(args, "jobs", 0) or max(1, min(2, os.cpu_count() or 1))
-    missing = [m for m in models if not (recipes / f"{m}.yaml").is_file()]
-    if missing:
-        raise MsllmError(f"bench paper: no recipe {recipes}/{missing[0]}.yaml (run from the repository root, or pass --recipes)")
-    _prepare_shards_once(recipes / f"{models[0]}.yaml", overrides)
-
-    todo = [(m, s) for m in models for s in seeds]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(train_once, recipes / f"{m}.yaml", s, runs / f"{m}-seed{s}", overrides, threads): (m, s)
-                   for m, s in todo}
-        results: dict[tuple[str, int], dict] = {}
-        for future in concurrent.futures.as_completed(futures):
-            results[futures[future]] = future.result()
-
-    summary = {m: summarize(m, [results[(m, s)] for s in seeds], recipes / f"{m}.yaml", overrides) for m in models}
+    grid = SeedGrid.from_args(args, "paper", "recipes/paper", "runs/paper", MODELS)
+    grid.prepare_shards()
+    results = grid.train()
+    summary = {m: summarize(m, [results[(m, s)] for s in grid.seeds], grid.recipe(m), grid.overrides) for m in grid.models}
     out = Path(getattr(args, "out", None) or "benchmarks")
-    plots = plot(summary, [results[k] for k in todo], out)
-    return to_markdown(summary, seeds, jobs, threads, plots)
+    plots = plot(summary, [results[(m, s)] for m in grid.models for s in grid.seeds], out)
+    return to_markdown(summary, grid.seeds, grid.jobs, grid.threads, plots)
 
 
-def _prepare_shards_once(recipe: Path, overrides: list[str]) -> None:
-    """The runs share one shards folder: prepare it before they start, not in each of them."""
-    from msllm.config import load_recipe
-    from msllm.data import prepare_dataset
+@dataclasses.dataclass(frozen=True)
+class SeedGrid:
+    """What a comparison benchmark (paper, bytes) trains: every model of a recipes folder with
+    every seed, `jobs` runs at a time with `threads` torch threads each, each run in its own folder
+    under `runs` (train_once)."""
 
-    prepare_dataset(load_recipe(recipe, overrides).data, force=False)
+    bench: str
+    recipes: Path
+    runs: Path
+    models: tuple[str, ...]
+    seeds: tuple[int, ...]
+    overrides: list[str]
+    jobs: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, bench: str, recipes: str, runs: str, models: tuple[str, ...]) -> SeedGrid:
+        """The grid the command line asks for (--recipes, --runs, --seeds, --models, --set, --jobs),
+        else the benchmark's defaults; a missing recipe is one line."""
+        grid = cls(
+            bench=bench,
+            recipes=Path(getattr(args, "recipes", None) or recipes),
+            runs=Path(getattr(args, "runs", None) or runs),
+            models=tuple(getattr(args, "models", None) or models),
+            seeds=tuple(getattr(args, "seeds", None) or SEEDS),
+            overrides=list(getattr(args, "set", None) or []),
+            jobs=getattr(args, "jobs", 0) or max(1, min(2, os.cpu_count() or 1)),
+        )
+        missing = [m for m in grid.models if not grid.recipe(m).is_file()]
+        if missing:
+            raise MsllmError(f"bench {bench}: no recipe {grid.recipes}/{missing[0]}.yaml (run from the repository root, or pass --recipes)")
+        return grid
+
+    @property
+    def threads(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.jobs)
+
+    def recipe(self, model: str) -> Path:
+        return self.recipes / f"{model}.yaml"
+
+    def folder(self, model: str, seed: int) -> Path:
+        return self.runs / f"{model}-seed{seed}"
+
+    def prepare_shards(self) -> dict:
+        """Every model's recipe (overrides applied), after preparing each shards folder they name
+        once: before the runs start, which share them, not in each of them."""
+        from msllm.config import load_recipe
+        from msllm.data import prepare_dataset
+
+        loaded = {m: load_recipe(self.recipe(m), self.overrides) for m in self.models}
+        for data in {r.data.shards_dir: r.data for r in loaded.values()}.values():
+            prepare_dataset(data, force=False)
+        return loaded
+
+    def train(self, finish=None) -> dict[tuple[str, int], dict]:
+        """Every (model, seed)'s result, trained or read back (train_once); `finish(model, seed,
+        result)`, if given, runs after each run in its worker and returns the result to keep."""
+        def run(model: str, seed: int) -> dict:
+            result = train_once(self.recipe(model), seed, self.folder(model, seed), self.overrides, self.threads, self.bench)
+            return finish(model, seed, result) if finish else result
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = {pool.submit(run, m, s): (m, s) for m in self.models for s in self.seeds}
+            return {futures[f]: f.result() for f in concurrent.futures.as_completed(futures)}
 
 
-def train_once(recipe: Path, seed: int, folder: Path, overrides: list[str], threads: int) -> dict:
+def train_once(recipe: Path, seed: int, folder: Path, overrides: list[str], threads: int, bench: str = "paper") -> dict:
     """One training run, or its saved result. A folder without a result is an interrupted run:
-    it is started again from scratch (the benchmark's runs keep no intermediate checkpoints)."""
+    it is started again from scratch (the benchmark's runs keep no intermediate checkpoints).
+    `bench`: the benchmark that asks (`msllm bench bytes` trains its runs here too), for errors."""
     result_file = folder / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -91,8 +132,8 @@ def train_once(recipe: Path, seed: int, folder: Path, overrides: list[str], thre
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-        raise MsllmError(f"bench paper: {recipe.stem} seed {seed} failed ({tail[0]}); see {log}")
-    result = read_metrics(folder / "metrics.jsonl")
+        raise MsllmError(f"bench {bench}: {recipe.stem} seed {seed} failed ({tail[0]}); see {log}")
+    result = read_metrics(folder / "metrics.jsonl", bench)
     result.update(model=recipe.stem, seed=seed)
     tmp = result_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -100,13 +141,13 @@ def train_once(recipe: Path, seed: int, folder: Path, overrides: list[str], thre
     return result
 
 
-def read_metrics(path: Path) -> dict:
+def read_metrics(path: Path, bench: str = "paper") -> dict:
     """Eval curve (tokens, bits per byte), final bits per byte and median training tokens/s."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     evals = [r for r in rows if r["kind"] == "eval"]
     speeds = [r["tokens_per_s"] for r in rows if r["kind"] == "train"][1:]  # the first includes warm-up
     if not evals:
-        raise MsllmError(f"bench paper: {path} has no eval rows (set eval.every)")
+        raise MsllmError(f"bench {bench}: {path} has no eval rows (set eval.every)")
     return {"curve": [[r["tokens"], r["bits_per_byte"]] for r in evals], "bits_per_byte": evals[-1]["bits_per_byte"],
             "tokens_per_s": statistics.median(speeds) if speeds else None}
 

@@ -87,7 +87,8 @@ def build(name: str, cfg, seq_len: int):
             self.llama = LlamaForCausalLM(hf)
             self.lm_head = self.llama.lm_head
 
-        def forward(self, input_ids, loss=None):
+        def forward(self, input_ids, loss=None, auxiliary=True):
+            # `auxiliary` is msllm's model_loss contract (dynamic chunking's ratio loss): Llama has none.
             hidden = self.llama.model(input_ids=input_ids, use_cache=False).last_hidden_state
             return self.lm_head(hidden) if loss is None else loss(hidden, self.lm_head.weight)
 

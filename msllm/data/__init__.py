@@ -16,7 +16,7 @@ Public API (what the trainer and the CLI use):
                      shuffle=None, repeat=None, num_workers=None, pin_memory=False) -> TokenLoader
         Batches {"input_ids": LongTensor[B, L/sp], "labels": LongTensor[B, L/sp]}; train loaders
         repeat epochs forever; state_dict() / load_state_dict() resume exactly.
-    load_tokenizer(shards_dir) -> sentencepiece.SentencePieceProcessor
+    load_tokenizer(shards_dir) -> the tokenizer (msllm.data.tokenizer: sentencepiece or bytes)
 
 Every bad input is a one-line msllm.errors.DataError.
 """

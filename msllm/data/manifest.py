@@ -142,13 +142,14 @@ def tokenizer_path(shards_dir: str | Path, data_cfg: DataConfig | None = None) -
 
 
 def load_tokenizer(shards_dir: str | Path, data_cfg: DataConfig | None = None):
-    """The sentencepiece processor saved with the shards (`shards_dir/tokenizer.model`)."""
-    from msllm.data.tokenizer import load_sentencepiece
+    """The tokenizer saved with the shards (`shards_dir/tokenizer.model`), as msllm.data.tokenizer's
+    interface (sentencepiece or bytes)."""
+    from msllm.data.tokenizer import load_tokenizer_file
 
     path = tokenizer_path(shards_dir, data_cfg)
     if not path.is_file():
         raise DataError(f"{shards_dir} has no tokenizer.model: run `msllm prep RECIPE` first")
-    return load_sentencepiece(path)
+    return load_tokenizer_file(path)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
     tokenizer file was changed; the recipe trains a tokenizer of another vocab size; or the model's
     `vocab_size` is too small for the token ids in the shards.
     """
-    from msllm.data.tokenizer import file_sha256, load_sentencepiece, special_ids
+    from msllm.data.tokenizer import file_sha256, load_tokenizer_file
 
     shards_dir = data_cfg.shards_dir
     manifest = read_manifest(shards_dir, data_cfg)
@@ -192,9 +193,9 @@ def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
         )
     # The model's vocabulary comes from the manifest: one that disagrees with the tokenizer
     # (edited) would index past the embedding at the first token it lacks.
-    tokenizer = load_sentencepiece(saved_tokenizer)
-    recorded = {"vocab_size": manifest["vocab_size"], **{k: manifest.get(k) for k in special_ids(tokenizer)}}
-    actual = {"vocab_size": tokenizer.GetPieceSize(), **special_ids(tokenizer)}
+    tokenizer = load_tokenizer_file(saved_tokenizer)
+    recorded = {"vocab_size": manifest["vocab_size"], **{k: manifest.get(k) for k in tokenizer.special_ids()}}
+    actual = {"vocab_size": tokenizer.vocab_size, **tokenizer.special_ids()}
     for field, value in actual.items():
         if recorded[field] != value:
             raise DataError(
@@ -202,7 +203,15 @@ def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
                 f"{value} (the manifest was edited): {fix}"
             )
     if data_cfg.source != "shards":
-        if data_cfg.tokenizer.model:
+        wants_bytes = data_cfg.tokenizer.type == "bytes"
+        if wants_bytes != (tokenizer.kind == "bytes"):
+            raise DataError(
+                f"the shards in {shards_dir} were written with a {tokenizer.kind} tokenizer but the recipe has "
+                f"data.tokenizer.type {data_cfg.tokenizer.type}: {fix}"
+            )
+        if wants_bytes:
+            pass  # the descriptor was checked above: nothing else to agree on
+        elif data_cfg.tokenizer.model:
             given = Path(data_cfg.tokenizer.model)
             if not given.is_file():
                 raise DataError(f"data.tokenizer.model: no such file: {given}")

@@ -59,11 +59,11 @@ from msllm.data.manifest import (
 )
 from msllm.data.sources import input_files, iter_documents
 from msllm.data.tokenizer import (
+    BYTES_DESCRIPTOR,
     TOKENIZER_FILENAME,
-    bytes_per_token,
     file_sha256,
     load_sentencepiece,
-    special_ids,
+    load_tokenizer_file,
     train_tokenizer,
 )
 from msllm.errors import DataError
@@ -292,7 +292,9 @@ def _write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: boo
         _say(quiet, f"msllm prep: continuing the interrupted run in {out}")
 
     tokenizer_file = out / TOKENIZER_FILENAME
-    if data_cfg.tokenizer.model:
+    if data_cfg.tokenizer.type == "bytes":
+        tokenizer_source = "bytes"
+    elif data_cfg.tokenizer.model:
         given = Path(data_cfg.tokenizer.model)
         load_sentencepiece(given)  # a clear error if it is missing or not a model
         tokenizer_source = str(given)
@@ -300,7 +302,9 @@ def _write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: boo
         tokenizer_source = "trained"
     if not tokenizer_file.is_file():  # written under another name, then renamed: never half a file
         partial = out / (TOKENIZER_FILENAME + ".partial")
-        if data_cfg.tokenizer.model:
+        if data_cfg.tokenizer.type == "bytes":
+            partial.write_bytes(BYTES_DESCRIPTOR)
+        elif data_cfg.tokenizer.model:
             shutil.copyfile(data_cfg.tokenizer.model, partial)
         else:
             tok = data_cfg.tokenizer
@@ -308,8 +312,8 @@ def _write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: boo
             train_docs = (t for t in iter_documents(data_cfg) if rule.split_of(t) == "train")
             train_tokenizer(train_docs, data_cfg.tokenizer, partial, num_threads=data_cfg.workers)
         os.replace(partial, tokenizer_file)
-    processor = load_sentencepiece(tokenizer_file)
-    ids = special_ids(processor)
+    tokenizer = load_tokenizer_file(tokenizer_file)
+    ids = tokenizer.special_ids()
     if ids["eos_id"] < 0:
         raise DataError(f"the tokenizer {tokenizer_source} has no EOS piece: documents cannot be joined")
 
@@ -320,7 +324,7 @@ def _write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: boo
         seq_len=data_cfg.seq_len,
         workers=data_cfg.workers,
         shard_size_limit=data_cfg.shard_size_limit,
-        byte_table=bytes_per_token(processor),
+        byte_table=tokenizer.bytes_per_token(),
         quiet=quiet,
         checkpoint_bytes=data_cfg.prep_checkpoint_bytes,
         total_bytes=rule.corpus_bytes,
@@ -341,7 +345,7 @@ def _write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: boo
         "tokenizer_path": TOKENIZER_FILENAME,
         "tokenizer_sha256": file_sha256(tokenizer_file),
         "tokenizer_source": tokenizer_source,
-        "vocab_size": processor.GetPieceSize(),
+        "vocab_size": tokenizer.vocab_size,
         **ids,
         "seq_len": data_cfg.seq_len,
         "sample_len": window,
@@ -577,13 +581,13 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_file: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = load_sentencepiece(tokenizer_file)
+    _worker_tokenizer = load_tokenizer_file(tokenizer_file)
 
 
 def _encode_batch(batch: tuple[int, str, list[str]]) -> tuple[int, str, np.ndarray, int, int]:
     """Tokens of a batch of documents, EOS after each, as one int32 array."""
     part, split, texts = batch
-    encoded = _worker_tokenizer.encode(texts, add_eos=True, num_threads=1)
+    encoded = _worker_tokenizer.encode(texts, add_eos=True)
     tokens = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=sum(map(len, encoded)))
     return part, split, tokens, len(texts), sum(len(t.encode("utf-8")) for t in texts)
 

@@ -1,14 +1,23 @@
-"""The sentencepiece tokenizer: train one on the train split, or reuse a given `.model`.
+"""Tokenizers: sentencepiece (train one on the train split, or reuse a given `.model`), or bytes.
 
-A trained tokenizer always has the same special ids, so that the model and the shards agree on
-them without looking: pad=0, unk=1, bos=2, eos=3. It uses Llama's choices of normalisation
-(`identity`, keep whitespace as it is, byte fallback by default), so that decoding the tokens of a
-text gives the text back.
+Every tokenizer has the same special ids, so that the model and the shards agree on them without
+looking: pad=0, unk=1, bos=2, eos=3.
+
+- sentencepiece (data.tokenizer.type unigram | bpe): Llama's choices of normalisation (`identity`,
+  keep whitespace as it is, byte fallback by default), so that decoding the tokens of a text gives
+  the text back.
+- bytes (data.tokenizer.type bytes): the UTF-8 bytes of the text, byte b -> id 4 + b, 260 ids in
+  all; nothing to train. Its "tokenizer file" is a small JSON descriptor (BYTES_DESCRIPTOR), so
+  that shards, checkpoints and exports carry and hash it exactly as they do a `.model` file.
+
+Everything else reads a tokenizer through one small interface (`load_tokenizer_file(path)`):
+`encode(texts, add_eos)`, `decode(ids)`, `vocab_size`, `special_ids()`, `bytes_per_token()`, `kind`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -16,11 +25,14 @@ from typing import Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from msllm.config import TokenizerConfig
+from msllm.config import BYTES_VOCAB_SIZE, TokenizerConfig
 from msllm.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-TOKENIZER_FILENAME = "tokenizer.model"
+TOKENIZER_FILENAME = "tokenizer.model"  # the sentencepiece model, or the bytes descriptor
+
+BYTE_OFFSET = 4  # byte b has id BYTE_OFFSET + b: the special ids come first (BYTES_VOCAB_SIZE = 260 ids)
+BYTES_DESCRIPTOR = (json.dumps({"type": "bytes", "byte_offset": BYTE_OFFSET, "vocab_size": BYTES_VOCAB_SIZE}) + "\n").encode()
 
 # sentencepiece skips training lines longer than this (bytes); Wikipedia paragraphs can be long.
 MAX_SENTENCE_BYTES = 1 << 16
@@ -133,3 +145,70 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer interface: what prep, the shards check, generate and export read
+# ----------------------------------------------------------------------------------------------
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model behind msllm's tokenizer interface."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, processor: spm.SentencePieceProcessor):
+        self.processor = processor
+        self.vocab_size = processor.GetPieceSize()
+
+    def encode(self, texts: list[str], add_eos: bool = False) -> list[list[int]]:
+        return self.processor.encode(list(texts), add_eos=add_eos, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(list(ids))
+
+    def special_ids(self) -> dict[str, int]:
+        return special_ids(self.processor)
+
+    def bytes_per_token(self) -> np.ndarray:
+        return bytes_per_token(self.processor)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes: byte b -> id BYTE_OFFSET + b, after the four special ids. Decoding drops the
+    special ids and replaces an incomplete UTF-8 sequence (a sampled byte that does not continue
+    one) by U+FFFD, so that any ids decode to text."""
+
+    kind = "bytes"
+    vocab_size = BYTES_VOCAB_SIZE
+
+    def encode(self, texts: list[str], add_eos: bool = False) -> list[list[int]]:
+        tail = [EOS_ID] if add_eos else []
+        return [(np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) + BYTE_OFFSET).tolist() + tail
+                for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < BYTES_VOCAB_SIZE).decode("utf-8", errors="replace")
+
+    def special_ids(self) -> dict[str, int]:
+        return {"pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID}
+
+    def bytes_per_token(self) -> np.ndarray:
+        table = np.zeros(BYTES_VOCAB_SIZE, dtype=np.int64)
+        table[BYTE_OFFSET:] = 1
+        return table
+
+
+def load_tokenizer_file(path: str | Path) -> SentencePieceTokenizer | ByteTokenizer:
+    """The tokenizer saved at `path` (a sentencepiece `.model` or the bytes descriptor), or a
+    DataError saying what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer model not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(len(BYTES_DESCRIPTOR) + 1)
+    if head.startswith(b"{"):
+        if head != BYTES_DESCRIPTOR:
+            raise DataError(f"{path} is neither a sentencepiece model nor msllm's bytes descriptor {BYTES_DESCRIPTOR.decode().strip()}")
+        return ByteTokenizer()
+    return SentencePieceTokenizer(load_sentencepiece(path))

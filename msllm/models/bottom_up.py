@@ -12,6 +12,12 @@ Every pooling is causal (layers.CausalPool): coarse position j of scale s only s
 its future. Sequences of any length are padded at the end to a multiple of the coarsest factor;
 padding after the last real token cannot change any real position's output.
 
+The coarsest scale may instead be cut into learned chunks (`pool: dynamic`, chunking.py, after
+H-Net): its positions are the finer scale's states at the boundaries a router places, and a
+smoothing upsampler brings them back to the finer positions (then repeated by the finer scale's
+f onto the tokens, as a fixed scale's). Its ratio loss is added to the LM loss in forward
+(layers.CausalLM.auxiliary_loss). Such a model has no cached decoding (generate recomputes).
+
 Cached decoding (decoding.py) follows the same path for the new tokens only: a coarse position of
 scale s is computed when token j * f_s arrives (its pooling stream has the k_s positions below it
 then), its layers attend to their cache at that scale, and its upsampling stream serves it to
@@ -25,6 +31,8 @@ import math
 import torch
 from torch import nn
 
+from msllm.errors import MsllmError
+from msllm.models.chunking import DynamicChunking
 from msllm.models.decoding import DecodeCache, PoolStream, UpsampleStream
 from msllm.models.layers import (
     CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, init_weights, make_blocks, make_core,
@@ -60,8 +68,13 @@ class BottomUpLM(CausalLM):
         self.scales = nn.ModuleList(
             make_blocks(cfg, scale.layers, lambda s=scale: make_core(s.attention, s.window)) for scale in cfg.scales
         )
-        # pools[i] takes scale i to scale i+1; upsamples[i] takes scale i+1 straight to the tokens.
-        self.pools = nn.ModuleList(CausalPool(d, scale.factor, cfg.pooling) for scale in cfg.scales[1:])
+        # pools[i] takes scale i to scale i+1; upsamples[i] takes scale i+1 straight to the tokens
+        # (a dynamic scale: from the finer scale's positions, after its own dechunking).
+        self.pools = nn.ModuleList(
+            DynamicChunking(d, scale.target_ratio, scale.ratio_loss_weight) if scale.pool == "dynamic"
+            else CausalPool(d, scale.factor, cfg.pooling)
+            for scale in cfg.scales[1:]
+        )
         self.upsamples = nn.ModuleList(Upsample(d, f, cfg.upsampling) for f in factors[1:])
         self.aggregate = ScaleAttention(d, cfg.norm_eps) if cfg.aggregation == "attention" else None
         fine = cfg.scales[0]
@@ -69,6 +82,9 @@ class BottomUpLM(CausalLM):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_std, sum(s.layers for s in cfg.scales) + cfg.final_layers)
+        for pool in self.pools:
+            if isinstance(pool, DynamicChunking):
+                pool.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -76,20 +92,43 @@ class BottomUpLM(CausalLM):
         L = input_ids.shape[1]
         input_ids = nn.functional.pad(input_ids, (0, -L % self.multiple))
         h = self.embed(input_ids)
-        outputs = []
+        outputs, chunks = [], None
         for s, blocks in enumerate(self.scales):
             if s > 0:
-                h = self.pools[s - 1](h)
+                pool = self.pools[s - 1]
+                if isinstance(pool, DynamicChunking):
+                    h, chunks = pool(h, n_real=-(-L // self.upsamples[s - 1].k))
+                else:
+                    h = pool(h)
             for block in blocks:
                 h = block(h)
             outputs.append(h)
+        if chunks is not None:  # the dynamic (coarsest) scale back at its finer scale's positions
+            outputs[-1] = self.pools[-1].upsample(outputs[-1], chunks)
         per_scale = [outputs[0]] + [up(out) for up, out in zip(self.upsamples, outputs[1:])]
         h = self.aggregate(per_scale) if self.aggregate is not None else sum(per_scale)
         for block in self.final:
             h = block(h)
         return self.norm(h)[:, :L]
 
+    def dynamic_scales(self) -> dict[int, DynamicChunking]:
+        """The dynamic scales by index (at most one: the coarsest)."""
+        return {s + 1: pool for s, pool in enumerate(self.pools) if isinstance(pool, DynamicChunking)}
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        losses = [pool.ratio_loss for pool in self.dynamic_scales().values() if pool.ratio_loss is not None]
+        return sum(losses) if losses else None
+
+    def log_metrics(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for s, pool in self.dynamic_scales().items():
+            out[f"compression_s{s}"] = pool.stats["compression"]
+            out[f"ratio_loss_s{s}"] = pool.stats["ratio_loss"]
+        return out
+
     def new_cache(self) -> DecodeCache:
+        if self.dynamic_scales():
+            raise MsllmError("cached decoding does not support a dynamic-chunking scale (pool: dynamic) yet")
         return DecodeCache(
             scales=[[block.new_cache() for block in blocks] for blocks in self.scales],
             pools=[PoolStream(pool) for pool in self.pools],

@@ -141,9 +141,25 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, input_ids: torch.Tensor, loss=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, loss=None, auxiliary: bool = True) -> torch.Tensor:
         hidden = self.hidden_states(input_ids)
-        return self.lm_head(hidden) if loss is None else loss(hidden, self.lm_head.weight)
+        if loss is None:
+            return self.lm_head(hidden)
+        total = loss(hidden, self.lm_head.weight)
+        extra = self.auxiliary_loss() if auxiliary else None
+        # The LM loss is a sum over positions: a per-position auxiliary loss joins it as a sum too.
+        return total if extra is None else total + extra * input_ids.numel()
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss beside the LM loss from the last forward, per position (dynamic chunking's ratio
+        loss, weighted), or None. forward(ids, loss) adds it (times the positions) unless
+        `auxiliary` is False, as eval asks: its bits per byte are the LM loss's alone."""
+        return None
+
+    def log_metrics(self) -> dict[str, torch.Tensor]:
+        """Scalars of the last forward for the step log (dynamic chunking's realised compression
+        per scale, `compression_s<scale>`, and its ratio loss), as detached tensors."""
+        return {}
 
     def new_cache(self):
         """An empty decoding.DecodeCache for this model (its parts named by the model)."""

@@ -114,6 +114,7 @@ class SpeedMonitor(Callback):
             "step_time_s": dt / steps,
             "eta_s": per_step * (trainer.max_steps - step),
             "time": time.time(),
+            **trainer.last_model_metrics,  # dynamic chunking: compression_s<scale>, ratio_loss_s<scale>
         }
         self.train_time_last, self.step_last = trainer.train_time, step
         trainer.log(row)
@@ -143,9 +144,11 @@ class ConsoleLogger(Callback):
         mem = f"rss {row['peak_rss_bytes'] / 2**30:.2f}GiB"
         if row.get("accel_max_allocated_bytes") is not None:
             mem += f" acc {row['accel_max_allocated_bytes'] / 2**30:.2f}GiB"
+        chunking = "".join(f" | compression s{key[len('compression_s'):]} {value:.2f}"
+                           for key, value in row.items() if key.startswith("compression_s"))
         self.print(
             f"step {row['step']:>{self.width}}/{self.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.3e} | "
-            f"grad {grad} | {row['tokens_per_s']:,.0f} tok/s | mfu {mfu} | {mem} | "
+            f"grad {grad} | {row['tokens_per_s']:,.0f} tok/s | mfu {mfu} | {mem}{chunking} | "
             f"eta {fmt_duration(row['eta_s'])}",
         )
 
@@ -195,6 +198,8 @@ class TensorBoardLogger(Callback):
 
     def on_log(self, trainer, row: dict) -> None:
         names = self.EVAL if row["kind"] == "eval" else self.TRAIN
+        if row["kind"] == "train":  # dynamic chunking's scalars, whatever its scales are
+            names = {**names, **{key: f"chunking/{key}" for key in row if key.startswith(("compression_s", "ratio_loss_s"))}}
         for key, tag in names.items():
             value = row.get(key)
             if value is not None and math.isfinite(value):

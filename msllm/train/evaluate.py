@@ -36,7 +36,7 @@ def evaluate(model, loader, manifest: dict, batch_size: int, max_batches: int, d
         if i >= n_batches:
             break
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        total[0] += model_loss(model, ids, labels, loss_kernel, loss_chunk_size).double().cpu()
+        total[0] += model_loss(model, ids, labels, loss_kernel, loss_chunk_size, auxiliary=False).double().cpu()
         total[1] += (labels != -100).sum().item()
     dist.all_reduce_sum(total)
     loss = (total[0] / total[1].clamp(min=1)).item()

@@ -5,7 +5,8 @@
         IGNORE_INDEX (-100). Sums, not means: sequence parallelism adds the ranks' sums exactly.
 
     model_loss(model, input_ids, labels)  the same, through the model's forward (msllm.models'
-        `forward(input_ids, loss)`): what training, eval, the bare step and msllm.train.memory call.
+        `forward(input_ids, loss)`): what training, eval, the bare step and msllm.train.memory call;
+        with the model's auxiliary loss (dynamic chunking's ratio loss) added, but in eval.
 
 A kernel computes it (`train.loss_kernel`; `choose_kernel` resolves "auto"):
 
@@ -103,10 +104,13 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ke
 
 
 def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, kernel: str = "chunked",
-               chunk_size: int = 0) -> torch.Tensor:
+               chunk_size: int = 0, auxiliary: bool = True) -> torch.Tensor:
     """`lm_loss` of `model` (an msllm model, or a DeepSpeed engine around one) on one batch,
-    computed inside the model's forward from its final hidden states and its head's weight."""
-    return model(input_ids, loss=functools.partial(lm_loss, labels=labels, kernel=kernel, chunk_size=chunk_size))
+    computed inside the model's forward from its final hidden states and its head's weight, plus
+    the model's auxiliary loss (dynamic chunking's ratio loss, summed over positions as the LM
+    loss is) unless `auxiliary` is False (eval: the LM loss alone)."""
+    loss = functools.partial(lm_loss, labels=labels, kernel=kernel, chunk_size=chunk_size)
+    return model(input_ids, loss=loss, auxiliary=auxiliary)
 
 
 def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int,

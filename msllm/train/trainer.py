@@ -92,6 +92,10 @@ class Trainer:
                    recipe.parallel.zero_stage, dims.dp, processes=local_ranks)  # before anything is allocated
         seed_everything(recipe.run.seed)  # identical initial weights on every rank
         model = build_model(recipe.model)
+        if t.init_from:  # a Hugging Face Llama's weights instead of the random init (a resume replaces them)
+            from msllm.use.import_hf import load_initial_weights
+
+            load_initial_weights(model, recipe.model, t.init_from, self.shards.tokenizer_sha256)
         self.n_params = sum(p.numel() for p in model.parameters())
         engine = build_engine(parallelize(model, dims, recipe), recipe, dims)
         self.device = engine.device
@@ -110,6 +114,7 @@ class Trainer:
         self.shards_watch = ShardsWatch(recipe.data, self.shards.manifest)
         self.eval = EvalCallback(recipe, dims, self.shards, self.loss_kernel)
         self.last_loss, self.last_lr, self.last_grad_norm = math.nan, lr_at(0, t), None
+        self.last_model_metrics: dict[str, float] = {}  # e.g. dynamic chunking's compression_s1
         self.train_time = 0.0  # seconds inside train_step (throughput excludes eval and checkpoints)
         # fp32 ZeRO 0 is the one setup in which DeepSpeed computes no gradient norm for us.
         self.own_grad_norm = recipe.parallel.zero_stage == 0 and t.precision == "fp32"
@@ -220,6 +225,12 @@ class Trainer:
         if grad_norm is None:
             grad_norm = self.state.engine.get_global_grad_norm()
         self.last_grad_norm = None if grad_norm is None else float(grad_norm)
+        # The model's own scalars of its last micro-batch (dynamic chunking's realised compression
+        # per scale), averaged over the ranks: every rank has the same keys.
+        metrics = self.state.engine.module.log_metrics()
+        if metrics:
+            values = collectives.all_reduce_sum(torch.stack([v.float() for v in metrics.values()]))
+            self.last_model_metrics = dict(zip(metrics, (values / self.denv.world_size).tolist()))
 
 
 def prepare_data(recipe):

@@ -1,5 +1,7 @@
 """`msllm eval RECIPE --checkpoint SOURCE`: validation loss, perplexity and bits per byte of a
 trained model (a checkpoint, a run's output_dir or an export) on the recipe's validation split.
+`continuation_loglikelihoods`: what lm-evaluation-harness asks of a model (its loglikelihood
+requests), answered by msllm's model directly.
 
 The recipe gives the data; the model comes from SOURCE (msllm.use.load) and must be the recipe's
 model, trained with the tokenizer of the recipe's shards. Under torchrun every rank evaluates its
@@ -58,3 +60,35 @@ def evaluate_checkpoint(recipe, source: str) -> dict:
             f"bpb {row['bits_per_byte']:.4f} | {row['eval_tokens']:,} tokens"
         )
     return row
+
+
+@torch.no_grad()
+def continuation_loglikelihoods(model, tokenizer, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+    """For each (context, continuation) text: the sum of the log-probabilities of the
+    continuation's tokens after the context's, and whether every one of them is the most likely
+    next token (greedy). These are lm-evaluation-harness's loglikelihood requests, tokenized as it
+    tokenizes them for a causal model (lm_eval.api.model's _encode_pair, no BOS added): spaces that
+    end the context move to the continuation, context + continuation is encoded whole, and the
+    continuation's tokens are those after the context's token count; an empty context is the
+    tokenizer's BOS (EOS if it has none). Nothing is truncated (lm-eval cuts the context's start
+    beyond max_position_embeddings, the trained context)."""
+    results = []
+    for context, continuation in requests:
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if context:
+            whole = tokenizer.encode(context + continuation)
+            split = len(tokenizer.encode(context))
+            context_ids, continuation_ids = whole[:split], whole[split:]
+        else:
+            prefix = tokenizer.bos_id() if tokenizer.bos_id() >= 0 else tokenizer.eos_id()
+            context_ids, continuation_ids = [prefix], tokenizer.encode(continuation)
+        if not continuation_ids:
+            raise ValueError(f"the continuation {continuation!r} of {context!r} has no tokens of its own")
+        ids = torch.tensor([context_ids + continuation_ids])
+        log_probs = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0, len(context_ids) - 1:]
+        target = torch.tensor(continuation_ids)
+        total = log_probs.gather(1, target.view(-1, 1)).sum().item()
+        results.append((total, bool((log_probs.argmax(dim=-1) == target).all())))
+    return results

@@ -1,6 +1,7 @@
 """`msllm generate (CHECKPOINT | EXPORT) --prompt TEXT [--prompt TEXT ...]`: sampling for every
 architecture, with cached decoding (msllm.models.decoding): the prompt is read in one pass, then
-each new token costs one pass over that token.
+each new token costs one pass over that token. A model with a dynamic-chunking scale has no cached
+decoding yet: it runs over the whole sequence for each new token.
 
 Each prompt is preceded by the EOS token, as every training document follows one. Several prompts
 are decoded as one batch: the shortest length is prefilled, then every row advances one token per
@@ -52,8 +53,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
     gen = torch.Generator(device=device).manual_seed(seed)
     position = min(len(p) for p in prompts)  # of the tokens chosen next
     running = [True] * len(prompts)
-    cache = model.new_cache()
-    logits = model.decode(torch.tensor([p[:position] for p in prompts], device=device), cache, last_only=True)
+    decode = _decoder(model)
+    logits = decode(torch.tensor([p[:position] for p in prompts], device=device))
     while True:
         last = logits[:, -1] if not vocab_limit else logits[:, -1, :vocab_limit]
         sampled = sample_next(last, temperature, top_k, top_p, gen).tolist()
@@ -71,8 +72,25 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
                     running[row] = len(new[row]) < max_new_tokens
         if not any(running):
             return new
-        logits = model.decode(torch.tensor(step, device=device).view(-1, 1), cache, last_only=True)
+        logits = decode(torch.tensor(step, device=device).view(-1, 1))
         position += 1
+
+
+def _decoder(model):
+    """new_ids [B, n] -> the last position's logits [B, 1, vocab] of the sequence so far: cached
+    decoding, or, for a model without it (a dynamic-chunking scale), a forward over every token
+    so far at each step (the same logits, at the cost of the whole sequence per token)."""
+    try:
+        cache = model.new_cache()
+    except MsllmError:
+        seen: list[torch.Tensor] = []
+
+        def recompute(new_ids: torch.Tensor) -> torch.Tensor:
+            seen.append(new_ids)
+            return model(torch.cat(seen, dim=1))[:, -1:]
+
+        return recompute
+    return lambda new_ids: model.decode(new_ids, cache, last_only=True)
 
 
 MIN_TEMPERATURE = 1e-3  # below it (but for 0, greedy), logits / temperature overflows fp32
@@ -104,15 +122,16 @@ def generate_cli(source: str, prompts: list[str] | str, max_new_tokens: int = 10
             raise MsllmError("--prompt: not valid UTF-8 text (pass the prompt in your terminal's UTF-8 encoding)") from None
     torch.manual_seed(seed)
     loaded = load_model(source)
-    sp, seq_len = loaded.tokenizer, loaded.recipe.data.seq_len
-    start = [sp.eos_id()] if sp.eos_id() >= 0 else []
-    encoded = [start + sp.encode(text) for text in texts]
+    tokenizer, seq_len = loaded.tokenizer, loaded.recipe.data.seq_len
+    eos = tokenizer.special_ids()["eos_id"]
+    start = [eos] if eos >= 0 else []
+    encoded = [start + ids for ids in tokenizer.encode(texts)]
     longest = max(len(p) for p in encoded) + max_new_tokens
     if seq_len and longest > seq_len:
         print(f"note: up to {longest} positions, beyond the {seq_len} the model was trained on; positions keep "
               "counting (RoPE extrapolates)", file=sys.stderr)
     new = generate(loaded.model, encoded, max_new_tokens, temperature, top_k, top_p, seed,
-                   stop_id=sp.eos_id() if sp.eos_id() >= 0 else None, vocab_limit=sp.GetPieceSize())
-    out = [sp.decode(sp.encode(text) + tokens) for text, tokens in zip(texts, new)]
+                   stop_id=eos if eos >= 0 else None, vocab_limit=tokenizer.vocab_size)
+    out = [tokenizer.decode(ids + tokens) for ids, tokens in zip(tokenizer.encode(texts), new)]
     print("\n\n".join(out))
     return out

@@ -28,7 +28,7 @@ class LoadedModel:
     model: torch.nn.Module
     recipe: object  # msllm.config.Recipe
     meta: dict
-    tokenizer: object  # sentencepiece.SentencePieceProcessor
+    tokenizer: object  # msllm.data.tokenizer's interface (sentencepiece or bytes)
     path: Path  # the checkpoint folder or the export folder
     kind: str  # "checkpoint" or "export"
 
@@ -101,7 +101,7 @@ def _build(recipe, state: dict, where: Path) -> torch.nn.Module:
 
 def _tokenizer(path: Path, expected_sha256: str | None, vocab_size: int):
     """The tokenizer at `path`, checked to be the one the model was trained with."""
-    from msllm.data.tokenizer import file_sha256, load_sentencepiece
+    from msllm.data.tokenizer import file_sha256, load_tokenizer_file
 
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no tokenizer.model (the tokenizer the model was trained with)")
@@ -109,11 +109,11 @@ def _tokenizer(path: Path, expected_sha256: str | None, vocab_size: int):
         raise CheckpointError(f"{path} is not the tokenizer the model was trained with (its sha256 differs from the "
                               "recorded one): put the original tokenizer.model back, or export the checkpoint again")
     try:
-        tokenizer = load_sentencepiece(path)
+        tokenizer = load_tokenizer_file(path)
     except MsllmError as exc:
         raise CheckpointError(str(exc)) from None
-    if tokenizer.GetPieceSize() > vocab_size:
-        raise CheckpointError(f"{path} has {tokenizer.GetPieceSize()} tokens, more than the model's {vocab_size}: "
+    if tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(f"{path} has {tokenizer.vocab_size} tokens, more than the model's {vocab_size}: "
                               "not the tokenizer this model was trained with")
     return tokenizer
 

@@ -1,0 +1,132 @@
+"""Learned chunking (`pool: dynamic`), after H-Net's dynamic chunking (Hwang, Wang, Gu, 2025,
+arXiv 2507.07955; the authors' code is goombalab/hnet).
+
+    h [B, n, d]  (the finer scale's output)
+      -> Router:   p_t = (1 - cos(Wq h_t, Wk h_(t-1))) / 2,  p_0 = 1;  boundary b_t = p_t >= 0.5
+      -> chunk:    the coarse sequence is h at the boundaries, s_0 = 0 < s_1 < ... (variable count per
+                   sample, padded at the end to the batch's largest count)
+      -> the coarse scale's layers (causal over chunks)
+      -> dechunk:  EMA over chunks, z_j = p_(s_j) y_j + (1 - p_(s_j)) z_(j-1); fine position t takes
+                   z of its chunk c(t) = (boundaries <= t) - 1, times the straight-through confidence
+                   (p_t where b_t, else 1 - p_t; its value is 1, its gradient that of the confidence)
+      ratio loss:  N/(N-1) * ((N-1) F G + (1-F)(1-G)), F = fraction of boundaries, G = mean p,
+                   N = target_ratio; the model adds ratio_loss_weight times it to the LM loss
+
+Causality, in msllm's convention (layers.CausalPool): coarse position j reads h at s_j alone, and h
+at s_j summarises positions <= s_j (the fine layers are causal). It is served to positions s_j ..
+s_(j+1) - 1, the first of which is s_j itself, exactly as fixed pooling serves coarse position j
+(positions <= j*f) to j*f .. j*f + f - 1. So coarse position j stands for the chunk of positions
+s_(j-1) + 1 .. s_j, which has ended by s_j: a position t only ever reads chunks that ended at or
+before t. Whether t is a boundary is decided from h_t and h_(t-1) only, so changing position t can
+move boundaries at t and later, never before: the chunks that positions < t read stay the same.
+(H-Net calls s_j the *start* of its chunk s_j .. s_(j+1) - 1; the computation is the same.)
+
+On the meta device (msllm.models.flops_per_token) there are no values to place boundaries by: the
+coarse sequence then has ceil(n / target_ratio) positions, the count training aims at.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# H-Net clamps p into [1e-4, 1 - 1e-4] before its EMA, so that no chunk forgets or keeps all of the past.
+EMA_CLAMP = 1e-4
+
+
+class Chunks:
+    """Where one batch was cut: the boundary probabilities p [B, n], boundaries b [B, n] (bool),
+    the fine position of each coarse position [B, M] and each fine position's chunk [B, n]."""
+
+    def __init__(self, p: torch.Tensor, boundaries: torch.Tensor, selected: torch.Tensor, chunk_of: torch.Tensor):
+        self.p, self.boundaries, self.selected, self.chunk_of = p, boundaries, selected, chunk_of
+
+
+class DynamicChunking(nn.Module):
+    """Router, chunking and dechunking of one dynamic scale. forward(h) -> (coarse [B, M, d], Chunks);
+    upsample(y, chunks) -> [B, n, d]. After each forward, `ratio_loss` (weighted, a scalar tensor)
+    and `stats` (detached: boundary fraction, mean p, compression) describe the last batch."""
+
+    def __init__(self, d: int, target_ratio: float, ratio_loss_weight: float):
+        super().__init__()
+        self.target_ratio = target_ratio
+        self.ratio_loss_weight = ratio_loss_weight
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(d, d, bias=False)
+        self.ratio_loss: torch.Tensor | None = None
+        self.stats: dict[str, torch.Tensor] = {}
+        self.last_chunks: Chunks | None = None
+
+    def reset_parameters(self) -> None:
+        """H-Net's init: Wq = Wk = identity, so that p starts as the plain cosine distance of
+        neighbouring states (init_weights calls it after its normal init)."""
+        with torch.no_grad():
+            self.wq.weight.copy_(torch.eye(self.wq.weight.shape[0]))
+            self.wk.weight.copy_(torch.eye(self.wk.weight.shape[0]))
+
+    def boundary_probabilities(self, h: torch.Tensor) -> torch.Tensor:
+        q = F.normalize(self.wq(h[:, 1:]), dim=-1)
+        k = F.normalize(self.wk(h[:, :-1]), dim=-1)
+        p = ((1 - (q * k).sum(-1)) / 2).clamp(0.0, 1.0)
+        return torch.cat((p.new_ones(p.shape[0], 1), p), dim=1)  # position 0 always starts (ends) a chunk
+
+    def forward(self, h: torch.Tensor, n_real: int | None = None) -> tuple[torch.Tensor, Chunks]:
+        """h [B, n, d] -> the states at the boundaries [B, M, d] (M: the most boundaries of any row;
+        a row with fewer is padded at the end with states that no real position reads). `n_real`:
+        the positions before the model's end padding, the only ones the ratio loss counts."""
+        B, n, d = h.shape
+        p = self.boundary_probabilities(h)
+        boundaries = p >= 0.5
+        positions = torch.arange(n, device=h.device)
+        if h.is_meta:
+            M = math.ceil(n / self.target_ratio)
+        else:
+            M = int(boundaries.sum(dim=1).max())
+        # Boundaries first, each group in order (H-Net's ChunkLayer): the first M are row b's chunks.
+        order = torch.argsort(positions + (~boundaries).long() * n, dim=1, stable=True)
+        selected = order[:, :M]  # [B, M]
+        coarse = torch.gather(h, 1, selected.unsqueeze(-1).expand(B, M, d))
+        chunk_of = torch.cumsum(boundaries.long(), dim=1) - 1  # [B, n]
+        chunks = Chunks(p, boundaries, selected, chunk_of)
+        self._ratio_loss(p[:, :n_real], boundaries[:, :n_real])
+        self.last_chunks = chunks
+        return coarse, chunks
+
+    def _ratio_loss(self, p: torch.Tensor, boundaries: torch.Tensor) -> None:
+        N = self.target_ratio
+        fraction = boundaries.float().mean()  # F: not differentiable (H-Net's too)
+        mean_p = p.float().mean()  # G: carries the gradient
+        loss = N / (N - 1) * ((N - 1) * fraction * mean_p + (1 - fraction) * (1 - mean_p))
+        self.ratio_loss = self.ratio_loss_weight * loss
+        self.stats = {
+            "compression": (1.0 / fraction.clamp(min=1e-9)).detach(),
+            "boundary_fraction": fraction.detach(),
+            "ratio_loss": loss.detach(),
+        }
+
+    def upsample(self, y: torch.Tensor, chunks: Chunks) -> torch.Tensor:
+        """y [B, M, d] (the coarse layers' output) -> [B, n, d] at the fine positions."""
+        B, M, d = y.shape
+        p_chunk = torch.gather(chunks.p, 1, chunks.selected).clamp(EMA_CLAMP, 1 - EMA_CLAMP)  # [B, M]
+        z = ema(y, p_chunk)
+        fine = torch.gather(z, 1, chunks.chunk_of.unsqueeze(-1).expand(B, -1, d))
+        confidence = torch.where(chunks.boundaries, chunks.p, 1 - chunks.p)
+        straight_through = confidence + (1 - confidence).detach()  # 1 in value, confidence's gradient
+        return fine * straight_through.unsqueeze(-1).to(fine.dtype)
+
+
+def ema(y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """z_j = p_j y_j + (1 - p_j) z_(j-1) (z_(-1) = 0) over dim 1 of y [B, M, d], p [B, M], in closed
+    form: z_j = sum_(i <= j) p_i prod_(i < l <= j) (1 - p_l) y_i, one [M, M] weight matrix per row
+    (the same cost as one attention head over the chunks; H-Net uses a Mamba-2 scan kernel)."""
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    p = p.to(dtype)
+    log_keep = torch.log1p(-p).cumsum(dim=1)  # [B, M]: sum of log(1 - p_l) for l <= j
+    M = y.shape[1]
+    causal = torch.ones(M, M, dtype=torch.bool, device=y.device).tril()
+    exponent = (log_keep.unsqueeze(2) - log_keep.unsqueeze(1)).masked_fill(~causal, float("-inf"))  # [B, j, i]
+    weights = torch.exp(exponent) * p.unsqueeze(1)
+    return (weights.to(y.dtype) @ y)

@@ -1,0 +1,137 @@
+"""Learned chunking (pool: dynamic, msllm.models.chunking): the routing, the chunks, the smoothing
+upsampler and the ratio loss against their definitions, the loss plumbing, and the config refusals.
+Causality is in tests/test_models.py with every other architecture."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from msllm.config import ModelConfig, ScaleConfig, from_dict, validate
+from msllm.errors import MsllmError, RecipeError
+from msllm.models import build_model, flops_per_token
+from msllm.models.chunking import DynamicChunking, ema
+from msllm.train.loss import lm_loss, model_loss
+
+VOCAB = 97
+
+
+def dynamic_cfg(**overrides) -> ModelConfig:
+    scales = [ScaleConfig(1, 1, "local", 8), ScaleConfig(1, 1, "full", pool="dynamic", target_ratio=3.0)]
+    cfg = ModelConfig(arch="bottom_up", vocab_size=VOCAB, d_model=32, n_heads=2, scales=scales, final_layers=1)
+    return dataclasses.replace(cfg, **overrides)
+
+
+def test_routing_and_chunks_follow_their_definition():
+    torch.manual_seed(0)
+    chunking = DynamicChunking(8, target_ratio=3.0, ratio_loss_weight=0.03).double()
+    torch.nn.init.normal_(chunking.wq.weight)
+    h = torch.randn(2, 20, 8, dtype=torch.float64)
+    coarse, chunks = chunking(h)
+    q, k = chunking.wq(h), chunking.wk(h)
+    for b in range(2):
+        expected_p = [1.0] + [0.5 * (1 - torch.cosine_similarity(q[b, t], k[b, t - 1], dim=0).item()) for t in range(1, 20)]
+        torch.testing.assert_close(chunks.p[b], torch.tensor(expected_p, dtype=torch.float64))
+        starts = [t for t in range(20) if expected_p[t] >= 0.5]
+        assert chunks.boundaries[b].nonzero()[:, 0].tolist() == starts
+        torch.testing.assert_close(coarse[b, : len(starts)], h[b, starts])  # the states at the boundaries, in order
+        assert chunks.chunk_of[b].tolist() == [sum(1 for s in starts if s <= t) - 1 for t in range(20)]
+    assert coarse.shape[1] == int(chunks.boundaries.sum(dim=1).max())  # padded to the most chunks of a row
+
+
+def test_the_ema_dechunking_matches_its_recurrence_and_serves_each_chunk_from_its_boundary_on():
+    torch.manual_seed(1)
+    y = torch.randn(2, 7, 4, dtype=torch.float64)
+    p = torch.rand(2, 7, dtype=torch.float64) * 0.9 + 0.05
+    z, expected = ema(y, p), []
+    previous = torch.zeros(2, 4, dtype=torch.float64)
+    for j in range(7):
+        previous = p[:, j:j + 1] * y[:, j] + (1 - p[:, j:j + 1]) * previous
+        expected.append(previous)
+    torch.testing.assert_close(z, torch.stack(expected, dim=1))
+
+    chunking = DynamicChunking(4, 3.0, 0.03).double()
+    h = torch.randn(2, 12, 4, dtype=torch.float64)
+    coarse, chunks = chunking(h)
+    fine = chunking.upsample(coarse, chunks)
+    p_chunk = torch.gather(chunks.p, 1, chunks.selected).clamp(1e-4, 1 - 1e-4)
+    z = ema(coarse, p_chunk)
+    for b in range(2):
+        for t in range(12):  # the straight-through confidence is 1 in value
+            torch.testing.assert_close(fine[b, t], z[b, chunks.chunk_of[b, t]])
+
+
+def test_the_ratio_loss_is_h_nets_and_is_lowest_at_the_target():
+    chunking = DynamicChunking(4, target_ratio=4.0, ratio_loss_weight=0.5)
+    chunking._ratio_loss(torch.full((1, 8), 0.25), torch.tensor([[1, 0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool))
+    assert chunking.stats["ratio_loss"].item() == pytest.approx(1.0)  # F = G = 1/N
+    assert chunking.ratio_loss.item() == pytest.approx(0.5)
+    assert chunking.stats["compression"].item() == pytest.approx(4.0)
+    N, F, G = 4.0, 0.5, 0.6
+    chunking._ratio_loss(torch.full((1, 4), G), torch.tensor([[1, 1, 0, 0]], dtype=torch.bool))
+    assert chunking.stats["ratio_loss"].item() == pytest.approx(N / (N - 1) * ((N - 1) * F * G + (1 - F) * (1 - G)))
+
+
+def test_the_ratio_loss_joins_the_training_loss_summed_over_positions_and_eval_leaves_it_out():
+    torch.manual_seed(2)
+    model = build_model(dynamic_cfg()).double()
+    ids = torch.randint(0, VOCAB, (2, 30))
+    labels = ids.roll(-1, dims=1)
+    train = model_loss(model, ids, labels, "dense")
+    lm = lm_loss(model.hidden_states(ids), model.lm_head.weight, labels, "dense")
+    weighted = model.pools[-1].ratio_loss
+    assert weighted.item() > 0
+    torch.testing.assert_close(train, lm + weighted * ids.numel())
+    torch.testing.assert_close(model_loss(model, ids, labels, "dense", auxiliary=False), lm)
+    train.backward()
+    assert model.pools[-1].wq.weight.grad.abs().sum() > 0  # the router learns (EMA, confidence, ratio loss)
+    assert set(model.log_metrics()) == {"compression_s1", "ratio_loss_s1"}
+
+
+def test_flops_count_the_coarse_scale_at_the_target_ratio():
+    """On the meta device there are no boundaries: the coarse scale counts ceil(n / target_ratio)."""
+    low, high = (flops_per_token(dynamic_cfg(scales=[ScaleConfig(1, 1, "local", 8),
+                                                     ScaleConfig(1, 2, "full", pool="dynamic", target_ratio=r)]), 64)
+                 for r in (8.0, 2.0))
+    assert high > low
+
+
+def test_a_dynamic_model_has_no_cached_decoding_but_generates_by_recomputing():
+    from msllm.use.generate import generate
+
+    torch.manual_seed(3)
+    model = build_model(dynamic_cfg()).eval()
+    with pytest.raises(MsllmError, match="dynamic"):
+        model.new_cache()
+    prompt = [5, 6, 7]
+    new = generate(model, [prompt], max_new_tokens=4, temperature=0)
+    ids = list(prompt)
+    for _ in range(4):  # greedy by hand over whole sequences
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert new[0] == ids[3:]
+
+
+def recipe_with(scales: list[dict], arch: str = "bottom_up", sp: int = 1):
+    return from_dict({"model": {"arch": arch, "scales": scales}, "data": {"seq_len": 64}, "parallel": {"sp": sp}})
+
+
+@pytest.mark.parametrize("scales,arch,sp,message", [
+    ([{"attention": "local"}, {"pool": "dynamic"}], "top_down", 1, "bottom_up only"),
+    ([{"attention": "local"}, {"pool": "dynamic"}, {"factor": 2}], "bottom_up", 1, "only the coarsest"),
+    ([{"attention": "local"}, {"pool": "dynamic", "factor": 4}], "bottom_up", 1, "leave it at 1"),
+    ([{"attention": "local"}, {"pool": "dynamic", "target_ratio": 1.0}], "bottom_up", 1, "above 1"),
+    ([{"attention": "local"}, {"pool": "dynamic", "ratio_loss_weight": -1}], "bottom_up", 1, "negative"),
+    ([{"attention": "local", "window": 8}, {"pool": "dynamic"}], "bottom_up", 2, "sequence parallelism"),
+])
+def test_bad_dynamic_settings_fail_with_one_line(scales, arch, sp, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        validate(recipe_with(scales, arch, sp))
+    assert "\n" not in str(info.value)
+
+
+def test_a_good_dynamic_recipe_validates():
+    validate(recipe_with([{"attention": "local"}, {"pool": "dynamic", "target_ratio": 4.0}]))
+    assert math.isfinite(flops_per_token(dataclasses.replace(dynamic_cfg()), 64))
