@@ -219,11 +219,8 @@ def bpb_figure(summary: dict, results: dict[str, list[dict]]):
     for model, runs in results.items():
         fpt = summary[model]["flops_per_token"]
         flops = [t * fpt for t, _ in runs[0]["curve"]]
-        per_point = list(zip(*[[b for _, b in r["curve"]] for r in runs]))
-        line, = ax.plot(flops, [statistics.mean(p) for p in per_point], label=model, marker="o", markersize=3,
-                        linestyle="--" if model.startswith("vanilla") else "-")
-        ax.fill_between(flops, [min(p) for p in per_point], [max(p) for p in per_point], color=line.get_color(),
-                        alpha=0.2, linewidth=0)
+        plotting.seed_band(ax, model, flops, [[b for _, b in r["curve"]] for r in runs],
+                           dashed=model.startswith("vanilla"))
     ax.set_xlabel("training FLOPs (TFLOP)")
     ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e12:,.1f}")
     ax.set_ylabel("validation bits per byte")

@@ -226,12 +226,8 @@ def bpb_figure(results: list[dict]):
     ax = axes[0, 0]
     for model in dict.fromkeys(r["model"] for r in results):
         curves = [r["curve"] for r in results if r["model"] == model]
-        tokens = [t for t, _ in curves[0]]
-        per_point = list(zip(*[[b for _, b in c] for c in curves]))
-        line, = ax.plot(tokens, [statistics.mean(p) for p in per_point], label=model, marker="o", markersize=3,
-                        linestyle="--" if model.startswith("vanilla") else "-")
-        ax.fill_between(tokens, [min(p) for p in per_point], [max(p) for p in per_point], color=line.get_color(),
-                        alpha=0.2, linewidth=0)
+        plotting.seed_band(ax, model, [t for t, _ in curves[0]], [[b for _, b in c] for c in curves],
+                           dashed=model.startswith("vanilla"))
     ax.set_xlabel("training tokens (thousands)")
     ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e3:,.0f}")
     ax.set_ylabel("validation bits per byte")

@@ -12,6 +12,7 @@ predate any other.
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 
 DPI = 110
@@ -47,6 +48,16 @@ def length_axis(ax, lengths) -> None:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     if len(lengths) > 1:
         ax.set_xlim(lengths[0] / 1.25, lengths[-1] * 1.25)
+
+
+def seed_band(ax, label: str, xs, curves, dashed: bool = False) -> None:
+    """One line per model: the mean over the seeds' `curves` (each a list of y values at `xs`), with a
+    band from the lowest to the highest seed at each point."""
+    per_point = list(zip(*curves))
+    line, = ax.plot(xs, [statistics.mean(p) for p in per_point], label=label, marker="o", markersize=3,
+                    linestyle="--" if dashed else "-")
+    ax.fill_between(xs, [min(p) for p in per_point], [max(p) for p in per_point], color=line.get_color(),
+                    alpha=0.2, linewidth=0)
 
 
 def save(fig, path: Path) -> Path:
