@@ -11,13 +11,31 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_helpers import ARCHS, SEQ_LEN, export_random_model, run_isolated, wiki_tokenizer
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 TASK = "msllm_wiki_cloze"
 
-LM_EVAL = "import sys\nfrom lm_eval.__main__ import cli_evaluate\nsys.argv[0] = 'lm_eval'\ncli_evaluate()\n"
+# One isolated process runs `lm_eval` once per export (argv: a JSON list of argument lists), as
+# six separate `lm_eval` commands would, without six start-ups of torch, transformers and lm_eval.
+# Each run's failure is written into its output folder, so that only its own test fails.
+LM_EVAL = """
+import json, sys, traceback
+from pathlib import Path
+from lm_eval.__main__ import cli_evaluate
+for arguments in json.loads(sys.argv[1]):
+    sys.argv = ["lm_eval", *arguments]
+    output = Path(arguments[arguments.index("--output_path") + 1])
+    try:
+        cli_evaluate()
+    except BaseException as error:
+        if isinstance(error, SystemExit) and error.code in (0, None):
+            continue  # the command's own successful exit
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "failed.txt").write_text(traceback.format_exc())
+"""
 
 
 def test_the_shipped_task_is_what_its_builder_builds():
@@ -37,21 +55,34 @@ def tokenizer(tmp_path_factory):
     return wiki_tokenizer(tmp_path_factory.getbasetemp())[0]
 
 
+@pytest.fixture(scope="module")
+def lm_eval_runs(tokenizer, tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """For each architecture: (the exported random model, the folder of its lm_eval results)."""
+    base = tmp_path_factory.mktemp("lm_eval")
+    work = base / "task"
+    shutil.copytree(TASKS, work)  # the task's data_files are relative to the working directory
+    runs, commands = {}, []
+    for name in sorted(ARCHS):
+        model = export_random_model(name, tokenizer, base / name / "export")
+        runs[name] = (model, base / name / "results")
+        commands.append([
+            "--model", "hf", "--model_args", f"pretrained={base / name / 'export' / 'hf'},trust_remote_code=True",
+            "--tasks", TASK, "--include_path", str(work), "--device", "cpu", "--batch_size", "4",  # batches are right-padded
+            "--log_samples", "--output_path", str(runs[name][1])])
+    proc = run_isolated(LM_EVAL, json.dumps(commands), cwd=work, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ARCHS))
-def test_lm_eval_logs_msllms_loglikelihoods(name, tokenizer, tmp_path):
+def test_lm_eval_logs_msllms_loglikelihoods(name, tokenizer, lm_eval_runs):
     from msllm.data.tokenizer import load_sentencepiece
     from msllm.use.evaluate import continuation_loglikelihoods
 
-    model = export_random_model(name, tokenizer, tmp_path / "export")
-    work = tmp_path / "task"
-    shutil.copytree(TASKS, work)  # the task's data_files are relative to the working directory
-    proc = run_isolated(
-        LM_EVAL, "--model", "hf", "--model_args", f"pretrained={tmp_path / 'export' / 'hf'},trust_remote_code=True",
-        "--tasks", TASK, "--include_path", work, "--device", "cpu", "--batch_size", "4",  # batches are right-padded
-        "--log_samples", "--output_path", tmp_path / "results", cwd=work)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (samples_file,) = (tmp_path / "results").rglob(f"samples_{TASK}_*.jsonl")
+    model, results = lm_eval_runs[name]
+    assert not (results / "failed.txt").exists(), (results / "failed.txt").read_text()[-3000:]
+    (samples_file,) = results.rglob(f"samples_{TASK}_*.jsonl")
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert len(samples) == 24
     requests, logged = [], []
@@ -68,5 +99,5 @@ def test_lm_eval_logs_msllms_loglikelihoods(name, tokenizer, tmp_path):
     accuracy = sum(
         max(range(4), key=lambda k: ours[4 * i + k][0]) == sample["doc"]["answer"] for i, sample in enumerate(samples)
     ) / len(samples)
-    (results_file,) = (tmp_path / "results").rglob("results_*.json")
+    (results_file,) = results.rglob("results_*.json")
     assert json.loads(results_file.read_text())["results"][TASK]["acc,none"] == pytest.approx(accuracy)
