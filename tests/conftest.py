@@ -3,41 +3,45 @@
     data_small_corpus   a prepared text corpus (seq_len 64) for the data tests
     tiny_data           the trainer tests' tiny corpus and its shards
     reference_run       one uninterrupted run of the tiny vanilla recipe
+    made_once           made_once(name, make) -> a folder that `make` fills once per test run
 
-Each is built once per session (on disk, so that every module shares it). Helpers that are not
+Each is built once per test run, on disk (`made_once`): every module, and every xdist worker,
+shares it. Helpers that are not
 fixtures live in data_helpers.py, train_helpers.py (running `msllm`), model_helpers.py (the tiny
 model of each architecture), plot_helpers.py and launch.py (torchrun).
 
 A test marked `@pytest.mark.needs_root("why")` skips, saying why, when not run as root, and fails
 instead under CI (CI=true), which must run every test (`.ci/run` runs as root).
 
-CI runs the suite on two pytest-xdist workers (`-n 2`). The integration tests share daemons and
-module fixtures (slurm, dockerd, the base image) and the reliability tests signal training
-processes at chosen moments: each of those two folders runs on one worker, as one xdist group
-(with `--dist loadgroup`, which the addopts in pyproject.toml select).
+CI runs the suite on two pytest-xdist workers (`-n 2`). A module whose tests share a module-scoped
+fixture (dockerd and its image, a slurm cluster, exported models) runs on one worker, as one xdist
+group (`--dist loadgroup`, which the addopts in pyproject.toml select), so that the fixture is built
+once; every other test goes to whichever worker is free.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from data_helpers import make_documents, text_config, write_text_files
 from msllm.config import DataConfig, TokenizerConfig
 from train_helpers import base_recipe, check, corpus_text, make_recipe, msllm
 
 
-SERIAL_FOLDERS = ("integration", "reliability")
-
-
+# Before xdist's own hook, which reads the xdist_group marks (a later mark would be ignored).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
-    """Each of SERIAL_FOLDERS runs on one xdist worker, its tests one after another."""
+    """The tests of a module that share a module-scoped fixture form one xdist group (one worker)."""
     for item in items:
-        folder = item.path.parent.name
-        if folder in SERIAL_FOLDERS:
-            item.add_marker(pytest.mark.xdist_group(folder))
+        fixtures = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for defs in (fixtures.name2fixturedefs.values() if fixtures else ()) for d in defs}
+        if "module" in scopes:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -69,33 +73,52 @@ def data_small_corpus(tmp_path_factory) -> tuple[DataConfig, list[str]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
-    """(corpus file, shards folder), built once per session (on disk, so every module shares it)."""
-    from msllm.config import from_dict
-    from msllm.data import prepare_dataset
+def made_once(tmp_path_factory):
+    """made_once(name, make) -> Path: the folder `name` that `make(folder)` filled, once in the whole
+    test run. The first xdist worker to ask makes it, under a file lock; the others wait and share
+    it. Read it, never write into it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's temp folder, above each worker's own
 
-    base = tmp_path_factory.getbasetemp() / "train_tiny_data"
-    corpus, shards = base / "corpus.txt", base / "shards"
-    if not (shards / "manifest.json").is_file():
-        base.mkdir(parents=True, exist_ok=True)
-        corpus.write_text(corpus_text())
-        recipe = from_dict(base_recipe(shards, corpus, base / "unused"))
-        prepare_dataset(recipe.data)
-    return corpus, shards
+    def made_once(name: str, make) -> Path:
+        folder = root / name
+        with FileLock(str(root / f"{name}.lock")):
+            if not (folder / ".made").is_file():
+                shutil.rmtree(folder, ignore_errors=True)  # a make() that failed half-way
+                folder.mkdir(parents=True)
+                make(folder)
+                (folder / ".made").touch()
+        return folder
+
+    return made_once
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory, tiny_data) -> tuple[Path, Path, str]:
+def tiny_data(made_once) -> tuple[Path, Path]:
+    """(corpus file, shards folder), made once per test run."""
+    from msllm.config import from_dict
+    from msllm.data import prepare_dataset
+
+    def make(base: Path) -> None:
+        (base / "corpus.txt").write_text(corpus_text())
+        prepare_dataset(from_dict(base_recipe(base / "shards", base / "corpus.txt", base / "unused")).data)
+
+    base = made_once("train_tiny_data", make)
+    return base / "corpus.txt", base / "shards"
+
+
+@pytest.fixture(scope="session")
+def reference_run(made_once, tiny_data) -> tuple[Path, Path, str]:
     """(recipe, output_dir, stdout) of one uninterrupted single-process run of the tiny vanilla
-    recipe (12 steps, ZeRO 0), made once per session even when several modules use it."""
-    tmp = tmp_path_factory.getbasetemp() / "train_reference"
-    tmp.mkdir(exist_ok=True)
-    recipe, out = make_recipe(tmp, tiny_data)
-    log = tmp / "stdout.txt"
-    if not log.is_file():
-        proc = check(msllm("train", recipe))
-        log.write_text(proc.stdout)
-    return recipe, out, log.read_text()
+    recipe (12 steps, ZeRO 0), made once per test run even when several modules use it."""
+
+    def make(tmp: Path) -> None:
+        recipe, _ = make_recipe(tmp, tiny_data)
+        (tmp / "stdout.txt").write_text(check(msllm("train", recipe)).stdout)
+
+    tmp = made_once("train_reference", make)
+    return tmp / "recipe.yaml", tmp / "recipe_run", (tmp / "stdout.txt").read_text()  # make_recipe's names
 
 
 @pytest.fixture

@@ -43,17 +43,15 @@ def run(tmp, tiny_data, arch: str, nproc: int, sp: int, zero_stage: int = 0, **p
 
 
 @pytest.fixture(scope="session")
-def sp1_run(tmp_path_factory, tiny_data):
+def sp1_run(made_once, tiny_data):
     """sp1_run(arch, nproc=1, zero_stage=0) -> output_dir of the sp=1 run of `arch` on `nproc`
-    ranks that the sp=2 runs are compared with: made once per session, however many tests compare
-    with it (read it, never write into it)."""
-    root = tmp_path_factory.mktemp("sp1_runs")
-    made = {}
+    ranks that the sp=2 runs are compared with: made once per test run, however many tests (and
+    xdist workers) compare with it (read it, never write into it)."""
 
     def sp1_run(arch: str, nproc: int = 1, zero_stage: int = 0):
-        if (arch, nproc, zero_stage) not in made:
-            made[arch, nproc, zero_stage] = run(root, tiny_data, arch, nproc=nproc, sp=1, zero_stage=zero_stage)[1]
-        return made[arch, nproc, zero_stage]
+        name = f"{arch}-n{nproc}-sp1-z{zero_stage}"  # run()'s recipe name
+        folder = made_once(f"sp1_run-{name}", lambda tmp: run(tmp, tiny_data, arch, nproc=nproc, sp=1, zero_stage=zero_stage))
+        return folder / f"{name}_run"  # run()'s output_dir
 
     return sp1_run
 

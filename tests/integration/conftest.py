@@ -37,10 +37,13 @@ def trainer() -> Trainer:
 
 
 @pytest.fixture(scope="session")
-def shards_dir(tmp_path_factory, trainer) -> Path:
-    """The tiny recipe's tokenizer and shards, prepared once per session."""
-    path = tmp_path_factory.mktemp("shards") / "tiny"
-    if trainer.kind == "real":
+def shards_dir(made_once, tmp_path_factory, trainer) -> Path:
+    """The tiny recipe's tokenizer and shards, prepared once per test run."""
+    if trainer.kind != "real":
+        return tmp_path_factory.mktemp("shards") / "tiny"
+
+    def make(folder: Path) -> None:
+        path = folder / "tiny"
         proc = run(
             [sys.executable, "-m", "msllm.cli", "prep", str(TINY_RECIPE), "--set", f"data.shards_dir={path}"],
             check=False,
@@ -50,14 +53,14 @@ def shards_dir(tmp_path_factory, trainer) -> Path:
         # One single-process step, so that the loader has unpacked the (zstd) shards before two
         # "nodes" share the folder: first use by two nodes at once raced here (FileNotFoundError
         # on train/shard.00000.mds), a data-loader matter that these launcher tests sidestep.
-        warm = path.parent / "warmup"
         proc = run(
             [sys.executable, "-m", "msllm.cli", "train", str(TINY_RECIPE), "--set", f"data.shards_dir={path}",
-             "--set", f"run.output_dir={warm}", "--set", "train.max_steps=1"],
+             "--set", f"run.output_dir={folder / 'warmup'}", "--set", "train.max_steps=1"],
             check=False, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"},
         )
         assert proc.returncode == 0, f"a one-step `msllm train` of the tiny recipe failed:\n{proc.stdout[-3000:]}"
-    return path
+
+    return made_once("integration_shards", make) / "tiny"
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ dockerd (Debian's docker.io) runs with its data and exec roots in a temporary fo
 socket, no bridge and no iptables rules: it touches nothing of the machine's networking. No image
 can be pulled here, so the base image is made locally (make_base_image.sh: debootstrap of Debian
 bookworm minbase plus this machine's Python prefix) and cached as a tarball under
-~/.cache/msllm-test (MSLLM_TEST_CACHE), keyed by the script and the Python/torch/deepspeed
-versions, so that only the first run pays for debootstrap.
+~/.cache/msllm-test (MSLLM_TEST_CACHE), keyed by the script, the Python version and the installed
+packages, so that only the first run pays for debootstrap.
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ def docker_client() -> str | None:
 
 
 def base_image_key() -> str:
-    import deepspeed  # noqa: F401  (versions of what the image carries)
-    import torch
+    """What the base image is made of: the script, the Python version and every installed
+    distribution with its version (msllm's own install is left out of the image). Not the prefix's
+    path, so a fresh clone's venv with the same packages reuses the tarball."""
+    from importlib import metadata
 
+    packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()} - {f"msllm=={metadata.version('msllm')}"})
     h = hashlib.sha256()
     h.update((HERE / "make_base_image.sh").read_bytes())
-    h.update(f"{sys.version}|{sys.prefix}|{torch.__version__}|{deepspeed.__version__}".encode())
+    h.update(f"{sys.version}|{'|'.join(packages)}".encode())
     return h.hexdigest()[:16]
 
 

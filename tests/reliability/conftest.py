@@ -12,27 +12,27 @@ import pytest
 
 from train_helpers import check, make_recipe, msllm
 
+# The recipe sections of the shared trained run (and of each copy of it).
+TRAINED = dict(train={"max_steps": 6}, eval={"every": 0, "max_batches": 2}, checkpoint={"every": 3, "keep_last": 2})
+
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_data):
-    """(recipe, output_dir) of a finished 6-step run with checkpoints at steps 3 and 6.
-    Never write into it: use `run_copy`."""
-    tmp = tmp_path_factory.getbasetemp() / "reliability_trained"
-    tmp.mkdir(exist_ok=True)
-    recipe, out = make_recipe(
-        tmp, tiny_data, train={"max_steps": 6}, eval={"every": 0, "max_batches": 2}, checkpoint={"every": 3, "keep_last": 2}
-    )
-    if not (out / "checkpoints" / "step_0000006" / "COMPLETE").is_file():
+def trained_run(made_once, tiny_data):
+    """(recipe, output_dir) of a finished 6-step run with checkpoints at steps 3 and 6, made once
+    per test run. Never write into it: use `run_copy`."""
+
+    def make(tmp):
+        recipe, _ = make_recipe(tmp, tiny_data, **TRAINED)
         check(msllm("train", recipe))
-    return recipe, out
+
+    tmp = made_once("reliability_trained", make)
+    return tmp / "recipe.yaml", tmp / "recipe_run"  # make_recipe's names
 
 
 @pytest.fixture
 def run_copy(tmp_path, trained_run, tiny_data):
     """(recipe, output_dir) of a private copy of `trained_run`, free to break."""
     _, out = trained_run
-    recipe, copy = make_recipe(
-        tmp_path, tiny_data, train={"max_steps": 6}, eval={"every": 0, "max_batches": 2}, checkpoint={"every": 3, "keep_last": 2}
-    )
+    recipe, copy = make_recipe(tmp_path, tiny_data, **TRAINED)
     shutil.copytree(out, copy)
     return recipe, copy
