@@ -41,7 +41,7 @@ def llama_folder(tmp_path_factory, tiny_data):
 def test_imported_weights_give_transformers_logits(llama_folder):
     from msllm.config import ModelConfig, ScaleConfig
     from msllm.models import build_model
-    from msllm.use.import_hf import read_llama_folder
+    from msllm.checkpoint.llama import read_llama_folder
 
     folder, hf = llama_folder
     llama = read_llama_folder(folder)

@@ -171,7 +171,7 @@ def build_models(setting: Setting) -> dict:
 
     from msllm.bench.throughput import build
     from msllm.models import build_model
-    from msllm.use.hf.llama import to_llama_names
+    from msllm.checkpoint.llama import to_llama_names
 
     configs = model_configs(setting)
     models = {}

@@ -7,4 +7,6 @@
     files.py         the layout of a checkpoint folder, weights-only loading, checksums, and the
                      consolidated weights that eval, export and generate read without DeepSpeed
     runfolder.py     the run-folder lock: one training per output_dir, never two runs mixed in it
+    llama.py         a Hugging Face Llama's weights and config <-> msllm's vanilla model: what export
+                     writes, and what a run starts from (`train.init_from`, `msllm import-hf`)
 """

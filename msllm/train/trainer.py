@@ -93,7 +93,7 @@ class Trainer:
         seed_everything(recipe.run.seed)  # identical initial weights on every rank
         model = build_model(recipe.model)
         if t.init_from:  # a Hugging Face Llama's weights instead of the random init (a resume replaces them)
-            from msllm.use.import_hf import load_initial_weights
+            from msllm.checkpoint.llama import load_initial_weights
 
             load_initial_weights(model, recipe.model, t.init_from, self.shards.tokenizer_sha256)
         self.n_params = sum(p.numel() for p in model.parameters())

@@ -2,7 +2,7 @@
 text, never imported by msllm).
 
     folder.py                 write_hf_folder: an export's hf/, for every architecture
-    llama.py                  vanilla <-> LlamaForCausalLM: the config and the parameter names
+    (vanilla <-> LlamaForCausalLM, the config and the parameter names: msllm.checkpoint.llama)
     assemble.py               the self-contained configuration_msllm.py and modeling_msllm.py of an
                               export, assembled from msllm's own sources and the two templates:
     configuration_msllm.py    template: MsllmConfig (transformers' PretrainedConfig)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from msllm.use.hf.llama import can_be_llama, llama_config, to_llama_names
+from msllm.checkpoint.llama import can_be_llama, llama_config, to_llama_names
 
 AUTO_MAP = {
     "AutoConfig": "configuration_msllm.MsllmConfig",
