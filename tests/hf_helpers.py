@@ -51,24 +51,23 @@ else:
 '''
 
 
-def wiki_tokenizer(base: Path) -> tuple[Path, list[str]]:
+def wiki_tokenizer(made_once) -> tuple[Path, list[str]]:
     """(a tokenizer.model trained on the train split of the built-in corpus, its validation
-    documents), made once per test session under `base`."""
+    documents), made once per test run (conftest's `made_once` fixture)."""
     from msllm.data.prepare import choose_split_rule
     from msllm.data.sources import iter_documents
     from msllm.data.tokenizer import train_tokenizer
 
-    folder = base / "hf_wiki_tokenizer"
-    model, validation = folder / "tokenizer.model", folder / "validation.json"
-    if not validation.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
+    def make(folder: Path) -> None:
         data = DataConfig(source="wikipedia-sample")
         rule = choose_split_rule(data)
         documents = list(iter_documents(data))
         train_tokenizer([d for d in documents if rule.split_of(d) == "train"], TokenizerConfig(vocab_size=1000),
-                        model, num_threads=2)
-        validation.write_text(json.dumps([d for d in documents if rule.split_of(d) == "validation"]))
-    return model, json.loads(validation.read_text())
+                        folder / "tokenizer.model", num_threads=2)
+        (folder / "validation.json").write_text(json.dumps([d for d in documents if rule.split_of(d) == "validation"]))
+
+    folder = made_once("hf_wiki_tokenizer", make)
+    return folder / "tokenizer.model", json.loads((folder / "validation.json").read_text())
 
 
 def random_model(name: str, vocab_size: int, seed: int = 0) -> tuple[torch.nn.Module, ModelConfig]:

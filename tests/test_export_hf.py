@@ -67,10 +67,10 @@ torch.save(results, root / "results.pt")
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
+def exports(tmp_path_factory, made_once):
     """(root, {name: msllm model}, tokenizer path, validation documents): each ARCHS model exported
     to root/name."""
-    tokenizer, validation = wiki_tokenizer(tmp_path_factory.getbasetemp())
+    tokenizer, validation = wiki_tokenizer(made_once)
     root = tmp_path_factory.mktemp("hf_exports")
     models = {name: export_random_model(name, tokenizer, root / name) for name in NAMES}
     return root, models, tokenizer, validation

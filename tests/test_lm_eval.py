@@ -51,8 +51,8 @@ def test_the_shipped_task_is_what_its_builder_builds():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return wiki_tokenizer(tmp_path_factory.getbasetemp())[0]
+def tokenizer(made_once):
+    return wiki_tokenizer(made_once)[0]
 
 
 @pytest.fixture(scope="module")
