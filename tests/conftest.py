@@ -6,9 +6,9 @@
     made_once           made_once(name, make) -> a folder that `make` fills once per test run
 
 Each is built once per test run, on disk (`made_once`): every module, and every xdist worker,
-shares it. Helpers that are not
-fixtures live in data_helpers.py, train_helpers.py (running `msllm`), model_helpers.py (the tiny
-model of each architecture), plot_helpers.py and launch.py (torchrun).
+shares it. Helpers that are not fixtures live in data_helpers.py, train_helpers.py (running
+`msllm`), model_helpers.py (the tiny model of each architecture), plot_helpers.py and launch.py
+(torchrun).
 
 A test marked `@pytest.mark.needs_root("why")` skips, saying why, when not run as root, and fails
 instead under CI (CI=true), which must run every test (`.ci/run` runs as root).
