@@ -30,7 +30,7 @@ from filelock import FileLock
 
 from data_helpers import make_documents, text_config, write_text_files
 from msllm.config import DataConfig, TokenizerConfig
-from train_helpers import base_recipe, check, corpus_text, make_recipe, msllm
+from train_helpers import base_recipe, check, corpus_text, make_recipe, msllm, recipe_paths
 
 
 def pytest_configure(config) -> None:
@@ -129,7 +129,7 @@ def reference_run(made_once, tiny_data) -> tuple[Path, Path, str]:
         (tmp / "stdout.txt").write_text(check(msllm("train", recipe)).stdout)
 
     tmp = made_once("train_reference", make)
-    return tmp / "recipe.yaml", tmp / "recipe_run", (tmp / "stdout.txt").read_text()  # make_recipe's names
+    return *recipe_paths(tmp), (tmp / "stdout.txt").read_text()
 
 
 @pytest.fixture

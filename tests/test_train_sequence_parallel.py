@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from train_helpers import check, error_lines, make_recipe, msllm_torchrun, rows
+from train_helpers import check, error_lines, make_recipe, msllm_torchrun, recipe_paths, rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -31,9 +31,13 @@ MODELS = {
 }
 
 
+def recipe_name(arch: str, nproc: int, sp: int, zero_stage: int) -> str:
+    return f"{arch}-n{nproc}-sp{sp}-z{zero_stage}.yaml"
+
+
 def run(tmp, tiny_data, arch: str, nproc: int, sp: int, zero_stage: int = 0, **parallel):
     recipe, out = make_recipe(
-        tmp, tiny_data, name=f"{arch}-n{nproc}-sp{sp}-z{zero_stage}.yaml", model=MODELS[arch],
+        tmp, tiny_data, name=recipe_name(arch, nproc, sp, zero_stage), model=MODELS[arch],
         parallel={"sp": sp, "zero_stage": zero_stage, **parallel}, train={"max_steps": STEPS, "micro_batch_size": 2},
         eval={"every": 0, "max_batches": 2}, checkpoint={"every": 0},
     )
@@ -49,9 +53,9 @@ def sp1_run(made_once, tiny_data):
     xdist workers) compare with it (read it, never write into it)."""
 
     def sp1_run(arch: str, nproc: int = 1, zero_stage: int = 0):
-        name = f"{arch}-n{nproc}-sp1-z{zero_stage}"  # run()'s recipe name
+        name = recipe_name(arch, nproc, sp=1, zero_stage=zero_stage)
         folder = made_once(f"sp1_run-{name}", lambda tmp: run(tmp, tiny_data, arch, nproc=nproc, sp=1, zero_stage=zero_stage))
-        return folder / f"{name}_run"  # run()'s output_dir
+        return recipe_paths(folder, name)[1]
 
     return sp1_run
 

@@ -142,11 +142,16 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("msllm ")]
 
 
+def recipe_paths(tmp: Path, name: str = "recipe.yaml") -> tuple[Path, Path]:
+    """(recipe path, output_dir) of the recipe `make_recipe(tmp, ..., name)` writes."""
+    return tmp / name, tmp / (Path(name).stem + "_run")
+
+
 def make_recipe(tmp: Path, tiny_data, name: str = "recipe.yaml", **sections) -> tuple[Path, Path]:
     """Write a tiny recipe (sections merged into the base one) -> (recipe path, output_dir)."""
     corpus, shards = tiny_data
-    out = tmp / (Path(name).stem + "_run")
+    path, out = recipe_paths(tmp, name)
     recipe = base_recipe(shards, corpus, out)
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
-    return write_recipe(tmp / name, recipe), out
+    return write_recipe(path, recipe), out

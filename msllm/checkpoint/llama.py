@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from msllm.errors import CheckpointError
+from msllm.errors import CheckpointError, MsllmError
 
 
 def can_be_llama(model_cfg) -> bool:
@@ -179,7 +179,6 @@ class LlamaFolder:
 def read_llama_folder(folder: str | Path) -> LlamaFolder:
     """The Llama folder's config and tokenizer, checked (its weights are read on demand)."""
     from msllm.data.tokenizer import load_sentencepiece
-    from msllm.errors import MsllmError
 
     folder = Path(folder)
     config_file = folder / "config.json"

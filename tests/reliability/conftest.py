@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from train_helpers import check, make_recipe, msllm
+from train_helpers import check, make_recipe, msllm, recipe_paths
 
 # The recipe sections of the shared trained run (and of each copy of it).
 TRAINED = dict(train={"max_steps": 6}, eval={"every": 0, "max_batches": 2}, checkpoint={"every": 3, "keep_last": 2})
@@ -25,8 +25,7 @@ def trained_run(made_once, tiny_data):
         recipe, _ = make_recipe(tmp, tiny_data, **TRAINED)
         check(msllm("train", recipe))
 
-    tmp = made_once("reliability_trained", make)
-    return tmp / "recipe.yaml", tmp / "recipe_run"  # make_recipe's names
+    return recipe_paths(made_once("reliability_trained", make))
 
 
 @pytest.fixture
