@@ -135,6 +135,13 @@ class DataConfig:
     )
     shuffle: bool = doc(True, "Shuffle training samples (deterministically, from run.seed).")
     num_workers: int = doc(0, "DataLoader worker processes per rank during training.")
+    num_canonical_nodes: int = doc(
+        0,
+        "streaming's number of canonical nodes, which fixes the global order of the training samples "
+        "whatever the number of ranks (elastic determinism): a run resumes on any number of ranks on a "
+        "number of nodes that divides it or that it divides. 0: the number of nodes of the run's first "
+        "start (streaming's default). It is recorded in every checkpoint and cannot change within a run.",
+    )
     cache_dir: str = doc(
         "",
         "Local folder where each training job keeps its copy of the shards it reads (copied or "
@@ -322,12 +329,23 @@ class CheckpointConfig:
         "When every checkpoint in output_dir fails its checks at resume (each is set aside, never "
         "deleted): start again from step 0 with a loud warning (true), or stop with an error (false).",
     )
+    keep_global_batch: bool = doc(
+        True,
+        "A resume on another layout (ranks, dp x sp, ZeRO stage, micro-batch x accumulation) must keep "
+        "the saved global batch (micro x accumulation x dp), else it stops and names the --set that "
+        "keeps it; false lets the global batch change (the data still continue at the saved sample).",
+    )
 
 
 @dataclass
 class LogConfig:
     every: int = doc(10, "Log a console line, a metrics.jsonl row and TensorBoard scalars every N steps.")
     tensorboard: bool = doc(True, "Write TensorBoard event files under output_dir/tensorboard.")
+    sample_ids: bool = doc(
+        False,
+        "Add the global ids of the samples each step trained on (sorted) to its metrics.jsonl row: "
+        "to check that a resumed run, on any number of ranks, reads what an uninterrupted one would.",
+    )
 
 
 @dataclass
@@ -709,6 +727,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "checkpoint.every": recipe.checkpoint.every,
         "checkpoint.keep_last": recipe.checkpoint.keep_last,
         "data.num_workers": recipe.data.num_workers,
+        "data.num_canonical_nodes": recipe.data.num_canonical_nodes,
         "data.tokenizer.input_sentence_size": recipe.data.tokenizer.input_sentence_size,
     }.items():
         if value < 0:

@@ -49,5 +49,10 @@ class UnsafeCheckpointError(CheckpointError):
     never fallen back from silently."""
 
 
+class ReshardError(CheckpointError):
+    """A sound checkpoint that cannot be continued on this run's layout (ranks, dp x sp, ZeRO
+    stage): the run stops and the checkpoint is kept as it is, never set aside as corrupt."""
+
+
 class RunFolderError(MsllmError):
     """A run folder that is in use by another training, or holds another run."""

@@ -44,10 +44,11 @@ from msllm.checkpoint.files import (
     tag_for,
     verify_checkpoint,
 )
+from msllm.checkpoint.reshard import Layout, check_global_batch, convert, load_universal, same_files_layout, universal_folder
 from msllm.checkpoint.state import TrainState
 from msllm.distributed import collectives as dist
 from msllm.distributed.env import say
-from msllm.errors import CheckpointError, DivergenceError, UnsafeCheckpointError
+from msllm.errors import CheckpointError, DivergenceError, ReshardError, UnsafeCheckpointError
 
 
 class Checkpointer:
@@ -154,6 +155,7 @@ class Checkpointer:
         if self.cfg.keep_last:
             for old in done[: -self.cfg.keep_last]:
                 if old != self.last_verified:
+                    shutil.rmtree(universal_folder(old), ignore_errors=True)
                     shutil.rmtree(old, ignore_errors=True)
         if done:
             newest = step_of(done[-1])
@@ -196,7 +198,11 @@ class Checkpointer:
         """Resume from the newest good checkpoint when the recipe resumes and there is one: load
         it into the state and return its path; None otherwise. A checkpoint whose files fail their
         checksums or cannot be read is set aside (renamed, kept) and the one before is tried; one
-        that does not fit the recipe, or would run code, stops the run."""
+        that does not fit the recipe, or would run code, stops the run. A checkpoint saved on
+        another layout (ranks, dp x sp, ZeRO stage) is loaded through DeepSpeed's universal format
+        (msllm.checkpoint.reshard). When no checkpoint loads, `engine_touched` says whether a failed
+        attempt may have left some of its values in the engine (the trainer then builds it anew)."""
+        self.engine_touched = False
         if not self.cfg.resume:
             return None
         set_aside = 0
@@ -208,19 +214,23 @@ class Checkpointer:
                 return None
             problem = dist.on_rank0(verify_checkpoint, latest)
             if not problem:
-                state_rank = self.check_resumable(latest)
+                saved = self.check_resumable(latest)
+                reshard = False
                 try:
-                    meta, rank_state = self._load_files(latest, state_rank)
-                    self.state.load(meta, rank_state)
+                    meta, loader_state, rng = self._load_files(latest, saved)
+                    self.state.load(meta, loader_state, rng)
                     problem = ""
                 except UnsafeCheckpointError:
                     raise
                 except CheckpointError as exc:
-                    problem = str(exc)
+                    problem, reshard = str(exc), isinstance(exc, ReshardError)
                 problem = dist.first_failure(problem)
+                if dist.any_rank(reshard):  # a sound checkpoint that this layout cannot take: kept, and a stop
+                    raise ReshardError(problem)
                 if not problem:
                     self.last_verified = latest
                     self.last_saved_step = self.state.step
+                    self.engine_touched = False
                     return latest
             dist.on_rank0(self.set_aside, latest, problem)
             set_aside += 1
@@ -231,51 +241,103 @@ class Checkpointer:
         if not self.cfg.restart_if_all_corrupt:
             raise CheckpointError(f"{what}; checkpoint.restart_if_all_corrupt is false, so the run stops instead of "
                                   "starting again from step 0: repair or restore a checkpoint, or set it to true")
-        say(f"msllm: WARNING: {what}: training starts again from step 0 "
+        say(f"msllm: WARNING: {what}: training starts again from step 0 from the initial weights "
             "(set checkpoint.restart_if_all_corrupt: false to stop instead)")
 
-    def _load_files(self, ckpt: Path, state_rank: int) -> tuple[dict, dict]:
-        """Weights, optimizer and scheduler into the engine; (the saved meta, the trainer state
-        saved by rank `state_rank`)."""
+    def _load_files(self, ckpt: Path, saved: Layout) -> tuple[dict, dict, dict | None]:
+        """Weights, optimizer and scheduler into the engine, directly or through the universal
+        format; (the saved meta, the data loader's state, this rank's RNG state or None)."""
+        now = Layout.of(self.state.recipe, self.dims.world_size)
+        engine = self.state.engine
+        if same_files_layout(saved, now):
+            source = ckpt
+        else:
+            source = dist.on_rank0(self._converted, ckpt, saved)
+        self.engine_touched = True
         try:
             with safe_loading(ckpt):
-                load_path, client = self.state.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        except (OSError, RuntimeError, KeyError, AssertionError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"cannot load {ckpt}: {_first_sentence(exc)}") from None
+                if source == ckpt:
+                    load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+                else:
+                    load_path, client = load_universal(engine, source)
+        except CheckpointError:
+            raise
+        except (OSError, RuntimeError, KeyError, AssertionError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            if source != ckpt:
+                raise ReshardError(f"cannot resume {ckpt} (saved on {saved.describe()}) on {now.describe()}: loading "
+                                   f"{source.name} failed ({_first_sentence(exc)}); the checkpoint is kept as it is: "
+                                   "resume it on the ranks and ZeRO stage that saved it") from None
+            raise CheckpointError(f"cannot load {source}: {_first_sentence(exc)}") from None
         if load_path is None:
             raise CheckpointError(f"cannot load {ckpt}: DeepSpeed found no checkpoint files there")
-        own = ckpt / f"trainer_state_rank{state_rank}.pt"
-        if not own.is_file():
-            raise CheckpointError(f"{ckpt} has no {own.name}: the checkpoint is incomplete")
         if not isinstance(client, dict) or not isinstance(client.get("msllm"), dict):
             raise CheckpointError(f"{ckpt}: DeepSpeed's client state holds no msllm entry: not an msllm checkpoint")
-        return client["msllm"], load_torch_file(own)
+        # The loader's state is the whole job's (the same on every saved rank): rank 0's is read.
+        # The RNG streams: this rank's own when the layout is the same, or when the saved run had
+        # a rank of this number; None (fresh streams) for ranks beyond the saved world.
+        first = self._rank_file(ckpt, 0)
+        rng = None
+        if self.rank < saved.world_size:
+            own = first if self.rank == 0 else self._rank_file(ckpt, self.rank)
+            if "rng" not in own:
+                raise CheckpointError(f"the saved trainer state of rank {self.rank} has no rng entry: the checkpoint is "
+                                      "damaged; resume from an older one or start a new run.output_dir")
+            rng = own["rng"]
+        return client["msllm"], first, rng
 
-    def check_resumable(self, ckpt: Path) -> int:
+    @staticmethod
+    def _rank_file(ckpt: Path, rank: int) -> dict:
+        path = ckpt / f"trainer_state_rank{rank}.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{ckpt} has no {path.name}: the checkpoint is incomplete")
+        state = load_torch_file(path)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} is not a trainer state: the checkpoint is damaged")
+        return state
+
+    def _converted(self, ckpt: Path, saved: Layout) -> Path:
+        """Rank 0: the universal form of `ckpt`, converted once (msllm.checkpoint.reshard)."""
+        folder = universal_folder(ckpt)
+        if not folder.is_dir():
+            say(f"converting {ckpt.name} (saved on {saved.describe()}) to DeepSpeed's universal format in {folder} ...")
+        return convert(ckpt, saved.zero_stage)
+
+    def check_resumable(self, ckpt: Path) -> Layout:
         """Raise a one-line CheckpointError unless this run can continue from `ckpt`: the same
-        model, the same tokenizer, and a new world size only with the same data-parallel degree
-        and ZeRO stage 0 (DeepSpeed splits ZeRO 1-3 states by rank). Returns the saved rank whose
-        data-loader and RNG state this rank continues from (the ParallelDims decide the mapping)."""
+        model, the same tokenizer, the same global batch (unless checkpoint.keep_global_batch is
+        false) and a data order that the new number of nodes can keep. Any number of ranks, dp x
+        sp and ZeRO stage will do. Returns the layout that saved it."""
         recipe, dims = self.state.recipe, self.dims
-        saved = read_recipe(ckpt)
-        check_same_model(ckpt, dataclasses.asdict(saved.model), dataclasses.asdict(recipe.model))
+        saved_recipe = read_recipe(ckpt)
+        check_same_model(ckpt, dataclasses.asdict(saved_recipe.model), dataclasses.asdict(recipe.model))
         meta = read_meta(ckpt)
         check_same_tokenizer(ckpt, meta, self.state.tokenizer.sha256, recipe.data.shards_dir)
         try:
             saved_world = int(meta.get("world_size", 1))
+            saved_stage = int(meta.get("zero_stage", saved_recipe.parallel.zero_stage))
         except (TypeError, ValueError):
             raise CheckpointError(f"{ckpt}/{META}: world_size is not a number: the file was edited or damaged") from None
-        saved_sp = saved.parallel.sp
-        saved_dp = saved_world // saved_sp
-        zero = saved.parallel.zero_stage or recipe.parallel.zero_stage
-        if saved_world != dims.world_size and (saved_dp != dims.dp or zero):
-            raise CheckpointError(
-                f"{ckpt} was saved by {saved_world} ranks (dp {saved_dp} x sp {saved_sp}), this run has "
-                f"{dims.world_size} ({dims.describe()}): changing the world size needs the same "
-                f"data-parallel degree and ZeRO stage 0 (DeepSpeed splits ZeRO 1-3 states by rank); keep the "
-                f"world size or start a new output_dir"
-            )
-        return dims.resume_state_rank(saved_sp)
+        saved = Layout(saved_world, saved_recipe.parallel.sp, saved_stage, saved_recipe.train.micro_batch_size,
+                       saved_recipe.train.grad_accum_steps)
+        check_global_batch(ckpt, saved, Layout.of(recipe, dims.world_size), recipe.checkpoint.keep_global_batch)
+        canonical = meta.get("num_canonical_nodes")
+        if isinstance(canonical, int) and canonical > 0:
+            check_canonical_nodes(ckpt, canonical, recipe.data.num_canonical_nodes, dims.world_size)
+        return saved
+
+
+def check_canonical_nodes(ckpt: Path, saved: int, wanted: int, world_size: int) -> None:
+    """The global sample order of a run is fixed by its number of canonical nodes (streaming's
+    elastic determinism); a resume keeps it, on a number of nodes that divides it or that it
+    divides (streaming's rule)."""
+    if wanted and wanted != saved:
+        raise CheckpointError(f"{ckpt} was trained with data.num_canonical_nodes {saved}, this recipe sets {wanted}: it "
+                              f"fixes the order of the samples for the whole run; set it to {saved} (or 0)")
+    nodes = max(1, world_size // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    if saved % nodes and nodes % saved:
+        raise CheckpointError(f"{ckpt}'s data order was fixed for {saved} canonical nodes (data.num_canonical_nodes); "
+                              f"{nodes} nodes neither divide it nor are a multiple of it: resume on a divisor or "
+                              f"multiple of {saved} nodes")
 
 
 def _estimate_bytes(engine) -> int:

@@ -50,8 +50,10 @@ class Tokenizer:
 
 
 class TrainState:
-    def __init__(self, recipe, engine, loader, tokenizer: Tokenizer, world_size: int, run_record: dict):
+    def __init__(self, recipe, engine, loader, tokenizer: Tokenizer, world_size: int, run_record: dict,
+                 param_names: list[str] | None = None):
         self.recipe = recipe
+        self.param_names = param_names or []  # the optimizer's order (msllm.checkpoint.reshard needs it)
         self.engine = engine
         self.loader = loader
         self.tokenizer = tokenizer
@@ -68,6 +70,8 @@ class TrainState:
             "arch": r.model.arch,
             "zero_stage": r.parallel.zero_stage,
             "world_size": self.world_size,
+            # streaming's number of canonical nodes: it fixes the global order of the samples
+            "num_canonical_nodes": self.loader.state_dict().get("num_canonical_nodes"),
             "tokenizer_path": self.tokenizer.path,
             "tokenizer_sha256": self.tokenizer.sha256,
             "run_record": self.run_record,
@@ -75,7 +79,7 @@ class TrainState:
 
     def client_state(self) -> dict:
         """What DeepSpeed keeps with the weights: the meta and the resolved recipe."""
-        return {**self.meta(), "recipe": self.recipe.to_dict()}
+        return {**self.meta(), "recipe": self.recipe.to_dict(), "param_names": self.param_names}
 
     def rank_state(self) -> dict:
         return {"rng": rng_state(), "dataloader": self.loader.state_dict(), "step": self.step}
@@ -83,19 +87,35 @@ class TrainState:
     def files(self) -> dict[str, bytes]:
         return {"recipe.yaml": self.recipe.to_yaml().encode(), "tokenizer.model": self.tokenizer.data}
 
-    def load(self, meta: dict, rank_state: dict) -> None:
-        """Continue from a checkpoint's meta and this rank's saved state (the engine is loaded by
-        the checkpointer, from DeepSpeed's files)."""
+    def load(self, meta: dict, loader_state: dict, rng: dict | None) -> None:
+        """Continue from a checkpoint's meta, the data loader's state (the whole job's: streaming
+        counts the samples of every rank) and this rank's RNG state, or fresh streams seeded from
+        (run.seed, step, rank) when the saved run had no rank of this number (the engine is loaded
+        by the checkpointer, from DeepSpeed's files)."""
         from msllm.errors import CheckpointError
 
-        missing = [key for key in ("rng", "dataloader") if key not in rank_state]
-        if missing:
-            raise CheckpointError(f"the saved trainer state has no {' and no '.join(missing)} entry: the checkpoint is damaged; "
+        if "dataloader" not in loader_state:
+            raise CheckpointError("the saved trainer state has no dataloader entry: the checkpoint is damaged; "
                                   "resume from an older one or start a new run.output_dir")
         self.step = int(meta["step"])
         self.tokens = int(meta["tokens"])
-        self.loader.load_state_dict(rank_state["dataloader"])
-        set_rng_state(rank_state["rng"])
+        self.loader.load_state_dict(loader_state["dataloader"])
+        if rng is None:
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            seed_streams(self.recipe.run.seed, self.step, rank)
+        else:
+            set_rng_state(rng)
+
+
+def seed_streams(seed: int, step: int, rank: int) -> None:
+    """Seed python's, numpy's and torch's generators for `rank` from (seed, step, rank): the
+    streams of a rank that a resumed run has and the run that saved it had not."""
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "little") & (2**63 - 1)
+    random.seed(mixed)
+    np.random.seed(mixed % 2**32)
+    torch.manual_seed(mixed)
 
 
 def rng_state() -> dict:

@@ -2,9 +2,10 @@
 
 `build_dataloader` returns a `TokenLoader`: iterate it for batches
 
-    {"input_ids": LongTensor[B, L/sp], "labels": LongTensor[B, L/sp]}
+    {"input_ids": LongTensor[B, L/sp], "labels": LongTensor[B, L/sp], "sample_id": LongTensor[B]}
 
-A sample of L+1 tokens gives input_ids = tokens[:-1] and labels = tokens[1:]; rank r of a
+A sample of L+1 tokens gives input_ids = tokens[:-1] and labels = tokens[1:] (sample_id: its
+index in the split, whichever rank reads it); rank r of a
 sequence-parallel group of sp ranks keeps positions [r*L/sp, (r+1)*L/sp) of both. The ranks of a
 group read the same samples: StreamingDataset's `replication` makes them act as one data-parallel
 rank. Which slice and which replication is the trainer's msllm.distributed.ParallelDims' to say.
@@ -108,6 +109,7 @@ class TokenWindowDataset(StreamingDataset):
         return {
             "input_ids": torch.from_numpy(tokens[start:end].astype(np.int64)),
             "labels": torch.from_numpy(tokens[start + 1 : end + 1].astype(np.int64)),
+            "sample_id": index,  # the sample's place in the split, whichever rank reads it (log.sample_ids)
         }
 
 
@@ -212,6 +214,9 @@ def build_dataloader(
         shuffle=shuffle,
         shuffle_seed=seed,
         replication=replication,
+        # Fixes the global sample order whatever the number of ranks (streaming's elastic
+        # determinism); a resumed loader takes the value saved in its state.
+        num_canonical_nodes=data_cfg.num_canonical_nodes or None,
         validate_hash=_hash_to_validate(index),
         predownload=None if is_remote(data_cfg.shards_dir) else UNLIMITED_PREDOWNLOAD,
     )

@@ -76,7 +76,7 @@ SHARD_HASHES = ["sha1", "xxh64"]
 # Data fields that change nothing in the written samples; they stay out of the fingerprint.
 # (`paths` and tokenizer.model are there by content: the inputs' sha256.)
 _FIELDS_NOT_IN_FINGERPRINT = (
-    "workers", "shuffle", "num_workers", "cache_dir", "shards_dir", "paths", "prep_checkpoint_bytes"
+    "workers", "shuffle", "num_workers", "num_canonical_nodes", "cache_dir", "shards_dir", "paths", "prep_checkpoint_bytes"
 )
 
 # Documents are sent to the tokenizer processes in batches of about this many characters.

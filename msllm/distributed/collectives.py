@@ -1,7 +1,7 @@
 """The collectives msllm needs, and the two ways "rank 0 decides, every rank agrees" is written.
 
     init_distributed    start torch.distributed through DeepSpeed, on its accelerator's backend
-    barrier, all_reduce_sum, all_reduce_max, broadcast_object, any_rank
+    barrier, all_reduce_sum, all_reduce_max, broadcast_object, any_rank, all_gather_lists
     first_failure(msg)  every rank passes its failure ("" for none); every rank gets the first
                         rank's message: so that all ranks raise together, with the same reason
     on_rank0(fn)        run fn on rank 0 alone; every rank gets its value, or raises its error
@@ -79,6 +79,15 @@ def broadcast_object(obj, src: int = 0):
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+def all_gather_lists(values: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank. Collective."""
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return list(values)
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, values)
+    return [v for part in gathered for v in part]
 
 
 def first_failure(failure: str) -> str:

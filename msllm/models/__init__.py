@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from msllm.models.bottom_up import BottomUpLM
+from msllm.models.init import init_parameters, materialise, parameters_on_meta
 from msllm.models.retina import RetinaLM
 from msllm.models.top_down import TopDownLM
 from msllm.models.vanilla import VanillaLM
@@ -23,8 +24,24 @@ from msllm.models.vanilla import VanillaLM
 MODELS = {"vanilla": VanillaLM, "bottom_up": BottomUpLM, "top_down": TopDownLM, "retina": RetinaLM}
 
 
-def build_model(cfg) -> nn.Module:
-    """Build the architecture `cfg.arch` (a validated `ModelConfig` with vocab_size set)."""
+def build_model(cfg, seed: int | None = None, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the architecture `cfg.arch` (a validated `ModelConfig` with vocab_size set) on
+    `device`, initialised from `seed` (msllm.models.init: the same weights on any device, world
+    size or ZeRO stage; None draws the seed from torch's global generator, so that
+    torch.manual_seed still decides). The parameters are built on the meta device and
+    materialised once, on `device`: no copy of the model is made anywhere else."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    with parameters_on_meta():
+        model = construct(cfg)
+    materialise(model, device)
+    init_parameters(model, seed)
+    return model
+
+
+def construct(cfg) -> nn.Module:
+    """The module of `cfg.arch` as its constructor leaves it (torch's default init, or partitions
+    under deepspeed.zero.Init): build_model and the ZeRO-3 build (msllm.train.engine) start here."""
     if cfg.vocab_size < 1:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer) before building")
     return MODELS[cfg.arch](cfg)
@@ -40,7 +57,7 @@ def flops_per_token(cfg, seq_len: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = construct(cfg)
         input_ids = torch.zeros(1, seq_len, dtype=torch.long)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

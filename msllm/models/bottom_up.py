@@ -35,7 +35,7 @@ from msllm.errors import MsllmError
 from msllm.models.chunking import DynamicChunking
 from msllm.models.decoding import DecodeCache, PoolStream, UpsampleStream
 from msllm.models.layers import (
-    CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, init_weights, make_blocks, make_core,
+    CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, make_blocks, make_core,
 )
 
 
@@ -81,10 +81,8 @@ class BottomUpLM(CausalLM):
         self.final = make_blocks(cfg, cfg.final_layers, lambda: make_core(fine.attention, fine.window))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.init_std, sum(s.layers for s in cfg.scales) + cfg.final_layers)
-        for pool in self.pools:
-            if isinstance(pool, DynamicChunking):
-                pool.reset_parameters()
+        # msllm.models.init initialises the weights (build_model)
+        self.init_std, self.residual_layers = cfg.init_std, sum(s.layers for s in cfg.scales) + cfg.final_layers
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

@@ -56,16 +56,13 @@ class DynamicChunking(nn.Module):
         self.ratio_loss_weight = ratio_loss_weight
         self.wq = nn.Linear(d, d, bias=False)
         self.wk = nn.Linear(d, d, bias=False)
+        # H-Net's init (msllm.models.init): Wq = Wk = identity, so that p starts as the plain cosine
+        # distance of neighbouring states.
+        self.wq.init = self.wk.init = "identity"
         self.ratio_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
         self.last_chunks: Chunks | None = None
 
-    def reset_parameters(self) -> None:
-        """H-Net's init: Wq = Wk = identity, so that p starts as the plain cosine distance of
-        neighbouring states (init_weights calls it after its normal init)."""
-        with torch.no_grad():
-            self.wq.weight.copy_(torch.eye(self.wq.weight.shape[0]))
-            self.wk.weight.copy_(torch.eye(self.wk.weight.shape[0]))
 
     def boundary_probabilities(self, h: torch.Tensor) -> torch.Tensor:
         q = F.normalize(self.wq(h[:, 1:]), dim=-1)

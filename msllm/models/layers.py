@@ -6,7 +6,7 @@ Shapes: B batch, L positions, d width, H heads, D = d / H head width.
 The attention cores and their kernels are in attention.py (retina's in retina.py). Cached
 decoding (decoding.py) passes each block its layer's cache; without one, forward is training's.
 
-Sequence parallelism (msllm/parallel/) swaps a few small modules for their distributed forms:
+Sequence parallelism (msllm/distributed/sequence.py) swaps a few small modules for their distributed forms:
 the attention cores (`FullCausalAttention`, `LocalCausalAttention`, `RetinaAttention`), the shift
 of causal pooling (`ShiftRight`) and RoPE (`Rotary`, whose forward takes the slice's first
 position). Everything that talks to other positions of the sequence goes through one of those.
@@ -14,7 +14,6 @@ position). Everything that talks to other positions of the sequence goes through
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +136,10 @@ class CausalLM(nn.Module):
     """
 
     lm_head: nn.Linear
+    # What msllm.models.init needs: the std of the normal init, and the layers whose residual
+    # projections share the 1/sqrt(2 * residual_layers) scaling.
+    init_std: float
+    residual_layers: int
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -271,13 +274,3 @@ class Upsample(nn.Module):
             return x.repeat_interleave(self.k, dim=1)
         B, n, d = x.shape
         return self.proj(x).view(B, n * self.k, d)
-
-
-def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
-    """Llama-style init: normal(0, std) for linear and embedding weights; the projections that write
-    into the residual stream (attention output, MLP down) scaled by 1/sqrt(2 * n_layers)."""
-    residual_std = std / math.sqrt(2 * max(n_layers, 1))
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            last = name.rsplit(".", 1)[-1]
-            nn.init.normal_(module.weight, mean=0.0, std=residual_std if last in ("wo", "w_down") else std)

@@ -30,7 +30,7 @@ from torch import nn
 
 from msllm.models.decoding import DecodeCache, PoolStream, UpsampleStream
 from msllm.models.layers import (
-    CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, init_weights, make_blocks, make_core,
+    CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, make_blocks, make_core,
 )
 
 
@@ -52,7 +52,7 @@ class TopDownLM(CausalLM):
         self.context_norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in cfg.scales[1:])
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.init_std, sum(s.layers for s in cfg.scales))
+        self.init_std, self.residual_layers = cfg.init_std, sum(s.layers for s in cfg.scales)  # msllm.models.init
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

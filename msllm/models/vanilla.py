@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from msllm.models.decoding import DecodeCache
-from msllm.models.layers import CausalLM, RMSNorm, decode_blocks, init_weights, make_blocks, make_core
+from msllm.models.layers import CausalLM, RMSNorm, decode_blocks, make_blocks, make_core
 
 
 class VanillaLM(CausalLM):
@@ -27,7 +27,7 @@ class VanillaLM(CausalLM):
         self.layers = make_blocks(cfg, scale.layers, core_factory)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.init_std, scale.layers)
+        self.init_std, self.residual_layers = cfg.init_std, scale.layers  # msllm.models.init
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

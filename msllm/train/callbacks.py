@@ -116,6 +116,8 @@ class SpeedMonitor(Callback):
             "time": time.time(),
             **trainer.last_model_metrics,  # dynamic chunking: compression_s<scale>, ratio_loss_s<scale>
         }
+        if trainer.last_sample_ids is not None:  # log.sample_ids
+            row["sample_ids"] = trainer.last_sample_ids
         self.train_time_last, self.step_last = trainer.train_time, step
         trainer.log(row)
 

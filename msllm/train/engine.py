@@ -11,15 +11,28 @@ import torch
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: weight matrices and embeddings decay; norms and biases (ndim < 2) do not."""
+    named = _grouped(model)
+    groups = [{"params": [p for _, p in named[0]], "weight_decay": weight_decay}]
+    if named[1]:
+        groups.append({"params": [p for _, p in named[1]], "weight_decay": 0.0})
+    return groups
+
+
+def param_names(model: torch.nn.Module) -> list[str]:
+    """The parameters' names in the optimizer's order (param_groups'), which indexes torch's
+    optimizer state: what converting a ZeRO-0 checkpoint needs (msllm.checkpoint.reshard)."""
+    return [name for group in _grouped(model) for name, _ in group]
+
+
+def _grouped(model: torch.nn.Module) -> tuple[list, list]:
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        # ZeRO-3 partitions keep the full shape in ds_shape
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+        (decay if ndim >= 2 else no_decay).append((name, p))
+    return decay, no_decay
 
 
 def lr_at(step: int, train_cfg) -> float:
@@ -96,6 +109,28 @@ def deepspeed_config(recipe) -> dict:
             "min_loss_scale": 1,
         }
     return cfg
+
+
+def build_model_for_training(recipe, device: torch.device) -> torch.nn.Module:
+    """The recipe's model, initialised from run.seed (msllm.models.init: the same weights on any
+    world size and ZeRO stage), built where it trains, with no whole copy anywhere else:
+
+    - ZeRO-3: inside deepspeed.zero.Init, which partitions each module's parameters as soon as the
+      module is built, so a rank holds its partition of the model (and, for a moment, one module
+      whole); each rank then writes its slices of the initial values (init.assign);
+    - ZeRO 0-2 (every rank holds the weights): on the meta device, then materialised on `device`.
+    """
+    from msllm.models import build_model, construct
+    from msllm.models.init import init_parameters
+
+    if recipe.parallel.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(recipe)):
+            model = construct(recipe.model)
+        init_parameters(model, recipe.run.seed)
+        return model
+    return build_model(recipe.model, seed=recipe.run.seed, device=device)
 
 
 def build_engine(model: torch.nn.Module, recipe, dims):

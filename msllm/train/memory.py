@@ -226,13 +226,13 @@ def check_fits(model_cfg, device: torch.device, precision: str = "fp32", zero_st
     fit in the memory `device` has free, shared by `processes` ranks on one host: a one-line
     RecipeError with both figures. Activations come on top, so passing is no promise."""
     from msllm.errors import RecipeError
-    from msllm.models import build_model
+    from msllm.models import construct
 
     free = available_bytes(device)
     if free is None:
         return
     with torch.device("meta"):
-        n = count_parameters(build_model(model_cfg))
+        n = count_parameters(construct(model_cfg))
     per_rank = sum(parameter_state_bytes(n, precision, zero_stage, dp)) if what == "train" else n * 4
     need = per_rank * (processes if device.type == "cpu" else 1)
     if need > free:

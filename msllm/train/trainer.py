@@ -57,7 +57,7 @@ from msllm.distributed.env import DistEnv, read_env, say
 from msllm.train.memory import check_fits
 from msllm.metrics import fmt_duration
 from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, ShardsWatch, SpeedMonitor, TensorBoardLogger
-from msllm.train.engine import lr_at
+from msllm.train.engine import lr_at, param_names
 from msllm.train.loss import choose_kernel, model_loss
 from msllm.train.nonfinite import NonFiniteGuard
 from msllm.train.schedule import Schedule
@@ -68,9 +68,6 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         from msllm.data import build_dataloader
-        from msllm.distributed.parallelize import parallelize
-        from msllm.models import build_model
-        from msllm.train.engine import build_engine
 
         self.denv, self.dims = denv, dims
         self.accel = get_accelerator()
@@ -88,26 +85,20 @@ class Trainer:
         self.grad_scale = dims.world_size * self.gas / self.tokens_per_step
 
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        check_fits(recipe.model, torch.device(self.accel.device_name(denv.local_rank)), t.precision,
+        self.build_device = torch.device(self.accel.device_name(denv.local_rank))
+        check_fits(recipe.model, self.build_device, t.precision,
                    recipe.parallel.zero_stage, dims.dp, processes=local_ranks)  # before anything is allocated
-        seed_everything(recipe.run.seed)  # identical initial weights on every rank
-        model = build_model(recipe.model)
-        if t.init_from:  # a Hugging Face Llama's weights instead of the random init (a resume replaces them)
-            from msllm.checkpoint.llama import load_initial_weights
-
-            load_initial_weights(model, recipe.model, t.init_from, self.shards.tokenizer_sha256)
-        self.n_params = sum(p.numel() for p in model.parameters())
-        engine = build_engine(parallelize(model, dims, recipe), recipe, dims)
+        engine = self.make_engine()
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         self.device = engine.device
         record = run_record.collect(dims.world_size, dims.dp, dims.sp, str(self.device), self.shards.manifest)
-        seed_everything(recipe.run.seed + 1000003 * (denv.rank + 1))  # per-rank streams from here
         loader = build_dataloader(
             recipe.data, "train", t.micro_batch_size, recipe.run.seed,
             sp_size=dims.sp, sp_rank=dims.sp_rank, replication=dims.replication,
             pin_memory=self.device.type != "cpu",
         )
         tokenizer = Tokenizer.read(self.shards.tokenizer_path, self.shards.tokenizer_sha256)
-        self.state = TrainState(recipe, engine, loader, tokenizer, dims.world_size, record)
+        self.state = TrainState(recipe, engine, loader, tokenizer, dims.world_size, record, param_names(engine.module))
         self.checkpointer = Checkpointer(self.out, recipe.checkpoint, self.state, dims)
         self.schedule = Schedule(recipe)
         self.guard = NonFiniteGuard(t.max_skipped_steps, self.checkpointer)
@@ -115,14 +106,38 @@ class Trainer:
         self.eval = EvalCallback(recipe, dims, self.shards, self.loss_kernel)
         self.last_loss, self.last_lr, self.last_grad_norm = math.nan, lr_at(0, t), None
         self.last_model_metrics: dict[str, float] = {}  # e.g. dynamic chunking's compression_s1
+        self.sample_ids: list[torch.Tensor] = []  # log.sample_ids: this rank's since the last read
+        self.last_sample_ids: list[int] | None = None
         self.train_time = 0.0  # seconds inside train_step (throughput excludes eval and checkpoints)
         # fp32 ZeRO 0 is the one setup in which DeepSpeed computes no gradient norm for us.
         self.own_grad_norm = recipe.parallel.zero_stage == 0 and t.precision == "fp32"
         self.components: list = []
 
+    def make_engine(self):
+        """The model, initialised from run.seed and built sharded where ZeRO-3 shards it
+        (msllm.train.engine.build_model_for_training), made parallel and wrapped in DeepSpeed.
+        The RNG streams are reseeded around it, so that a rebuild starts from where a fresh run does."""
+        from msllm.distributed.parallelize import parallelize
+        from msllm.train.engine import build_engine, build_model_for_training
+
+        recipe = self.recipe
+        seed_everything(recipe.run.seed)
+        model = build_model_for_training(recipe, self.build_device)
+        if recipe.train.init_from:  # a Hugging Face Llama's weights instead of the random init (a resume replaces them)
+            from msllm.checkpoint.llama import load_initial_weights
+
+            load_initial_weights(model, recipe.model, recipe.train.init_from, self.shards.tokenizer_sha256)
+        engine = build_engine(parallelize(model, self.dims, recipe), recipe, self.dims)
+        seed_everything(recipe.run.seed + 1000003 * (self.denv.rank + 1))  # per-rank streams from here
+        return engine
+
     def fit(self, started: float | None = None) -> None:
         r, state = self.recipe, self.state
         resumed = self.checkpointer.load()
+        if not resumed and self.checkpointer.engine_touched:
+            # A checkpoint that failed to load may have left some of its values in the engine:
+            # training starts over from the initial weights, exactly as a fresh run would.
+            state.engine = self.make_engine()
         if resumed:
             say(f"resumed from {resumed} at step {state.step} ({state.tokens:,} tokens seen)")
         if self.denv.is_main:  # only once resume has accepted what is in output_dir
@@ -200,6 +215,8 @@ class Trainer:
         ce_sum = grad_norm = None
         for micro in range(self.gas):
             batch = next(batches)
+            if self.recipe.log.sample_ids and self.dims.sp_rank == 0:  # a group's ranks read the same samples
+                self.sample_ids.append(batch["sample_id"].reshape(-1))
             ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             ce = model_loss(engine, ids, labels, self.loss_kernel, self.recipe.train.loss_chunk_size)
@@ -227,6 +244,10 @@ class Trainer:
         self.last_grad_norm = None if grad_norm is None else float(grad_norm)
         # The model's own scalars of its last micro-batch (dynamic chunking's realised compression
         # per scale), averaged over the ranks: every rank has the same keys.
+        if self.recipe.log.sample_ids:
+            mine = torch.cat(self.sample_ids) if self.sample_ids else torch.zeros(0, dtype=torch.long)
+            self.sample_ids = []
+            self.last_sample_ids = sorted(collectives.all_gather_lists(mine.tolist()))
         metrics = self.state.engine.module.log_metrics()
         if metrics:
             values = collectives.all_reduce_sum(torch.stack([v.float() for v in metrics.values()]))
