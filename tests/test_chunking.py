@@ -64,6 +64,32 @@ def test_the_ema_dechunking_matches_its_recurrence_and_serves_each_chunk_from_it
             torch.testing.assert_close(fine[b, t], z[b, chunks.chunk_of[b, t]])
 
 
+@pytest.mark.parametrize("precision", ["bf16", "autocast"])
+def test_routing_and_dechunking_compute_in_fp32_under_bf16(precision):
+    """Regression (issue 35): in bf16 the EMA clamp 1 - 1e-4 rounded to 1 (p_0 is always 1), log(1 - p)
+    was -inf and the output NaN. Routing and dechunking now run in fp32 whatever the model's dtype:
+    the same boundaries as fp64 from the same (bf16-representable) inputs, and the output in the
+    input's dtype within bf16's rounding of fp64's (2^-8 relative, plus the matmuls' bf16 inputs)."""
+    torch.manual_seed(4)
+    chunking = DynamicChunking(16, 3.0, 0.03)
+    torch.nn.init.normal_(chunking.wq.weight, std=0.3)
+    chunking.wk.weight.data = chunking.wq.weight.data.clone() + 0.1 * torch.randn(16, 16)
+    chunking = chunking.bfloat16().double()  # weights that bf16 holds exactly
+    h = torch.randn(2, 40, 16).bfloat16().double()
+    y = torch.randn(2, 40, 16).bfloat16().double()
+    coarse64, chunks64 = chunking(h)
+    expected = chunking.upsample(y[:, : coarse64.shape[1]], chunks64)
+    model_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    chunking = chunking.to(model_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+        coarse, chunks = chunking(h.to(model_dtype))
+        out = chunking.upsample(y[:, : coarse.shape[1]].to(model_dtype), chunks)
+    assert chunks.p.dtype == torch.float32 and out.dtype == model_dtype
+    assert torch.equal(chunks.boundaries, chunks64.boundaries)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=2 ** -7, atol=1e-2)
+
+
 def test_the_ratio_loss_is_h_nets_and_is_lowest_at_the_target():
     chunking = DynamicChunking(4, target_ratio=4.0, ratio_loss_weight=0.5)
     chunking._ratio_loss(torch.full((1, 8), 0.25), torch.tensor([[1, 0, 0, 0, 1, 0, 0, 0]], dtype=torch.bool))

@@ -135,6 +135,28 @@ def test_parallel_dims_lay_out_contiguous_sequence_parallel_groups():
     assert [d.resume_state_rank(saved_sp=2) for d in dims] == [0, 0, 0, 0, 2, 2, 2, 2]
 
 
+@pytest.mark.parametrize("first_bad", [1, 3])
+def test_divergence_blames_the_lr_only_when_an_update_came_before_the_first_bad_gradients(first_bad):
+    """Non-finite gradients from step 1 come from the weights the run started with, before any
+    update: no learning rate made them (issue 35: bf16 dynamic chunking), so the error does not
+    advise a lower one. From a later step on, the updates may have blown the weights up."""
+    from types import SimpleNamespace
+
+    from msllm.train.nonfinite import NonFiniteGuard
+    from msllm.train.schedule import StepPlan
+
+    checkpointer = SimpleNamespace(set_aside_diverged=lambda first: "no checkpoint before that is left: rerun with "
+                                                                     "a lower train.lr to start over")
+    guard = NonFiniteGuard(max_in_a_row=2, checkpointer=checkpointer)
+    engine = SimpleNamespace(was_step_applied=lambda: False)
+    for step in (first_bad, first_bad + 1):
+        plan = guard.check(engine, StepPlan(step=step, log=True, eval=False, checkpoint=False, last=False))
+    message = str(plan.stop.error)
+    assert plan.stop.reason == "divergence" and f"steps {first_bad}-{first_bad + 1}" in message
+    assert ("rerun with a lower train.lr" in message) == (first_bad > 1), message
+    assert first_bad > 1 or "cannot help" in message
+
+
 def test_mfu_peak_of_known_accelerators_by_device_name():
     """The names torch reports for each device, the most specific entry winning; unknown: None."""
     import torch

@@ -23,10 +23,17 @@ move boundaries at t and later, never before: the chunks that positions < t read
 
 On the meta device (msllm.models.flops_per_token) there are no values to place boundaries by: the
 coarse sequence then has ceil(n / target_ratio) positions, the count training aims at.
+
+Precision: the router (p, hence the boundaries) and the dechunking (the EMA and the confidence)
+compute in fp32 at least, whatever the model's dtype and under autocast too, and the dechunked
+states go back to the coarse output's dtype. In bf16, 1 - 1e-4 rounds to 1 (bf16 has 8 significant
+bits), so the clamped p of every chunk start at 1 made log(1 - p) = -inf and the EMA NaN from the
+first step; and p >= 0.5 decided on bf16 cosines would move boundaries by rounding alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,6 +42,16 @@ from torch import nn
 
 # H-Net clamps p into [1e-4, 1 - 1e-4] before its EMA, so that no chunk forgets or keeps all of the past.
 EMA_CLAMP = 1e-4
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # fp64 stays fp64 (the exact tests)
+
+
+def _no_autocast(x: torch.Tensor):
+    """Autocast off on x's device (where autocast exists: not on the meta device)."""
+    kind = x.device.type
+    return torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext()
 
 
 class Chunks:
@@ -65,9 +82,13 @@ class DynamicChunking(nn.Module):
 
 
     def boundary_probabilities(self, h: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(self.wq(h[:, 1:]), dim=-1)
-        k = F.normalize(self.wk(h[:, :-1]), dim=-1)
-        p = ((1 - (q * k).sum(-1)) / 2).clamp(0.0, 1.0)
+        """p [B, n] in fp32 at least (module docstring: Precision), from h of any dtype."""
+        dtype = _at_least_fp32(h)
+        with _no_autocast(h):
+            h = h.to(dtype)
+            q = F.normalize(F.linear(h[:, 1:], self.wq.weight.to(dtype)), dim=-1)
+            k = F.normalize(F.linear(h[:, :-1], self.wk.weight.to(dtype)), dim=-1)
+            p = ((1 - (q * k).sum(-1)) / 2).clamp(0.0, 1.0)
         return torch.cat((p.new_ones(p.shape[0], 1), p), dim=1)  # position 0 always starts (ends) a chunk
 
     def forward(self, h: torch.Tensor, n_real: int | None = None) -> tuple[torch.Tensor, Chunks]:
@@ -105,25 +126,32 @@ class DynamicChunking(nn.Module):
         }
 
     def upsample(self, y: torch.Tensor, chunks: Chunks) -> torch.Tensor:
-        """y [B, M, d] (the coarse layers' output) -> [B, n, d] at the fine positions."""
+        """y [B, M, d] (the coarse layers' output) -> [B, n, d] at the fine positions, in y's dtype
+        (computed in fp32 at least: module docstring, Precision)."""
         B, M, d = y.shape
-        p_chunk = torch.gather(chunks.p, 1, chunks.selected).clamp(EMA_CLAMP, 1 - EMA_CLAMP)  # [B, M]
-        z = ema(y, p_chunk)
+        dtype = _at_least_fp32(y)
+        with _no_autocast(y):
+            p = chunks.p.to(dtype)
+            p_chunk = torch.gather(p, 1, chunks.selected).clamp(EMA_CLAMP, 1 - EMA_CLAMP)  # [B, M]
+            z = ema(y.to(dtype), p_chunk).to(y.dtype)
+            confidence = torch.where(chunks.boundaries, p, 1 - p)
+            straight_through = confidence + (1 - confidence).detach()  # 1 in value, confidence's gradient
         fine = torch.gather(z, 1, chunks.chunk_of.unsqueeze(-1).expand(B, -1, d))
-        confidence = torch.where(chunks.boundaries, chunks.p, 1 - chunks.p)
-        straight_through = confidence + (1 - confidence).detach()  # 1 in value, confidence's gradient
-        return fine * straight_through.unsqueeze(-1).to(fine.dtype)
+        return fine * straight_through.unsqueeze(-1).to(fine.dtype)  # (1 in any dtype: bf16 rounds 1 +- 6e-8 to 1)
 
 
 def ema(y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """z_j = p_j y_j + (1 - p_j) z_(j-1) (z_(-1) = 0) over dim 1 of y [B, M, d], p [B, M], in closed
     form: z_j = sum_(i <= j) p_i prod_(i < l <= j) (1 - p_l) y_i, one [M, M] weight matrix per row
-    (the same cost as one attention head over the chunks; H-Net uses a Mamba-2 scan kernel)."""
-    dtype = torch.promote_types(y.dtype, torch.float32)
-    p = p.to(dtype)
-    log_keep = torch.log1p(-p).cumsum(dim=1)  # [B, M]: sum of log(1 - p_l) for l <= j
-    M = y.shape[1]
-    causal = torch.ones(M, M, dtype=torch.bool, device=y.device).tril()
-    exponent = (log_keep.unsqueeze(2) - log_keep.unsqueeze(1)).masked_fill(~causal, float("-inf"))  # [B, j, i]
-    weights = torch.exp(exponent) * p.unsqueeze(1)
-    return (weights.to(y.dtype) @ y)
+    (the same cost as one attention head over the chunks; H-Net uses a Mamba-2 scan kernel).
+    Computed in fp32 at least, autocast off, and returned in y's dtype; p must be below 1 in that
+    precision (1 - p = 0 makes log(1 - p) = -inf and the weights NaN)."""
+    dtype = _at_least_fp32(y)
+    with _no_autocast(y):
+        p = p.to(dtype)
+        log_keep = torch.log1p(-p).cumsum(dim=1)  # [B, M]: sum of log(1 - p_l) for l <= j
+        M = y.shape[1]
+        causal = torch.ones(M, M, dtype=torch.bool, device=y.device).tril()
+        exponent = (log_keep.unsqueeze(2) - log_keep.unsqueeze(1)).masked_fill(~causal, float("-inf"))  # [B, j, i]
+        weights = torch.exp(exponent) * p.unsqueeze(1)
+        return (weights @ y.to(dtype)).to(y.dtype)
