@@ -67,6 +67,7 @@ from msllm.data.tokenizer import (
     train_tokenizer,
 )
 from msllm.errors import DataError
+from msllm.safe_files import is_link_error, open_lock_nofollow, write_new
 
 # The schema LLM Foundry's convert_dataset_* scripts write: one int32 array per sample.
 TOKENS_COLUMN = {"tokens": "ndarray:int32"}
@@ -140,7 +141,7 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
         manifest["inputs"] = inputs
         (staging / PROGRESS_FILENAME).unlink()
         # The manifest goes last: a folder with one is complete.
-        (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_new(staging / MANIFEST_FILENAME, json.dumps(manifest, indent=2) + "\n")
         if remote:
             _upload_finished(staging, target)
             shutil.rmtree(staging)
@@ -194,7 +195,12 @@ class _exclusive:
 
     def __enter__(self):
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.lock_file, "a+")
+        try:
+            self.handle = os.fdopen(open_lock_nofollow(self.lock_file), "r+")
+        except OSError as exc:
+            if is_link_error(exc):
+                raise DataError(f"{self.lock_file} is a symbolic link: remove it, then rerun") from None
+            raise
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -302,8 +308,9 @@ def _write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: boo
         tokenizer_source = "trained"
     if not tokenizer_file.is_file():  # written under another name, then renamed: never half a file
         partial = out / (TOKENIZER_FILENAME + ".partial")
+        partial.unlink(missing_ok=True)  # a link there is removed, never written through
         if data_cfg.tokenizer.type == "bytes":
-            partial.write_bytes(BYTES_DESCRIPTOR)
+            write_new(partial, BYTES_DESCRIPTOR)
         elif data_cfg.tokenizer.model:
             shutil.copyfile(data_cfg.tokenizer.model, partial)
         else:
@@ -647,9 +654,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     """Write by rename, so that a kill leaves the old file or the new one, never half of one."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_new(path, json.dumps(value) + "\n")
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:

@@ -15,11 +15,11 @@ transformers' (tested).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from msllm.checkpoint.llama import read_llama_folder
 from msllm.errors import CheckpointError
+from msllm.safe_files import write_new
 
 
 def write_import_recipe(folder: str, out: str, force: bool = False) -> Path:
@@ -44,12 +44,7 @@ def write_import_recipe(folder: str, out: str, force: bool = False) -> Path:
             "# and weights (train.init_from). Point the data section at your corpus before `msllm train`.\n"
             + yaml.safe_dump(raw, sort_keys=False))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_new(out_path, text)  # by rename: a link at --out is replaced, never written through
     print(f"wrote {out_path}: vanilla, {llama.model['scales'][0]['layers']} layers, d_model {llama.model['d_model']}, "
           f"vocab {llama.model['vocab_size']}, starting from {llama.folder}")
     return out_path
