@@ -278,6 +278,7 @@ def train(recipe, overwrite: bool = False) -> None:
     if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # ranks share the cores
     collectives.init_distributed(denv)
+    collectives.check_same_recipe(recipe.to_dict())  # a rank given other values would hang: all stop
     folder = claim_run_folder(recipe, denv.is_main, overwrite)  # one training per folder, one run in it
     try:
         Trainer(recipe, denv, dims).fit(started=t0)
