@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from msllm.distributed.env import DistEnv
+from msllm.distributed.env import DistEnv, check_master_resolves
 from msllm.errors import MsllmError, RecipeError, short_repr
 
 
@@ -30,6 +30,8 @@ def init_distributed(denv: DistEnv) -> None:
         return
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(denv.local_rank)
+    if denv.world_size > 1:
+        check_master_resolves()  # one line naming MASTER_ADDR, not a rendezvous traceback
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
         auto_mpi_discovery=False,
