@@ -95,7 +95,16 @@ def cmd_prep(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from msllm.train.trainer import train
 
-    train(_load(args), overwrite=args.overwrite)
+    recipe = _load(args)
+    try:
+        train(recipe, overwrite=args.overwrite)
+    except RuntimeError as exc:  # streaming's "Background thread failed": the store stopped answering
+        from msllm.data.manifest import store_unreachable
+
+        error = store_unreachable(exc, recipe.data.shards_dir)
+        if error is None:
+            raise
+        raise error from None
     return 0
 
 

@@ -62,9 +62,9 @@ def collect(world_size: int, dp: int, sp: int, device: str, manifest: dict | Non
 
 
 def write(record: dict, folder: Path) -> Path:
-    path = Path(folder) / RUN_RECORD_FILENAME
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    from msllm.safe_files import write_new
+
+    return write_new(Path(folder) / RUN_RECORD_FILENAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def read(folder: Path) -> dict | None:

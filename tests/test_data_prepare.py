@@ -154,8 +154,10 @@ def test_a_folder_that_is_not_a_dataset_is_not_overwritten(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "precious.txt").write_text("keep me")
     cfg = text_config(tmp_path / "text", tmp_path / "shards", seq_len=32, workers=1)
-    with pytest.raises(DataError, match=r"not a complete msllm dataset.*--force"):
-        prepare_dataset(cfg, quiet=True)
+    for force in (False, True):  # --force never replaces a folder msllm did not write
+        with pytest.raises(DataError, match=r"holds files that msllm did not put there \(precious.txt\)") as caught:
+            prepare_dataset(cfg, force=force, quiet=True)
+        assert "--force" not in str(caught.value)
     assert (tmp_path / "shards" / "precious.txt").read_text() == "keep me"
 
 

@@ -11,6 +11,9 @@ rank 0 does the work and tells the others the outcome:
   metrics) is refused, unless `msllm train --overwrite`, which first moves the old run aside to
   `OUTPUT_DIR.replaced-YYYYmmdd-HHMMSS` (never deleted).
 - a folder that cannot be made or written (a file in the way, read-only, a full disk): one line.
+- a folder whose entries msllm writes (RUN_ENTRIES) include a symbolic link that leads outside it
+  is refused with one line: msllm would write through it into a file that is not the run's. The
+  writes themselves never follow a link either (msllm.safe_files).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import time
 from pathlib import Path
 
 from msllm.errors import RunFolderError
+from msllm.safe_files import check_no_outside_links, is_link_error, open_lock_nofollow
 from msllm.distributed import collectives
 from msllm.distributed.env import say
 
 LOCK = ".lock"
+# What msllm writes in a run folder: none of them may be a link that leads out of it.
+RUN_ENTRIES = (LOCK, "metrics.jsonl", "recipe.yaml", "run.json", "checkpoints", "tensorboard")
 
 
 class RunFolder:
@@ -83,8 +89,14 @@ def _lock(out: Path) -> int:
         raise RunFolderError(f"run.output_dir {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
+        raise RunFolderError(f"cannot use run.output_dir {out}: {exc.strerror or exc}") from None
+    check_no_outside_links(out, RUN_ENTRIES, "run.output_dir", RunFolderError)
+    try:
+        fd = open_lock_nofollow(out / LOCK)
+    except OSError as exc:
+        if is_link_error(exc):
+            raise RunFolderError(f"run.output_dir {out}: {LOCK} is a symbolic link: remove it (rm {out / LOCK})") from None
         raise RunFolderError(f"cannot use run.output_dir {out}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -38,6 +38,7 @@ import uuid
 from pathlib import Path
 
 from msllm.errors import DataError
+from msllm.safe_files import open_lock_nofollow
 
 JOB_ENV = "MSLLM_DATA_JOB"
 _RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
@@ -165,7 +166,7 @@ def start_job_cache(cache_root: Path) -> None:
     if cache_root in PROCESS.job_locks:
         return
     mine = job_cache_folder(cache_root)
-    lock = open(str(mine) + _LOCK_SUFFIX, "a+")
+    lock = os.fdopen(open_lock_nofollow(str(mine) + _LOCK_SUFFIX), "r+")  # a link there: ELOOP, never followed
     fcntl.flock(lock, fcntl.LOCK_EX)  # an earlier attempt of this job may still be exiting
     lock.seek(0)
     lock.truncate()

@@ -40,7 +40,8 @@ from msllm.data.jobcache import (
     start_job_cache,
 )
 from msllm.data.integrity import check_index
-from msllm.data.manifest import MANIFEST_FILENAME, download, is_remote, remote_cache_root, streaming_remote
+from msllm.data.manifest import (DOWNLOAD_RETRIES, DOWNLOAD_TIMEOUT_S, MANIFEST_FILENAME, download, is_remote,
+                                  remote_cache_root, streaming_remote)
 from msllm.errors import DataError
 
 # LLM Foundry's scripts name the held-out split `val`; ours is `validation`. Either is read.
@@ -219,6 +220,7 @@ def build_dataloader(
         num_canonical_nodes=data_cfg.num_canonical_nodes or None,
         validate_hash=_hash_to_validate(index),
         predownload=None if is_remote(data_cfg.shards_dir) else UNLIMITED_PREDOWNLOAD,
+        download_timeout=DOWNLOAD_TIMEOUT_S, download_retry=DOWNLOAD_RETRIES,  # bounded: msllm.data.manifest
     )
     try:  # fail early and clearly: a sample of the wrong length, a corrupt first shard
         tokens_of(StreamingDataset.__getitem__(dataset, 0), data_cfg.seq_len + 1)

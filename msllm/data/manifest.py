@@ -9,12 +9,19 @@ Its fields are described in README.md, section "The manifest (`manifest.json`)";
 A `shards_dir` may be a remote URI that mosaicml-streaming can read (s3://, gs://, oci://, ...):
 the manifest and tokenizer are then downloaded into a local cache folder first (data.cache_dir).
 `file:///path` reads a mounted folder the same way, through the cache.
+
+Object storage that stops answering (issue 32) is given up on within a bound, never waited on
+forever: each S3 request connects within CONNECT_TIMEOUT_S and reads within DOWNLOAD_TIMEOUT_S,
+botocore tries it CLIENT_ATTEMPTS times, streaming tries a shard DOWNLOAD_RETRIES times: at most
+STORE_GIVE_UP_S seconds per shard. Then `msllm train` stops with one line naming the store and
+saying that a rerun resumes from the last checkpoint (`store_unreachable`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +31,12 @@ from typing import Any
 from msllm.config import DataConfig
 from msllm.data.integrity import check_manifest
 from msllm.errors import DataError, short_repr
+
+CONNECT_TIMEOUT_S = 10
+DOWNLOAD_TIMEOUT_S = 30  # streaming's download_timeout: the read timeout of one request
+CLIENT_ATTEMPTS = 3  # botocore's attempts of one request (its first one included)
+DOWNLOAD_RETRIES = 2  # streaming's download_retry: attempts of one shard
+STORE_GIVE_UP_S = DOWNLOAD_RETRIES * CLIENT_ATTEMPTS * (CONNECT_TIMEOUT_S + DOWNLOAD_TIMEOUT_S)  # 240 s
 
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_FORMAT = "msllm-shards/1"
@@ -74,9 +87,10 @@ def download(remote: str, local: Path) -> None:
     whole or not at all (through a temporary name); a one-line DataError if it cannot."""
     from streaming.base.storage.download import CloudDownloader
 
+    bound_object_store_waits()  # before the first client of this process is made
     tmp = local.parent / f".{local.name}.{os.getpid()}.tmp"
     try:
-        CloudDownloader.direct_download(remote, str(tmp))
+        CloudDownloader.direct_download(remote, str(tmp), timeout=DOWNLOAD_TIMEOUT_S)
     except FileNotFoundError:
         raise DataError(f"{remote} does not exist") from None
     except Exception as exc:  # each cloud client raises its own types
@@ -84,6 +98,65 @@ def download(remote: str, local: Path) -> None:
             raise DataError(f"{remote} does not exist (check the bucket and the path in data.shards_dir)") from None
         raise DataError(f"cannot download {remote}: {storage_error(exc)}") from None
     os.replace(tmp, local)
+
+
+class _BackgroundFailures(logging.Filter):
+    """streaming downloads shards in a thread pool; a failed download is logged by
+    concurrent.futures ("exception calling callback") as a traceback, and the main thread only
+    gets "Background thread failed". This keeps the download's exception (for the one line) and
+    drops that traceback."""
+
+    last: BaseException | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.getMessage().startswith("exception calling callback"):
+            _BackgroundFailures.last = record.exc_info[1]
+            return False
+        return True
+
+
+_BOUNDED = False
+
+
+def bound_object_store_waits() -> None:
+    """Once per process: S3 clients that streaming makes connect within CONNECT_TIMEOUT_S and try
+    a request CLIENT_ATTEMPTS times (streaming's own client sets only the read timeout, so a store
+    that stopped answering was waited on for minutes per request), and a failed background
+    download is kept for `store_unreachable` instead of printed as a traceback."""
+    global _BOUNDED
+    if _BOUNDED:
+        return
+    from botocore.config import Config
+    from streaming.base.storage.download import S3Downloader
+
+    def _create_s3_client(self, unsigned: bool = False, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
+        """streaming's S3Downloader._create_s3_client, with the bounds above."""
+        from boto3.session import Session
+        from botocore import UNSIGNED
+
+        config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=timeout,
+                        retries={"mode": "adaptive", "total_max_attempts": CLIENT_ATTEMPTS},
+                        **({"signature_version": UNSIGNED} if unsigned else {}))
+        self._s3_client = Session().client("s3", config=config, endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+
+    S3Downloader._create_s3_client = _create_s3_client
+    logging.getLogger("concurrent.futures").addFilter(_BackgroundFailures())
+    _BOUNDED = True
+
+
+def store_unreachable(exc: BaseException, shards_dir: str) -> DataError | None:
+    """The one-line error for a loader that failed because the object store holding `shards_dir`
+    stopped answering (streaming's "Background thread failed", or a worker process's copy of it);
+    None for any other failure."""
+    if not is_remote(shards_dir) or "Background thread failed" not in str(exc):
+        return None
+    cause = _BackgroundFailures.last
+    why = storage_error(cause) if cause is not None else "a shard download failed"
+    return DataError(
+        f"the object store at {shards_dir} is unreachable ({why}); msllm gave up on a shard after at most "
+        f"{STORE_GIVE_UP_S} s: when it answers again, rerun the same command: training resumes from the "
+        "last checkpoint"
+    )
 
 
 def storage_code(exc: BaseException) -> str:

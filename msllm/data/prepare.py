@@ -11,7 +11,10 @@ The steps, in order:
 
 Everything is written to a staging folder (`.NAME.partial` next to a local data.shards_dir) and
 moved into place at the end, so a crash never leaves a half-written dataset that looks complete,
-and a complete one is replaced only when asked to (--force).
+and a complete one is replaced only when asked to (--force). --force replaces only a dataset msllm
+wrote (a folder with msllm's manifest.json): a folder of other files, a file or a link at
+data.shards_dir is refused in one line, whatever the flags; the replaced dataset is moved aside
+(`.NAME.old-<time>-<pid>`) until the new one is in place, then deleted.
 
 Interrupted and rerun, prep continues where it stopped: step 3 saves its progress after every
 data.prep_checkpoint_bytes of text (the windows written so far, in one MDS sub-folder per split
@@ -67,6 +70,7 @@ from msllm.data.tokenizer import (
     train_tokenizer,
 )
 from msllm.errors import DataError
+from msllm.safe_files import is_link_error, open_lock_nofollow, write_new
 
 # The schema LLM Foundry's convert_dataset_* scripts write: one int32 array per sample.
 TOKENS_COLUMN = {"tokens": "ndarray:int32"}
@@ -123,15 +127,12 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
                 "(e.g. `aws s3 rm --recursive`) or set data.shards_dir elsewhere"
             )
     elif not remote:
-        folder = Path(target)
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
-            raise DataError(
-                f"{folder} exists but is not a complete msllm dataset (no {MANIFEST_FILENAME}): remove it, "
-                "or run `msllm prep RECIPE --force` to replace it"
-            )
+        _refuse_foreign(Path(target))  # --force or not: msllm replaces only what it made
 
     if remote:  # only now: training from a dataset that is up to date needs no write access
         _check_writable_remote(data_cfg)
+    else:
+        _refuse_foreign(Path(target))
     staging = staging_folder(data_cfg)
     with _exclusive(staging, target), _writing(staging):
         started = time.perf_counter()
@@ -140,7 +141,7 @@ def prepare_dataset(data_cfg: DataConfig, force: bool = False, quiet: bool = Fal
         manifest["inputs"] = inputs
         (staging / PROGRESS_FILENAME).unlink()
         # The manifest goes last: a folder with one is complete.
-        (staging / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_new(staging / MANIFEST_FILENAME, json.dumps(manifest, indent=2) + "\n")
         if remote:
             _upload_finished(staging, target)
             shutil.rmtree(staging)
@@ -194,7 +195,12 @@ class _exclusive:
 
     def __enter__(self):
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.lock_file, "a+")
+        try:
+            self.handle = os.fdopen(open_lock_nofollow(self.lock_file), "r+")
+        except OSError as exc:
+            if is_link_error(exc):
+                raise DataError(f"{self.lock_file} is a symbolic link: remove it, then rerun") from None
+            raise
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -302,8 +308,9 @@ def _write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: boo
         tokenizer_source = "trained"
     if not tokenizer_file.is_file():  # written under another name, then renamed: never half a file
         partial = out / (TOKENIZER_FILENAME + ".partial")
+        partial.unlink(missing_ok=True)  # a link there is removed, never written through
         if data_cfg.tokenizer.type == "bytes":
-            partial.write_bytes(BYTES_DESCRIPTOR)
+            write_new(partial, BYTES_DESCRIPTOR)
         elif data_cfg.tokenizer.model:
             shutil.copyfile(data_cfg.tokenizer.model, partial)
         else:
@@ -647,21 +654,49 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     """Write by rename, so that a kill leaves the old file or the new one, never half of one."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_new(path, json.dumps(value) + "\n")
+
+
+def is_msllm_dataset(folder: Path) -> bool:
+    """Whether `folder` is a dataset msllm wrote: a folder (not a link) whose manifest.json is msllm's."""
+    manifest = _read_json(folder / MANIFEST_FILENAME) if folder.is_dir() and not folder.is_symlink() else {}
+    return manifest.get("format") == MANIFEST_FORMAT
+
+
+def _refuse_foreign(folder: Path) -> None:
+    """A DataError if `folder` holds something msllm did not write (a file, a link, a folder of
+    files without msllm's manifest): --force never replaces it, so the message never offers it."""
+    if not (folder.exists() or folder.is_symlink()) or is_msllm_dataset(folder):
+        return
+    if folder.is_dir() and not folder.is_symlink():
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+        if not entries:
+            return  # an empty folder: nothing to lose
+        listing = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        what = f"holds files that msllm did not put there ({listing}) and no msllm {MANIFEST_FILENAME}"
+    else:
+        what = "is a link" if folder.is_symlink() else "is a file"
+    raise DataError(
+        f"data.shards_dir {folder} {what}: msllm never replaces what it did not write; set data.shards_dir "
+        "to a new or empty folder (or move those files away), then run `msllm prep RECIPE`"
+    )
 
 
 def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished folder to the target; an old target is moved aside, then deleted."""
+    """Rename the finished folder to the target. An old target (msllm's: _refuse_foreign let it
+    through) is first moved aside to `.NAME.old-<time>-<pid>`, and deleted once the new one is in
+    place only if it is still an msllm dataset; anything else there is kept, and said so."""
     if target.exists() or target.is_symlink():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        _refuse_foreign(target)  # checked again: it may have changed while prep ran
+        old = target.parent / f".{target.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.replace(target, old)
         os.replace(tmp, target)
-        if old.is_dir() and not old.is_symlink():
+        if is_msllm_dataset(old):
             shutil.rmtree(old, ignore_errors=True)
+        elif old.is_symlink() or not old.is_dir() or any(old.iterdir()):
+            print(f"msllm prep: what was in {target} is kept in {old} (msllm did not write it)", flush=True)
         else:
-            old.unlink()
+            old.rmdir()
     else:
         os.replace(tmp, target)
 

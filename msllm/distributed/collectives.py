@@ -5,6 +5,8 @@
     first_failure(msg)  every rank passes its failure ("" for none); every rank gets the first
                         rank's message: so that all ranks raise together, with the same reason
     on_rank0(fn)        run fn on rank 0 alone; every rank gets its value, or raises its error
+    check_same_recipe   every rank was started with the same resolved recipe, or all stop with one
+                        line naming the keys that differ (a rank given another --set would hang)
 
 Each is a no-op wrapper around the plain call when torch.distributed is not started (one process).
 """
@@ -13,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from msllm.distributed.env import DistEnv
-from msllm.errors import MsllmError
+from msllm.distributed.env import DistEnv, check_master_resolves
+from msllm.errors import MsllmError, RecipeError, short_repr
 
 
 def init_distributed(denv: DistEnv) -> None:
@@ -28,6 +30,8 @@ def init_distributed(denv: DistEnv) -> None:
         return
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(denv.local_rank)
+    if denv.world_size > 1:
+        check_master_resolves()  # one line naming MASTER_ADDR, not a rendezvous traceback
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
         auto_mpi_discovery=False,
@@ -60,17 +64,72 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 _host_group = None  # a gloo group over all ranks, when the default backend is not gloo
 
 
+def _host():
+    """The group of host-side collectives (gloo): the default one, or one made at the first call
+    (every rank gets there at the same call)."""
+    global _host_group
+    if torch.distributed.get_backend() != "gloo" and _host_group is None:
+        _host_group = torch.distributed.new_group(backend="gloo")
+    return _host_group
+
+
 def any_rank(flag: bool) -> bool:
     """Whether `flag` is true on any rank. A host-side all-reduce (gloo, on CPU tensors): it waits
     for the other ranks' hosts, never for an accelerator. Collective: every rank calls it."""
-    global _host_group
     if not is_initialized() or torch.distributed.get_world_size() == 1:
         return flag
-    if torch.distributed.get_backend() != "gloo" and _host_group is None:
-        _host_group = torch.distributed.new_group(backend="gloo")  # every rank gets here at the same call
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_host_group)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_host())
     return bool(t.item())
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train.max_steps": 12, ...} of a nested dict."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_recipe(resolved: dict) -> None:
+    """Stop every rank with one RecipeError when the ranks were not given the same resolved recipe
+    (`resolved`: Recipe.to_dict(), overrides applied; run.seed included): a rank with other steps,
+    sizes or seed would otherwise wait forever in a collective the others never reach. One
+    all-gather of a sha256 per rank; only when they differ, the flattened recipes of the ranks
+    that differ from rank 0 are gathered to name the keys. Collective: every rank calls it, right
+    after the process group starts."""
+    import hashlib
+    import json
+
+    if not is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    text = json.dumps(resolved, sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    world = torch.distributed.get_world_size()
+    digests: list = [None] * world
+    torch.distributed.all_gather_object(digests, digest, group=_host())
+    if len(set(digests)) == 1:
+        return
+    rank = torch.distributed.get_rank()
+    mine = flatten(resolved) if rank == 0 or digests[rank] != digests[0] else None
+    recipes: list = [None] * world
+    torch.distributed.all_gather_object(recipes, mine, group=_host())
+    reference, missing = recipes[0], object()
+    differences = []
+    for other, flat in enumerate(recipes):
+        if flat is None or other == 0:
+            continue
+        keys = sorted(k for k in set(reference) | set(flat) if reference.get(k, missing) != flat.get(k, missing))
+        shown = "; ".join(f"{k} {short_repr(flat.get(k), 40)} vs {short_repr(reference.get(k), 40)}" for k in keys[:4])
+        differences.append(f"rank {other} vs rank 0: {shown}{' ...' if len(keys) > 4 else ''}")
+    raise RecipeError(
+        f"the ranks were started with different recipes ({'; '.join(differences[:2])}"
+        f"{f'; and {len(differences) - 2} more ranks' if len(differences) > 2 else ''}): start every rank with "
+        "the same recipe file and the same --set overrides"
+    )
 
 
 def broadcast_object(obj, src: int = 0):

@@ -86,8 +86,31 @@ def read_env(environ: dict | None = None) -> DistEnv:
         raise LauncherError(f"launcher environment: rank variables are not integers ({exc})") from None
     if world < 1 or not 0 <= rank < world:
         raise LauncherError(f"launcher environment: rank {rank} is not within world size {world}")
+    if world > 1:
+        _check_master(env)
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
     return DistEnv(rank=rank, world_size=world, local_rank=local, launcher=launcher)
+
+
+def _check_master(env) -> None:
+    """MASTER_PORT a port number: one line, rather than a traceback inside the process group's start."""
+    port = env.get("MASTER_PORT", "")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise LauncherError(f"launcher environment: MASTER_PORT {port!r} is not a port number (1-65535)")
+
+
+def check_master_resolves(env=None) -> None:
+    """MASTER_ADDR a host name that resolves (called just before the process group starts): one
+    line naming it, rather than a traceback from the rendezvous."""
+    env = os.environ if env is None else env
+    addr = env.get("MASTER_ADDR", "")
+    if not addr:
+        raise LauncherError("launcher environment: MASTER_ADDR is not set: set it to the host of rank 0")
+    try:
+        socket.getaddrinfo(addr, None)
+    except (OSError, UnicodeError) as exc:
+        raise LauncherError(f"launcher environment: MASTER_ADDR {addr!r} does not resolve to an address "
+                            f"({getattr(exc, 'strerror', None) or exc}): set it to the host of rank 0") from None
 
 
 def say(*args) -> None:

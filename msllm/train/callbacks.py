@@ -23,6 +23,7 @@ from pathlib import Path
 from msllm.distributed import collectives
 from msllm.distributed.env import say
 from msllm.metrics import accelerator_max_allocated, fmt_duration, peak_flops, peak_rss_bytes
+from msllm.safe_files import open_append_nofollow, write_new
 
 
 class Callback:
@@ -162,16 +163,16 @@ class JsonlLogger(Callback):
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
+        if path.exists() or path.is_symlink():  # rewritten by rename: a link there is replaced, not followed
             kept = []
-            for line in path.read_text().splitlines():
+            for line in (path.read_text().splitlines() if resume_step and path.exists() else ()):
                 try:
                     if json.loads(line).get("step", 0) <= resume_step:
                         kept.append(line)
                 except ValueError:
                     continue  # a torn last line
-            path.write_text("".join(k + "\n" for k in kept) if resume_step else "")
-        self.f = open(path, "a", buffering=1)
+            write_new(path, "".join(k + "\n" for k in kept))
+        self.f = open_append_nofollow(path)  # a link planted since: ELOOP, never a write through it
 
     def on_log(self, trainer, row: dict) -> None:
         self.f.write(json.dumps(row, allow_nan=True) + "\n")

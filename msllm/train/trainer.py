@@ -52,6 +52,7 @@ from msllm.checkpoint.files import read_meta
 from msllm.checkpoint.runfolder import claim_run_folder
 from msllm.checkpoint.state import Tokenizer, TrainState
 from msllm.config import with_vocab_size
+from msllm.safe_files import write_new
 from msllm.distributed import ParallelDims, collectives
 from msllm.distributed.env import DistEnv, read_env, say
 from msllm.train.memory import check_fits
@@ -142,7 +143,7 @@ class Trainer:
             say(f"resumed from {resumed} at step {state.step} ({state.tokens:,} tokens seen)")
         if self.denv.is_main:  # only once resume has accepted what is in output_dir
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(r.to_yaml())
+            write_new(self.out / "recipe.yaml", r.to_yaml())  # replaces a link, never writes through it
             run_record.write(state.run_record, self.out)
         say(f"run: {run_record.describe(state.run_record)}")
         say(
@@ -298,6 +299,7 @@ def train(recipe, overwrite: bool = False) -> None:
     if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # ranks share the cores
     collectives.init_distributed(denv)
+    collectives.check_same_recipe(recipe.to_dict())  # a rank given other values would hang: all stop
     folder = claim_run_folder(recipe, denv.is_main, overwrite)  # one training per folder, one run in it
     try:
         Trainer(recipe, denv, dims).fit(started=t0)

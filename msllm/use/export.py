@@ -10,7 +10,9 @@ a checkpoint or a run's output_dir, loaded and checked by msllm.use.load).
                             with full attention, else MsllmForCausalLM (trust_remote_code)
 
 The folder is written under a temporary name next to DIR and renamed into place at the end; an
-existing DIR is replaced only with --force. Every file gets the mode a plain file gets here.
+existing DIR is replaced only with --force, and only if it is an export (it holds export.json) or
+an empty folder: a file, a link or a folder of other files is refused in one line, whatever the
+flags. The old export is moved aside (`.DIR.old-<time>-<pid>`) until the new one is in place. Every file gets the mode a plain file gets here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from msllm.errors import CheckpointError
@@ -34,9 +37,33 @@ def export_checkpoint(source: str, out: str, force: bool = False) -> Path:
         raise CheckpointError(
             f"--out {out_dir} is, contains or lies inside the checkpoint source {source}: export to another folder"
         )
+    refuse_foreign_export(out_dir)
     if out_dir.exists() and not force:
         raise CheckpointError(f"{out_dir} already exists: pass --force to replace it")
     return write_export(load_model(source), out_dir)
+
+
+def is_msllm_export(folder: Path) -> bool:
+    """Whether `folder` is an export msllm wrote: a folder (not a link) holding export.json."""
+    return folder.is_dir() and not folder.is_symlink() and (folder / "export.json").is_file()
+
+
+def refuse_foreign_export(out_dir: Path) -> None:
+    """A CheckpointError if --out holds what msllm did not write (a file, a link, a folder without
+    export.json that is not empty): --force never replaces it, so the message never offers it."""
+    if not (out_dir.exists() or out_dir.is_symlink()) or is_msllm_export(out_dir):
+        return
+    if out_dir.is_dir() and not out_dir.is_symlink():
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir())
+        if not entries:
+            return
+        what = f"holds files that msllm did not put there ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
+    else:
+        what = "is a link" if out_dir.is_symlink() else "is a file"
+    raise CheckpointError(
+        f"--out {out_dir} {what} and is not an msllm export: msllm never replaces what it did not write; "
+        "export to a new or empty folder"
+    )
 
 
 def write_export(loaded, out_dir: Path) -> Path:
@@ -75,14 +102,15 @@ def write_export(loaded, out_dir: Path) -> Path:
         else:
             hf_note = "and hf/ (" + write_hf_folder(tmp / "hf", recipe.model, state, recipe.data.seq_len, tokenizer) + ")"
         _match_modes(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            os.replace(out_dir, old)
+        if out_dir.exists() or out_dir.is_symlink():
+            refuse_foreign_export(out_dir)  # checked again: it may have changed while the export was written
+            old = out_dir.parent / f".{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            os.replace(out_dir, old)  # aside until the new export is in place
             os.replace(tmp, out_dir)
-            if old.is_dir() and not old.is_symlink():
+            if is_msllm_export(old):
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                old.unlink()
+                old.rmdir()  # an empty folder
         else:
             os.replace(tmp, out_dir)
     except BaseException as exc:  # a full disk, an interrupt, a library's own error: no half export stays behind

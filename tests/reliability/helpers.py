@@ -93,3 +93,19 @@ def flip_bytes(path: Path, count: int = 64) -> None:
     for i in range(mid, min(mid + count, len(data))):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+LLAMA_CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=320, hidden_size=64,
+                    intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                    max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def write_llama_folder(folder: Path, tokenizer: Path, **config) -> Path:
+    """A Hugging Face Llama folder as `msllm import-hf` reads it (config.json and tokenizer.model;
+    no weights: they are read only when a run starts from it). `config` overrides LLAMA_CONFIG."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**LLAMA_CONFIG, **config}))
+    shutil.copyfile(tokenizer, folder / "tokenizer.model")
+    return folder

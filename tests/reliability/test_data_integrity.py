@@ -82,5 +82,6 @@ def test_train_into_a_foreign_shards_dir_names_msllm_prep(tmp_path, tiny_data):
     (junk / "notes.txt").write_text("not shards\n")
     recipe, _ = make_recipe(tmp_path, tiny_data)
     line = one_line_error(msllm("train", recipe, "--set", f"data.shards_dir={junk}"), "train")
-    assert "run `msllm prep RECIPE --force`" in line and "rerun with --force" not in line
+    assert "holds files that msllm did not put there (notes.txt)" in line and "run `msllm prep RECIPE`" in line
+    assert "--force" not in line  # issue 32: --force never replaces a folder msllm did not write
     assert tree_digest(junk) == {"notes.txt": tree_digest(junk)["notes.txt"]}

@@ -1,5 +1,5 @@
 """Issue 12, item 8: `msllm export` never writes over its own source, and --force over a file
-leaves nothing behind."""
+leaves nothing behind (a file is refused: it is not msllm's)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ def test_export_target_overlapping_the_source_refused(run_copy, capsys, target):
     assert tree_digest(out) == before
 
 
-def test_export_force_over_a_file_leaves_nothing_behind(run_copy, tmp_path, capsys):
+def test_export_force_over_a_file_is_refused_and_leaves_nothing_behind(run_copy, tmp_path, capsys):
+    """Issue 32, item 2: a file in the way is the user's: --force does not replace it."""
     _, out = run_copy
     dest = tmp_path / "exported"
     dest.write_text("a file in the way\n")
     code, _, err = cli(capsys, "export", out, "--out", dest, "--force")
-    assert code == 0, err
-    assert (dest / "model.safetensors").is_file()
+    assert "is a file and is not an msllm export" in one_line(code, err, "export")
+    assert dest.read_text() == "a file in the way\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".exported")) == []

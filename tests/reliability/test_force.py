@@ -1,0 +1,88 @@
+"""Issue 32, item 2: --force never deletes what msllm did not make. `msllm prep --force`, `msllm
+export --force` and `msllm import-hf --force` replace only a dataset, export or recipe that msllm
+wrote; a folder of the user's files (or a file) at the target is refused in one line that does not
+offer --force, and every file there survives."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from helpers import cli, one_line, tree_digest, write_llama_folder
+from train_helpers import make_recipe
+
+
+def _user_folder(path):
+    (path / "notes").mkdir(parents=True)
+    (path / "thesis.tex").write_text("years of work\n")
+    (path / "notes" / "ideas.md").write_text("more work\n")
+    return tree_digest(path)
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_prep_into_a_folder_of_user_files_deletes_nothing(tmp_path, tiny_data, capsys, force):
+    recipe, _ = make_recipe(tmp_path, tiny_data)
+    mine = tmp_path / "mine"
+    before = _user_folder(mine)
+    code, _, err = cli(capsys, "prep", recipe, *(["--force"] if force else []), "--set", f"data.shards_dir={mine}")
+    line = one_line(code, err, "prep")
+    assert f"data.shards_dir {mine} holds files that msllm did not put there (notes/, thesis.tex)" in line
+    assert "msllm never replaces what it did not write" in line and "--force" not in line
+    assert tree_digest(mine) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".mine.old")) == []
+
+
+def test_prep_force_replaces_its_own_dataset_and_removes_the_aside_copy(tmp_path, tiny_data, capsys):
+    recipe, _ = make_recipe(tmp_path, tiny_data)
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_data[1], shards)
+    (shards / "stray.txt").write_text("inside msllm's dataset: goes with it\n")
+    code, out, err = cli(capsys, "prep", recipe, "--force", "--set", f"data.shards_dir={shards}")
+    assert code == 0 and "msllm prep: wrote" in out, err
+    assert not (shards / "stray.txt").exists() and (shards / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".shards")) == [".shards.partial.lock"]
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_export_force_over_user_files_deletes_nothing(run_copy, tmp_path, capsys, what):
+    _, out = run_copy
+    dest = tmp_path / "mine"
+    if what == "folder":
+        before = _user_folder(dest)
+    else:
+        dest.write_text("a file of the user's\n")
+    code, _, err = cli(capsys, "export", out, "--out", dest, "--force")
+    line = one_line(code, err, "export")
+    assert f"--out {dest} " in line and "is not an msllm export" in line and "--force" not in line
+    if what == "folder":
+        assert tree_digest(dest) == before
+    else:
+        assert dest.read_text() == "a file of the user's\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".mine")) == []
+
+
+def test_export_force_replaces_its_own_export(run_copy, tmp_path, capsys):
+    _, out = run_copy
+    dest = tmp_path / "exported"
+    for args in ([], ["--force"]):
+        code, _, err = cli(capsys, "export", out / "checkpoints" / "step_0000003", "--out", dest, *args)
+        assert code == 0, err
+    code, _, err = cli(capsys, "export", out, "--out", dest, "--force")
+    assert code == 0, err
+    assert '"step": 6' in (dest / "export.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".exported")) == []
+
+
+def test_import_hf_force_over_a_user_file_deletes_nothing(tmp_path, tiny_data, capsys):
+    folder = write_llama_folder(tmp_path / "llama", tiny_data[1] / "tokenizer.model")
+    mine = tmp_path / "recipe.yaml"
+    mine.write_text("run: {name: my own recipe}\n")
+    code, _, err = cli(capsys, "import-hf", folder, "--out", mine, "--force")
+    line = one_line(code, err, "import-hf")
+    assert "is not a recipe `msllm import-hf` wrote" in line and "--force" not in line
+    assert mine.read_text() == "run: {name: my own recipe}\n"
+    mine.unlink()
+    for args in ([], ["--force"]):  # its own recipe: replaced with --force
+        code, _, err = cli(capsys, "import-hf", folder, "--out", mine, *args)
+        assert code == 0, err
