@@ -24,18 +24,21 @@ from msllm.models.vanilla import VanillaLM
 MODELS = {"vanilla": VanillaLM, "bottom_up": BottomUpLM, "top_down": TopDownLM, "retina": RetinaLM}
 
 
-def build_model(cfg, seed: int | None = None, device: torch.device | str = "cpu") -> nn.Module:
+def build_model(cfg, seed: int | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Build the architecture `cfg.arch` (a validated `ModelConfig` with vocab_size set) on
-    `device`, initialised from `seed` (msllm.models.init: the same weights on any device, world
-    size or ZeRO stage; None draws the seed from torch's global generator, so that
+    `device` (default: torch's default device, so that `with torch.device("meta")` builds a model
+    with no storage), initialised from `seed` (msllm.models.init: the same weights on any device,
+    world size or ZeRO stage; None draws the seed from torch's global generator, so that
     torch.manual_seed still decides). The parameters are built on the meta device and
     materialised once, on `device`: no copy of the model is made anywhere else."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
     with parameters_on_meta():
         model = construct(cfg)
     materialise(model, device)
-    init_parameters(model, seed)
+    if device.type != "meta":
+        init_parameters(model, seed)
     return model
 
 

@@ -1,7 +1,7 @@
 """An msllm model (bottom-up, top-down, retina, or vanilla with local attention) as a Hugging Face
 causal LM: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 
-`MsllmForCausalLM.model` is msllm's own model (the classes above, built by build_model from
+`MsllmForCausalLM.model` is msllm's own model (the classes above, built by `construct` from
 `config.msllm`), so its logits are msllm's. Its forward returns a CausalLMOutputWithPast:
 - with `use_cache` (the default) outside autograd, the logits come from msllm's cached decoding
   and `past_key_values` is its cache (an msllm DecodeCache, not a transformers Cache): passed
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from msllm.models import build_model
+from msllm.models import construct
 
 from .configuration_msllm import MsllmConfig
 
@@ -40,7 +40,8 @@ class MsllmForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: MsllmConfig):
         super().__init__(config)
         model_config = config.model_config()
-        self.model = build_model(model_config)
+        # The plain constructor: transformers loads every weight (and may build on the meta device).
+        self.model = construct(model_config)
         # A learned-chunking scale (pool: dynamic) has no cached decoding: each step runs the whole sequence.
         self.decodes = not any(scale.pool == "dynamic" for scale in model_config.scales)
         if config.tie_word_embeddings:
@@ -48,7 +49,7 @@ class MsllmForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """Nothing: msllm's constructor has initialised every weight (layers.init_weights)."""
+        """Nothing: every weight comes from the export (msllm's initial values are its trainer's)."""
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embed
