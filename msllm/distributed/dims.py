@@ -12,8 +12,7 @@ A job of `world_size` ranks is a grid of dp data-parallel replicas x sp sequence
 - gradients are averaged over all dp * sp ranks (DeepSpeed's data-parallel group is the world).
 
 Every part of the trainer asks a `ParallelDims` rather than working it out: the data loader (its
-slice and replication), `parallelize` (the sequence-parallel group), the checkpoint manager (which
-saved rank's data state this rank continues from) and the logs (dp x sp).
+slice and replication), `parallelize` (the sequence-parallel group), and the logs (dp x sp).
 """
 
 from __future__ import annotations
@@ -88,12 +87,6 @@ class ParallelDims:
             if self.rank in ranks:
                 mine = group
         return mine
-
-    def resume_state_rank(self, saved_sp: int) -> int:
-        """The saved rank whose data-loader and RNG state this rank continues from, in a run saved
-        with sequence-parallel degree `saved_sp`: the first rank of the same data-parallel replica
-        (the ranks of a group read the same samples, so any of them would do)."""
-        return self.dp_rank * saved_sp
 
     def describe(self) -> str:
         return f"dp {self.dp} x sp {self.sp}"

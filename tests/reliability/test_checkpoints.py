@@ -66,6 +66,27 @@ def test_garbage_without_recorded_checksums_is_unreadable_and_falls_back(run_cop
     assert "not a readable torch checkpoint file" in note
 
 
+def test_a_load_that_fails_half_way_restarts_from_the_initial_weights(run_copy, trained_run):
+    """Probe class: a failed load (issue 32 item 3). DeepSpeed loads a checkpoint's weights before
+    its optimizer state; when the optimizer state then fails to load, in every checkpoint, the
+    run starts again from step 0: from the initial weights, not from the last checkpoint's weights.
+    Its step-1 loss is the fresh run's, exactly."""
+    from helpers import rerecord_checksum
+
+    recipe, out = run_copy
+    for step in (3, 6):
+        path = out / "checkpoints" / f"step_{step:07d}" / "mp_rank_00_model_states.pt"
+        states = torch.load(path, weights_only=True)
+        states["optimizer"]["param_groups"] = states["optimizer"]["param_groups"][:1]  # loads the weights, then fails
+        torch.save(states, path)
+        rerecord_checksum(path)  # as one who rewrites the whole folder would: not caught by the checksums
+    proc = check(msllm("train", recipe, "--set", "train.max_steps=7"))
+    assert "all 2 checkpoints" in proc.stdout and "starts again from step 0 from the initial weights" in proc.stdout
+    fresh = rows(trained_run[1])[0]
+    restarted = [r for r in rows(out) if r["step"] == 1][-1]
+    assert restarted["loss"] == fresh["loss"] and restarted["grad_norm"] == fresh["grad_norm"]
+
+
 @pytest.mark.parametrize("command", ["eval", "export", "generate"])
 def test_corrupt_latest_named_by_eval_export_generate(run_copy, tmp_path, capsys, command):
     recipe, out = run_copy
