@@ -12,13 +12,12 @@ gradients (bf16 has 8 bits of mantissa; the chunked kernel accumulates the weigh
 dense in bf16, so the two differ by bf16 rounding).
 """
 
-import os
-
 import pytest
 import torch
 
 from msllm.errors import RecipeError
 from msllm.train.memory import saved_for_backward
+from kernel_helpers import cpu_kernels  # noqa: F401 (a fixture)
 from model_helpers import tiny_model
 from msllm.train.loss import IGNORE_INDEX, choose_kernel, chunk_rows, installed, lm_loss, model_loss
 
@@ -157,20 +156,6 @@ def test_kernel_choice(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 FUSED_TOLERANCES = (1e-5, 1e-5)  # fp32: loss relative, gradients absolute (as chunked against dense)
-
-
-@pytest.fixture(scope="module")
-def cpu_kernels():
-    """MSLLM_ALLOW_CPU_KERNELS=1 and TRITON_INTERPRET=1 for this module's tests (set before
-    liger_kernel is imported; the variables are restored after the module, the interpreted kernels
-    stay interpreted)."""
-    from msllm.train.loss import enable_cpu_kernels
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("MSLLM_ALLOW_CPU_KERNELS", "TRITON_INTERPRET"):
-            mp.setenv(name, os.environ.get(name, ""))  # restored on exit
-        enable_cpu_kernels()
-        yield
 
 
 @pytest.mark.parametrize("kernel", ["liger", "cce"])

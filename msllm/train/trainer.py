@@ -100,6 +100,8 @@ class Trainer:
         engine = build_engine(parallelize(model, dims, recipe), recipe, dims)
         self.device = engine.device
         record = run_record.collect(dims.world_size, dims.dp, dims.sp, str(self.device), self.shards.manifest)
+        from msllm.train.kernel_check import at_start  # each non-reference kernel against its reference, on this device
+        self.loss_kernel, record["kernels"] = at_start(t, recipe.model, model, self.device, self.loss_kernel)
         seed_everything(recipe.run.seed + 1000003 * (denv.rank + 1))  # per-rank streams from here
         loader = build_dataloader(
             recipe.data, "train", t.micro_batch_size, recipe.run.seed,
