@@ -12,6 +12,8 @@ gradients (bf16 has 8 bits of mantissa; the chunked kernel accumulates the weigh
 dense in bf16, so the two differ by bf16 rounding).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -156,6 +158,28 @@ def test_kernel_choice(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 FUSED_TOLERANCES = (1e-5, 1e-5)  # fp32: loss relative, gradients absolute (as chunked against dense)
+
+
+def test_liger_compiled_for_a_gpu_cannot_be_interpreted_later(monkeypatch):
+    """enable_cpu_kernels after liger's kernels were defined for a GPU: one line, nothing set."""
+    import sys
+    import types
+
+    from msllm.errors import KernelError
+    from msllm.train.loss import enable_cpu_kernels
+
+    jit = pytest.importorskip("triton.runtime.jit")
+
+    def kernel(x):
+        pass
+
+    module = types.ModuleType("liger_kernel.ops.made_up")
+    module.kernel = jit.JITFunction(kernel)
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.made_up", module)
+    monkeypatch.delenv("MSLLM_ALLOW_CPU_KERNELS", raising=False)
+    with pytest.raises(KernelError, match="was imported before TRITON_INTERPRET=1 was set"):
+        enable_cpu_kernels()
+    assert "MSLLM_ALLOW_CPU_KERNELS" not in os.environ
 
 
 @pytest.mark.parametrize("kernel", ["liger", "cce"])

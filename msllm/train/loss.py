@@ -35,7 +35,8 @@ before the first step (msllm.train.kernel_check).
 Fused kernels off CUDA (the tests, CI): with MSLLM_ALLOW_CPU_KERNELS=1 in the environment (or
 `choose_kernel(..., allow_cpu=True)`), liger and cce are accepted on any device. Liger's Triton
 kernels then need Triton's interpreter: TRITON_INTERPRET=1 must be set before liger_kernel is first
-imported (`enable_cpu_kernels()` sets both variables); they run correct and slow (keep inputs tiny).
+imported, and before triton is (`enable_cpu_kernels()` sets both variables, and refuses in one line
+when it is too late); they run correct and slow (keep inputs tiny).
 """
 
 from __future__ import annotations
@@ -69,17 +70,32 @@ def cpu_kernels_allowed() -> bool:
 
 def enable_cpu_kernels() -> None:
     """Let the fused kernels run on a CPU in this process (tests, CI): MSLLM_ALLOW_CPU_KERNELS=1 and,
-    for Liger's Triton kernels, TRITON_INTERPRET=1. Triton reads the latter when a kernel is defined,
-    so this must run before liger_kernel is imported; raises a one-line error if it was already."""
+    for Liger's Triton kernels, TRITON_INTERPRET=1. Triton reads the latter when a kernel (its own
+    standard library's included) is defined, so this must run before triton and liger_kernel are
+    imported; raises a one-line error if they were already, for a GPU."""
     import sys
 
     from msllm.errors import KernelError
 
-    if os.environ.get("TRITON_INTERPRET") != "1" and any(name.startswith("liger_kernel.ops") for name in sys.modules):
-        raise KernelError("liger_kernel was imported before TRITON_INTERPRET=1 was set: its kernels cannot run on "
-                          "a CPU in this process; set TRITON_INTERPRET=1 in the environment before starting python")
+    if _triton_compiled_for_a_gpu(sys.modules):
+        raise KernelError("triton or liger_kernel was imported before TRITON_INTERPRET=1 was set: Liger's kernels "
+                          "cannot run on a CPU in this process; set TRITON_INTERPRET=1 in the environment before "
+                          "starting python")
     os.environ[ALLOW_CPU_KERNELS] = "1"
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _triton_compiled_for_a_gpu(modules: dict) -> bool:
+    """Whether Triton's own functions or liger_kernel's kernels were already defined for a GPU
+    (imported without TRITON_INTERPRET=1: Triton's JITFunction, not its InterpretedFunction). An
+    interpreted kernel cannot call them."""
+    prefixes = ("triton.language", "liger_kernel.ops")
+    if not any(name.startswith(prefixes) for name in modules):
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return any(isinstance(value, JITFunction) for name, module in list(modules.items())
+               if name.startswith(prefixes) and module is not None for value in list(vars(module).values()))
 
 
 def choose_kernel(requested: str, device_type: str, allow_cpu: bool | None = None) -> str:
