@@ -143,6 +143,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from msllm.doctor import doctor
+
+    doctor(args.output_dir, as_json=args.json, check=not args.no_check)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msllm", description=DESCRIPTION)
     parser.add_argument("--version", action=_PrintVersion, help="print msllm's version and exit")
@@ -213,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="recipe file to write (model, tokenizer and train.init_from set)")
     p.add_argument("--force", action="store_true", help="replace an existing recipe file")
     p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser(
+        "doctor", help="versions, devices, backends, kernels and their checks, matmul rate, free space (for bug reports)",
+        description="What this machine offers msllm: library versions, devices and memory, distributed backends "
+                    "and DeepSpeed ops, the attention and loss kernels each device would train with and whether "
+                    "each passes its start-up check, a measured matmul rate against the known peak, and free "
+                    "space in the output and cache folders. Paste its output into bug reports.",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--output-dir", default=".", help="the folder whose free space to report (default: .)")
+    p.add_argument("--no-check", action="store_true", help="do not run the kernels' checks (faster)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser(
         "bench", help="run a benchmark and append its result to benchmarks/NAME.md (or --out)",

@@ -282,6 +282,15 @@ class TrainConfig:
         "msllm's own (every device); liger and cce are fused CUDA kernels (pip install 'msllm[gpu]'); "
         "dense materialises every logit (the reference). The log says which ran.",
     )
+    kernel_check: Literal["fallback", "strict", "off"] = doc(
+        "fallback",
+        "Before the first step, on the training device, run each non-reference kernel this run chose "
+        "(FlexAttention for local and retina attention on CUDA; the liger or cce loss) forward and "
+        "backward on a small input against its reference (blocked attention; the chunked loss). "
+        "fallback: a kernel that raises or differs beyond its tolerance is replaced by its reference, "
+        "said in one log line and recorded in run.json (key kernels); strict: stop with a one-line "
+        "error instead; off: no check (the chosen kernels run unchecked).",
+    )
     loss_chunk_size: int = doc(
         0,
         "Positions per chunk of the chunked loss; 0: as many as make one chunk's fp32 logits about "

@@ -56,3 +56,8 @@ class ReshardError(CheckpointError):
 
 class RunFolderError(MsllmError):
     """A run folder that is in use by another training, or holds another run."""
+
+
+class KernelError(MsllmError):
+    """A kernel (attention, loss) that cannot run here, or that failed its start-up check under
+    train.kernel_check: strict."""

@@ -3,7 +3,9 @@
 The trainer writes it into output_dir and into every checkpoint's meta.json (key `run_record`);
 the resolved recipe is saved beside it (recipe.yaml). The record adds what the recipe does not say: msllm's version and git commit (and whether the tree had uncommitted changes), the versions of
 the libraries that change numbers (python, torch, deepspeed, mosaicml-streaming, sentencepiece),
-the hash of the data manifest, the world size and parallel degrees, and the device.
+the hash of the data manifest, the world size and parallel degrees, and the device. The trainer
+adds `kernels`: the attention and loss kernels chosen, the ones used, and their start-up check
+(msllm.train.kernel_check).
 """
 
 from __future__ import annotations

@@ -33,6 +33,23 @@ from msllm.config import DataConfig, TokenizerConfig
 from train_helpers import base_recipe, check, corpus_text, make_recipe, msllm, recipe_paths
 
 
+def _interpret_triton_without_cuda() -> None:
+    """Liger's Triton kernels run on the CPU in the tests under Triton's interpreter
+    (tests/kernel_helpers.py), which Triton reads when it defines a kernel, its own standard
+    library's included, at import: so it is set here, before anything imports triton, and only
+    without CUDA (where nothing else can run a Triton kernel; on a GPU the CUDA tests need Triton
+    compiled)."""
+    import sys
+
+    import torch
+
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_cuda()
+
+
 def pytest_configure(config) -> None:
     """Under xdist, each worker computes on its share of the cores: with every worker on all of
     them, OpenMP threads wait on each other (the 16k-token model tests took 1.4x as long with 2

@@ -19,6 +19,27 @@ def test_one_measurement_reports_speed_mfu_and_memory():
     row = measure("retina", "recipes/models/retina-tiny.yaml", 0, 64, 128, 1, compiled=False)
     assert row["model"] == "retina" and row["batch"] == 2
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_gib"] > 0
+    assert row["ops_per_step"] > 100  # forward + loss + backward of two retina layers
+
+
+@pytest.mark.slow
+def test_compiled_blocks_dispatch_fewer_operations_than_eager():
+    """The dispatch counter sees the compiled code's own calls, not inductor's fused kernels."""
+    from model_helpers import tiny_model
+    from msllm.bench.throughput import dispatched_ops
+    from msllm.distributed.parallelize import compile_blocks
+    from msllm.train.bare import bare_step
+
+    ids = torch.randint(0, 97, (2, 65))
+    counts = {}
+    for compiled in (False, True):
+        model = tiny_model("bottom_up")
+        if compiled:
+            compile_blocks(model)
+        bare_step(model, None, ids[:, :-1], ids[:, 1:])  # compiles
+        model.zero_grad()
+        counts[compiled] = dispatched_ops(lambda: bare_step(model, None, ids[:, :-1], ids[:, 1:]))
+    assert 0 < counts[True] < counts[False] / 2, counts
 
 
 @pytest.mark.slow

@@ -1,16 +1,25 @@
 """The one loss (msllm.train.loss): every kernel against the dense reference, values and gradients.
 
+The fused kernels (liger, cce) run here too, through msllm's own lm_loss, on the CPU: Liger's Triton
+kernels under Triton's interpreter (TRITON_INTERPRET=1), Cut Cross-Entropy through its
+torch.compile implementation (what msllm calls off CUDA; on CUDA it calls its Triton kernels, which
+only a GPU runs: the needs-CUDA tests at the end). MSLLM_ALLOW_CPU_KERNELS=1 lets choose_kernel
+accept them off CUDA.
+
 Tolerances: fp32, 1e-5 relative on the loss and 1e-5 absolute on gradients of magnitude ~1 (the
 chunks sum in another order than one big matmul); bf16, 1e-2 relative on the loss and 3e-2 on the
 gradients (bf16 has 8 bits of mantissa; the chunked kernel accumulates the weight's gradient in fp32,
 dense in bf16, so the two differ by bf16 rounding).
 """
 
+import os
+
 import pytest
 import torch
 
 from msllm.errors import RecipeError
 from msllm.train.memory import saved_for_backward
+from kernel_helpers import cpu_kernels  # noqa: F401 (a fixture)
 from model_helpers import tiny_model
 from msllm.train.loss import IGNORE_INDEX, choose_kernel, chunk_rows, installed, lm_loss, model_loss
 
@@ -130,12 +139,89 @@ def test_the_chunked_kernel_never_holds_the_logits():
     assert sum(sizes["chunked"]) <= (n * d + vocab * d) * 4
 
 
-def test_kernel_choice():
+def test_kernel_choice(monkeypatch):
+    monkeypatch.delenv("MSLLM_ALLOW_CPU_KERNELS", raising=False)
     assert choose_kernel("auto", "cpu") == "chunked"
     assert choose_kernel("dense", "cpu") == "dense"
     with pytest.raises(RecipeError, match="needs a CUDA GPU"):
         choose_kernel("liger", "cpu")
+    monkeypatch.setattr("msllm.train.loss.installed", lambda kernel: True)
+    assert choose_kernel("liger", "cpu", allow_cpu=True) == "liger"
+    monkeypatch.setenv("MSLLM_ALLOW_CPU_KERNELS", "1")
+    assert choose_kernel("cce", "cpu") == "cce"
+    assert choose_kernel("auto", "cpu") == "chunked"  # auto never picks a fused kernel off CUDA
     assert chunk_rows(32000) == 262 and chunk_rows(8000) == 1048 and chunk_rows(10**9) == 16 and chunk_rows(5, 3) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused kernels on the CPU (Liger under Triton's interpreter, CCE's torch.compile implementation)
+# ----------------------------------------------------------------------------------------------
+
+FUSED_TOLERANCES = (1e-5, 1e-5)  # fp32: loss relative, gradients absolute (as chunked against dense)
+
+
+def test_liger_compiled_for_a_gpu_cannot_be_interpreted_later(monkeypatch):
+    """enable_cpu_kernels after liger's kernels were defined for a GPU: one line, nothing set."""
+    import sys
+    import types
+
+    from msllm.errors import KernelError
+    from msllm.train.loss import enable_cpu_kernels
+
+    jit = pytest.importorskip("triton.runtime.jit")
+
+    def kernel(x):
+        pass
+
+    module = types.ModuleType("liger_kernel.ops.made_up")
+    module.kernel = jit.JITFunction(kernel)
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.made_up", module)
+    monkeypatch.delenv("MSLLM_ALLOW_CPU_KERNELS", raising=False)
+    with pytest.raises(KernelError, match="was imported before TRITON_INTERPRET=1 was set"):
+        enable_cpu_kernels()
+    assert "MSLLM_ALLOW_CPU_KERNELS" not in os.environ
+
+
+@pytest.mark.parametrize("kernel", ["liger", "cce"])
+def test_fused_kernels_match_chunked_on_the_cpu(cpu_kernels, kernel):
+    """Values and gradients through lm_loss, with ignored labels and a batch dimension; small
+    sizes (N=64, d=32, vocab=300): the interpreter runs Triton's programs in Python."""
+    if not installed(kernel):
+        pytest.skip(f"{kernel} is not installed (pip install -e '.[dev]')")
+    assert choose_kernel(kernel, "cpu") == kernel
+    hidden, weight, labels = case(n=64, d=32, vocab=300, ignore_every=5)
+    chunked = loss_and_grads("chunked", hidden, weight, labels, chunk_size=16, scale=0.37)
+    fused = loss_and_grads(kernel, hidden.view(4, 16, 32), weight, labels.view(4, 16), scale=0.37)
+    rtol, atol = FUSED_TOLERANCES
+    torch.testing.assert_close(fused[0], chunked[0], rtol=rtol, atol=0)
+    for got, want in zip(fused[1:], chunked[1:]):
+        torch.testing.assert_close(got.reshape(want.shape), want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("kernel", ["liger", "cce"])
+def test_a_tiny_model_trains_3_steps_on_a_fused_kernel_as_on_chunked(cpu_kernels, kernel):
+    """The bare step (msllm.train.bare: model_loss, backward, AdamW) three times from the same
+    weights: the same losses (1e-5 relative) and the same weights after (1e-5 absolute: AdamW's
+    first steps move each weight by about lr whatever the gradient's size, so a gradient that
+    differs in sign somewhere would show as 2 * lr = 2e-3)."""
+    if not installed(kernel):
+        pytest.skip(f"{kernel} is not installed (pip install -e '.[dev]')")
+    from msllm.train.bare import bare_step
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 300, (3, 2, 17), generator=g)
+    labels = torch.randint(0, 300, (3, 2, 17), generator=g)
+    labels[:, 0, :3] = IGNORE_INDEX
+    runs = {}
+    for name in ("chunked", kernel):
+        model = tiny_model("bottom_up", vocab_size=300)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = [bare_step(model, optimizer, ids[i], labels[i], loss_kernel=name, loss_chunk_size=8) for i in range(3)]
+        runs[name] = torch.stack(losses), dict(model.named_parameters())
+    torch.testing.assert_close(runs[kernel][0], runs["chunked"][0], rtol=1e-5, atol=0)
+    assert runs["chunked"][0][2] < runs["chunked"][0][0]  # it learns (the same batch order as below)
+    for name, p in runs["chunked"][1].items():
+        torch.testing.assert_close(runs[kernel][1][name], p, rtol=0, atol=1e-5, msg=name)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fused kernels are CUDA-only)")

@@ -16,6 +16,7 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     startup.py            startup: eval, generate, export, inspect and a finished train against importing torch
     generate.py           generate: cached decoding against the uncached loop, per arch and HF Llama; prefill
     bytes.py              bytes: BPE vs byte-level models, fixed pooling vs learned chunking, with seeds
+    gpu.py                gpu: the CUDA-only tests, the kernels' start-up checks, attention and throughput (GPU only)
 
 To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
 it), and an entry in BENCHMARKS.
@@ -87,6 +88,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "bytes": _lazy(
         "bytes", "bench_bytes",
         "BPE vanilla vs byte-level vanilla, fixed-pooling and dynamic-chunking bottom-up at equal FLOPs/byte, seeds, verdict.",
+    ),
+    "gpu": _lazy(
+        "gpu", "bench_gpu",
+        "GPU only: the CUDA-only tests, the kernels' start-up checks (doctor), attention and throughput, one file.",
     ),
     "train-quickstart": _lazy(
         "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."

@@ -20,6 +20,14 @@ ends only that row. The trainer reads the built-in corpus, cut into windows of L
 its second half of steps (the first half compiles and warms up). The table is returned
 (run_benchmark appends it to benchmarks/throughput.md) and the plot is written to
 benchmarks/throughput.png (one column per model: tokens/s, train / bare, peak memory).
+
+Each bare-loop row also counts the operations one training step dispatches, forward + loss +
+backward (not the optimizer): every aten operator call that reaches torch's dispatcher, counted by
+a TorchDispatchMode (`dispatched_ops`). Eager, that is every operator of the step; compiled, the
+mode is off while torch.compile traces and on while the compiled code runs, so it counts what the
+compiled code still dispatches (matmuls and other extern kernels, the eager code between blocks),
+not what inductor fused into its own kernels. Each dispatch costs host time, and on a GPU at
+least one kernel launch: a step with fewer of them waits less on the host.
 """
 
 from __future__ import annotations
@@ -95,6 +103,28 @@ def build(name: str, cfg, seq_len: int):
     return HFLlama()
 
 
+def dispatched_ops(step) -> int:
+    """The aten operator calls `step()` dispatches (see the module's docstring), compiled code's
+    runtime calls included, its compilation excluded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        @classmethod
+        def ignore_compile_internals(cls) -> bool:
+            return True  # off while torch.compile traces, on while its compiled code runs
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = Counter()
+    with counter:
+        step()
+    return counter.count
+
+
 def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
             compiled: bool, loss_kernel: str = "auto") -> dict:
     """Train `steps` steps (after two warm-up steps) in a bare loop; tokens/s over those steps
@@ -143,10 +173,13 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
         step()
     synchronize()
     tokens_per_s = steps * batch * seq_len / (time.perf_counter() - start)
+    # One more forward + loss + backward, without the optimizer: the operations it dispatches.
+    ops = dispatched_ops(lambda: bare_step(model, None, ids[:, :-1], ids[:, 1:], torch.bfloat16 if cuda else None, kernel))
+    optimizer.zero_grad(set_to_none=True)
     peak, _ = peak_flops(device)  # what `msllm train` computes its MFU against
     return {
         "model": name, "mode": "compiled" if compiled else "eager", "loop": "bare", "L": seq_len, "batch": batch,
-        "loss": kernel, "tokens_per_s": tokens_per_s,
+        "loss": kernel, "tokens_per_s": tokens_per_s, "ops_per_step": ops,
         "mfu": flops_per_token(cfg, seq_len) * tokens_per_s / peak,
         "peak_gib": (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) / 2**30,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -264,20 +297,23 @@ def table(rows: list[dict], setting: Setting) -> str:
         f"from `{setting.recipes}`" + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
         "Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU. MFU against the peak "
         "`msllm train` uses (msllm.metrics.peak_flops). \"train / bare\": the trainer's tokens/s over the "
-        "bare loop's for the same model, L and mode.",
+        "bare loop's for the same model, L and mode. \"ops/step\" (bare loop): the aten operations one forward + "
+        "loss + backward dispatches (msllm.bench.throughput.dispatched_ops; compiled: those the compiled code still "
+        "dispatches).",
         "",
-        "| model | mode | loop | loss | L | batch | tokens/s | train / bare | MFU | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | loop | loss | L | batch | tokens/s | train / bare | MFU | peak GiB | ops/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     bare = {(r["model"], r["mode"], r["L"], r.get("loss")): r for r in rows if r.get("loop") == "bare" and "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | | {r['error']} | | | |")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | | {r['error']} | | | | |")
             continue
         ref = bare.get((r["model"], r["mode"], r["L"], r.get("loss")))
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if r["loop"] != "bare" and ref else ""
         lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | {r['batch']} | "
-                     f"{r['tokens_per_s']:,.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |")
+                     f"{r['tokens_per_s']:,.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} | "
+                     f"{r['ops_per_step'] if 'ops_per_step' in r else ''} |")
     return "\n".join(lines)
 
 

@@ -40,13 +40,18 @@ def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> n
     return model
 
 
-def compile_blocks(model: nn.Module, checkpointed: bool = False) -> nn.Module:
+def compile_blocks(model: nn.Module, checkpointed: bool = False, **options) -> nn.Module:
     """torch.compile every transformer block in place (or, for `checkpointed` blocks, each of its
     child modules). `Module.compile()` keeps the module and its parameter names: a state dict
-    saved with or without compilation loads into either. Returns the model."""
+    saved with or without compilation loads into either. `options` go to torch.compile (the tests
+    pass a cheaper backend). Returns the model.
+
+    Shapes: torch's automatic dynamic shapes (dynamic=None) compile a block for the first shape it
+    sees and, once a size changes, once more with that size symbolic; tests/test_recompile.py counts
+    what varying lengths, batch sizes and dynamic chunking's chunk counts cost."""
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         for module in block.children() if checkpointed else (block,):
-            module.compile()
+            module.compile(**options)
     return model
 
 

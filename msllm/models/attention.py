@@ -19,7 +19,9 @@ Kernels (`attend(..., kernel=)`):
             blocks every query sees skip the mask. O(L * window). FlexAttention has no CPU backward.
 - "slices": one query (a decode step): each segment cut to the range the query sees, SDPA with no
             mask. O(window).
-`kernel_for(device)` is the one place that picks for training: "flex" on CUDA, "blocks" elsewhere.
+`kernel_for(device)` is the one place that picks for training: "flex" on CUDA, "blocks" elsewhere,
+unless `use_kernel` fixed one for the process (the start-up check, msllm.train.kernel_check, falls
+back to "blocks" that way when FlexAttention fails or disagrees on the training device).
 Cached decoding (`decode_attention`) uses "slices" for one new position and "blocks" for more, on
 every device: prompts come in any length, and FlexAttention would recompile for each.
 
@@ -48,10 +50,26 @@ from torch import nn
 FLEX_BLOCK = 128  # FlexAttention's block of queries and of keys
 
 
+TRAINING_KERNELS = ("blocks", "flex")  # the reference first
+_forced_kernel: str | None = None  # use_kernel's choice, for every device
+
+
 def kernel_for(device: torch.device) -> str:
     """The kernel that runs local and retina attention on `device`: FlexAttention's fused kernel
-    where it trains (CUDA), blocked SDPA elsewhere (FlexAttention has no CPU backward)."""
+    where it trains (CUDA), blocked SDPA elsewhere (FlexAttention has no CPU backward); or the one
+    `use_kernel` fixed."""
+    if _forced_kernel is not None:
+        return _forced_kernel
     return "flex" if device.type == "cuda" else "blocks"
+
+
+def use_kernel(kernel: str | None) -> None:
+    """Make every later `kernel_for` (so every local and retina attention called without a kernel)
+    return `kernel` (one of TRAINING_KERNELS) in this process; None: back to the choice by device."""
+    global _forced_kernel
+    if kernel is not None and kernel not in TRAINING_KERNELS:
+        raise ValueError(f"unknown training attention kernel {kernel!r} (one of {', '.join(TRAINING_KERNELS)})")
+    _forced_kernel = kernel
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,20 @@ def eval_batches(manifest: dict, batch_size: int, dp_size: int, max_batches: int
     return min(n, max_batches) if max_batches else n
 
 
+def pad_batch(ids: torch.Tensor, labels: torch.Tensor, rows: int, length: int | None = None):
+    """`ids`, `labels` [B, L] right-padded to at least `rows` rows and `length` positions (default:
+    L): token 0 and IGNORE_INDEX labels. Exact for the loss: the padding has no loss, and a causal
+    model's real positions never see the positions after them, nor another row."""
+    from msllm.train.loss import IGNORE_INDEX
+
+    extra_rows, extra_positions = max(rows - ids.shape[0], 0), max((length or 0) - ids.shape[1], 0)
+    if not (extra_rows or extra_positions):
+        return ids, labels
+    pad = (0, extra_positions, 0, extra_rows)
+    return (torch.nn.functional.pad(ids, pad, value=0),
+            torch.nn.functional.pad(labels, pad, value=IGNORE_INDEX))
+
+
 @torch.no_grad()
 def evaluate(model, loader, manifest: dict, batch_size: int, max_batches: int, device, dp_size: int = 1,
              loss_kernel: str = "chunked", loss_chunk_size: int = 0) -> dict:
@@ -36,6 +50,9 @@ def evaluate(model, loader, manifest: dict, batch_size: int, max_batches: int, d
         if i >= n_batches:
             break
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        # The last batch of the split is short: padded to the batch size, so that a compiled model
+        # (train.compile) sees the shape of every other batch and does not compile again.
+        ids, labels = pad_batch(ids, labels, batch_size)
         total[0] += model_loss(model, ids, labels, loss_kernel, loss_chunk_size, auxiliary=False).double().cpu()
         total[1] += (labels != -100).sum().item()
     dist.all_reduce_sum(total)

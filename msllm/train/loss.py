@@ -22,21 +22,35 @@ A kernel computes it (`train.loss_kernel`; `choose_kernel` resolves "auto"):
     liger     Liger Kernel's fused linear cross-entropy (`pip install liger-kernel`; CUDA, Triton):
               the same scheme as chunked in fused kernels.
     cce       Apple's Cut Cross-Entropy (`pip install cut-cross-entropy`; CUDA, Triton, arXiv
-              2411.09009): logits computed blockwise in on-chip memory, never written out.
+              2411.09009): logits computed blockwise in on-chip memory, never written out. On CUDA
+              msllm calls its `impl="cce"` (the Triton kernels: the one implementation that never
+              writes the logits out, which is the point of it); on any other device its
+              `impl="torch_compile"` (a compiled dense cross-entropy that holds every logit: the same
+              library entry point and conventions, runnable on a CPU, no memory saving).
 
 "auto" is liger on CUDA when it is installed, else cce when installed, else chunked; chunked on
-every other device. The trainer logs what it chose.
+every other device. The trainer logs what it chose, and checks a fused kernel against chunked
+before the first step (msllm.train.kernel_check).
+
+Fused kernels off CUDA (the tests, CI): with MSLLM_ALLOW_CPU_KERNELS=1 in the environment (or
+`choose_kernel(..., allow_cpu=True)`), liger and cce are accepted on any device. Liger's Triton
+kernels then need Triton's interpreter: TRITON_INTERPRET=1 must be set before liger_kernel is first
+imported, and before triton is (`enable_cpu_kernels()` sets both variables, and refuses in one line
+when it is too late); they run correct and slow (keep inputs tiny).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from typing import Callable
 
 import torch
 
 IGNORE_INDEX = -100
 KERNELS = ("auto", "dense", "chunked", "liger", "cce")
 _FUSED = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}  # kernel -> the module that provides it
+ALLOW_CPU_KERNELS = "MSLLM_ALLOW_CPU_KERNELS"  # "1": liger and cce accepted off CUDA (tests, CI)
 # chunked: when train.loss_chunk_size is 0, positions per chunk such that one chunk's fp32 logits
 # take about this many bytes (262 positions at a 32k vocabulary, 1,048 at 8k).
 CHUNK_LOGIT_BYTES = 32 << 20
@@ -49,10 +63,50 @@ def installed(kernel: str) -> bool:
     return importlib.util.find_spec(_FUSED[kernel]) is not None
 
 
-def choose_kernel(requested: str, device_type: str) -> str:
+def cpu_kernels_allowed() -> bool:
+    """Whether MSLLM_ALLOW_CPU_KERNELS=1 lets liger and cce run off CUDA."""
+    return os.environ.get(ALLOW_CPU_KERNELS, "") == "1"
+
+
+def enable_cpu_kernels() -> None:
+    """Let the fused kernels run on a CPU in this process (tests, CI): MSLLM_ALLOW_CPU_KERNELS=1 and,
+    for Liger's Triton kernels, TRITON_INTERPRET=1. Triton reads the latter when a kernel (its own
+    standard library's included) is defined, so this must run before triton and liger_kernel are
+    imported; raises a one-line error if they were already, for a GPU."""
+    import sys
+
+    from msllm.errors import KernelError
+
+    if _triton_compiled_for_a_gpu(sys.modules):
+        raise KernelError("triton or liger_kernel was imported before TRITON_INTERPRET=1 was set: Liger's kernels "
+                          "cannot run on a CPU in this process; set TRITON_INTERPRET=1 in the environment before "
+                          "starting python")
+    os.environ[ALLOW_CPU_KERNELS] = "1"
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _triton_compiled_for_a_gpu(modules: dict) -> bool:
+    """Whether Triton's own functions or liger_kernel's kernels were already defined for a GPU
+    (imported without TRITON_INTERPRET=1: Triton's JITFunction, not its InterpretedFunction). An
+    interpreted kernel cannot call them."""
+    prefixes = ("triton.language", "liger_kernel.ops")
+    if not any(name.startswith(prefixes) for name in modules):
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return any(isinstance(value, JITFunction) for name, module in list(modules.items())
+               if name.startswith(prefixes) and module is not None for value in list(vars(module).values()))
+
+
+def choose_kernel(requested: str, device_type: str, allow_cpu: bool | None = None) -> str:
     """The kernel that runs for `requested` (one of KERNELS) on a device of `device_type`; raises a
-    one-line error for a fused kernel that cannot run here."""
+    one-line error for a fused kernel that cannot run here. `allow_cpu` (default: the environment's
+    MSLLM_ALLOW_CPU_KERNELS=1) accepts the fused kernels on any device (tests, CI); "auto" never
+    picks them off CUDA."""
     from msllm.errors import RecipeError
+
+    if allow_cpu is None:
+        allow_cpu = cpu_kernels_allowed()
 
     if requested == "auto":
         if device_type == "cuda":
@@ -61,8 +115,9 @@ def choose_kernel(requested: str, device_type: str) -> str:
                     return kernel
         return "chunked"
     if requested in _FUSED:
-        if device_type != "cuda":
-            raise RecipeError(f"train.loss_kernel: {requested} needs a CUDA GPU (this run is on {device_type}); use auto or chunked")
+        if device_type != "cuda" and not allow_cpu:
+            raise RecipeError(f"train.loss_kernel: {requested} needs a CUDA GPU (this run is on {device_type}); use auto or "
+                              f"chunked (tests: {ALLOW_CPU_KERNELS}=1 runs it on the CPU)")
         if not installed(requested):
             raise RecipeError(
                 f"train.loss_kernel: {requested} is not installed: pip install {_FUSED[requested].replace('_', '-')} "
@@ -92,15 +147,31 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ke
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, rows)
         return _chunked_forward(hidden, weight, labels, rows, need_hidden=False, need_weight=False)[0]
-    if kernel == "liger":
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-        return liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum").float()
-    if kernel == "cce":
-        from cut_cross_entropy import linear_cross_entropy
-
-        return linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum").float()
+    if kernel in FUSED_LOSSES:
+        return FUSED_LOSSES[kernel](hidden, weight, labels).float()
     raise ValueError(f"unknown loss kernel {kernel!r} (one of {', '.join(KERNELS[1:])})")
+
+
+def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _cce_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from cut_cross_entropy import linear_cross_entropy
+
+    # CUDA: the Triton kernels, which never write the logits out. Elsewhere: the library's
+    # torch.compile implementation (its Triton kernels do not run under Triton's interpreter).
+    impl = "cce" if hidden.device.type == "cuda" else "torch_compile"
+    return linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum", impl=impl)
+
+
+# The fused kernels, (hidden [N, d], weight [vocab, d], labels [N]) -> summed loss. A table, so that
+# the tests can put a broken kernel in (msllm.train.kernel_check must catch it).
+FUSED_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "liger": _liger_loss, "cce": _cce_loss,
+}
 
 
 def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, kernel: str = "chunked",

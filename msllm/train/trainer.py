@@ -93,6 +93,9 @@ class Trainer:
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         self.device = engine.device
         record = run_record.collect(dims.world_size, dims.dp, dims.sp, str(self.device), self.shards.manifest)
+        from msllm.train.kernel_check import at_start  # each non-reference kernel against its reference, on this device
+        self.loss_kernel, record["kernels"] = at_start(t, recipe.model, engine.module, self.device, self.loss_kernel)
+        self.per_rank_streams()
         loader = build_dataloader(
             recipe.data, "train", t.micro_batch_size, recipe.run.seed,
             sp_size=dims.sp, sp_rank=dims.sp_rank, replication=dims.replication,
@@ -117,7 +120,7 @@ class Trainer:
     def make_engine(self):
         """The model, initialised from run.seed and built sharded where ZeRO-3 shards it
         (msllm.train.engine.build_model_for_training), made parallel and wrapped in DeepSpeed.
-        The RNG streams are reseeded around it, so that a rebuild starts from where a fresh run does."""
+        Seeded from run.seed first; a rebuild then takes per_rank_streams() as a fresh run does."""
         from msllm.distributed.parallelize import parallelize
         from msllm.train.engine import build_engine, build_model_for_training
 
@@ -128,9 +131,11 @@ class Trainer:
             from msllm.checkpoint.llama import load_initial_weights
 
             load_initial_weights(model, recipe.model, recipe.train.init_from, self.shards.tokenizer_sha256)
-        engine = build_engine(parallelize(model, self.dims, recipe), recipe, self.dims)
-        seed_everything(recipe.run.seed + 1000003 * (self.denv.rank + 1))  # per-rank streams from here
-        return engine
+        return build_engine(parallelize(model, self.dims, recipe), recipe, self.dims)
+
+    def per_rank_streams(self) -> None:
+        """The RNG streams of this rank from here on (after the model and the kernel check)."""
+        seed_everything(self.recipe.run.seed + 1000003 * (self.denv.rank + 1))
 
     def fit(self, started: float | None = None) -> None:
         r, state = self.recipe, self.state
@@ -139,6 +144,7 @@ class Trainer:
             # A checkpoint that failed to load may have left some of its values in the engine:
             # training starts over from the initial weights, exactly as a fresh run would.
             state.engine = self.make_engine()
+            self.per_rank_streams()
         if resumed:
             say(f"resumed from {resumed} at step {state.step} ({state.tokens:,} tokens seen)")
         if self.denv.is_main:  # only once resume has accepted what is in output_dir
