@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder to append NAME.md to and write the plots in (default: ./benchmarks, the "
                         "repository's committed results when run from its root)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="paper, bytes: recipe override for every run (e.g. train.max_steps=4 for a smoke test)")
+                   help="paper, bytes, model-startup: recipe override for every run (e.g. train.max_steps=4 for a smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", help="paper, bytes: seeds of each model (default 1 2 3)")
     p.add_argument("--jobs", type=int, default=0, help="paper, bytes: runs at a time (default: 2 on 2+ cores)")
     p.add_argument("--runs", help="paper, bytes: folder of the runs and their results (default runs/paper, runs/bytes)")

@@ -1,7 +1,8 @@
 """`msllm inspect`: what a recipe's model costs before you train it.
 
-Parameters per scale, training FLOPs per token (the figure MFU is computed from), and the memory
-of one training step on one rank, split into parameters, gradients, optimizer state and
+Parameters per scale, training FLOPs per token (the figure MFU is computed from), the estimated
+start-up peak per rank (building the model and DeepSpeed's engine, before the first step:
+msllm.train.memory.startup_peak_bytes), and the memory of one training step on one rank, split into parameters, gradients, optimizer state and
 activations with the loss (msllm.train.memory): the activations are measured on a real forward pass at
 the recipe's sequence length and precision, so the figure compares architectures on a CPU as it
 would on a GPU.
@@ -24,7 +25,9 @@ from msllm.train.memory import (
     available_bytes,
     check_fits,
     loss_activation_bytes,
+    largest_module_parameters,
     sample_tokens,
+    startup_peak_bytes,
     step_memory,
 )
 from msllm.models import build_model, flops_per_token
@@ -85,6 +88,14 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
     for key, count in parts.items():
         print(f"  {key:<22} {count:>12,}")
     print(f"train FLOPs/token at L={seq_len}: {flops / 1e6:,.1f} M  (forward + backward)")
+    # msllm.train.memory.startup_peak_bytes: what building the model and DeepSpeed's engine add, per rank
+    dp = world_size // sp
+    startup = startup_peak_bytes(total, largest_module_parameters(model), recipe.train.precision,
+                                 recipe.parallel.zero_stage, dp)
+    report["startup_peak"] = startup
+    print(f"start-up peak per rank (model + ZeRO partitions before the first step): {startup.total / 2**20:,.1f} MiB  "
+          f"(ZeRO {recipe.parallel.zero_stage}, dp {dp}, {recipe.train.precision}: held {startup.held / 2**20:,.1f} MiB "
+          f"+ {startup.transient / 2**20:,.1f} MiB for a moment in {startup.phase})")
     if measure:
         if recipe.parallel.activation_checkpointing:
             apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)

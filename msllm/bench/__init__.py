@@ -14,6 +14,7 @@ markdown. `run_benchmark` adds the command, the date and the machine, and append
     attention.py          attention: one layer's sliding-window attention per kernel (time, memory, agreement)
     loss.py               loss: the loss kernels' speed on the quickstart (alternating) and memory at BookCorpus sizes
     startup.py            startup: eval, generate, export, inspect and a finished train against importing torch
+    model_startup.py      model-startup: per-rank memory and time from building the model to step 1, ZeRO-3 x4 vs whole
     generate.py           generate: cached decoding against the uncached loop, per arch and HF Llama; prefill
     bytes.py              bytes: BPE vs byte-level models, fixed pooling vs learned chunking, with seeds
     gpu.py                gpu: the CUDA-only tests, the kernels' start-up checks, attention and throughput (GPU only)
@@ -80,6 +81,10 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "startup": _lazy(
         "startup", "bench_startup",
         "Start-up cost of eval, generate, export, inspect and a finished train against `import torch, msllm`.",
+    ),
+    "model-startup": _lazy(
+        "model_startup", "bench_model_startup",
+        "Per-rank memory and time from building a 300M model to its first step: ZeRO-3 on 4 CPU ranks vs whole on 1.",
     ),
     "generate": _lazy(
         "generate", "bench_generate",

@@ -146,6 +146,74 @@ def parameter_state_bytes(n_parameters: int, precision: str = "fp32", zero_stage
     return parameters, gradients, optimizer
 
 
+@dataclass(frozen=True)
+class StartupPeak:
+    """Bytes one rank holds at its start-up peak, from building the model to the first step
+    (`startup_peak_bytes`): what it keeps, and the largest transient on top."""
+
+    held: int  # kept when the first step starts: weights (or their partition), master and gradient partitions
+    transient: int  # the largest short-lived allocation above `held` on the way (see `phase`)
+    phase: str  # which phase peaks: "construction" or "deepspeed.initialize"
+    total: int  # the estimated peak: max over the phases of what they hold at once
+
+
+def startup_peak_bytes(n_parameters: int, largest_module: int, precision: str = "fp32", zero_stage: int = 0,
+                       dp: int = 1) -> StartupPeak:
+    """Estimated peak bytes one rank adds from just before the model is built to its first training
+    step (msllm.train.engine.build_model_for_training, then deepspeed.initialize; no gradients or
+    optimizer moments yet: torch's AdamW makes its moments in the first step). `largest_module`:
+    the most parameters any one module holds directly (`largest_module_parameters`). The model is
+    built in fp32; w = the precision's weight bytes, n = n_parameters. DeepSpeed 0.19, no offload:
+
+    ZeRO-3   construction: zero.Init builds each module whole in fp32 for a moment and keeps this
+             rank's partition; init_parameters computes one parameter's whole fp32 value at a
+             time: n*4/dp + 2 * largest_module*4.
+             deepspeed.initialize keeps three partitions: the weights' (n*w/dp, moved into one
+             flat buffer), an fp32 master copy (n*4/dp; a copy even in fp32: DeepSpeed would step
+             the weights in place when their device equals its device, but compares a
+             torch.device with the device's name, a str, which is never equal) and the fp32
+             gradient partitions (n*4/dp, allocated and zeroed before any step). The optimizer's
+             zeroed gradient buffer of initialize_optimizer_states (n*4/dp) is freed before the
+             gradient partitions are made. Peak: n*w/dp + 2 * n*4/dp, i.e. 3/dp of the fp32
+             model, 0.75x the whole model at dp 4.
+    ZeRO 0   the whole model, n*4 (materialised from the meta device, then cast to w), plus one
+             parameter's fp32 init value; bf16/fp16: DeepSpeed's fp32 master copy, n*4.
+    ZeRO 1-2 the whole model as at ZeRO 0; deepspeed.initialize flattens the weights into one
+             buffer while they are still held (2*n*w for a moment) and keeps an fp32 partition
+             (n*4/dp, a copy even in fp32) and, for a moment, a zeroed fp32 gradient partition.
+
+    `msllm bench model-startup` (benchmarks/model-startup.md, 304M parameters, fp32) measured
+    1,191 MiB for ZeRO 0 on one rank (this: 1,171) and 958 MiB per ZeRO-3 rank of 4 (this: 871;
+    the rest is DeepSpeed's and the loader's own), with glibc returning large freed blocks at once
+    (MALLOC_MMAP_THRESHOLD_=131072); with glibc's default dynamic threshold the construction's
+    freed whole values stay in a fragmented heap and ZeRO-3's peak was 1,546-1,725 MiB. The 16-bit
+    cases are this reading of DeepSpeed's code, not measured. Left out: the C allocator's slack,
+    fixed overheads, and ZeRO-3's reduce bucket (torch.empty, untouched until a step writes it)."""
+    n, w = n_parameters, BYTES_PER_PARAMETER[precision][0]
+    module = largest_module * 4
+    if zero_stage >= 3:
+        held = n * w // dp + 2 * (n * 4 // dp)
+        initialize = held
+        construction = n * 4 // dp + 2 * module
+    else:
+        if zero_stage == 0:
+            held = n * w + (0 if w == 4 else n * 4)
+            initialize = held
+        else:
+            held = n * w + n * 4 // dp
+            initialize = max(2 * n * w, held + n * 4 // dp)
+        construction = n * 4 + module
+    phase = "construction" if construction >= initialize else "deepspeed.initialize"
+    total = max(construction, initialize, held)
+    return StartupPeak(held=held, transient=total - held, phase=phase, total=total)
+
+
+def largest_module_parameters(model: nn.Module) -> int:
+    """The most parameter elements one module holds directly (not through its children): what
+    ZeRO-3's zero.Init holds whole for a moment as it builds that module."""
+    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+
+
 def step_memory(model: nn.Module, vocab_size: int, micro_batch: int, seq_len: int, precision: str = "fp32",
                 zero_stage: int = 0, dp: int = 1, seed: int = 0, loss_kernel: str = "chunked",
                 loss_chunk_size: int = 0, measure_len: int = 0) -> StepMemory:
