@@ -21,6 +21,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, server, what: str = "", seconds: float = 60) -> None:
+    """Wait until something listens on 127.0.0.1:`port`; fail if `server` (a Popen) ends or
+    `seconds` pass first (`what`: text for the failure, e.g. the server's log)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+
 def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from launch import clean_env, free_port
+from launch import clean_env, free_port, wait_for_port
 from train_helpers import base_recipe, check, corpus_text, losses, msllm, msllm_torchrun, write_recipe
 
 BUCKET = "msllm-test"
@@ -38,14 +36,7 @@ def s3_server(tmp_path_factory):
     )
     try:
         endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
+        wait_for_port(port, server, log.read_text() if log.exists() else "")
         iam = boto3.client("iam", endpoint_url=endpoint, region_name=_REGION,
                            aws_access_key_id="setup", aws_secret_access_key="setup")
         iam.create_user(UserName="msllm")

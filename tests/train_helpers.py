@@ -9,31 +9,13 @@ Their fixtures (the tiny shards, one reference run) are in conftest.py. Nothing 
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 from launch import clean_env, torchrun
-
-
-_NOUNS = "cat dog bird river mountain city king queen child teacher ship road garden house forest storm".split()
-_VERBS = "sees finds builds crosses follows paints carries remembers watches opens".split()
-_ADJS = "old small bright quiet green distant heavy gentle ancient red".split()
-
-
-def corpus_text(documents: int = 300, seed: int = 0) -> str:
-    """Short documents of simple sentences, separated by blank lines (about 67 KB)."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(documents):
-        sentences = [
-            f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the {rng.choice(_ADJS)} {rng.choice(_NOUNS)}."
-            for _ in range(rng.randint(3, 8))
-        ]
-        docs.append(" ".join(sentences))
-    return "\n\n".join(docs) + "\n"
+from msllm.bench.model_startup import corpus_text  # noqa: F401  (the tiny corpus of the tests and that bench)
 
 
 def base_recipe(shards: Path, corpus: Path, output_dir: Path) -> dict:
