@@ -26,11 +26,15 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_batches_are_shifted_windows_of_the_right_shape(data_small_corpus):
     cfg, _ = data_small_corpus
-    batch = next(iter(build_dataloader(cfg, "train", batch_size=4, seed=0)))
-    assert set(batch) == {"input_ids", "labels"}
+    loader = build_dataloader(cfg, "train", batch_size=4, seed=0)
+    batch = next(iter(loader))
+    assert set(batch) == {"input_ids", "labels", "sample_id"}
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 64)
-    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
+    assert batch["input_ids"].dtype == batch["labels"].dtype == batch["sample_id"].dtype == torch.int64
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+    # sample_id is the sample's index in the split: reading that index again gives the same window
+    for row, index in enumerate(batch["sample_id"].tolist()):
+        assert torch.equal(loader.dataset[index]["input_ids"], batch["input_ids"][row])
 
 
 def test_shuffle_is_deterministic_from_the_seed(data_small_corpus):
