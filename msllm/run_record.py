@@ -2,7 +2,8 @@
 
 The trainer writes it into output_dir and into every checkpoint's meta.json (key `run_record`);
 the resolved recipe is saved beside it (recipe.yaml). The record adds what the recipe does not say: msllm's version and git commit (and whether the tree had uncommitted changes), the versions of
-the libraries that change numbers (python, torch, deepspeed, mosaicml-streaming, sentencepiece),
+the libraries that change numbers (python, torch, deepspeed, streaming-community or
+mosaicml-streaming: whichever provides `streaming`, sentencepiece),
 the hash of the data manifest, the world size and parallel degrees, and the device. The trainer
 adds `kernels`: the attention and loss kernels chosen, the ones used, and their start-up check
 (msllm.train.kernel_check).
@@ -18,7 +19,9 @@ from importlib import metadata
 from pathlib import Path
 
 RUN_RECORD_FILENAME = "run.json"
-LIBRARIES = ("torch", "deepspeed", "mosaicml-streaming", "sentencepiece")
+LIBRARIES = ("torch", "deepspeed", "streaming-community", "mosaicml-streaming", "sentencepiece")
+# The two distributions of `streaming` (README, Dependencies): a record names both, the absent one None.
+STREAMING = ("streaming-community", "mosaicml-streaming")
 
 
 def git_state(folder: Path) -> dict:
@@ -81,7 +84,8 @@ def describe(record: dict) -> str:
     """One line for logs: `msllm 0.1.0 @ 1a2b3c4d (dirty) | torch 2.14.1 | ... | world 2 (dp 2 x sp 1) on cpu`."""
     v, g = record["versions"], record["git"]
     commit = f" @ {g['commit'][:10]}{' (dirty)' if g['dirty'] else ''}" if g.get("commit") else ""
-    libs = " | ".join(f"{name} {v.get(name)}" for name in ("python", *LIBRARIES))
+    libs = " | ".join(f"{name} {v.get(name)}" for name in ("python", *LIBRARIES)
+                      if v.get(name) is not None or name not in STREAMING)
     data = record.get("data_manifest_sha256")
     return (f"msllm {v.get('msllm')}{commit} | {libs} | world {record['world_size']} "
             f"(dp {record['parallel']['dp']} x sp {record['parallel']['sp']}) on {record['device']}"

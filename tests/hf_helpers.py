@@ -93,9 +93,50 @@ def export_random_model(name: str, tokenizer: Path, out: Path):
     return model
 
 
-def run_isolated(script: str, *args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+# The other major of transformers that the exports are tested under (the test environment has
+# the newest, 5.x: pyproject resolves to it), in a venv of its own (transformers_4_python).
+TRANSFORMERS_4 = "4.57.6"
+
+
+def transformers_4_python() -> Path:
+    """The Python of a venv that has transformers TRANSFORMERS_4 and the two packages it needs
+    older versions of (huggingface-hub, tokenizers), and takes everything else (torch, numpy,
+    safetensors, ...) from this test environment's site-packages, which a .pth file appends to its
+    sys.path: a few MB and about 10 s from pip's cache, made once per test environment and kept
+    under ~/.cache/msllm-test (MSLLM_TEST_CACHE), keyed by the versions. msllm is not importable
+    there either (this environment's .pth files, its editable msllm among them, are not read)."""
+    import hashlib
+    import sysconfig
+
+    from filelock import FileLock
+
+    base = sysconfig.get_paths()["purelib"]
+    key = hashlib.sha1(f"{sys.version}|{base}|{TRANSFORMERS_4}".encode()).hexdigest()[:12]
+    root = Path(os.environ.get("MSLLM_TEST_CACHE", Path.home() / ".cache" / "msllm-test"))
+    venv = root / f"transformers-{TRANSFORMERS_4}-py{sys.version_info[0]}{sys.version_info[1]}-{key}"
+    python = venv / "bin" / "python"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(venv) + ".lock"):
+        if (venv / "ready").is_file():
+            return python
+        subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True)
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        Path(site, "msllm-test-base.pth").write_text(base + "\n")  # after its own site-packages
+        install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+                                  "--disable-pip-version-check", f"transformers=={TRANSFORMERS_4}"],
+                                 capture_output=True, text=True)
+        if install.returncode:
+            raise RuntimeError(f"cannot install transformers {TRANSFORMERS_4} into {venv}:\n{install.stderr[-3000:]}")
+        (venv / "ready").write_text(TRANSFORMERS_4 + "\n")
+    return python
+
+
+def run_isolated(script: str, *args: str | Path, cwd: Path, timeout: float = 600,
+                 python: str | Path = sys.executable) -> subprocess.CompletedProcess:
     """Run `script` in `python -I` (no PYTHONPATH, no user site, not the working directory on
-    sys.path) after HIDE_MSLLM, offline, with its own Hugging Face cache under cwd."""
+    sys.path) after HIDE_MSLLM, offline, with its own Hugging Face cache under cwd. `python`:
+    another interpreter (transformers_4_python)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(cwd),
@@ -106,5 +147,5 @@ def run_isolated(script: str, *args: str | Path, cwd: Path, timeout: float = 600
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    command = [sys.executable, "-I", "-c", HIDE_MSLLM + script, *map(str, args)]
+    command = [str(python), "-I", "-c", HIDE_MSLLM + script, *map(str, args)]
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

@@ -22,7 +22,7 @@ def test_doctor_json_has_every_part(tmp_path):
     report = json.loads(done.stdout)  # nothing but the JSON on stdout
     assert PARTS <= set(report)
     assert report["versions"]["torch"] == torch.__version__.split("+")[0]
-    assert {"python", "deepspeed", "triton", "mosaicml-streaming", "liger-kernel", "cut-cross-entropy"} <= set(report["versions"])
+    assert {"python", "deepspeed", "triton", "mosaicml-streaming", "streaming-community", "liger-kernel", "cut-cross-entropy"} <= set(report["versions"])
     assert report["devices"][0]["device"] == "cpu" and report["devices"][0]["cores"] >= 1
     assert report["distributed"]["backends"]["gloo"] is True
     assert isinstance(report["distributed"]["deepspeed_ops"]["compatible"], dict)

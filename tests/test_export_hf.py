@@ -1,7 +1,9 @@
 """The Hugging Face folder of `msllm export` (hf/), for every architecture: transformers loads it in
 a fresh process in which msllm cannot be imported, with msllm's logits (1e-4, fp32) and msllm's
 greedy tokens (cached and not), and its tokenizer encodes the built-in corpus's validation text as
-msllm's sentencepiece tokenizer does. Tiny random models, exported with msllm's exporter."""
+msllm's sentencepiece tokenizer does; under both majors of transformers: 5 (this environment's)
+and 4 (TRANSFORMERS_4, in a venv of its own: hf_helpers.transformers_4_python). Tiny random
+models, exported with msllm's exporter."""
 
 from __future__ import annotations
 
@@ -10,11 +12,14 @@ import inspect
 import json
 import os
 import stat
+import sys
 
 import pytest
 import torch
 
-from hf_helpers import ARCHS, SEQ_LEN, export_random_model, run_isolated, wiki_tokenizer
+from hf_helpers import (ARCHS, SEQ_LEN, TRANSFORMERS_4, export_random_model, run_isolated, transformers_4_python,
+                        wiki_tokenizer)
+from msllm.config import ModelConfig
 from train_helpers import check, msllm
 
 pytestmark = pytest.mark.slow
@@ -28,18 +33,22 @@ TRANSFORMERS_SIDE = r'''
 import json, sys
 from pathlib import Path
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 root = Path(sys.argv[1])
 inputs = torch.load(root / "inputs.pt")
 validation = json.loads((root / "validation.json").read_text())
-results = {}
+results = {"transformers": transformers.__version__}
 for name in inputs["names"]:
     folder = root / name / "hf"
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    slow = AutoTokenizer.from_pretrained(folder, use_fast=False)
+    # transformers 5 reads config.json (an msllm model's has an auto_map) for any tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    # sentencepiece itself, for whole documents: transformers 4's LlamaTokenizer (5 has none)
+    slow = transformers.LlamaTokenizer.from_pretrained(folder) if transformers.__version__ < "5" else None
     out = {"class": type(model).__name__, "tokenizers": [type(tokenizer).__name__, type(slow).__name__]}
+    out["tied"] = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     with torch.no_grad():
         out["logits"] = model(inputs["ids"]).logits
         out["logits_no_cache"] = model(inputs["ids"], use_cache=False).logits
@@ -53,9 +62,10 @@ for name in inputs["names"]:
     out["generate_batch"] = model.generate(torch.tensor(same), max_new_tokens=inputs["new_tokens"], do_sample=False)[:, len(same[0]):].tolist()
     lines = [line for text in validation for line in text.splitlines()]
     out["lines"] = [tokenizer(line)["input_ids"] for line in lines]
-    out["documents_slow"] = [slow(text)["input_ids"] for text in validation]
-    out["decoded"] = [tokenizer.decode(ids) for ids in out["documents_slow"]]
-    out["special"] = [[t.bos_token_id, t.eos_token_id, t.pad_token_id] for t in (tokenizer, slow)]
+    out["documents"] = [tokenizer(text)["input_ids"] for text in validation]
+    out["documents_slow"] = [slow(text)["input_ids"] for text in validation] if slow else None
+    out["decoded"] = [tokenizer.decode(ids) for ids in out["documents"]]
+    out["special"] = [[t.bos_token_id, t.eos_token_id, t.pad_token_id] for t in (tokenizer, slow) if t]
     try:
         model(inputs["ids"][:, :5], attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
         out["left_padding"] = "accepted"
@@ -88,17 +98,22 @@ def prompts(sp):
     return [[sp.eos_id()] + sp.encode(text) for text in PROMPTS]  # msllm generate's prompts
 
 
-@pytest.fixture(scope="module")
-def transformers_side(exports, prompts, sp):
-    """What transformers computes from every hf/ folder, in one fresh process without msllm."""
+@pytest.fixture(scope="module", params=["5", "4"], ids=["transformers5", "transformers4"])
+def transformers_side(request, exports, prompts, sp):
+    """What transformers (major `request.param`) computes from every hf/ folder, in one fresh
+    process without msllm."""
     root, _, _, validation = exports
     n = min(len(p) for p in prompts)
     ids = torch.randint(0, sp.GetPieceSize(), (2, 45), generator=torch.Generator().manual_seed(0))
     torch.save({"names": NAMES, "ids": ids, "prompts": prompts, "same_length_prompts": [p[:n] for p in prompts],
                 "new_tokens": NEW_TOKENS}, root / "inputs.pt")
     (root / "validation.json").write_text(json.dumps(validation))
-    check(run_isolated(TRANSFORMERS_SIDE, root, cwd=root))
-    return ids, torch.load(root / "results.pt")
+    python = sys.executable if request.param == "5" else transformers_4_python()
+    check(run_isolated(TRANSFORMERS_SIDE, root, cwd=root, python=python))
+    results = torch.load(root / "results.pt")
+    version = results.pop("transformers")
+    assert version.split(".")[0] == request.param and (request.param == "5" or version == TRANSFORMERS_4), version
+    return ids, results, request.param
 
 
 def test_the_isolated_process_cannot_import_msllm(tmp_path):
@@ -117,6 +132,10 @@ def test_hf_folder(exports, sp, name):
     assert json.loads((hf / "generation_config.json").read_text()) == {**ids, "max_length": SEQ_LEN}
     tokenizer_config = json.loads((hf / "tokenizer_config.json").read_text())
     assert tokenizer_config["add_bos_token"] is False and tokenizer_config["add_eos_token"] is False
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tokenizer_json = json.loads((hf / "tokenizer.json").read_text())
+    assert tokenizer_json["model"]["type"] == "Unigram" and tokenizer_json["post_processor"] is None
+    assert len(tokenizer_json["model"]["vocab"]) == sp.GetPieceSize()
     code = sorted(p.name for p in hf.glob("*.py"))
     if name == "vanilla":
         assert config["architectures"] == ["LlamaForCausalLM"] and code == []
@@ -129,15 +148,16 @@ def test_hf_folder(exports, sp, name):
     files = [p for p in (root / name).rglob("*") if p.is_file()]
     modes = {p.relative_to(root).as_posix(): stat.S_IMODE(os.stat(p).st_mode) for p in files}
     assert len(set(modes.values())) == 1, modes  # safetensors writes 0600: the export fixes it
-    assert len(files) == (10 if name == "vanilla" else 12)  # 5 of msllm, 5 (or 7) in hf/
+    assert len(files) == (11 if name == "vanilla" else 13)  # 5 of msllm, 6 (or 8) in hf/
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_transformers_gives_msllms_logits_without_msllm(exports, transformers_side, name):
     _, models, _, _ = exports
-    ids, results = transformers_side
+    ids, results, _ = transformers_side
     out = results[name]
     assert out["class"] == ("LlamaForCausalLM" if name == "vanilla" else "MsllmForCausalLM")
+    assert out["tied"] == ARCHS[name].get("tie_embeddings", ModelConfig().tie_embeddings)  # one tensor, as in msllm
     with torch.no_grad():
         ours = models[name](ids)
     for key in ("logits", "logits_no_cache", "logits_grad_mode"):
@@ -164,19 +184,22 @@ def test_transformers_generate_gives_msllm_generates_greedy_tokens(exports, tran
 
 @pytest.mark.parametrize("name", ["vanilla", "bottom_up"])
 def test_auto_tokenizer_encodes_the_validation_text_as_msllm(exports, transformers_side, sp, name):
-    """The fast tokenizer (AutoTokenizer's default) on every line of the validation text, the slow
-    one (use_fast=False: sentencepiece itself) on whole documents, as msllm's data preparation
-    encodes them. On whole documents of thousands of tokens the fast one may differ: sentencepiece
-    sums its path scores in float32, so the ids it gives a paragraph depend on how much text comes
-    before it (README, Export)."""
+    """AutoTokenizer's (tokenizer.json, the same under both majors) on every line of the validation
+    text, and transformers 4's LlamaTokenizer (sentencepiece itself) on whole documents, as msllm's
+    data preparation encodes them. On whole documents of thousands of tokens the fast one may
+    differ: sentencepiece sums its path scores in float32, so the ids it gives a paragraph depend on
+    how much text comes before it (README, Export); it decodes them back all the same."""
     validation = exports[3]
-    out = transformers_side[1][name]
-    assert out["tokenizers"] == ["LlamaTokenizerFast", "LlamaTokenizer"]
-    assert out["special"] == [[sp.bos_id(), sp.eos_id(), sp.pad_id()]] * 2
+    _, results, major = transformers_side
+    out = results[name]
+    fast = "PreTrainedTokenizerFast" if major == "4" else "TokenizersBackend"  # 5's name; the other its alias
+    assert out["tokenizers"] == [fast, "LlamaTokenizer" if major == "4" else "NoneType"]
+    assert out["special"] == [[sp.bos_id(), sp.eos_id(), sp.pad_id()]] * (2 if major == "4" else 1)
     lines = [line for text in validation for line in text.splitlines()]
     assert len(lines) >= 500 and sum(map(len, validation)) > 50_000
     assert out["lines"] == [sp.encode(line) for line in lines]  # no BOS: msllm's documents have none
-    assert out["documents_slow"] == [sp.encode(text) for text in validation]
+    if major == "4":
+        assert out["documents_slow"] == [sp.encode(text) for text in validation]
     assert out["decoded"] == validation
 
 

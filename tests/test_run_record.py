@@ -29,7 +29,12 @@ def test_the_record_holds_versions_data_hash_degrees_and_device(tmp_path):
     record = run_record.collect(world_size=4, dp=2, sp=2, device="cpu", manifest=manifest)
     assert record["versions"]["torch"] == metadata.version("torch")
     assert record["versions"]["deepspeed"] == metadata.version("deepspeed")
-    assert record["versions"]["mosaicml-streaming"] == metadata.version("mosaicml-streaming")
+    for streaming in run_record.STREAMING:  # the one installed (README, Dependencies), the other None
+        try:
+            assert record["versions"][streaming] == metadata.version(streaming)
+        except metadata.PackageNotFoundError:
+            assert record["versions"][streaming] is None
+    assert any(record["versions"][streaming] for streaming in run_record.STREAMING)
     assert record["versions"]["sentencepiece"] == metadata.version("sentencepiece")
     assert torch.__version__.startswith(record["versions"]["torch"].split("+")[0])
     assert record["data_manifest_sha256"] == run_record.manifest_sha256({"vocab_size": 8000, "seq_len": 64})
@@ -39,3 +44,4 @@ def test_the_record_holds_versions_data_hash_degrees_and_device(tmp_path):
     assert run_record.read(tmp_path) == record
     line = run_record.describe(record)
     assert "world 4 (dp 2 x sp 2) on cpu" in line and f"torch {record['versions']['torch']}" in line
+    assert " None" not in line.split("| world")[0]  # the streaming distribution that is not installed is left out

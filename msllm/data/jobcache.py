@@ -92,7 +92,8 @@ def scope_streaming_shared_memory() -> None:
     """Put the job tag in front of every shared-memory and file-lock name streaming makes.
 
     streaming builds all of them with `streaming.base.shared.prefix._get_path(n, what)` (imported
-    by name into the modules below), so replacing it there scopes them all. Idempotent.
+    by name into the modules below; streaming-community's util imports it from prefix when it is
+    called, which then gets this one), so replacing it there scopes them all. Idempotent.
     """
     import streaming.base.dataset
     import streaming.base.shared

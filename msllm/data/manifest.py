@@ -6,7 +6,7 @@ Its fields are described in README.md, section "The manifest (`manifest.json`)";
     vocab_size, seq_len, pad_id, unk_id, bos_id, eos_id, tokenizer_path, tokenizer_sha256,
     splits: {train: {documents, tokens, samples, bytes, ...}, validation: {...}}
 
-A `shards_dir` may be a remote URI that mosaicml-streaming can read (s3://, gs://, oci://, ...):
+A `shards_dir` may be a remote URI that streaming can read (s3://, gs://, oci://, ...):
 the manifest and tokenizer are then downloaded into a local cache folder first (data.cache_dir).
 `file:///path` reads a mounted folder the same way, through the cache.
 
@@ -101,10 +101,11 @@ def download(remote: str, local: Path) -> None:
 
 
 class _BackgroundFailures(logging.Filter):
-    """streaming downloads shards in a thread pool; a failed download is logged by
-    concurrent.futures ("exception calling callback") as a traceback, and the main thread only
-    gets "Background thread failed". This keeps the download's exception (for the one line) and
-    drops that traceback."""
+    """streaming downloads shards in a thread pool. mosaicml-streaming 0.13 logs a failed download
+    through concurrent.futures ("exception calling callback") as a traceback, and the main thread
+    only gets "Background thread failed": this keeps the download's exception (for the one line)
+    and drops that traceback. (streaming-community 0.14 logs nothing and chains the download's
+    exception to its "StreamingDataset background thread failed: ..." instead: `_download_cause`.)"""
 
     last: BaseException | None = None
 
@@ -148,15 +149,28 @@ def store_unreachable(exc: BaseException, shards_dir: str) -> DataError | None:
     """The one-line error for a loader that failed because the object store holding `shards_dir`
     stopped answering (streaming's "Background thread failed", or a worker process's copy of it);
     None for any other failure."""
-    if not is_remote(shards_dir) or "Background thread failed" not in str(exc):
+    if not is_remote(shards_dir) or "background thread failed" not in str(exc).lower():
         return None
-    cause = _BackgroundFailures.last
+    cause = _download_cause(exc) or _BackgroundFailures.last
     why = storage_error(cause) if cause is not None else "a shard download failed"
     return DataError(
         f"the object store at {shards_dir} is unreachable ({why}); msllm gave up on a shard after at most "
         f"{STORE_GIVE_UP_S} s: when it answers again, rerun the same command: training resumes from the "
         "last checkpoint"
     )
+
+
+def _download_cause(exc: BaseException) -> BaseException | None:
+    """The exception that streaming-community chains to its "background thread failed" (the
+    failed download), if any."""
+    seen = set()
+    cause = exc.__cause__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if "background thread failed" not in str(cause).lower():
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 def storage_code(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""Import mosaicml-streaming without the 2 s of imports msllm does not use.
+"""Import streaming (streaming-community, or mosaicml-streaming) without the 2 s of imports msllm does not use.
 
 `import streaming` (of any of its modules) costs about 2 s on a 2-core CPU, most of it for parts msllm
 never uses, paid by every `msllm train`, `msllm eval` and `msllm prep`:
@@ -10,7 +10,8 @@ never uses, paid by every `msllm train`, `msllm eval` and `msllm prep`:
   nothing is lost for code that does use them. (importlib.util.LazyLoader would load them on any
   attribute, `__file__` included, which `inspect` reads of every module.)
 - streaming.base.dataloader imports transformers (0.9 s) for two classes, BatchFeature and
-  BatchEncoding, which StreamingDataLoader only tests a batch against (`isinstance(batch, (dict,
+  BatchEncoding (from their modules in mosaicml-streaming 0.13, from the package in
+  streaming-community 0.14), which StreamingDataLoader only tests a batch against (`isinstance(batch, (dict,
   BatchEncoding, BatchFeature))`: msllm's batches are dicts). Where transformers is not imported
   yet, streaming is imported once with two stand-in classes in their place, and the stand-in
   modules are removed right after: a later `import transformers` gets the real one.
@@ -80,6 +81,8 @@ def _transformers_stubs() -> dict[str, types.ModuleType]:
     stubs = {"transformers": types.ModuleType("transformers")}
     for module_name, class_name in _TRANSFORMERS_CLASSES.items():
         module = types.ModuleType(module_name)
-        setattr(module, class_name, type(class_name, (collections.UserDict,), {"__module__": module_name}))
+        stand_in = type(class_name, (collections.UserDict,), {"__module__": module_name})
+        setattr(module, class_name, stand_in)
+        setattr(stubs["transformers"], class_name, stand_in)  # streaming-community: `from transformers import ...`
         stubs[module_name] = module
     return stubs

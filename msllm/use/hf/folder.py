@@ -7,8 +7,15 @@
     model.safetensors        fp32 weights: Llama's names, or msllm's under "model."
     generation_config.json   the tokenizer's bos/eos/pad ids, max_length = the trained context
     tokenizer.model          the sentencepiece tokenizer the model was trained with
-    tokenizer_config.json    LlamaTokenizer(Fast) over it, adding no BOS or EOS: it encodes a text
-                             as msllm's data preparation does (documents follow an EOS; none has a BOS)
+    tokenizer.json           the same tokenizer for Hugging Face tokenizers (`tokenizer_json`)
+    tokenizer_config.json    PreTrainedTokenizerFast over tokenizer.json, adding no BOS or EOS: it
+                             encodes a text as msllm's data preparation does (documents follow an
+                             EOS; none has a BOS)
+
+The tokenizer is the same under transformers 4 and 5: both load tokenizer.json as it is. (Named
+LlamaTokenizer, transformers 5 would rebuild a unigram tokenizer.model as BPE, which encodes 4 in 10
+lines of the built-in corpus otherwise than sentencepiece; transformers 4 has no tokenizers-only
+class that reads tokenizer.model.)
 
 Needs neither transformers nor anything else beyond msllm's own dependencies to write.
 """
@@ -45,13 +52,69 @@ def tokenizer_config(tokenizer_path: Path, seq_len: int) -> dict:
     pieces = {kind: sp.IdToPiece(i) for kind, i in
               ((k.removesuffix("_id"), v) for k, v in special_ids(sp).items()) if i >= 0}
     return {
-        "tokenizer_class": "LlamaTokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",  # transformers 5: TokenizersBackend (its alias)
         "add_bos_token": False,
         "add_eos_token": False,
         **{f"{kind}_token": piece for kind, piece in pieces.items()},
-        "legacy": True,
+        "legacy": True,  # for transformers 4's LlamaTokenizer, which reads tokenizer.model (README, Export)
         "clean_up_tokenization_spaces": False,
         "model_max_length": seq_len,
+    }
+
+
+def tokenizer_json(tokenizer_path: Path) -> dict:
+    """The sentencepiece model at `tokenizer_path` as a Hugging Face tokenizers file: what
+    transformers 4's LlamaConverter (legacy) makes of it, without transformers: its pieces and
+    scores (Unigram, or BPE with the merges sentencepiece's scores order), byte fallback, the
+    whitespace marker prepended and put for every space (msllm's tokenizers normalize nothing
+    else: normalization_rule_name identity, remove_extra_whitespaces off), control pieces as
+    special tokens, and nothing added around a text."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(tokenizer_path).read_bytes())
+    spec, normalizer = proto.trainer_spec, proto.normalizer_spec
+    if normalizer.name not in ("identity", "") or normalizer.remove_extra_whitespaces or spec.treat_whitespace_as_suffix:
+        raise ValueError(f"{tokenizer_path}: only sentencepiece models that normalize nothing (as msllm trains them) "
+                         f"can be exported for transformers (normalization {normalizer.name!r})")
+    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+    special = [(i, p.piece) for i, p in enumerate(proto.pieces) if p.type in (kinds.CONTROL, kinds.UNKNOWN)]
+    if spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        model = {"type": "Unigram", "unk_id": spec.unk_id,
+                 "vocab": [[p.piece, 0.0 if p.type in (kinds.CONTROL, kinds.UNKNOWN) else p.score] for p in proto.pieces],
+                 "byte_fallback": spec.byte_fallback}
+    elif spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+        merges = []
+        for merged, i in vocab.items():  # as transformers' SentencePieceExtractor orders them
+            pairs = [(merged[:k], merged[k:]) for k in range(1, len(merged)) if merged[:k] in vocab and merged[k:] in vocab]
+            merges += [(left, right, proto.pieces[i].score) for left, right in sorted(pairs, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))]
+        merges.sort(key=lambda m: m[2], reverse=True)
+        model = {"type": "BPE", "dropout": None, "unk_token": proto.pieces[spec.unk_id].piece,
+                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                 "byte_fallback": spec.byte_fallback, "ignore_merges": False, "vocab": vocab,
+                 "merges": [[left, right] for left, right, _ in merges]}
+    else:
+        raise ValueError(f"{tokenizer_path}: a sentencepiece model of type {spec.model_type} (only unigram and bpe "
+                         "can be exported for transformers)")
+    prefix = [{"type": "Prepend", "prepend": "\u2581"}] if normalizer.add_dummy_prefix else []
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, piece in special],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            *prefix, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if normalizer.add_dummy_prefix else []),
+        ]},
+        "model": model,
     }
 
 
@@ -86,6 +149,7 @@ def write_hf_folder(folder: Path, model_cfg, state: dict[str, torch.Tensor], seq
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     _write_json(folder / "generation_config.json", {**special, "max_length": seq_len})
     shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+    _write_json(folder / "tokenizer.json", tokenizer_json(tokenizer_path))
     _write_json(folder / "tokenizer_config.json", tokenizer_config(tokenizer_path, seq_len))
     return kind
 
