@@ -56,3 +56,8 @@ class ReshardError(CheckpointError):
 
 class RunFolderError(MsllmError):
     """A run folder that is in use by another training, or holds another run."""
+
+
+class PeerLostError(MsllmError):
+    """Another rank of the job died or became unreachable mid-run: this rank stops too, and a rerun
+    resumes from the last checkpoint."""
