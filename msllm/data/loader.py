@@ -34,9 +34,11 @@ from msllm.config import DataConfig
 from msllm.data.jobcache import (
     PROCESS,
     adopt_job_tag,
+    check_shared_memory,
     job_cache_folder,
     job_tag,
     scope_streaming_shared_memory,
+    shared_memory_needed,
     start_job_cache,
 )
 from msllm.data.integrity import check_index
@@ -204,6 +206,10 @@ def build_dataloader(
     _start_job_once(data_cfg)
     local, remote = _split_location(data_cfg, split)
     index = _fetch_checked_index(data_cfg, local, remote)
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    batch_bytes = batch_size * (2 * data_cfg.seq_len // sp_size + 1) * 8  # input_ids, labels (int64), sample_id
+    samples = sum(int(shard.get("samples", 0)) for shard in index["shards"])
+    check_shared_memory(split, shared_memory_needed(samples, len(index["shards"]), batch_bytes, workers))
     PROCESS.loaders_built += 1
     dataset = TokenWindowDataset(
         seq_len=data_cfg.seq_len,
@@ -230,7 +236,7 @@ def build_dataloader(
     loader = StreamingDataLoader(
         dataset,
         batch_size=batch_size,
-        num_workers=data_cfg.num_workers if num_workers is None else num_workers,
+        num_workers=workers,
         drop_last=split == "train",
         pin_memory=pin_memory,
     )
