@@ -98,14 +98,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = _load(args)
     try:
         train(recipe, overwrite=args.overwrite)
-    except RuntimeError as exc:  # streaming's "Background thread failed": the store stopped answering
+    except RuntimeError as exc:  # streaming's "Background thread failed" (the store stopped answering), or a rank died
         from msllm.data.manifest import store_unreachable
+        from msllm.distributed.collectives import lost_peer
 
-        error = store_unreachable(exc, recipe.data.shards_dir)
+        error = store_unreachable(exc, recipe.data.shards_dir) or lost_peer(exc, _last_checkpoint(recipe))
         if error is None:
             raise
         raise error from None
     return 0
+
+
+def _last_checkpoint(recipe) -> str:
+    """The checkpoint a rerun of `recipe` resumes from, in words."""
+    from pathlib import Path
+
+    from msllm.checkpoint.files import latest_complete
+
+    root = Path(recipe.run.output_dir) / "checkpoints"
+    latest = latest_complete(root)
+    return f"the last checkpoint ({latest})" if latest is not None else f"the last checkpoint in {root} (none yet: step 0)"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -61,3 +61,8 @@ class RunFolderError(MsllmError):
 class KernelError(MsllmError):
     """A kernel (attention, loss) that cannot run here, or that failed its start-up check under
     train.kernel_check: strict."""
+
+
+class PeerLostError(MsllmError):
+    """Another rank of the job died or became unreachable mid-run: this rank stops too, and a rerun
+    resumes from the last checkpoint."""

@@ -28,25 +28,31 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 def write_new(path: str | Path, data: str | bytes, mode: int = 0o666) -> Path:
     """Write `data` to `path` through a temporary file of the same folder and a rename: a reader
     sees the old file or the new one, and a link at `path` is replaced, never written through.
-    The file gets `mode` less the umask, as a plain open would give it."""
+    The file gets `mode` less the umask, as a plain open would give it. A failure is an OSError
+    that names `path` (never the temporary name, which the user did not choose)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     raw = data.encode("utf-8") if isinstance(data, str) else data
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
-    except FileExistsError:  # left by a killed process of the same pid: ours to replace
-        os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+        except FileExistsError:  # left by a killed process of the same pid: ours to replace
             os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     return path
 
 

@@ -15,12 +15,15 @@ with it, the trainer (`train.init_from`) and `msllm import-hf` read with it.
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from msllm.errors import CheckpointError, MsllmError
+from msllm.errors import CheckpointError, MsllmError, short_repr
 
 
 def can_be_llama(model_cfg) -> bool:
@@ -115,7 +118,8 @@ def from_llama_names(state: dict[str, torch.Tensor], n_layers: int, tie: bool, w
 
 def model_section_from_llama(config: dict, where: str) -> dict:
     """msllm's model section (vanilla) for a Hugging Face Llama config.json, or a CheckpointError
-    naming the first thing msllm's vanilla model cannot represent."""
+    naming the first value that is malformed (a size that is not a positive integer, a constant
+    that is not a number) or that msllm's vanilla model cannot represent."""
 
     def need(condition: bool, what: str) -> None:
         if not condition:
@@ -126,30 +130,73 @@ def model_section_from_llama(config: dict, where: str) -> dict:
             raise CheckpointError(f"{where}: no {key}: not a Llama config.json")
         return config[key]
 
-    need(config.get("model_type") == "llama", f"model_type {config.get('model_type')!r} is not 'llama'")
-    d, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    def malformed(key: str, value, what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {key} {short_repr(value, 40)} is not {what}: fix it in config.json "
+                               "(the folder's model is not a readable Llama)")
+
+    def size(key: str, optional: bool = False) -> int | None:
+        """A positive integer (JSON integers only: "64", 64.0, [64], true are refused)."""
+        value = config.get(key) if optional else get(key)
+        if optional and value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise malformed(key, value, "a positive integer")
+        return value
+
+    def number(key: str, default: float) -> float:
+        value = config.get(key, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise malformed(key, value, "a positive number")
+        return float(value)
+
+    need(config.get("model_type") == "llama", f"model_type {short_repr(config.get('model_type'), 40)} is not 'llama'")
+    d, heads = size("hidden_size"), size("num_attention_heads")
     need(d % heads == 0, f"hidden_size {d} is not a multiple of num_attention_heads {heads}")
-    need(int(config.get("num_key_value_heads") or heads) == heads, "grouped-query attention (num_key_value_heads "
+    kv_heads, head_dim = size("num_key_value_heads", optional=True), size("head_dim", optional=True)
+    vocab, hidden, layers = size("vocab_size"), size("intermediate_size"), size("num_hidden_layers")
+    size("max_position_embeddings", optional=True)
+    need((kv_heads or heads) == heads, "grouped-query attention (num_key_value_heads "
          f"{config.get('num_key_value_heads')} != num_attention_heads {heads})")
-    need(int(config.get("head_dim") or d // heads) == d // heads, f"head_dim {config.get('head_dim')} != hidden_size / heads")
+    need((head_dim or d // heads) == d // heads, f"head_dim {config.get('head_dim')} != hidden_size / heads")
     need(config.get("hidden_act", "silu") == "silu", f"hidden_act {config.get('hidden_act')!r}")
     need(not config.get("attention_bias") and not config.get("mlp_bias"), "biases in attention or MLP")
     rope = config.get("rope_parameters") or {}  # newer transformers keep rope_theta there
+    if not isinstance(rope, dict):
+        raise malformed("rope_parameters", rope, "a JSON object")
     need(not config.get("rope_scaling") and rope.get("rope_type", "default") == "default",
-         f"RoPE scaling {config.get('rope_scaling') or rope}")
-    theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
+         f"RoPE scaling {short_repr(config.get('rope_scaling') or rope, 60)}")
+    if "rope_theta" not in config and "rope_theta" in rope:
+        config = {**config, "rope_theta": rope["rope_theta"]}
     return {
         "arch": "vanilla",
-        "vocab_size": int(get("vocab_size")),
+        "vocab_size": vocab,
         "d_model": d,
         "n_heads": heads,
-        "mlp_hidden": int(get("intermediate_size")),
-        "scales": [{"factor": 1, "layers": int(get("num_hidden_layers")), "attention": "full"}],
-        "rope_theta": float(theta),
-        "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
+        "mlp_hidden": hidden,
+        "scales": [{"factor": 1, "layers": layers, "attention": "full"}],
+        "rope_theta": number("rope_theta", 10000.0),
+        "norm_eps": number("rms_norm_eps", 1e-6),
         "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "init_std": float(config.get("initializer_range", 0.02)),
+        "init_std": number("initializer_range", 0.02),
     }
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular(path: Path, what: str) -> None:
+    """A CheckpointError when `path` (followed if a link) exists and is not a regular file: reading
+    a FIFO would wait forever, a device would read without end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # absent (or unreadable): the caller's own check says so
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise CheckpointError(f"{path} is {kind}, not a file: {what}; remove it or replace it by the real file")
 
 
 @dataclass
@@ -167,6 +214,8 @@ class LlamaFolder:
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.folder}: no *.safetensors weights (save the model with safe_serialization)")
+        for file in files:  # all checked before any is read
+            check_regular(file, f"{self.folder} holds it as a weights file")
         state = {}
         for file in files:
             try:
@@ -182,6 +231,8 @@ def read_llama_folder(folder: str | Path) -> LlamaFolder:
 
     folder = Path(folder)
     config_file = folder / "config.json"
+    check_regular(config_file, f"{folder} is read as a Hugging Face model folder")
+    check_regular(folder / "tokenizer.model", f"{folder} is read as a Hugging Face model folder")
     if not config_file.is_file():
         raise CheckpointError(f"{folder}: no config.json: not a Hugging Face model folder")
     try:
@@ -227,4 +278,11 @@ def load_initial_weights(model: torch.nn.Module, model_cfg, init_from: str, shar
     if shards_tokenizer_sha256 and file_sha256(llama.tokenizer) != shards_tokenizer_sha256:
         raise CheckpointError(f"train.init_from {init_from}: the shards were written with another tokenizer than "
                               f"{llama.tokenizer}: set data.tokenizer.model to it (and a new data.shards_dir)")
-    model.load_state_dict(llama.weights(), strict=True)
+    weights = llama.weights()
+    for name, param in model.named_parameters():
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition: its full shape
+        if name in weights and tuple(weights[name].shape) != shape:
+            raise CheckpointError(f"train.init_from {init_from}: {_llama_name(name)} has shape "
+                                  f"{list(weights[name].shape)}, but its config.json makes it {list(shape)}: "
+                                  "the weights are not those of this config.json")
+    model.load_state_dict(weights, strict=True)

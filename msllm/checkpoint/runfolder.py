@@ -38,14 +38,42 @@ RUN_ENTRIES = (LOCK, "metrics.jsonl", "recipe.yaml", "run.json", "checkpoints", 
 class RunFolder:
     """The held lock of one run folder (rank 0 only; other ranks hold nothing)."""
 
+    held: RunFolder | None = None  # the one this process holds (rank 0), for check_run_folder_held
+
     def __init__(self, path: Path, fd: int | None):
         self.path = path
         self.fd = fd
+        if fd is not None:
+            RunFolder.held = self
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+        if RunFolder.held is self:
+            RunFolder.held = None
+
+
+def check_run_folder_held() -> None:
+    """Rank 0, before each checkpoint: a RunFolderError when the run folder whose lock this process
+    holds was deleted or moved away (its `.lock` is not the file locked): the lock went with it, so
+    another training could take the folder, and a checkpoint would be written into a new, empty
+    folder that no rerun would find as this run. Nothing when no folder is held."""
+    folder = RunFolder.held
+    if folder is None or folder.fd is None:
+        return
+    held = os.fstat(folder.fd)
+    try:
+        now = os.stat(folder.path / LOCK, follow_symlinks=False)
+        same = (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+    except OSError:
+        same = False
+    if not same:
+        raise RunFolderError(
+            f"run.output_dir {folder.path} was deleted or moved while this run trained (its {LOCK} is gone): the "
+            "run stops without writing anything more there; put the folder back and rerun the same command to "
+            "resume from its last checkpoint (without it, a rerun starts from step 0)"
+        )
 
 
 def holds_a_run(out: Path) -> bool:

@@ -112,6 +112,42 @@ def scope_streaming_shared_memory() -> None:
         module._get_path = _get_path  # type: ignore[attr-defined]
 
 
+SHM = Path("/dev/shm")  # where POSIX shared memory lives on Linux (shm_open)
+# streaming's blocks of one dataset (locals, barrier, next epoch, cache usage, shard states and access
+# times, resume, epoch shape and data): at least a page each
+SHM_PAGES_PER_DATASET = 10
+
+
+def shared_memory_needed(samples: int, shards: int, batch_bytes: int, workers: int) -> int:
+    """A lower bound of the shared memory (bytes) that reading one split takes on a node: streaming's
+    small blocks (a page each), its per-shard state (9 bytes a shard), the epoch's sample order (8
+    bytes a sample), and the batches that DataLoader workers hand over (2 in flight per worker)."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    return SHM_PAGES_PER_DATASET * page + 9 * shards + 8 * samples + 2 * workers * batch_bytes
+
+
+def check_shared_memory(split: str, need: int, shm: Path = SHM) -> None:
+    """A one-line DataError when `shm` (/dev/shm) has less than `need` bytes free: streaming writes
+    its shared arrays there, and a write past a full tmpfs is a SIGBUS (exit 135, no message), as
+    in a Docker container with its default 64 MB. Nothing is checked where there is no /dev/shm."""
+    try:
+        usage = shutil.disk_usage(shm)
+    except OSError:
+        return
+    if usage.free >= need:
+        return
+    suggest = max(1, -(-2 * need // (1 << 30)))  # GiB: twice the need, at least 1
+    raise DataError(
+        f"{shm} has {_size(usage.free)} free of {_size(usage.total)}, and reading the {split} split needs at least "
+        f"{_size(need)} of shared memory there (streaming's sample order and the batches in flight): give the "
+        f"container more (docker run --shm-size={suggest}g) or free {shm} (blocks left by crashed jobs)"
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.0f} KiB"
+
+
 def job_cache_folder(cache_root: Path) -> Path:
     """`cache_root/<job tag>-<host name>`: the folder of this job's split caches on this node. The
     host name keeps the nodes of one job apart where they share the cache root (a cache_dir on a

@@ -18,6 +18,7 @@ across epoch boundaries too.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,14 +35,16 @@ from msllm.config import DataConfig
 from msllm.data.jobcache import (
     PROCESS,
     adopt_job_tag,
+    check_shared_memory,
     job_cache_folder,
     job_tag,
     scope_streaming_shared_memory,
+    shared_memory_needed,
     start_job_cache,
 )
 from msllm.data.integrity import check_index
-from msllm.data.manifest import (DOWNLOAD_RETRIES, DOWNLOAD_TIMEOUT_S, MANIFEST_FILENAME, download, is_remote,
-                                  remote_cache_root, streaming_remote)
+from msllm.data.manifest import (DOWNLOAD_RETRIES, DOWNLOAD_TIMEOUT_S, MANIFEST_FILENAME, background_failure, download,
+                                  is_remote, keep_background_failures, remote_cache_root, streaming_remote)
 from msllm.errors import DataError
 
 # LLM Foundry's scripts name the held-out split `val`; ours is `validation`. Either is read.
@@ -133,6 +136,7 @@ class TokenLoader:
         return max(self.dataset.next_epoch - 1, 0)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        keep_background_failures()  # a failure in streaming's threads: kept for the one line below
         empty_epochs = 0
         while True:
             yielded = False
@@ -142,7 +146,9 @@ class TokenLoader:
                     yield batch
             except Exception as exc:
                 stream = self.dataset.streams[0]
-                _raise_if_checksum_failure(exc, stream.local, stream.remote)
+                cause = background_failure(exc) or exc  # "Background thread failed": what failed there
+                _raise_if_checksum_failure(cause, stream.local, stream.remote)
+                _raise_if_cache_full(cause, stream.local)
                 raise
             if not self.repeat:
                 return
@@ -204,6 +210,10 @@ def build_dataloader(
     _start_job_once(data_cfg)
     local, remote = _split_location(data_cfg, split)
     index = _fetch_checked_index(data_cfg, local, remote)
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    batch_bytes = batch_size * (2 * data_cfg.seq_len // sp_size + 1) * 8  # input_ids, labels (int64), sample_id
+    samples = sum(int(shard.get("samples", 0)) for shard in index["shards"])
+    check_shared_memory(split, shared_memory_needed(samples, len(index["shards"]), batch_bytes, workers))
     PROCESS.loaders_built += 1
     dataset = TokenWindowDataset(
         seq_len=data_cfg.seq_len,
@@ -230,7 +240,7 @@ def build_dataloader(
     loader = StreamingDataLoader(
         dataset,
         batch_size=batch_size,
-        num_workers=data_cfg.num_workers if num_workers is None else num_workers,
+        num_workers=workers,
         drop_last=split == "train",
         pin_memory=pin_memory,
     )
@@ -317,6 +327,18 @@ def _hash_to_validate(index: dict[str, Any]) -> Optional[str]:
         if recorded and all(algorithm in hashes for hashes in recorded):
             return algorithm
     return None
+
+
+def _raise_if_cache_full(exc: BaseException, local: str) -> None:
+    """A shard that could not be copied or decompressed into the job's cache because its disk is
+    full: a one-line DataError naming data.cache_dir."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        cache_dir = Path(local).parent.parent  # data.cache_dir / <job>-<host> / <split folder>
+        raise DataError(
+            f"data.cache_dir {cache_dir} is full ({exc.strerror}{f': {exc.filename}' if exc.filename else ''}): "
+            "free space there or set data.cache_dir to a larger disk, then rerun the same command: training "
+            "resumes from the last checkpoint"
+        ) from None
 
 
 def _raise_if_checksum_failure(exc: BaseException, local: str, remote: str) -> None:

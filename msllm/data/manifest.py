@@ -141,8 +141,22 @@ def bound_object_store_waits() -> None:
         self._s3_client = Session().client("s3", config=config, endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
 
     S3Downloader._create_s3_client = _create_s3_client
-    logging.getLogger("concurrent.futures").addFilter(_BackgroundFailures())
+    keep_background_failures()
     _BOUNDED = True
+
+
+def keep_background_failures() -> None:
+    """Once per process: a failure in streaming's background threads (a shard that fails its hash,
+    a full cache, a store gone) is kept for `background_failure` instead of printed as a traceback."""
+    log = logging.getLogger("concurrent.futures")
+    if not any(isinstance(f, _BackgroundFailures) for f in log.filters):
+        log.addFilter(_BackgroundFailures())
+
+
+def background_failure(exc: BaseException) -> BaseException | None:
+    """The exception of streaming's background thread behind `exc` (streaming's "Background thread
+    failed" in the main thread), when it was kept; None for any other error."""
+    return _BackgroundFailures.last if "Background thread failed" in str(exc) else None
 
 
 def store_unreachable(exc: BaseException, shards_dir: str) -> DataError | None:

@@ -190,6 +190,7 @@ class _exclusive:
     """Holds `<staging>.lock` while prep writes: a second prep of the same target fails clearly."""
 
     def __init__(self, staging: Path, target: str):
+        self.staging = staging
         self.lock_file = Path(str(staging) + ".lock")
         self.target = target
 
@@ -206,6 +207,13 @@ class _exclusive:
         except OSError:
             self.handle.close()
             raise DataError(f"another msllm prep is writing {self.target} right now: wait for it") from None
+        staging = self.staging
+        if staging.is_symlink() or (staging.exists() and not staging.is_dir()):  # never written through or removed
+            self.handle.close()
+            what, fix = ((f"a symbolic link to {os.readlink(staging)}", f"remove the link (rm {staging}: what it "
+                          "points to stays)") if staging.is_symlink() else ("a file", f"move it away (mv {staging} ...)"))
+            raise DataError(f"{staging} is {what}, where msllm prep keeps its unfinished dataset, and msllm neither "
+                            f"writes through it nor removes it: {fix}, then rerun")
         return self
 
     def __exit__(self, *exc_info):

@@ -7,6 +7,7 @@
     on_rank0(fn)        run fn on rank 0 alone; every rank gets its value, or raises its error
     check_same_recipe   every rank was started with the same resolved recipe, or all stop with one
                         line naming the keys that differ (a rank given another --set would hang)
+    lost_peer(exc)      the one-line error for a collective that failed because another rank died
 
 Each is a no-op wrapper around the plain call when torch.distributed is not started (one process).
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from msllm.distributed.env import DistEnv, check_master_resolves
-from msllm.errors import MsllmError, RecipeError, short_repr
+from msllm.errors import MsllmError, PeerLostError, RecipeError, short_repr
 
 
 def init_distributed(denv: DistEnv) -> None:
@@ -186,3 +187,35 @@ def on_rank0(fn, *args, **kwargs):
         raise error
     kind, message = outcome[1]
     raise kind(message)
+
+
+# What a collective's error says when the process at the other end is gone: gloo's "Read error ...
+# Connection reset by peer" (or closed, or a broken pipe on write), the TCPStore's, NCCL's remote error.
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "ncclremoteerror",
+              "remote process exit")
+
+
+def lost_peer(exc: BaseException, last_checkpoint: str) -> PeerLostError | None:
+    """The one-line error for `exc`, a collective (or the store) that failed because another rank
+    died or its node was lost (a kill -9, an out-of-memory kill, a lost machine); None for any other
+    error. The lost rank is named when it is knowable: with two ranks, it is the other one (gloo
+    names only an address). `last_checkpoint`: what a rerun resumes from, in words."""
+    seen, cause = set(), exc
+    while cause is not None and id(cause) not in seen:  # the error itself or one it was raised from
+        seen.add(id(cause))
+        if isinstance(cause, RuntimeError) and any(s in str(cause).lower() for s in _PEER_GONE):
+            break
+        cause = cause.__cause__ or cause.__context__
+    else:
+        return None
+    if is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        import os
+
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"rank {1 - rank}" if world == 2 else "a peer rank"
+    return PeerLostError(
+        f"lost {who} of the job (its connection was reset: the process died or its node was lost), so "
+        f"rank {rank} stops too: rerun the same command: training resumes from {last_checkpoint}"
+    )

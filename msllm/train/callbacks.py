@@ -197,9 +197,12 @@ class TensorBoardLogger(Callback):
     def __init__(self, logdir: Path, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.logdir = logdir
         self.writer = SummaryWriter(str(logdir), purge_step=resume_step + 1)  # drop events of an earlier attempt
 
     def on_log(self, trainer, row: dict) -> None:
+        if not self.logdir.is_dir():  # the run folder deleted under the run: its next check stops it, in one line
+            return
         names = self.EVAL if row["kind"] == "eval" else self.TRAIN
         if row["kind"] == "train":  # dynamic chunking's scalars, whatever its scales are
             names = {**names, **{key: f"chunking/{key}" for key in row if key.startswith(("compression_s", "ratio_loss_s"))}}
@@ -268,6 +271,9 @@ class ShardsWatch:
       tokenizer the run started with: msllm.checkpoint.TrainState);
     - gone (the folder deleted): training goes on from this job's local copy of the shards, and says
       so once; evaluation is skipped while the validation split is not there.
+
+    The run folder is checked there too: deleted or moved away (its lock with it), the run stops with
+    one line (msllm.checkpoint.runfolder.check_run_folder_held) instead of saving into a new folder.
     """
 
     def __init__(self, data_cfg, manifest: dict):
@@ -291,11 +297,14 @@ class ShardsWatch:
         return dataclasses.replace(plan, eval=False) if gone else plan
 
     def _gone(self) -> bool:
-        """Rank 0: whether the manifest is gone; a DataError when it changed."""
+        """Rank 0: whether the manifest is gone; a DataError when it changed (a RunFolderError when
+        the run folder is gone)."""
+        from msllm.checkpoint.runfolder import check_run_folder_held
         from msllm.data.manifest import MANIFEST_FILENAME, is_remote, read_manifest
         from msllm.errors import DataError
         from msllm.run_record import manifest_sha256
 
+        check_run_folder_held()
         shards_dir = self.data_cfg.shards_dir
         if not is_remote(shards_dir) and not (Path(shards_dir) / MANIFEST_FILENAME).is_file():
             return True

@@ -312,3 +312,76 @@ def check_fits(model_cfg, device: torch.device, precision: str = "fp32", zero_st
             + f", and {device.type} has {free / 2**30:,.1f} GiB free: use a smaller model.d_model or fewer layers"
             + (", more data-parallel ranks with ZeRO 3, or parallel.offload_optimizer" if what == "train" else "")
         )
+
+
+def micro_batch_bytes(model_cfg, seq_len: int, batch: int, precision: str = "fp32", training: bool = True) -> int:
+    """A lower bound of the activations of one micro-batch of `batch` samples of `seq_len` tokens
+    (one rank's slice): in training every layer saves at least its input, d_model values a
+    position, at its scale's length (seq_len / the cumulative factor; a dynamic scale, whose length
+    is learned, is left out); in evaluation (no autograd) one layer's input is alive at a time.
+    2 bytes a value in bf16 and fp16, 4 in fp32."""
+    width = 4 if precision == "fp32" else 2
+    if not training:
+        return batch * seq_len * model_cfg.d_model * width
+    factors = model_cfg.cumulative_factors()
+    positions = sum(seq_len // f * scale.layers for f, scale in zip(factors, model_cfg.scales)
+                    if scale.pool == "fixed")
+    return batch * positions * model_cfg.d_model * width
+
+
+def check_micro_batch_fits(recipe, device: torch.device, sp: int = 1, processes: int = 1,
+                           what: str = "train") -> None:
+    """Refuse, before a batch is drawn, a micro-batch whose activations alone (the lower bound of
+    `micro_batch_bytes`) exceed the memory `device` has free, shared by `processes` ranks on one
+    host: a one-line RecipeError naming the value to lower. `what`: "train" checks
+    train.micro_batch_size and the evaluation's batch (eval.micro_batch_size, or the train one),
+    "eval" the evaluation's batch only."""
+    from msllm.errors import RecipeError
+
+    free = available_bytes(device)
+    if free is None:
+        return
+    seq_len = recipe.data.seq_len // sp
+    checks = [("eval.micro_batch_size" if recipe.eval.micro_batch_size else "train.micro_batch_size",
+               recipe.eval.micro_batch_size or recipe.train.micro_batch_size, False)]
+    if what == "train":
+        checks.insert(0, ("train.micro_batch_size", recipe.train.micro_batch_size, True))
+    for key, batch, training in checks:
+        need = micro_batch_bytes(recipe.model, seq_len, batch, recipe.train.precision if what == "train" else "fp32",
+                                 training) * (processes if device.type == "cpu" else 1)
+        if need > free:
+            raise RecipeError(
+                f"{key} {batch:,} does not fit: one micro-batch's activations need at least {need / 2**30:,.1f} GiB "
+                f"({'training' if training else 'evaluation'}: {batch:,} x {seq_len:,} positions x d_model "
+                f"{recipe.model.d_model}{' x the layers' if training else ''}, a lower bound"
+                + (f", {processes} ranks on this host" if processes > 1 and device.type == "cpu" else "")
+                + f"), and {device.type} has {free / 2**30:,.1f} GiB free: lower {key}"
+                + (" (raise train.grad_accum_steps to keep the global batch)" if key == "train.micro_batch_size" and training else "")
+            )
+
+
+def check_precision_supported(precision: str) -> None:
+    """Refuse, before DeepSpeed starts, a train.precision that this machine's accelerator does not
+    compute in (DeepSpeed would raise "Type fp16 is not supported on your device" with a
+    traceback): fp16 on a CPU without fp16 kernels (AVX512-FP16 / AMX-FP16), bf16 on an older GPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    from msllm.errors import RecipeError
+
+    accel = get_accelerator()
+    supported = {"fp32": True, "fp16": accel.is_fp16_supported(), "bf16": accel.is_bf16_supported()}[precision]
+    if not supported:
+        others = " or ".join(p for p in ("fp32", "bf16") if p != precision and
+                             (p == "fp32" or accel.is_bf16_supported()))
+        raise RecipeError(
+            f"train.precision {precision} is not supported on this {accel.device_name()} (DeepSpeed: "
+            f"{'fp16 needs a GPU, or a CPU with AVX512-FP16 or AMX-FP16' if precision == 'fp16' else 'bf16 needs a GPU of compute capability 8.0 or newer'}): "
+            f"set train.precision to {others}"
+        )
+
+
+def check_can_train(recipe, device: torch.device, sp: int = 1, processes: int = 1) -> None:
+    """What `check_fits` leaves out, before DeepSpeed starts: that the accelerator computes in
+    train.precision, and that the train and eval micro-batches fit (one-line RecipeErrors)."""
+    check_precision_supported(recipe.train.precision)
+    check_micro_batch_fits(recipe, device, sp, processes)

@@ -55,7 +55,7 @@ from msllm.config import with_vocab_size
 from msllm.safe_files import write_new
 from msllm.distributed import ParallelDims, collectives
 from msllm.distributed.env import DistEnv, read_env, say
-from msllm.train.memory import check_fits
+from msllm.train.memory import check_can_train, check_fits
 from msllm.metrics import fmt_duration
 from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, ShardsWatch, SpeedMonitor, TensorBoardLogger
 from msllm.train.engine import lr_at, param_names
@@ -89,6 +89,7 @@ class Trainer:
         self.build_device = torch.device(self.accel.device_name(denv.local_rank))
         check_fits(recipe.model, self.build_device, t.precision,
                    recipe.parallel.zero_stage, dims.dp, processes=local_ranks)  # before anything is allocated
+        check_can_train(recipe, self.build_device, dims.sp, local_ranks)  # the precision, the micro-batches
         engine = self.make_engine()
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         self.device = engine.device
@@ -296,7 +297,7 @@ def train(recipe, overwrite: bool = False) -> None:
     t0 = time.perf_counter()
     denv = read_env()
     dims = ParallelDims.from_recipe(recipe, denv.world_size, denv.rank)  # fails before any rank waits
-    done = finished_checkpoint(recipe)
+    done = None if overwrite else finished_checkpoint(recipe)  # --overwrite starts afresh, whatever is there
     if done is not None:  # a finished run: no DeepSpeed, no peak measurement, no second eval row
         say(f"nothing to do: the latest checkpoint {done} is at step {read_meta(done)['step']} >= "
             f"train.max_steps {recipe.train.max_steps}")

@@ -11,6 +11,7 @@ share of whole samples (the model is consolidated, not sequence-parallel).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -31,6 +32,7 @@ def evaluate_checkpoint(recipe, source: str) -> dict:
     from msllm.distributed import collectives
     from msllm.train.evaluate import evaluate
     from msllm.train.loss import choose_kernel
+    from msllm.train.memory import check_micro_batch_fits
     from msllm.use.load import load_model
 
     denv = read_env()
@@ -42,6 +44,8 @@ def evaluate_checkpoint(recipe, source: str) -> dict:
     if denv.world_size > 1:
         collectives.init_distributed(denv)
     device = inference_device(denv.local_rank)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    check_micro_batch_fits(recipe, device, processes=local_ranks, what="eval")  # before a batch is drawn
     model = loaded.model.to(device)
     batch = recipe.eval.micro_batch_size or recipe.train.micro_batch_size
     loader = build_dataloader(recipe.data, "validation", batch, recipe.run.seed, shuffle=False)

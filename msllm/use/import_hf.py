@@ -62,8 +62,13 @@ def write_import_recipe(folder: str, out: str, force: bool = False) -> Path:
     text = (f"{_HEADER}{llama.folder} (msllm import-hf): its model, tokenizer\n"
             "# and weights (train.init_from). Point the data section at your corpus before `msllm train`.\n"
             + yaml.safe_dump(raw, sort_keys=False))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_new(out_path, text)  # by rename: a link at --out is replaced, never written through
+    existed = out_path.exists()
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        write_new(out_path, text)  # by rename: a link at --out is replaced, never written through
+    except OSError as exc:
+        raise CheckpointError(f"cannot write --out {out_path}: {exc.strerror or exc}"
+                              + ("; the recipe there is unchanged" if existed else "")) from None
     print(f"wrote {out_path}: vanilla, {llama.model['scales'][0]['layers']} layers, d_model {llama.model['d_model']}, "
           f"vocab {llama.model['vocab_size']}, starting from {llama.folder}")
     return out_path

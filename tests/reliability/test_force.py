@@ -86,3 +86,27 @@ def test_import_hf_force_over_a_user_file_deletes_nothing(tmp_path, tiny_data, c
     for args in ([], ["--force"]):  # its own recipe: replaced with --force
         code, _, err = cli(capsys, "import-hf", folder, "--out", mine, *args)
         assert code == 0, err
+
+
+@pytest.mark.needs_root("mounts a tmpfs and makes it read-only")
+def test_import_hf_force_failure_names_out_not_a_temporary_file(tmp_path, tiny_data, capsys):
+    """Probe class: `import-hf --out R --force` where R cannot be replaced (a read-only file system)."""
+    import subprocess
+
+    folder = write_llama_folder(tmp_path / "llama", tiny_data[1] / "tokenizer.model")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
+    try:
+        out = disk / "recipe.yaml"
+        code, _, err = cli(capsys, "import-hf", folder, "--out", out)
+        assert code == 0, err
+        before = out.read_bytes()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        code, _, err = cli(capsys, "import-hf", folder, "--out", out, "--force")
+        line = one_line(code, err, "import-hf")
+        assert line == (f"msllm import-hf: error: cannot write --out {out}: Read-only file system; the recipe there "
+                        "is unchanged"), line
+        assert ".tmp-" not in line and out.read_bytes() == before
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -113,3 +113,57 @@ def test_read_only_shards_dir_to_prepare(tmp_path, tiny_data):
         assert "Read-only file system" in line
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_overwrite_of_a_finished_run_moves_it_aside_and_starts(run_copy):
+    """Probe class: `msllm train --overwrite` on a finished run (checkpoint.resume true): it starts
+    afresh, as its help says, instead of "nothing to do"."""
+    recipe, out = run_copy
+    before = tree_digest(out)
+    proc = check(msllm("train", recipe, "--overwrite", "--set", "train.max_steps=2"))
+    assert "nothing to do" not in proc.stdout
+    (aside,) = [p for p in out.parent.iterdir() if p.name.startswith(out.name + ".replaced-")]
+    assert f"moved the previous run in {out} aside to {aside}" in proc.stdout
+    assert tree_digest(aside) == before
+    assert [r["step"] for r in rows(out)] == [1, 2] and checkpoints(out) == ["step_0000002"]
+
+
+# Before step 5 the training waits (up to 120 s) until its run folder is gone: the test deletes it then.
+_WAIT_FOR_THE_FOLDER_TO_GO = """
+import os, time
+import msllm.train.schedule as _schedule
+_plan_of_step = _schedule.Schedule.at
+def _wait_then_plan(self, step):
+    if step == 5:
+        print("WAITING FOR THE RUN FOLDER TO GO", flush=True)
+        deadline = time.monotonic() + 120
+        while os.path.exists(os.environ["MSLLM_TEST_RUN"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _plan_of_step(self, step)
+_schedule.Schedule.at = _wait_then_plan
+"""
+
+
+def test_run_folder_deleted_during_training_stops_with_one_line(tmp_path, tiny_data):
+    """Probe class: run.output_dir deleted (rm -rf) while the run trains: its lock went with it."""
+    import shutil
+
+    from launch import clean_env
+
+    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 8}, checkpoint={"every": 2},
+                              eval={"every": 0, "max_batches": 1})
+    proc = start_msllm("train", recipe, python_code=_WAIT_FOR_THE_FOLDER_TO_GO, env=clean_env(MSLLM_TEST_RUN=str(out)))
+    try:
+        wait_for_line(proc, "WAITING FOR THE RUN FOLDER TO GO")  # steps 2 and 4 saved
+        shutil.rmtree(out)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("msllm train: ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert f"run.output_dir {out} was deleted or moved while this run trained (its .lock is gone)" in lines[0]
+    assert "put the folder back and rerun the same command to resume" in lines[0]
+    assert not out.exists()  # the step-6 checkpoint was not written into a new folder

@@ -102,3 +102,26 @@ def test_import_hf_out_link_is_replaced_not_written_through(tmp_path, tiny_data,
     code, _, err = cli(capsys, "import-hf", folder, "--out", link, "--force")
     assert code == 0, err
     assert not link.is_symlink() and link.read_bytes() == before and elsewhere.read_bytes() == before
+
+
+@pytest.mark.parametrize("planted", ["link", "file"])
+def test_prep_staging_folder_planted_as_a_link_or_file_is_one_line(tmp_path, tiny_data, capsys, planted):
+    """Probe class: `.NAME.partial` (prep's staging folder) planted as a link to a folder outside, or a file."""
+    outside = _outside(tmp_path)
+    recipe, _ = make_recipe(tmp_path, tiny_data)
+    shards = tmp_path / "shards"
+    staging = tmp_path / ".shards.partial"
+    if planted == "link":
+        staging.symlink_to(outside)
+    else:
+        staging.write_text(OUTSIDE_TEXT)
+    before = tree_digest(outside)
+    code, _, err = cli(capsys, "prep", recipe, "--set", f"data.shards_dir={shards}")
+    line = one_line(code, err, "prep")
+    assert "where msllm prep keeps its unfinished dataset, and msllm neither writes through it nor removes it" in line
+    if planted == "link":
+        assert f"{staging} is a symbolic link to {outside}" in line and f"remove the link (rm {staging}" in line
+        assert staging.is_symlink()
+    else:
+        assert f"{staging} is a file" in line and staging.read_text() == OUTSIDE_TEXT
+    assert "free space" not in line and tree_digest(outside) == before and not shards.exists()

@@ -1,0 +1,44 @@
+"""Issue 32 (third round), item 2: a /dev/shm too small for streaming's shared arrays (Docker's
+default is 64 MB) is one line naming `docker run --shm-size`, not a SIGBUS (exit 135, no message)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from helpers import checkpoints, one_line_error, tree_digest
+from launch import clean_env
+from train_helpers import msllm_command
+
+# Runs "$@" in a mount namespace of its own, on an 8 KiB tmpfs at /dev/shm (the host's is untouched).
+TINY_SHM = 'mount -t tmpfs -o size=8k tmpfs /dev/shm && exec "$@"'
+
+
+@pytest.mark.needs_root("mounts an 8 KiB tmpfs on /dev/shm in a mount namespace")
+def test_full_dev_shm_is_one_line_and_keeps_the_run(run_copy):
+    """Probe class: a full /dev/shm (an 8 KiB tmpfs), on a resumed run."""
+    recipe, out = run_copy
+    before = tree_digest(out)
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c", TINY_SHM, "sh",
+                           *msllm_command("train", recipe, "--set", "train.max_steps=8")],
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    line = one_line_error(proc, "train")
+    assert "/dev/shm has 8 KiB free of 8 KiB, and reading the train split needs at least " in line, line
+    assert "docker run --shm-size=1g" in line and "free /dev/shm" in line
+    assert tree_digest(out) == before and checkpoints(out) == ["step_0000003", "step_0000006"]
+
+
+def test_shared_memory_estimate():
+    """Probe class: the estimate itself: a page per streaming block, 8 bytes a sample, 2 batches a worker."""
+    from msllm.data.jobcache import SHM_PAGES_PER_DATASET, check_shared_memory, shared_memory_needed
+    from msllm.errors import DataError
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    base = shared_memory_needed(0, 0, 0, 0)
+    assert base >= SHM_PAGES_PER_DATASET * page
+    assert shared_memory_needed(10**6, 10, 1000, 2) == base + 90 + 8 * 10**6 + 4000
+    check_shared_memory("train", 1)  # the host's /dev/shm has a byte
+    with pytest.raises(DataError, match=r"needs at least 1048576\.0 MiB .* --shm-size=2048g"):
+        check_shared_memory("train", 1 << 40)
