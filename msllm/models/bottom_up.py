@@ -38,10 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from msllm.errors import MsllmError
-from msllm.models.chunking import DynamicChunking, _at_least_fp32, _no_autocast
+from msllm.models.chunking import DynamicChunking, _at_least_fp32, _no_autocast, byte_whitespace_ids
 from msllm.models.decoding import DecodeCache, PoolStream, UpsampleStream
 from msllm.models.layers import CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, make_core
 from msllm.models.mamba2 import make_layers
+
+
+# What log_metrics reports of each dynamic scale (msllm.train.callbacks.CHUNKING_METRICS lists the same prefixes).
+METRICS = ("compression", "ratio_loss", "p_std", "p_near_threshold", "word_start_boundaries", "word_start_rate")
 
 
 class ScaleAttention(nn.Module):
@@ -84,7 +88,8 @@ class BottomUpLM(CausalLM):
         # pools[i] takes scale i to scale i+1; upsamples[i] takes scale i+1 straight to the tokens
         # (a dynamic scale: from the finer scale's positions, after its own dechunking).
         self.pools = nn.ModuleList(
-            DynamicChunking(d, scale.target_ratio, scale.ratio_loss_weight) if scale.pool == "dynamic"
+            DynamicChunking(d, scale.target_ratio, scale.ratio_loss_weight, byte_whitespace_ids(cfg.vocab_size))
+            if scale.pool == "dynamic"
             else CausalPool(d, scale.factor, cfg.pooling)
             for scale in cfg.scales[1:]
         )
@@ -109,7 +114,8 @@ class BottomUpLM(CausalLM):
             if s > 0:
                 pool = self.pools[s - 1]
                 if isinstance(pool, DynamicChunking):
-                    h, chunks = pool(h, n_real=-(-L // self.upsamples[s - 1].k))
+                    f = self.upsamples[s - 1].k  # tokens per position of the scale it cuts
+                    h, chunks = pool(h, n_real=-(-L // f), ids=input_ids if f == 1 else None)
                 else:
                     h = pool(h)
             for block in blocks:
@@ -165,10 +171,14 @@ class BottomUpLM(CausalLM):
         return sum(losses) if losses else None
 
     def log_metrics(self) -> dict[str, torch.Tensor]:
+        """Per dynamic scale s: compression_s<s> and ratio_loss_s<s>; the router's diagnostics
+        p_std_s<s> and p_near_threshold_s<s>; on bytes, when the scale cuts the bytes themselves,
+        word_start_boundaries_s<s> against word_start_rate_s<s> (DynamicChunking._diagnostics)."""
         out = {}
         for s, pool in self.dynamic_scales().items():
-            out[f"compression_s{s}"] = pool.stats["compression"]
-            out[f"ratio_loss_s{s}"] = pool.stats["ratio_loss"]
+            for key in METRICS:
+                if key in pool.stats:
+                    out[f"{key}_s{s}"] = pool.stats[key]
         return out
 
     def new_cache(self) -> DecodeCache:
