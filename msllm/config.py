@@ -357,7 +357,9 @@ class TrainConfig:
         "with the scale it reads (H-Net's outer stage), the embeddings, head, final layers and norm "
         "with scale 0. The logged lr is the first group's (scale 0's). []: H-Net's rule when a scale "
         "is dynamic (ModelConfig.default_lr_multipliers: sqrt of the compression to the coarsest "
-        "scale over scale s's, [2.0, 1.0] at target_ratio 4), else one rate for all.",
+        "scale over scale s's, [2.0, 1.0] at target_ratio 4), else one rate for all. All 1.0: one "
+        "rate and the optimizer's two groups of before (a dynamic run started before issue 35 "
+        "resumes with them, and with residual_proj and stage_norms false, embed_init_std 0.02).",
     )
     precision: Literal["fp32", "bf16", "fp16"] = doc(
         "fp32", "Training precision. bf16 on GPUs; fp32 on CPUs (bf16 matmul is slow there)."

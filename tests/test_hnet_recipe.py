@@ -126,6 +126,8 @@ def test_given_multipliers_override_h_nets_and_a_fixed_model_has_none():
     assert lr_multipliers(r) == [3.0, 0.5]
     plain = from_dict({"model": {"arch": "bottom_up", "scales": [{"attention": "local"}, {"factor": 4}]}})
     assert lr_multipliers(plain) is None
+    ones = from_dict({"model": dataclasses.asdict(cfg(DYNAMIC)), "train": {"lr_multipliers": [1.0, 1.0]}})
+    assert lr_multipliers(ones) is None  # opting out: the two groups of before, as an older dynamic run has
     three = cfg([ScaleConfig(1, 1, "local", 8), ScaleConfig(2, 1), ScaleConfig(1, 1, pool="dynamic", target_ratio=3.0)])
     assert three.default_lr_multipliers() == pytest.approx([math.sqrt(6), math.sqrt(3), 1.0])
 

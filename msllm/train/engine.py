@@ -59,8 +59,12 @@ def _grouped(model: torch.nn.Module) -> list[tuple[bool, int | None, list]]:
 
 def lr_multipliers(recipe) -> list[float] | None:
     """train.lr_multipliers, or H-Net's when a scale is dynamic and none are given
-    (ModelConfig.default_lr_multipliers), or None: one rate for every parameter."""
-    return list(recipe.train.lr_multipliers) or recipe.model.default_lr_multipliers()
+    (ModelConfig.default_lr_multipliers), or None: one rate for every parameter, the two groups of
+    before (also when every given multiplier is 1.0, as a run started before them resumes)."""
+    given = list(recipe.train.lr_multipliers)
+    if given and all(m == 1.0 for m in given):
+        return None
+    return given or recipe.model.default_lr_multipliers()
 
 
 def lr_at(step: int, train_cfg) -> float:
