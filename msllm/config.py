@@ -173,6 +173,27 @@ class ScaleConfig:
     ratio_loss_weight: float = doc(
         0.03, "pool dynamic: weight alpha of H-Net's ratio loss, added to the per-token LM loss (>= 0)."
     )
+    mixer: Literal["attention", "mamba2"] = doc(
+        "attention",
+        "What mixes positions in this scale's layers: `attention` (transformer blocks: attention and "
+        "SwiGLU), or `mamba2`: Mamba-2 (SSD) blocks, norm -> Mamba-2 mixer -> residual, no MLP (H-Net's "
+        "`m` layers; msllm.models.mamba2, sizes in model.mamba; `attention` and `window` are then not "
+        "read). Bottom-up's final layers take scale 0's mixer. bottom_up and top_down only (not "
+        "vanilla, which exports as Llama, nor retina); not under sequence parallelism yet (parallel.sp "
+        "must be 1).",
+    )
+
+
+@dataclass
+class MambaConfig:
+    d_state: int = doc(128, "Mamba-2: state size N per head (H-Net's ssm_cfg: 128).")
+    d_conv: int = doc(4, "Mamba-2: width of the short causal depthwise convolution (H-Net: 4).")
+    expand: int = doc(2, "Mamba-2: inner width = expand * d_model (H-Net: 2).")
+    head_dim: int = doc(64, "Mamba-2: width P of each head; must divide expand * d_model (Mamba-2's default: 64).")
+    chunk_size: int = doc(
+        256, "Mamba-2: positions per chunk of the SSD scan (H-Net: 256); the PyTorch scan keeps one "
+        "[chunk, chunk] matrix per head and chunk."
+    )
 
 
 @dataclass
@@ -209,6 +230,27 @@ class ModelConfig:
     norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc(False, "Share the token embedding and LM head weights.")
     init_std: float = doc(0.02, "Std of the normal init of linear and embedding weights.")
+    embed_init_std: Optional[float] = doc(
+        None,
+        "Std of the normal init of the token embeddings. null: 1.0 when a scale is dynamic (H-Net's "
+        "init, goombalab/hnet hnet/models/mixer_seq.py init_weights), else init_std.",
+    )
+    residual_proj: Optional[bool] = doc(
+        None,
+        "Bottom-up: pass the output of the coarsest scale's finer scale (H-Net's encoder output) "
+        "through a linear map (weight and bias zero-initialised, computed in fp32) where it joins the "
+        "other scales, as H-Net adds residual_proj(encoder output) to the dechunked output "
+        "(goombalab/hnet hnet/models/hnet.py; its bias keeps torch's default init there, ours starts at "
+        "zero). null: on when a scale is dynamic, off otherwise (the scales are summed as they are).",
+    )
+    stage_norms: Optional[bool] = doc(
+        None,
+        "Bottom-up: an RMSNorm at the end of each scale's layers, as H-Net ends each stage network "
+        "(encoder, main network, decoder) with one (goombalab/hnet hnet/modules/isotropic.py); the "
+        "final layers (the decoder) already end with the model's norm. null: on when a scale is "
+        "dynamic, off otherwise.",
+    )
+    mamba: MambaConfig = doc(MambaConfig(), "Sizes of the Mamba-2 layers (scales with mixer: mamba2).")
 
     @property
     def head_dim(self) -> int:
@@ -237,8 +279,47 @@ class ModelConfig:
 
     def uses_window(self, scale: ScaleConfig) -> bool:
         """Whether `scale.window` is read: by local attention, and by retina, whose fine level takes
-        scales[0].window whatever the scale's attention says."""
-        return scale.attention == "local" or self.arch == "retina"
+        scales[0].window whatever the scale's attention says (a Mamba-2 scale reads none)."""
+        return scale.mixer == "attention" and (scale.attention == "local" or self.arch == "retina")
+
+    def has_dynamic_scale(self) -> bool:
+        return any(scale.pool == "dynamic" for scale in self.scales)
+
+    def uses_residual_proj(self) -> bool:
+        """model.residual_proj resolved (null: on with a dynamic scale)."""
+        return self.has_dynamic_scale() if self.residual_proj is None else self.residual_proj
+
+    def uses_stage_norms(self) -> bool:
+        """model.stage_norms resolved (null: on with a dynamic scale)."""
+        return self.has_dynamic_scale() if self.stage_norms is None else self.stage_norms
+
+    def embedding_init_std(self) -> float:
+        """model.embed_init_std resolved (null: 1.0 with a dynamic scale, else init_std)."""
+        if self.embed_init_std is not None:
+            return self.embed_init_std
+        return 1.0 if self.has_dynamic_scale() else self.init_std
+
+    def compression(self) -> list[float]:
+        """Tokens per position of each scale: the cumulative factors, a dynamic scale counted at its
+        target ratio (what its ratio loss aims at)."""
+        out, f = [], 1.0
+        for s, scale in enumerate(self.scales):
+            if s > 0:
+                f *= scale.target_ratio if scale.pool == "dynamic" else scale.factor
+            out.append(f)
+        return out
+
+    def default_lr_multipliers(self) -> list[float] | None:
+        """H-Net's learning-rate multipliers per scale when a scale is dynamic, else None (one rate):
+        the rate grows with the square root of the positions a stage sees per batch (and falls with
+        the square root of its width, the same at every msllm scale), so scale s gets
+        sqrt(compression of the coarsest / compression of s): the coarsest 1.0, the tokens
+        sqrt(target_ratio * factors) (2.0 at target_ratio 4). arXiv 2507.07955; goombalab/hnet
+        hnet/utils/train.py group_params."""
+        if not self.has_dynamic_scale():
+            return None
+        c = self.compression()
+        return [math.sqrt(c[-1] / f) for f in c]
 
 
 @dataclass
@@ -267,6 +348,19 @@ class TrainConfig:
     betas: list[float] = doc([0.9, 0.95], "AdamW betas.")
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this (0 disables).")
+    lr_multipliers: list[float] = doc(
+        [],
+        "Learning-rate multiplier per scale, tokens first (H-Net lists the outer stages first, e.g. "
+        "[3.0, 1.7, 0.9]: goombalab/hnet hnet/utils/train.py group_params, hnet/models/mixer_seq.py "
+        "apply_lr_multiplier): the parameters of scale s train at lr and min_lr times the s-th "
+        "(AdamW groups per scale and weight decay, msllm.train.engine.param_groups). A router goes "
+        "with the scale it reads (H-Net's outer stage), the embeddings, head, final layers and norm "
+        "with scale 0. The logged lr is the first group's (scale 0's). []: H-Net's rule when a scale "
+        "is dynamic (ModelConfig.default_lr_multipliers: sqrt of the compression to the coarsest "
+        "scale over scale s's, [2.0, 1.0] at target_ratio 4), else one rate for all. All 1.0: one "
+        "rate and the optimizer's two groups of before (a dynamic run started before issue 35 "
+        "resumes with them, and with residual_proj and stage_norms false, embed_init_std 0.02).",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = doc(
         "fp32", "Training precision. bf16 on GPUs; fp32 on CPUs (bf16 matmul is slow there)."
     )
@@ -376,8 +470,10 @@ class Recipe:
 
     def to_display_yaml(self) -> str:
         """The recipe as `msllm show-config` prints it: to_yaml() without the `window` of the
-        scales that read none (ModelConfig.uses_window), and without `pool`, `target_ratio` and
-        `ratio_loss_weight` on fixed scales (the default pooling; the other two mean nothing there). to_yaml()
+        scales that read none (ModelConfig.uses_window), without `pool`, `target_ratio` and
+        `ratio_loss_weight` on fixed scales (the default pooling; the other two mean nothing there),
+        without `mixer` on attention scales and `attention` on Mamba-2 ones, and without
+        `model.mamba` when no scale is Mamba-2. to_yaml()
         stays what run folders, checkpoints and exports save; this form loads back into a recipe
         that builds the same model (an absent window takes its default, which nothing reads)."""
         shown = self.to_dict()
@@ -386,6 +482,12 @@ class Recipe:
                 del raw["window"]
             if scale.pool == "fixed":
                 del raw["pool"], raw["target_ratio"], raw["ratio_loss_weight"]
+            if scale.mixer == "attention":
+                del raw["mixer"]
+            else:
+                del raw["attention"]
+        if all(scale.mixer == "attention" for scale in self.model.scales):
+            del shown["model"]["mamba"]
         return yaml.safe_dump(shown, sort_keys=False)
 
 
@@ -797,6 +899,30 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
             fail(f"{key}.layers", f"must be at least 1, got {scale.layers}")
         if scale.window < 1:
             fail(f"{key}.window", f"must be at least 1, got {scale.window}")
+        if scale.mixer == "mamba2":
+            if m.arch not in ("bottom_up", "top_down"):
+                # vanilla exports as a Llama checkpoint (msllm.checkpoint.llama.can_be_llama reads attention only)
+                fail(f"{key}.mixer", f"mamba2 is for bottom_up and top_down, not {m.arch}")
+            if recipe.parallel.sp > 1:
+                fail("parallel.sp", "Mamba-2 layers (mixer: mamba2) do not run under sequence parallelism yet; use sp 1")
+    if any(scale.mixer == "mamba2" for scale in m.scales):
+        mb = m.mamba
+        for name in ("d_state", "d_conv", "expand", "head_dim", "chunk_size"):
+            if getattr(mb, name) < 1:
+                fail(f"model.mamba.{name}", f"must be at least 1, got {getattr(mb, name)}")
+        if (mb.expand * m.d_model) % mb.head_dim:
+            fail("model.mamba.head_dim", f"{mb.head_dim} does not divide the inner width expand * d_model = {mb.expand * m.d_model}")
+    for name in ("residual_proj", "stage_norms"):
+        if getattr(m, name) and m.arch != "bottom_up":
+            fail(f"model.{name}", f"is for bottom_up only, not {m.arch} (leave it null)")
+    if m.embed_init_std is not None and not m.embed_init_std > 0:
+        fail("model.embed_init_std", f"must be positive, got {m.embed_init_std}")
+    if t.lr_multipliers:
+        if len(t.lr_multipliers) != len(m.scales):
+            fail("train.lr_multipliers", f"needs one multiplier per scale ({len(m.scales)}, tokens first), got {len(t.lr_multipliers)}")
+        for i, value in enumerate(t.lr_multipliers):
+            if not value > 0:
+                fail(f"train.lr_multipliers[{i}]", f"must be positive, got {value}")
     multi = m.arch in ("bottom_up", "top_down")
     if multi and len(m.scales) < 2:
         fail("model.scales", f"{m.arch} needs at least two scales (tokens and one coarser), got {len(m.scales)}")

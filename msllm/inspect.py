@@ -43,9 +43,9 @@ def parameters_by_part(model: nn.Module) -> dict[str, int]:
             continue
         seen.add(id(p))
         parts = name.split(".")
-        if parts[0] in ("scales", "pools", "upsamples"):
-            index = int(parts[1]) + (1 if parts[0] != "scales" else 0)
-            key = f"scale {index}" + ("" if parts[0] == "scales" else f" ({parts[0][:-1]})")
+        if parts[0] in ("scales", "scale_norms", "pools", "upsamples"):
+            index = int(parts[1]) + (1 if parts[0] in ("pools", "upsamples") else 0)
+            key = f"scale {index}" + ("" if parts[0] in ("scales", "scale_norms") else f" ({parts[0][:-1]})")
         elif parts[0] == "layers":
             key = "scale 0"
         else:

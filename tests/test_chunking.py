@@ -114,7 +114,8 @@ def test_the_ratio_loss_joins_the_training_loss_summed_over_positions_and_eval_l
     torch.testing.assert_close(model_loss(model, ids, labels, "dense", auxiliary=False), lm)
     train.backward()
     assert model.pools[-1].wq.weight.grad.abs().sum() > 0  # the router learns (EMA, confidence, ratio loss)
-    assert set(model.log_metrics()) == {"compression_s1", "ratio_loss_s1"}
+    # vocabulary 97 is no byte tokenizer's: no word-start diagnostics
+    assert set(model.log_metrics()) == {"compression_s1", "ratio_loss_s1", "p_std_s1", "p_near_threshold_s1"}
 
 
 def test_flops_count_the_coarse_scale_at_the_target_ratio():
@@ -161,3 +162,52 @@ def test_bad_dynamic_settings_fail_with_one_line(scales, arch, sp, message):
 def test_a_good_dynamic_recipe_validates():
     validate(recipe_with([{"attention": "local"}, {"pool": "dynamic", "target_ratio": 4.0}]))
     assert math.isfinite(flops_per_token(dataclasses.replace(dynamic_cfg()), 64))
+
+
+def test_the_router_diagnostics_on_a_crafted_input():
+    """b"ab cd  ef": word starts (a byte after whitespace that is not whitespace) at 3 and 7, of the 8
+    positions after the first: random boundaries would land on one 2/8 of the time. Boundaries at
+    3, 5, 7 (and 0, which always is one and is not counted): 2 of 3 at word starts. p within 0.05 of
+    0.5 at 5 and 6: 2 of 8."""
+    import statistics
+
+    from msllm.data.tokenizer import ByteTokenizer
+    from msllm.models.chunking import byte_whitespace_ids
+
+    ids = torch.tensor(ByteTokenizer().encode(["ab cd  ef"]))
+    p = torch.tensor([[1.0, 0.1, 0.3, 0.9, 0.2, 0.54, 0.46, 0.8, 0.3]])
+    chunking = DynamicChunking(4, 3.0, 0.03, byte_whitespace_ids(ByteTokenizer.vocab_size))
+    chunking._diagnostics(p, p >= 0.5, ids)
+    stats = {k: v.item() for k, v in chunking.stats.items()}
+    assert stats["word_start_boundaries"] == pytest.approx(2 / 3)
+    assert stats["word_start_rate"] == pytest.approx(2 / 8)
+    assert stats["p_near_threshold"] == pytest.approx(2 / 8)
+    assert stats["p_std"] == pytest.approx(statistics.stdev(p[0, 1:].tolist()), rel=1e-6)
+    # no boundary after position 0: a fraction of 0, not a division by zero
+    chunking._diagnostics(torch.tensor([[1.0] + [0.2] * 8]), torch.tensor([[True] + [False] * 8]), ids)
+    assert chunking.stats["word_start_boundaries"].item() == 0.0 and chunking.stats["p_near_threshold"].item() == 0.0
+
+
+def test_a_byte_model_logs_the_word_start_diagnostics_of_its_batch():
+    from msllm.data.tokenizer import ByteTokenizer
+
+    torch.manual_seed(5)
+    model = build_model(dynamic_cfg(vocab_size=260))
+    ids = torch.tensor(ByteTokenizer().encode(["the cat sat on the mat and then it ran off"]))
+    model(ids)
+    metrics = {k: v.item() for k, v in model.log_metrics().items()}
+    assert set(metrics) == {f"{k}_s1" for k in ("compression", "ratio_loss", "p_std", "p_near_threshold",
+                                                "word_start_boundaries", "word_start_rate")}
+    assert metrics["word_start_rate_s1"] == pytest.approx(10 / (ids.shape[1] - 1))  # 10 words after the first
+    boundaries = model.pools[-1].last_chunks.boundaries[0, 1:]
+    starts = {t for t in range(1, ids.shape[1]) if ids[0, t - 1] == 4 + 32 and ids[0, t] != 4 + 32}
+    expected = sum(1 for t in starts if boundaries[t - 1]) / max(int(boundaries.sum()), 1)
+    assert metrics["word_start_boundaries_s1"] == pytest.approx(expected)
+    assert 0 <= metrics["p_near_threshold_s1"] <= 1 and metrics["p_std_s1"] > 0
+
+
+def test_tensorboard_logs_every_chunking_metric():
+    from msllm.models.bottom_up import METRICS
+    from msllm.train.callbacks import CHUNKING_METRICS
+
+    assert CHUNKING_METRICS == tuple(f"{key}_s" for key in METRICS)

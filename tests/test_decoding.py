@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msllm.config import ModelConfig, ScaleConfig
+from msllm.config import MambaConfig, ModelConfig, ScaleConfig
 from msllm.models import build_model
 from msllm.models.attention import FullCausalAttention, LocalCausalAttention
 from msllm.models.retina import RetinaAttention, RetinaPattern
@@ -18,6 +18,7 @@ LENGTH = 44  # crosses every block boundary of the configurations below (coarses
 
 local = lambda layers, window: ScaleConfig(layers=layers, attention="local", window=window)  # noqa: E731
 full = lambda factor, layers: ScaleConfig(factor=factor, layers=layers, attention="full")  # noqa: E731
+MAMBA = MambaConfig(d_state=8, head_dim=16, chunk_size=8)
 
 CONFIGS = {
     "vanilla-full": dict(arch="vanilla", scales=[full(1, 2)]),
@@ -29,6 +30,15 @@ CONFIGS = {
                         pooling="linear", upsampling="linear", aggregation="attention"),
     "bottom_up-local-coarse": dict(arch="bottom_up", scales=[local(1, 2), full(2, 1), ScaleConfig(factor=2, layers=1, attention="local", window=3)],
                                    final_layers=1),
+    # Mamba-2 layers (a recurrent state and a convolution stream per layer; chunks of 8 in the
+    # full pass, so that prefills cross chunk boundaries), with H-Net's stage norms and residual
+    # projection (given random weights by make: it starts at zero)
+    "bottom_up-mamba2": dict(arch="bottom_up", scales=[ScaleConfig(layers=1, mixer="mamba2"), full(4, 1)], final_layers=1,
+                             mamba=MAMBA, residual_proj=True, stage_norms=True),
+    "bottom_up-mamba2-3": dict(arch="bottom_up", scales=[ScaleConfig(layers=1, mixer="mamba2"), full(2, 1),
+                                                         ScaleConfig(factor=2, layers=1, mixer="mamba2")],
+                               final_layers=1, mamba=MAMBA, residual_proj=True, aggregation="attention"),
+    "top_down-mamba2": dict(arch="top_down", scales=[ScaleConfig(layers=2, mixer="mamba2"), full(2, 1)], mamba=MAMBA),
     # top-down: two scales by 2 (window 3); three scales by 4 then 2 (f = 4, 8; window 9), linear
     "top_down-2": dict(arch="top_down", scales=[local(1, 3), full(2, 1)]),
     "top_down-3": dict(arch="top_down", scales=[local(2, 9), full(4, 1), full(2, 1)], pooling="linear", upsampling="linear"),
@@ -52,7 +62,12 @@ SPLITS = {
 def make(name: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=2, init_std=0.2, **CONFIGS[name])
-    return build_model(cfg).eval()
+    model = build_model(cfg).eval()
+    if getattr(model, "residual_proj", None) is not None:  # zero-initialised: make it count
+        with torch.no_grad():
+            model.residual_proj.weight.normal_(0.0, 0.2)
+            model.residual_proj.bias.normal_(0.0, 0.2)
+    return model
 
 
 def decode_in(model, ids: torch.Tensor, split: list[int]):

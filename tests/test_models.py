@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msllm.config import ModelConfig, ScaleConfig
+from msllm.config import MambaConfig, ModelConfig, ScaleConfig
 from msllm.train.memory import activation_bytes
 from msllm.models import build_model
 from msllm.models.attention import local_attention
@@ -20,6 +20,7 @@ from msllm.distributed.parallelize import apply_activation_checkpointing
 from model_helpers import tiny_config
 
 VOCAB = tiny_config("vanilla").vocab_size  # 97
+MAMBA = MambaConfig(d_state=8, head_dim=16, chunk_size=8)
 
 
 CONFIGS = {
@@ -43,7 +44,21 @@ CONFIGS = {
         scales=[ScaleConfig(1, 1, "local", 3), ScaleConfig(2, 1, "full"), ScaleConfig(1, 1, "local", 4, pool="dynamic")],
         aggregation="attention", pooling="linear", upsampling="linear",
     ),
+    # Mamba-2 layers (mixer: mamba2, msllm.models.mamba2); chunks of 8 positions, so that a
+    # sequence of 45 crosses 5 chunk boundaries and ends inside a chunk. The H-Net shape: Mamba-2
+    # over the tokens (and the final layers, which take scale 0's mixer), attention over learned chunks.
+    "bottom_up-mamba2-dynamic": tiny_config(
+        "bottom_up", mamba=MAMBA,
+        scales=[ScaleConfig(1, 2, mixer="mamba2"), ScaleConfig(1, 1, "full", pool="dynamic", target_ratio=3.0)],
+    ),
+    "bottom_up-mamba2-k4-stage-norms": tiny_config(
+        "bottom_up", mamba=MAMBA, stage_norms=True,
+        scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(4, 1, mixer="mamba2")],
+    ),
     "top_down-k4": tiny_config("top_down"),
+    "top_down-mamba2-k2": tiny_config(
+        "top_down", mamba=MAMBA, scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(2, 1, "full")],
+    ),
     "top_down-k2-3scales-linear": tiny_config(
         "top_down",
         scales=[ScaleConfig(1, 1, "local", 16), ScaleConfig(2, 1, "full"), ScaleConfig(2, 1, "full")],
@@ -332,6 +347,7 @@ BF16_CONFIGS = {
     "bottom_up-linear": tiny_config("bottom_up", pooling="linear", upsampling="linear"),
     "bottom_up-dynamic": CONFIGS["bottom_up-dynamic"],
     "bottom_up-linear-then-dynamic": CONFIGS["bottom_up-k2-then-dynamic-attnagg-linear"],
+    "bottom_up-mamba2-dynamic": CONFIGS["bottom_up-mamba2-dynamic"],
     "top_down-mean": tiny_config("top_down"),
     "top_down-linear": tiny_config("top_down", pooling="linear", upsampling="linear"),
 }

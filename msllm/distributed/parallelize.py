@@ -23,6 +23,9 @@ from __future__ import annotations
 from torch import nn
 
 from msllm.models.layers import Block
+from msllm.models.mamba2 import MambaBlock
+
+BLOCKS = (Block, MambaBlock)  # what activation checkpointing and compilation wrap, one layer each
 from msllm.distributed.dims import ParallelDims
 
 
@@ -35,7 +38,7 @@ def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> n
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):
             for i, child in enumerate(module):
-                if isinstance(child, Block):
+                if isinstance(child, BLOCKS):
                     module[i] = checkpoint_wrapper(child, offload_to_cpu=offload)
     return model
 
@@ -49,7 +52,7 @@ def compile_blocks(model: nn.Module, checkpointed: bool = False, **options) -> n
     Shapes: torch's automatic dynamic shapes (dynamic=None) compile a block for the first shape it
     sees and, once a size changes, once more with that size symbolic; tests/test_recompile.py counts
     what varying lengths, batch sizes and dynamic chunking's chunk counts cost."""
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
+    for block in [m for m in model.modules() if isinstance(m, BLOCKS)]:
         for module in block.children() if checkpointed else (block,):
             module.compile(**options)
     return model

@@ -42,6 +42,19 @@ from torch import nn
 
 # H-Net clamps p into [1e-4, 1 - 1e-4] before its EMA, so that no chunk forgets or keeps all of the past.
 EMA_CLAMP = 1e-4
+# The router's diagnostics (DynamicChunking.stats): p within this of the 0.5 threshold counts as undecided.
+NEAR_THRESHOLD = 0.05
+# msllm's byte tokenizer (msllm/data/tokenizer.py ByteTokenizer): byte b is id 4 + b, after the 4
+# special ids, 260 ids in all. Its whitespace bytes (space, tab, newline, carriage return, vertical
+# tab, form feed) mark where words start: the byte after one.
+BYTE_OFFSET, BYTE_VOCAB_SIZE = 4, 260
+WHITESPACE_BYTES = b" \t\n\r\x0b\x0c"
+
+
+def byte_whitespace_ids(vocab_size: int) -> tuple[int, ...]:
+    """The ids of the whitespace bytes if `vocab_size` is that of msllm's byte tokenizer (260), else
+    () (a sentencepiece vocabulary has no fixed layout: no word-start diagnostics)."""
+    return tuple(BYTE_OFFSET + b for b in WHITESPACE_BYTES) if vocab_size == BYTE_VOCAB_SIZE else ()
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.dtype:
@@ -67,9 +80,10 @@ class DynamicChunking(nn.Module):
     upsample(y, chunks) -> [B, n, d]. After each forward, `ratio_loss` (weighted, a scalar tensor)
     and `stats` (detached: boundary fraction, mean p, compression) describe the last batch."""
 
-    def __init__(self, d: int, target_ratio: float, ratio_loss_weight: float):
+    def __init__(self, d: int, target_ratio: float, ratio_loss_weight: float, whitespace_ids: tuple[int, ...] = ()):
         super().__init__()
         self.target_ratio = target_ratio
+        self.whitespace_ids = tuple(whitespace_ids)  # byte_whitespace_ids: the word-start diagnostics
         self.ratio_loss_weight = ratio_loss_weight
         self.wq = nn.Linear(d, d, bias=False)
         self.wk = nn.Linear(d, d, bias=False)
@@ -91,10 +105,12 @@ class DynamicChunking(nn.Module):
             p = ((1 - (q * k).sum(-1)) / 2).clamp(0.0, 1.0)
         return torch.cat((p.new_ones(p.shape[0], 1), p), dim=1)  # position 0 always starts (ends) a chunk
 
-    def forward(self, h: torch.Tensor, n_real: int | None = None) -> tuple[torch.Tensor, Chunks]:
+    def forward(self, h: torch.Tensor, n_real: int | None = None, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Chunks]:
         """h [B, n, d] -> the states at the boundaries [B, M, d] (M: the most boundaries of any row;
         a row with fewer is padded at the end with states that no real position reads). `n_real`:
-        the positions before the model's end padding, the only ones the ratio loss counts."""
+        the positions before the model's end padding, the only ones the ratio loss and the stats
+        count. `ids` [B, >= n]: the tokens at these positions (when they are the tokens), for the
+        word-start diagnostics."""
         B, n, d = h.shape
         p = self.boundary_probabilities(h)
         boundaries = p >= 0.5
@@ -110,6 +126,8 @@ class DynamicChunking(nn.Module):
         chunk_of = torch.cumsum(boundaries.long(), dim=1) - 1  # [B, n]
         chunks = Chunks(p, boundaries, selected, chunk_of)
         self._ratio_loss(p[:, :n_real], boundaries[:, :n_real])
+        if not h.is_meta:
+            self._diagnostics(p[:, :n_real], boundaries[:, :n_real], None if ids is None else ids[:, :n][:, :n_real])
         self.last_chunks = chunks
         return coarse, chunks
 
@@ -124,6 +142,27 @@ class DynamicChunking(nn.Module):
             "boundary_fraction": fraction.detach(),
             "ratio_loss": loss.detach(),
         }
+
+    @torch.no_grad()
+    def _diagnostics(self, p: torch.Tensor, boundaries: torch.Tensor, ids: torch.Tensor | None) -> None:
+        """stats of the router, over positions 1 .. n_real - 1 (position 0 always starts a chunk):
+        `p_std`, the spread of p; `p_near_threshold`, the fraction of p within NEAR_THRESHOLD of 0.5
+        (undecided: a small change of the states moves those boundaries). With byte ids and the byte
+        tokenizer's whitespace ids: `word_start_boundaries`, the fraction of boundaries at a word start
+        (a non-whitespace byte right after a whitespace byte), and `word_start_rate`, the fraction of
+        positions that are word starts, which is what boundaries placed at random would give."""
+        p, boundaries = p[:, 1:].float(), boundaries[:, 1:]
+        self.stats["p_std"] = p.std() if p.numel() > 1 else p.new_zeros(())
+        self.stats["p_near_threshold"] = ((p - 0.5).abs() < NEAR_THRESHOLD).float().mean() if p.numel() else p.new_zeros(())
+        if ids is None or not self.whitespace_ids:
+            return
+        space = torch.zeros_like(ids, dtype=torch.bool)
+        for i in self.whitespace_ids:
+            space |= ids == i
+        word_start = space[:, :-1] & ~space[:, 1:]  # positions 1 ..: after whitespace, not whitespace
+        at_word_start = (boundaries & word_start).sum().float()
+        self.stats["word_start_boundaries"] = at_word_start / boundaries.sum().clamp(min=1).float()
+        self.stats["word_start_rate"] = word_start.float().mean() if word_start.numel() else p.new_zeros(())
 
     def upsample(self, y: torch.Tensor, chunks: Chunks) -> torch.Tensor:
         """y [B, M, d] (the coarse layers' output) -> [B, n, d] at the fine positions, in y's dtype

@@ -13,11 +13,17 @@ parameter as the model is built, so no rank ever holds the whole model; each ran
 the value of one parameter at a time on the host and keeps its slice. One global RNG stream drawn
 in construction order could not give every rank the same values without building everything.
 
-The rules (Llama's, as before): normal(0, init_std) for linear and embedding weights; the
-projections that write into the residual stream (attention `wo`, MLP `w_down`) scaled by
-1/sqrt(2 * residual_layers); RMSNorm weights one; a linear layer marked `init = "identity"` (dynamic
-chunking's router, H-Net's choice) the identity. A parameter of any other kind has no rule and is
-an error, so that a new module cannot silently keep torch's default init.
+The rules (Llama's, as before): normal(0, init_std) for linear weights, normal(0, the model's
+embed_init_std) for embeddings (init_std, or 1.0 with dynamic chunking: ModelConfig.embedding_init_std);
+the projections that write into the residual stream (attention `wo`, MLP `w_down`, Mamba-2's `wo`)
+scaled by 1/sqrt(2 * residual_layers); RMSNorm weights one (the gated norm of Mamba-2 too); a
+linear layer marked `init = "identity"` (dynamic chunking's router, H-Net's choice) the identity,
+one marked `init = "zeros"` (H-Net's residual projection) zero, weight and bias. Mamba-2's own
+parameters follow mamba_ssm's Mamba2 init (state-spaces/mamba mamba_ssm/modules/mamba2.py): A_log =
+log(A), A ~ U(1, 16); dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1] (floored at 1e-4);
+D one; the depthwise convolution's weight and bias U(-1/sqrt(d_conv), 1/sqrt(d_conv)) (torch's
+default for a Conv1d, which Mamba-2 keeps). A parameter of any other kind has no rule and is an
+error, so that a new module cannot silently keep torch's default init.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ import torch
 from torch import nn
 
 from msllm.models.layers import RMSNorm
+from msllm.models.mamba2 import Mamba2Mixer
 
 
 def init_parameters(model: nn.Module, seed: int) -> None:
     """Initialise every parameter of `model` (tied ones once) from (seed, its name)."""
     std = model.init_std
+    embed_std = getattr(model, "embed_init_std", None) or std
     residual_std = std / math.sqrt(2 * max(model.residual_layers, 1))
     owned = []  # (module name, module, parameter name, parameter), tied parameters once
     seen: set[int] = set()
@@ -52,14 +60,25 @@ def init_parameters(model: nn.Module, seed: int) -> None:
         name = f"{module_name}.{param_name}" if module_name else param_name
         shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
         value = scratch[: _numel(param)].view(shape)
+        kind = getattr(module, "init", None)
+        generator = _generator(seed, name)
         if isinstance(module, RMSNorm):
             value.fill_(1.0)
-        elif isinstance(module, (nn.Linear, nn.Embedding)) and param_name == "weight":
-            if getattr(module, "init", None) == "identity":
+        elif isinstance(module, nn.Linear) and kind == "zeros":
+            value.zero_()
+        elif isinstance(module, nn.Embedding) and param_name == "weight":
+            value.normal_(0.0, embed_std, generator=generator)
+        elif isinstance(module, nn.Linear) and param_name == "weight":
+            if kind == "identity":
                 value.copy_(torch.eye(shape[0], shape[1]))
             else:
                 last = module_name.rsplit(".", 1)[-1]
-                value.normal_(0.0, residual_std if last in ("wo", "w_down") else std, generator=_generator(seed, name))
+                value.normal_(0.0, residual_std if last in ("wo", "w_down") else std, generator=generator)
+        elif isinstance(module, nn.Conv1d) and kind == "mamba2":
+            bound = 1.0 / math.sqrt(shape[-1] if param_name == "weight" else module.kernel_size[0])
+            value.uniform_(-bound, bound, generator=generator)
+        elif isinstance(module, Mamba2Mixer) and param_name in ("A_log", "D", "dt_bias"):
+            value.copy_(_mamba2_value(param_name, shape, generator))
         else:
             raise TypeError(f"no init rule for parameter {name} of {type(module).__name__}: add one to msllm/models/init.py")
         assign(param, value)
@@ -67,6 +86,17 @@ def init_parameters(model: nn.Module, seed: int) -> None:
 
 def _numel(param: torch.Tensor) -> int:
     return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+
+def _mamba2_value(name: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """Mamba-2's init of its per-head parameters (module docstring)."""
+    if name == "A_log":
+        return torch.empty(shape).uniform_(1.0, 16.0, generator=generator).log()
+    if name == "D":
+        return torch.ones(shape)
+    low, high = math.log(1e-3), math.log(1e-1)
+    dt = (torch.rand(shape, generator=generator) * (high - low) + low).exp().clamp(min=1e-4)
+    return dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:

@@ -159,6 +159,11 @@ class CausalLM(nn.Module):
         `auxiliary` is False, as eval asks: its bits per byte are the LM loss's alone."""
         return None
 
+    def parameter_scale(self, name: str) -> int:
+        """The scale the parameter `name` belongs to, for per-scale learning rates
+        (train.lr_multipliers, msllm.train.engine.param_groups): 0 for a single-stack model."""
+        return 0
+
     def log_metrics(self) -> dict[str, torch.Tensor]:
         """Scalars of the last forward for the step log (dynamic chunking's realised compression
         per scale, `compression_s<scale>`, and its ratio loss), as detached tensors."""

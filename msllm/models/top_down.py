@@ -29,9 +29,8 @@ import torch
 from torch import nn
 
 from msllm.models.decoding import DecodeCache, PoolStream, UpsampleStream
-from msllm.models.layers import (
-    CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, make_blocks, make_core,
-)
+from msllm.models.layers import CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, make_core
+from msllm.models.mamba2 import make_layers
 
 
 class TopDownLM(CausalLM):
@@ -42,7 +41,8 @@ class TopDownLM(CausalLM):
         d = cfg.d_model
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.scales = nn.ModuleList(
-            make_blocks(cfg, scale.layers, lambda s=scale: make_core(s.attention, s.window)) for scale in cfg.scales
+            make_layers(cfg, scale.layers, scale.mixer, lambda s=scale: make_core(s.attention, s.window))
+            for scale in cfg.scales
         )
         # pools[i] takes the embeddings to scale i+1; upsamples[i] takes scale i+1 to scale i.
         self.pools = nn.ModuleList(CausalPool(d, f, cfg.pooling) for f in factors[1:])
@@ -53,6 +53,7 @@ class TopDownLM(CausalLM):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.init_std, self.residual_layers = cfg.init_std, sum(s.layers for s in cfg.scales)  # msllm.models.init
+        self.embed_init_std = cfg.embedding_init_std()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -69,6 +70,17 @@ class TopDownLM(CausalLM):
             for block in self.scales[s]:
                 h = block(h)
         return self.norm(h)[:, :L]
+
+    def parameter_scale(self, name: str) -> int:
+        """The scale a parameter belongs to (train.lr_multipliers): a scale's layers, its pooling from
+        the embeddings, the upsampling of its output and the norms of its input go with it; the
+        embeddings, the final norm and the head with the tokens."""
+        parts = name.split(".")
+        if parts[0] == "scales" or parts[0] in ("input_norms", "context_norms"):
+            return int(parts[1])
+        if parts[0] in ("pools", "upsamples"):  # pools[i] makes scale i + 1, upsamples[i] brings it back
+            return int(parts[1]) + 1
+        return 0
 
     def new_cache(self) -> DecodeCache:
         return DecodeCache(

@@ -28,6 +28,7 @@ class VanillaLM(CausalLM):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_std, self.residual_layers = cfg.init_std, scale.layers  # msllm.models.init
+        self.embed_init_std = cfg.embedding_init_std()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

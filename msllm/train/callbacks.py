@@ -25,6 +25,12 @@ from msllm.distributed.env import say
 from msllm.metrics import accelerator_max_allocated, fmt_duration, peak_flops, peak_rss_bytes
 from msllm.safe_files import open_append_nofollow, write_new
 
+# The model metrics of dynamic chunking (msllm.models.bottom_up.METRICS, each with _s<scale>): the
+# realised compression, the ratio loss, the spread of p and its share near the 0.5 threshold, the
+# share of boundaries at word starts and the share that random boundaries would give.
+CHUNKING_METRICS = ("compression_s", "ratio_loss_s", "p_std_s", "p_near_threshold_s", "word_start_boundaries_s",
+                    "word_start_rate_s")
+
 
 class Callback:
     def on_train_start(self, trainer) -> None: ...
@@ -115,7 +121,7 @@ class SpeedMonitor(Callback):
             "step_time_s": dt / steps,
             "eta_s": per_step * (trainer.max_steps - step),
             "time": time.time(),
-            **trainer.last_model_metrics,  # dynamic chunking: compression_s<scale>, ratio_loss_s<scale>
+            **trainer.last_model_metrics,  # dynamic chunking: CHUNKING_METRICS, per scale
         }
         if trainer.last_sample_ids is not None:  # log.sample_ids
             row["sample_ids"] = trainer.last_sample_ids
@@ -205,7 +211,7 @@ class TensorBoardLogger(Callback):
             return
         names = self.EVAL if row["kind"] == "eval" else self.TRAIN
         if row["kind"] == "train":  # dynamic chunking's scalars, whatever its scales are
-            names = {**names, **{key: f"chunking/{key}" for key in row if key.startswith(("compression_s", "ratio_loss_s"))}}
+            names = {**names, **{key: f"chunking/{key}" for key in row if key.startswith(CHUNKING_METRICS)}}
         for key, tag in names.items():
             value = row.get(key)
             if value is not None and math.isfinite(value):

@@ -9,22 +9,35 @@ import math
 import torch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weight matrices and embeddings decay; norms and biases (ndim < 2) do not."""
-    named = _grouped(model)
-    groups = [{"params": [p for _, p in named[0]], "weight_decay": weight_decay}]
-    if named[1]:
-        groups.append({"params": [p for _, p in named[1]], "weight_decay": 0.0})
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_multipliers: list[float] | None = None) -> list[dict]:
+    """AdamW groups: weight matrices and embeddings decay; norms, biases and Mamba-2's per-head
+    parameters (ndim < 2) do not. Without `lr_multipliers`: two groups, decay then no decay. With
+    them (one per scale, train.lr_multipliers): one group per (decay, scale) that has parameters,
+    the decaying ones first, each in scale order, with lr = `lr` times its scale's multiplier
+    (model.parameter_scale names each parameter's scale); the LambdaLR schedule then scales each
+    group's own rate. The multipliers are recorded on the model (`lr_multipliers`) so that
+    param_names(model) lists the parameters in the same order."""
+    model.lr_multipliers = list(lr_multipliers) if lr_multipliers else None
+    groups = []
+    for decays, scale, named in _grouped(model):
+        group = {"params": [p for _, p in named], "weight_decay": weight_decay if decays else 0.0}
+        if scale is not None:
+            group.update(lr=lr * lr_multipliers[scale], lr_multiplier=lr_multipliers[scale], scale=scale)
+        groups.append(group)
     return groups
 
 
 def param_names(model: torch.nn.Module) -> list[str]:
-    """The parameters' names in the optimizer's order (param_groups'), which indexes torch's
-    optimizer state: what converting a ZeRO-0 checkpoint needs (msllm.checkpoint.reshard)."""
-    return [name for group in _grouped(model) for name, _ in group]
+    """The parameters' names in the optimizer's order (param_groups', with the multipliers it
+    recorded on the model), which indexes torch's optimizer state: what converting a ZeRO-0
+    checkpoint needs (msllm.checkpoint.reshard)."""
+    return [name for _, _, named in _grouped(model) for name, _ in named]
 
 
-def _grouped(model: torch.nn.Module) -> tuple[list, list]:
+def _grouped(model: torch.nn.Module) -> list[tuple[bool, int | None, list]]:
+    """(decays, scale or None, [(name, parameter)]) per optimizer group, in order, empty ones left
+    out but for the first (the decaying weights, always there)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -32,7 +45,26 @@ def _grouped(model: torch.nn.Module) -> tuple[list, list]:
         # ZeRO-3 partitions keep the full shape in ds_shape
         ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
         (decay if ndim >= 2 else no_decay).append((name, p))
-    return decay, no_decay
+    multipliers = getattr(model, "lr_multipliers", None)
+    if not multipliers:
+        return [(True, None, decay)] + ([(False, None, no_decay)] if no_decay else [])
+    groups = []
+    for decays, named in ((True, decay), (False, no_decay)):
+        for scale in range(len(multipliers)):
+            members = [(n, p) for n, p in named if model.parameter_scale(n) == scale]
+            if members:
+                groups.append((decays, scale, members))
+    return groups
+
+
+def lr_multipliers(recipe) -> list[float] | None:
+    """train.lr_multipliers, or H-Net's when a scale is dynamic and none are given
+    (ModelConfig.default_lr_multipliers), or None: one rate for every parameter, the two groups of
+    before (also when every given multiplier is 1.0, as a run started before them resumes)."""
+    given = list(recipe.train.lr_multipliers)
+    if given and all(m == 1.0 for m in given):
+        return None
+    return given or recipe.model.default_lr_multipliers()
 
 
 def lr_at(step: int, train_cfg) -> float:
@@ -55,12 +87,12 @@ def lr_at(step: int, train_cfg) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, recipe, device_name: str) -> torch.optim.Optimizer:
-    """AdamW over the two groups. With optimizer offload on an accelerator, DeepSpeed's CPU Adam
+    """AdamW over param_groups' groups (two, or per scale with train.lr_multipliers). With optimizer offload on an accelerator, DeepSpeed's CPU Adam
     (its AdamW mode); otherwise torch's AdamW, which needs no compiled op and is deterministic: on
     CUDA its fused kernel (one launch for all parameters, as in the bare loop `msllm bench
     throughput` compares with), elsewhere its multi-tensor (foreach) form."""
     t = recipe.train
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay, t.lr, lr_multipliers(recipe))
     kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     if recipe.parallel.offload_optimizer and device_name != "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -72,7 +104,9 @@ def build_optimizer(model: torch.nn.Module, recipe, device_name: str) -> torch.o
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR that DeepSpeed steps after every optimizer update and saves in its checkpoints."""
+    """A LambdaLR that DeepSpeed steps after every optimizer update and saves in its checkpoints. It
+    multiplies each group's own initial rate (train.lr times the group's lr_multiplier) by
+    lr_at(step) / lr: every scale follows the same warmup and decay, min_lr scaled alike."""
     peak = train_cfg.lr
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, train_cfg) / peak)
 

@@ -17,7 +17,7 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from msllm.config import ModelConfig, ScaleConfig, doc  # noqa: F401  (doc: what ModelConfig's fields are made with)
+from msllm.config import MambaConfig, ModelConfig, ScaleConfig, doc  # noqa: F401  (doc: what ModelConfig's fields are made with)
 
 
 class MsllmConfig(PretrainedConfig):
@@ -51,4 +51,9 @@ class MsllmConfig(PretrainedConfig):
                 raise ValueError(f"config.json: msllm.scales[{i}]: expected keys among {sorted(scale_keys)}, got {scale!r}")
             scales.append(ScaleConfig(**scale))
         fields["scales"] = scales
+        if isinstance(fields.get("mamba"), dict):
+            mamba_keys = {f.name for f in dataclasses.fields(MambaConfig)}
+            if set(fields["mamba"]) - mamba_keys:
+                raise ValueError(f"config.json: msllm.mamba: expected keys among {sorted(mamba_keys)}, got {fields['mamba']!r}")
+            fields["mamba"] = MambaConfig(**fields["mamba"])
         return ModelConfig(**fields)
