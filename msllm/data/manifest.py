@@ -154,9 +154,12 @@ def keep_background_failures() -> None:
 
 
 def background_failure(exc: BaseException) -> BaseException | None:
-    """The exception of streaming's background thread behind `exc` (streaming's "Background thread
-    failed" in the main thread), when it was kept; None for any other error."""
-    return _BackgroundFailures.last if "Background thread failed" in str(exc) else None
+    """The exception of streaming's background thread behind `exc` (mosaicml-streaming's "Background
+    thread failed", whose cause was kept; streaming-community's "StreamingDataset background thread
+    failed", which chains it); None for any other error."""
+    if "background thread failed" not in str(exc).lower():
+        return None
+    return _download_cause(exc) or _BackgroundFailures.last
 
 
 def store_unreachable(exc: BaseException, shards_dir: str) -> DataError | None:
