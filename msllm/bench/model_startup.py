@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from msllm.distributed.env import free_port
+
 RECIPE = "recipes/bench/model-startup-300m.yaml"
 # (ranks, ZeRO stage, environment): the whole-model baseline first, then the same two with glibc's
 # mmap threshold fixed at its initial 128 KiB, so that every freed block over it goes back to the
@@ -198,7 +200,7 @@ def measure(recipe: str, ranks: int, zero_stage: int, work: Path, overrides: tup
                 f"parallel.zero_stage={zero_stage}", "train.max_steps=1", "checkpoint.every=0", "eval.every=0",
                 "log.tensorboard=false", *overrides]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-               f"--master_port={_port()}", "-m", "msllm.bench.model_startup", str(out), "train", recipe,
+               f"--master_port={free_port()}", "-m", "msllm.bench.model_startup", str(out), "train", recipe,
                *[a for s in settings for a in ("--set", s)]]
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -220,12 +222,6 @@ def measure(recipe: str, ranks: int, zero_stage: int, work: Path, overrides: tup
     return {"ranks": ranks, "zero_stage": zero_stage, "env": dict(extra_env or {}), "wall_s": wall, "records": records}
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def startup_bytes(record: dict) -> int:

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from msllm.distributed.env import free_port
+
 ARCHS = ("bottom_up", "top_down", "retina")
 
 
@@ -89,7 +91,7 @@ def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2,
         for sp in sps:
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // sp))}
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={sp}",
-                       "--master_addr=127.0.0.1", f"--master_port={29600 + sp}",
+                       "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                        "-m", "msllm.bench.sequence_parallel", str(recipe)]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

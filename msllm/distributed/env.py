@@ -31,7 +31,8 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a local rendezvous: fixed ports collide with other jobs)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -81,7 +82,7 @@ def read_env(environ: dict | None = None) -> DistEnv:
             rank, world, local, launcher = 0, 1, 0, "single process"
             env.setdefault("LOCAL_WORLD_SIZE", "1")
             env.setdefault("MASTER_ADDR", "127.0.0.1")
-            env.setdefault("MASTER_PORT", str(_free_port()))
+            env.setdefault("MASTER_PORT", str(free_port()))
     except ValueError as exc:
         raise LauncherError(f"launcher environment: rank variables are not integers ({exc})") from None
     if world < 1 or not 0 <= rank < world:
