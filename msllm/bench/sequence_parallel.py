@@ -28,6 +28,7 @@ ARCHS = ("bottom_up", "top_down", "retina")
 
 def _worker(recipe_path: str) -> None:
     import dataclasses
+    import faulthandler
 
     import deepspeed
     import torch
@@ -39,6 +40,7 @@ def _worker(recipe_path: str) -> None:
     from msllm.distributed import ParallelDims, sequence
     from msllm.train.bare import bare_step
 
+    faulthandler.enable(all_threads=True)  # a native abort prints every thread's Python stack to stderr
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
     sp = dist.get_world_size()
     recipe = load_recipe(recipe_path, [f"parallel.sp={sp}"])
@@ -76,7 +78,14 @@ def _worker(recipe_path: str) -> None:
                                       "body_bytes": body, "loss_bytes": loss,
                                       "step_bytes": states + activations, "step_seconds": seconds,
                                       "bytes_sent": sent}), flush=True)
+    dist.barrier()
     dist.destroy_process_group()
+    # The figures are out; leave without interpreter finalisation. In CI a worker once aborted
+    # ("terminate called without an active exception", SIGABRT) after its step: gloo's native threads
+    # can still hold tensors when Python tears down (pytorch/pytorch#190489, #179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def bench_sequence_parallel(args) -> str:
@@ -96,7 +105,8 @@ def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2,
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
-                raise RuntimeError(f"benchmark of {recipe} with sp={sp} failed:\n{done.stderr[-3000:]}")
+                raise RuntimeError(f"benchmark of {recipe} with sp={sp} failed (exit {done.returncode}):\n"
+                                   f"stdout: {done.stdout[-1000:]}\nstderr: {done.stderr[-3000:]}")
             result = json.loads(lines[-1][len("RESULT "):])
             results.append(result)
             print(f"{arch:<10} sp={sp}  step memory {result['step_bytes'] / 2**20:8.1f} MiB/rank  "
