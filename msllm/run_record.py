@@ -20,7 +20,7 @@ from pathlib import Path
 
 RUN_RECORD_FILENAME = "run.json"
 LIBRARIES = ("torch", "deepspeed", "streaming-community", "mosaicml-streaming", "sentencepiece")
-# The two distributions of `streaming` (README, Dependencies): a record names both, the absent one None.
+# The two distributions of `streaming` (docs/dependencies.md): a record names both, the absent one None.
 STREAMING = ("streaming-community", "mosaicml-streaming")
 
 

@@ -1,4 +1,4 @@
-"""Shards across the two distributions of `streaming` (README, Dependencies): a shard folder that
+"""Shards across the two distributions of `streaming` (docs/dependencies.md): a shard folder that
 mosaicml-streaming 0.13.0 wrote (tests/streaming_shards/, made by its make_shards.py) reads with
 the installed one (streaming-community) sample for sample, in the same shuffled order, and resumes
 from 0.13.0's resumption state at the same sample; the installed one writes the very same bytes

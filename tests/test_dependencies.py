@@ -67,3 +67,19 @@ def test_the_core_and_each_extra_are_satisfied_together(extra, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     changes = [f"{item['metadata']['name']} {item['metadata']['version']}" for item in json.loads(report.read_text())["install"]]
     assert changes == [], f"[{extra}] is not satisfied by the installed packages: pip would install {changes}"
+
+
+DEPENDENCIES_PAGE = Path(__file__).parent.parent / "docs" / "dependencies.md"
+
+
+def test_every_dependency_says_what_it_is_for():
+    """Every requirement of pyproject.toml, core and extras, has a row in the table of
+    docs/dependencies.md (`| `name` ... | what msllm uses it for |`), and the bound left there is
+    explained on that page too."""
+    page = DEPENDENCIES_PAGE.read_text()
+    first_cells = [row.split("|")[1] for row in page.splitlines() if row.startswith("| `")]
+    named = {Requirement(name).name.lower() for cell in first_cells for name in re.findall(r"`([^`]+)`", cell)}
+    requirements = [*PROJECT["dependencies"], *(r for extra in EXTRAS for r in PROJECT["optional-dependencies"][extra])]
+    missing = sorted({Requirement(text).name.lower() for text in requirements} - named)
+    assert not missing, f"docs/dependencies.md has no row for {missing}: say what msllm uses each for"
+    assert "pytest<9.2" in page

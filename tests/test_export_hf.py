@@ -188,7 +188,7 @@ def test_auto_tokenizer_encodes_the_validation_text_as_msllm(exports, transforme
     text, and transformers 4's LlamaTokenizer (sentencepiece itself) on whole documents, as msllm's
     data preparation encodes them. On whole documents of thousands of tokens the fast one may
     differ: sentencepiece sums its path scores in float32, so the ids it gives a paragraph depend on
-    how much text comes before it (README, Export); it decodes them back all the same."""
+    how much text comes before it (docs/using.md, Export); it decodes them back all the same."""
     validation = exports[3]
     _, results, major = transformers_side
     out = results[name]

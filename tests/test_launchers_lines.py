@@ -1,7 +1,7 @@
 """Every launch line the docs print, dry-run: what it would start must fit its recipe.
 
 The lines: each `launchers/...`, `sbatch ...` and `docker compose ...` command in a code block of
-README.md or launchers/slurm/README.md, or in the header comments of a recipe, a launch script or
+the documentation (every page of docs/, README.md, launchers/slurm/README.md), or in the header comments of a recipe, a launch script or
 docker/compose.yaml, and each such inline `code` span there that names a recipe. Each is run as
 written, from the repository root (RECIPE stands for recipes/quickstart.yaml, `[...]` parts are
 left out, $PWD is the repository):
@@ -14,8 +14,8 @@ left out, $PWD is the repository):
   FILE read here with compose's variable substitution.
 
 Then what it would start must work: world size (nodes x ranks per node) fits the recipe's
-parallel.sp (msllm.distributed.ParallelDims), each sequence-parallel group stays inside a node (as the
-README asks), and what follows the recipe is what `msllm train` accepts, with overrides that load.
+parallel.sp (msllm.distributed.ParallelDims), each sequence-parallel group stays inside a node (as
+docs/sequence-parallel.md asks), and what follows the recipe is what `msllm train` accepts, with overrides that load.
 Nothing here needs a GPU, slurm daemons or a Docker engine; a missing client is replaced by what
 this file can check, with a warning, never skipped.
 """
@@ -42,7 +42,7 @@ from msllm.distributed import ParallelDims
 
 REPO = Path(__file__).resolve().parents[1]
 PLACEHOLDER_RECIPE = "recipes/quickstart.yaml"
-DOCS = ("README.md", "launchers/slurm/README.md")
+DOCS = ("README.md", "docs/*.md", "launchers/slurm/README.md")  # globs, from the repository root
 HEADERS = ("recipes/**/*.yaml", "launchers/**/*.sh", "launchers/**/*.sbatch", "docker/compose.yaml")
 COMMAND = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)*(?:launchers/\S+\.(?:sh|sbatch)|sbatch|docker compose)(?:\s|$)")
 NAMES_A_RECIPE = re.compile(r"\bRECIPE\b(?!=)|\.yaml\b")
@@ -76,7 +76,7 @@ def _code_lines(path: Path) -> list[tuple[int, str, bool]]:
 
 def launch_lines() -> list[tuple[str, str]]:
     """(where, command) of every launch line, continuation lines joined, shell comments dropped."""
-    files = [REPO / d for d in DOCS] + sorted({p for pattern in HEADERS for p in REPO.glob(pattern)})
+    files = [p for d in DOCS for p in sorted(REPO.glob(d))] + sorted({p for pattern in HEADERS for p in REPO.glob(pattern)})
     found = []
     for path in files:
         lines = iter(_code_lines(path))
@@ -102,14 +102,20 @@ LINES = launch_lines()
 def test_the_lines_are_found():
     """The extraction finds the lines it is meant to (so that the checks below check something)."""
     where = {w.split(":")[0] for w, _ in LINES}
-    assert {"README.md", "launchers/slurm/README.md", "docker/compose.yaml", "launchers/local.sh",
-            "recipes/long_context/bottom_up-256k-multinode.yaml"} <= where, where
+    assert {"docs/launching.md", "docs/sequence-parallel.md", "launchers/slurm/README.md", "docker/compose.yaml",
+            "launchers/local.sh", "recipes/long_context/bottom_up-256k-multinode.yaml"} <= where, where
+    # Every launch path the launching page describes has its lines there.
+    launching = [c for w, c in LINES if w.startswith("docs/launching.md:")]
+    for start in ("launchers/local.sh --nnodes", "launchers/local.sh --nproc", "sbatch --nodes",
+                  "docker compose -f docker/compose.yaml"):
+        assert any(start in c for c in launching), (start, launching)
+    assert any("launchers/deepspeed/train.sbatch" in c for c in launching), launching
     commands = [c for _, c in LINES]
     assert any(c.startswith("sbatch") and "deepspeed/train.sbatch" in c for c in commands)
     assert any("bottom_up-256k-multinode.yaml" in c and c.startswith("sbatch") for c in commands)
     assert any("docker compose" in c for c in commands)
     assert any(c.startswith("NPROC_PER_NODE=4 launchers/local.sh") for c in commands)
-    assert len(LINES) >= 20, LINES
+    assert len(LINES) >= 28, LINES  # as many as when the README held the docs (28)
 
 
 # ------------------------------------------------------------------------------------------------

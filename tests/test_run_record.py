@@ -29,7 +29,7 @@ def test_the_record_holds_versions_data_hash_degrees_and_device(tmp_path):
     record = run_record.collect(world_size=4, dp=2, sp=2, device="cpu", manifest=manifest)
     assert record["versions"]["torch"] == metadata.version("torch")
     assert record["versions"]["deepspeed"] == metadata.version("deepspeed")
-    for streaming in run_record.STREAMING:  # the one installed (README, Dependencies), the other None
+    for streaming in run_record.STREAMING:  # the one installed (docs/dependencies.md), the other None
         try:
             assert record["versions"][streaming] == metadata.version(streaming)
         except metadata.PackageNotFoundError:

@@ -9,7 +9,7 @@ Public API (what the trainer and the CLI use):
     read_manifest(shards_dir) -> dict
         The manifest: "vocab_size", "seq_len", "pad_id", "unk_id", "bos_id", "eos_id",
         "tokenizer_sha256", "splits": {"train": {"documents", "tokens", "samples", "bytes", ...},
-        "validation": {...}}; README.md's section "The manifest (`manifest.json`)" lists every field.
+        "validation": {...}}; docs/data.md, section "The manifest (`manifest.json`)", lists every field.
     check_shards(data_cfg, vocab_size=None) -> Shards(manifest, tokenizer_path, tokenizer_sha256)
         DataError unless the shards fit the recipe (seq_len, tokenizer hash, vocab size).
     build_dataloader(data_cfg, split, batch_size, seed, sp_size=1, sp_rank=0, replication=None,

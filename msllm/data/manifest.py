@@ -1,7 +1,7 @@
 """The manifest: what a shards folder holds, and the checks that it fits a recipe.
 
 `manifest.json` is written last, after every shard, so its presence marks a complete dataset.
-Its fields are described in README.md, section "The manifest (`manifest.json`)"; the ones the trainer uses:
+Its fields are described in docs/data.md, section "The manifest (`manifest.json`)"; the ones the trainer uses:
 
     vocab_size, seq_len, pad_id, unk_id, bos_id, eos_id, tokenizer_path, tokenizer_sha256,
     splits: {train: {documents, tokens, samples, bytes, ...}, validation: {...}}

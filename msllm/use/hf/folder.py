@@ -56,7 +56,7 @@ def tokenizer_config(tokenizer_path: Path, seq_len: int) -> dict:
         "add_bos_token": False,
         "add_eos_token": False,
         **{f"{kind}_token": piece for kind, piece in pieces.items()},
-        "legacy": True,  # for transformers 4's LlamaTokenizer, which reads tokenizer.model (README, Export)
+        "legacy": True,  # for transformers 4's LlamaTokenizer, which reads tokenizer.model (docs/using.md, Export)
         "clean_up_tokenization_spaces": False,
         "model_max_length": seq_len,
     }
