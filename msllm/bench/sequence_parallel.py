@@ -166,7 +166,9 @@ def _worker(recipe_path: str) -> None:
 
 def bench_sequence_parallel(args) -> str:
     """Every multi-scale architecture at sp = 1, 2, 4: the markdown table."""
-    return to_markdown(run())
+    from msllm.bench import shipped_recipe
+
+    return to_markdown(run(shipped_recipe("long_context")))
 
 
 def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2, 4)) -> list[dict]:
