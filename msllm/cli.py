@@ -246,21 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser(
-        "bench", help="run a benchmark and append its result to benchmarks/NAME.md (or --out)",
-        description="Run a benchmark and append its result, with the command, date and machine, to "
-                    "OUT/NAME.md (plots beside it). OUT is benchmarks/ of the current folder unless --out "
-                    "is given: run from the repository root, that is the repository's committed results.",
+        "bench", help="measure this machine: run a benchmark and append its result to benchmarks/NAME.md (or --out)",
+        description="Run a benchmark on this machine and append its result, with the command, date and machine, "
+                    "to OUT/NAME.md (plots beside it). OUT is benchmarks/ of the current folder unless --out "
+                    "is given. The recipes the benchmarks measure are those shipped in the msllm repository, read "
+                    "from recipes/ of the current folder unless --recipes is given. (The repository's experiments "
+                    "-- the paper's comparison, bytes, scaling, the quickstart's timing -- are in its lab/ folder: "
+                    "python -m lab --list.)",
     )
     p.add_argument("name", help="which benchmark (see `msllm bench --list`)", nargs="?")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--out", default="benchmarks",
-                   help="folder to append NAME.md to and write the plots in (default: ./benchmarks, the "
-                        "repository's committed results when run from its root)")
+                   help="folder to append NAME.md to and write the plots in (default: benchmarks/ of the current "
+                        "folder)")
+    p.add_argument("--recipes", default="recipes",
+                   help="the msllm repository's recipes/ folder, whose recipes the benchmarks measure (default: "
+                        "recipes/ of the current folder, as in a checkout's root)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="paper, bytes, model-startup: recipe override for every run (e.g. train.max_steps=4 for a smoke test)")
-    p.add_argument("--seeds", type=int, nargs="+", help="paper, bytes: seeds of each model (default 1 2 3)")
-    p.add_argument("--jobs", type=int, default=0, help="paper, bytes: runs at a time (default: 2 on 2+ cores)")
-    p.add_argument("--runs", help="paper, bytes: folder of the runs and their results (default runs/paper, runs/bytes)")
+                   help="model-startup: recipe override for every run (e.g. train.max_steps=4 for a smoke test)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -140,17 +140,3 @@ def test_the_loss_bench_alternates_the_kernels_in_msllm_train_and_measures_their
         assert f"| {i + 1} | {speed[2 * i]['tokens_per_s']:,.0f} | {speed[2 * i + 1]['tokens_per_s']:,.0f} | {ratio:.3f}x |" in text
     assert f"Median chunked / dense over the rounds: **{(ratios[0] + ratios[1]) / 2:.3f}x**" in text
     assert f"| chunked | {memory['chunked'] / 2**20:,.1f} |" in text
-
-
-@pytest.mark.slow
-def test_the_quickstart_bench_splits_the_wall_time_into_phases(tmp_path):
-    from msllm.bench.quickstart import run_quickstart, to_markdown
-
-    r = run_quickstart("recipes/models/vanilla-tiny.yaml", tmp_path,
-                       ("train.max_steps=4", "eval.every=2", "eval.max_batches=1", "checkpoint.every=0", "log.every=2"))
-    assert r["steps"] == 4 and r["tokens"] == 4 * 8 * 256
-    assert 0 < r["prep_s"] < r["ready_s"] < r["wall_s"] and r["train_s"] > 0 and r["eval_s"] > 0
-    assert abs(r["ready_s"] + r["train_s"] + r["eval_s"] + r["other_s"] - r["wall_s"]) < 1e-6
-    assert (tmp_path / "shards" / "manifest.json").is_file()  # prepared afresh, not shared
-    row = to_markdown([r]).splitlines()[-1]
-    assert row.startswith("| recipes/models/vanilla-tiny.yaml |") and f"| {r['bits_per_byte']:.4f} |" in row

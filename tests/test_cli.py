@@ -59,6 +59,25 @@ def test_bench_help_says_where_results_go():
     assert "append" in text and "benchmarks/" in text and "unless --out" in text
 
 
+def test_bench_outside_a_checkout_names_the_missing_recipes_and_the_lab_in_one_line(tmp_path):
+    """Where no recipes/ is (an installed package, another folder), a benchmark that measures the
+    shipped recipes says which file and --recipes; a moved experiment names python -m lab."""
+    done = msllm("bench", "models", "--out", tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "msllm bench: error: no recipe recipes/models: this benchmark measures the recipes shipped in the msllm "
+        "repository; pass --recipes DIR (the recipes/ folder of a checkout)"]
+    assert not (tmp_path / "out").exists()
+    done = msllm("bench", "models", "--out", tmp_path / "out", "--recipes", REPO / "recipes", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "/models/vanilla-bookcorpus.yaml | vanilla | 14 |" in (tmp_path / "out" / "models.md").read_text()
+    moved = msllm("bench", "paper", "--out", tmp_path / "out", cwd=tmp_path)
+    assert moved.returncode == 2
+    assert moved.stderr.strip().splitlines() == [
+        "msllm bench: error: paper is an experiment of the msllm repository, no longer a benchmark of the package: "
+        "from a checkout, run python -m lab paper"]
+
+
 def test_show_config_omits_the_window_where_no_scale_reads_it(tmp_path):
     path = tmp_path / "bottom_up.yaml"
     path.write_text(yaml.safe_dump({
@@ -98,7 +117,6 @@ def test_show_config_keeps_retinas_window_whatever_its_attention(tmp_path):
 def test_the_cpu_peak_names_one_thread_in_the_singular(monkeypatch):
     import torch
 
-    from msllm.bench.paper import to_markdown
     from msllm import metrics as callbacks
 
     monkeypatch.setattr(callbacks, "cpu_peak_flops", lambda: 1e9)
@@ -110,8 +128,7 @@ def test_the_cpu_peak_names_one_thread_in_the_singular(monkeypatch):
         assert callbacks.peak_flops(torch.device("cpu"))[1] == "best measured fp32 matmul, 2 threads"
     finally:
         torch.set_num_threads(threads)
-    assert "(seeds 1; 1 run at a time, 1 thread each)" in to_markdown({}, (1,), 1, 1, [])
-    assert "(seeds 1, 2; 2 runs at a time, 3 threads each)" in to_markdown({}, (1, 2), 2, 3, [])
+    # The paper experiment's table says the same in the singular: tests/lab/test_paper.py.
 
 
 def test_exports_are_ignored_by_git():

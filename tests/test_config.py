@@ -16,7 +16,8 @@ from msllm.errors import RecipeError
 from train_helpers import check, msllm
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml"))
+# The recipes users start from and the lab's experiments' own (lab/recipes): every one must load.
+RECIPES = sorted(p for folder in ("recipes", "lab/recipes") for p in (REPO / folder).rglob("*.yaml"))
 
 GOOD = """
 run: {name: t, output_dir: out}

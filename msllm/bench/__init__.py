@@ -1,26 +1,32 @@
-"""`msllm bench NAME`: run a benchmark and append its result to benchmarks/NAME.md.
+"""`msllm bench NAME`: run a benchmark on this machine and append its result to OUT/NAME.md.
 
 BENCHMARKS maps a name to a function `run(args) -> str` that measures and returns its figures as
 markdown. `run_benchmark` adds the command, the date and the machine, and appends the section to
-`<args.out>/<name>.md`, so that the file keeps every measurement with what produced it.
+`<args.out>/<name>.md`, so that the file keeps every measurement with what produced it. These are
+the measurements a user runs on their own hardware; the experiments (the paper's comparison, bytes
+against BPE, scaling with L, the quickstart's timing) are in the repository's lab/ folder, beside
+the package, and go through run_benchmark with their own registry (`python -m lab`).
 
     data.py               data-prep, data-loader: `msllm prep` and the loader at the quickstart size
     sequence_parallel.py  sequence-parallel: per-rank memory, time and traffic at sp = 1, 2, 4
-    quickstart.py         train-quickstart: both quickstart recipes end to end
     models.py             models: the paper-comparison recipes through msllm.inspect
     throughput.py         throughput: msllm train and a bare loop, speed and memory against L, eager and compiled
-    paper.py              paper: the paper's comparison trained on the built-in corpus, with seeds
-    scaling.py            scaling: step time and step memory against the sequence length
     attention.py          attention: one layer's sliding-window attention per kernel (time, memory, agreement)
     loss.py               loss: the loss kernels' speed on the quickstart (alternating) and memory at BookCorpus sizes
     startup.py            startup: eval, generate, export, inspect and a finished train against importing torch
     model_startup.py      model-startup: per-rank memory and time from building the model to step 1, ZeRO-3 x4 vs whole
     generate.py           generate: cached decoding against the uncached loop, per arch and HF Llama; prefill
-    bytes.py              bytes: BPE vs byte-level models, fixed pooling vs learned chunking, with seeds
     gpu.py                gpu: the CUDA-only tests, the kernels' start-up checks, attention and throughput (GPU only)
 
 To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
 it), and an entry in BENCHMARKS.
+
+Paths: the results go to `--out` (default: benchmarks/ of the current folder, said in the help and
+printed after each run); the recipes the benchmarks measure (recipes/models, recipes/quickstart.yaml,
+recipes/long_context, ...) are read from `--recipes DIR` (default: recipes/ of the current folder,
+that is the repository's when run from a checkout's root) through `shipped_recipe`, which names the
+missing file and the option in one line when they are not there (an installed package ships no
+recipes).
 """
 
 from __future__ import annotations
@@ -59,13 +65,6 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
         "models", "bench_models",
         "Parameters, FLOPs/token and training-step memory of the paper-comparison recipes (vanilla-14 vs 30-layer).",
     ),
-    "paper": _lazy(
-        "paper", "bench_paper",
-        "The paper's comparison trained on the built-in corpus: bits per byte over seeds, memory split, verdict, plots.",
-    ),
-    "scaling": _lazy(
-        "scaling", "bench_scaling", "Step time and training-step memory against L (1k-16k) per architecture, fitted exponents."
-    ),
     "throughput": _lazy(
         "throughput", "bench_throughput",
         "msllm train against a bare loop: tokens/s, MFU, peak memory per arch and HF Llama, eager and compiled, against L.",
@@ -90,37 +89,55 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
         "generate", "bench_generate",
         "Cached decoding tokens/s per arch against the uncached loop, vanilla and HF Llama generate; prefill; plot.",
     ),
-    "bytes": _lazy(
-        "bytes", "bench_bytes",
-        "BPE vanilla vs byte-level vanilla, fixed-pooling and dynamic-chunking bottom-up at equal FLOPs/byte, seeds, verdict.",
-    ),
     "gpu": _lazy(
         "gpu", "bench_gpu",
         "GPU only: the CUDA-only tests, the kernels' start-up checks (doctor), attention and throughput, one file.",
     ),
-    "train-quickstart": _lazy(
-        "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."
-    ),
 }
 
 
-def run_benchmark(args: argparse.Namespace) -> None:
-    """Run the benchmark `args.name` (or list them with --list) and append its result."""
+MOVED_TO_LAB = ("paper", "bytes", "scaling", "train-quickstart")  # now `python -m lab NAME`, in a checkout's lab/
+
+RECIPES = Path("recipes")  # where shipped_recipe looks: run_benchmark sets it from --recipes
+
+
+def shipped_recipe(relative: str) -> str:
+    """The path of `relative` (e.g. "models/vanilla-tiny.yaml") under the recipes folder of this
+    run (--recipes), or one line saying it is missing and how to point at it."""
+    path = RECIPES / relative
+    if not path.exists():
+        raise MsllmError(f"no recipe {path}: this benchmark measures the recipes shipped in the msllm repository; "
+                         "pass --recipes DIR (the recipes/ folder of a checkout)")
+    return str(path)
+
+
+def run_benchmark(args: argparse.Namespace, benchmarks: dict[str, Callable[[argparse.Namespace], str]] | None = None,
+                  command: str | None = None) -> None:
+    """Run the benchmark `args.name` of `benchmarks` (default: BENCHMARKS; --list lists them) and
+    append its result to `args.out`/NAME.md; `command`: what to record as the command (default:
+    this `msllm bench` command line)."""
+    benchmarks = BENCHMARKS if benchmarks is None else benchmarks
     if getattr(args, "list", False) or not args.name:
-        for name, run in BENCHMARKS.items():
+        for name, run in benchmarks.items():
             doc = (run.__doc__ or "").strip().splitlines()
             print(f"{name}" + (f"  {doc[0]}" if doc else ""))
         return
-    run = BENCHMARKS.get(args.name)
+    run = benchmarks.get(args.name)
+    if run is None and benchmarks is BENCHMARKS and args.name in MOVED_TO_LAB:
+        raise MsllmError(f"{args.name} is an experiment of the msllm repository, no longer a benchmark of the package: "
+                         f"from a checkout, run python -m lab {args.name}")
     if run is None:
-        raise MsllmError(f"unknown benchmark {args.name!r}; choose from: {', '.join(BENCHMARKS)}")
+        raise MsllmError(f"unknown benchmark {args.name!r}; choose from: {', '.join(benchmarks)}")
+    global RECIPES
+    if benchmarks is BENCHMARKS:
+        RECIPES = Path(getattr(args, "recipes", None) or "recipes")
     machine = machine_description()  # before the run, so the load average is the others' load
     figures = run(args).strip()
     section = "\n".join(
         [
             f"## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
             "",
-            f"Command: `{_command(args.name)}`",
+            f"Command: `{command or _command(args.name)}`",
             "",
             f"Machine: {machine}",
             "",

@@ -27,10 +27,11 @@ TRAINING_STEPS = 3
 
 
 def quickstart_recipe():
-    """recipes/quickstart.yaml, resolved."""
+    """recipes/quickstart.yaml (under --recipes), resolved."""
+    from msllm.bench import shipped_recipe
     from msllm.config import load_recipe
 
-    return load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml")
+    return load_recipe(shipped_recipe("quickstart.yaml"))
 # Worker counts of the throughput rows (`msllm prep` uses data.workers processes).
 PREP_WORKERS = (1, 2, 4)
 

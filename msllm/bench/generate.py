@@ -62,14 +62,15 @@ DEFAULT = Setting(
 
 def model_configs(setting: Setting) -> dict:
     """ModelConfig per architecture: the quickstart pair, and top-down and retina like them."""
+    from msllm.bench import shipped_recipe
     from msllm.config import load_recipe
 
     overrides = [f"data.seq_len={SEQ_LEN}"]
-    recipe = load_recipe("recipes/quickstart.yaml", overrides)
+    recipe = load_recipe(shipped_recipe("quickstart.yaml"), overrides)
     bottom_up = recipe.model
     fine, coarse = bottom_up.scales
     configs = {
-        "vanilla": load_recipe("recipes/quickstart-vanilla.yaml", overrides).model,
+        "vanilla": load_recipe(shipped_recipe("quickstart-vanilla.yaml"), overrides).model,
         "bottom_up": bottom_up,
         "top_down": dataclasses.replace(bottom_up, arch="top_down", scales=[dataclasses.replace(fine, layers=3), coarse]),
         "retina": dataclasses.replace(bottom_up, arch="retina", scales=[dataclasses.replace(fine, layers=6)],

@@ -30,7 +30,11 @@ CUDA_SELECTION = "cuda"  # pytest -k: the tests of CUDA_TESTS that skip without 
 
 
 def cuda_tests(root: Path = Path(".")) -> dict:
-    """The CUDA-only tests in a fresh pytest process: its exit code and the end of its report."""
+    """The CUDA-only tests of the checkout at `root` in a fresh pytest process: its exit code and
+    the end of its report."""
+    if not all((root / test).is_file() for test in CUDA_TESTS):
+        raise MsllmError(f"no {CUDA_TESTS[0]} under {root}: the CUDA tests are in an msllm checkout; pass --recipes "
+                         "DIR, the recipes/ folder of one (its parent holds tests/)")
     cmd = [sys.executable, "-m", "pytest", "-n", "0", "-q", "-rfEs", "-p", "no:cacheprovider",
            "-k", CUDA_SELECTION, *CUDA_TESTS]
     t0 = time.perf_counter()
@@ -66,7 +70,10 @@ def bench_gpu(args) -> str:
 
     out = Path(args.out)
     results: dict = {}
-    _part("cuda tests", cuda_tests, results, out)
+    from msllm import bench
+
+    checkout = bench.RECIPES.resolve().parent  # --recipes names the checkout's recipes/; its tests are beside them
+    _part("cuda tests", lambda: cuda_tests(checkout), results, out)
     _part("doctor", lambda: collect(out), results, out)
     _part("attention", lambda: bench_attention(args), results, out)
     _part("throughput", lambda: bench_throughput(args), results, out)

@@ -20,11 +20,14 @@ STEPS = 25  # timed steps per run, after as many warm-up steps
 
 
 def speed_rows(kernels: tuple[str, ...], rounds: int = ROUNDS, steps: int = STEPS,
-               recipe: str = "recipes/quickstart.yaml") -> list[dict]:
-    """One `msllm train` per (round, kernel), the kernels alternating within each round."""
+               recipe: str | None = None) -> list[dict]:
+    """One `msllm train` per (round, kernel), the kernels alternating within each round; `recipe`:
+    the quickstart's (recipes/quickstart.yaml under --recipes) unless given."""
+    from msllm.bench import shipped_recipe
     from msllm.bench.throughput import measure_trainer, model_config
     from msllm.config import load_recipe
 
+    recipe = recipe or shipped_recipe("quickstart.yaml")
     r = load_recipe(recipe)
     vocab = model_config(recipe, 0).vocab_size
     rows = []
@@ -46,11 +49,12 @@ def memory_rows(kernels: tuple[str, ...] = ("dense", "chunked"), sample_len: int
 
     import torch
 
+    from msllm.bench import shipped_recipe
     from msllm.config import load_recipe
     from msllm.train.memory import DTYPES, loss_activation_bytes, sample_tokens
     from msllm.models import build_model
 
-    r = load_recipe("recipes/models/vanilla-bookcorpus.yaml")
+    r = load_recipe(shipped_recipe("models/vanilla-bookcorpus.yaml"))
     # The loss depends on the head and the hidden states only: a one-layer body gives the same bytes.
     cfg = dataclasses.replace(r.model, vocab_size=r.data.tokenizer.vocab_size,
                               scales=[dataclasses.replace(r.model.scales[0], layers=1)])

@@ -44,7 +44,8 @@ from pathlib import Path
 
 from msllm.distributed.env import free_port
 
-RECIPE = "recipes/bench/model-startup-300m.yaml"
+RECIPE_NAME = "bench/model-startup-300m.yaml"  # under the recipes folder (--recipes)
+RECIPE = f"recipes/{RECIPE_NAME}"  # the same, from the repository's root
 # (ranks, ZeRO stage, environment): the whole-model baseline first, then the same two with glibc's
 # mmap threshold fixed at its initial 128 KiB, so that every freed block over it goes back to the
 # system at once (by default glibc raises the threshold up to 32 MiB as large blocks are freed, and
@@ -276,7 +277,9 @@ def to_markdown(runs: list[dict], recipe: str) -> str:
 
 
 def bench_model_startup(args) -> str:
-    recipe = getattr(args, "recipe", None) or RECIPE
+    from msllm.bench import shipped_recipe
+
+    recipe = getattr(args, "recipe", None) or shipped_recipe(RECIPE_NAME)
     overrides = tuple(getattr(args, "set", None) or ())
     with tempfile.TemporaryDirectory(prefix="msllm-model-startup-") as tmp:
         runs = [measure(recipe, ranks, zero, Path(tmp), overrides, extra_env=env) for ranks, zero, env in CONFIGS]

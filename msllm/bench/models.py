@@ -8,11 +8,12 @@ from __future__ import annotations
 def bench_models(args) -> str:
     """The comparison table of every recipes/models/*-bookcorpus.yaml, at the recipes' own 32k
     vocabulary and at 8000 (where the loss weighs less)."""
-    import glob
+    from pathlib import Path
 
+    from msllm.bench import shipped_recipe
     from msllm.inspect import compare_recipes
 
-    paths = sorted(glob.glob("recipes/models/*-bookcorpus.yaml"))
+    paths = sorted(str(p) for p in Path(shipped_recipe("models")).glob("*-bookcorpus.yaml"))
     sections = []
     for vocab in (0, 8000):
         title = "the recipes' own vocabulary (32,000)" if vocab == 0 else f"a {vocab:,}-token vocabulary"

@@ -8,11 +8,14 @@ group, batch 1) and reads one JSON line back from rank 0. Each rank measures:
   parallelism replicates them), and the activations of its slice with the loss, the largest over
   the ranks;
 - step time: forward + backward of one sample, the median of 3 after a warm-up, the slowest rank;
-- bytes sent per step by each rank (halo exchanges, all-to-alls, all-gathers; the largest).
+- bytes sent per step by each rank (halo exchanges, all-to-alls, all-gathers; the largest),
+  counted by `count_traffic`, a hook this benchmark installs around the steps: the model code
+  calls plain collectives and knows nothing of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -24,6 +27,80 @@ from pathlib import Path
 from msllm.distributed.env import free_port
 
 ARCHS = ("bottom_up", "top_down", "retina")
+
+
+class Traffic:
+    """Bytes this process has sent to the other ranks of its group, by kind of exchange."""
+
+    def __init__(self):
+        self.bytes_sent: dict[str, int] = {"halo": 0, "all_to_all": 0, "all_gather": 0, "all_reduce": 0}
+
+    def count(self, kind: str, tensor, fraction: float = 1.0) -> None:
+        self.bytes_sent[kind] += int(tensor.numel() * tensor.element_size() * fraction)
+
+    def reset(self) -> None:
+        for kind in self.bytes_sent:
+            self.bytes_sent[kind] = 0
+
+
+class _CountingComm:
+    """A stand-in for a communication module (torch.distributed, deepspeed.comm) that counts what
+    each collective sends, then calls the real one; every other name is the module's own. The
+    bytes are those each rank sends: the isends of a batch; for an all-gather, its tensor to each
+    of the others; for an all-reduce, 2(n-1)/n of its tensor (a ring); for an all-to-all, all but
+    its own 1/n."""
+
+    def __init__(self, comm, traffic: Traffic):
+        self._comm, self._traffic = comm, traffic
+
+    def __getattr__(self, name: str):
+        return getattr(self._comm, name)
+
+    def _size(self, group) -> int:
+        return self._comm.get_world_size(group)
+
+    def batch_isend_irecv(self, ops):
+        import torch.distributed as dist
+
+        for op in ops:
+            if op.op is dist.isend:
+                self._traffic.count("halo", op.tensor)
+        return self._comm.batch_isend_irecv(ops)
+
+    def all_gather(self, tensor_list, tensor, group=None, **kwargs):
+        self._traffic.count("all_gather", tensor, self._size(group) - 1)
+        return self._comm.all_gather(tensor_list, tensor, group=group, **kwargs)
+
+    def all_reduce(self, tensor, *args, group=None, **kwargs):
+        n = self._size(group)
+        self._traffic.count("all_reduce", tensor, 2 * (n - 1) / n)
+        return self._comm.all_reduce(tensor, *args, group=group, **kwargs)
+
+    def all_to_all_single(self, output, input, *args, group=None, **kwargs):
+        n = self._size(group)
+        self._traffic.count("all_to_all", input, (n - 1) / n)
+        return self._comm.all_to_all_single(output, input, *args, group=group, **kwargs)
+
+
+@contextlib.contextmanager
+def count_traffic(traffic: Traffic | None = None):
+    """Within the block, count into `traffic` (yielded) the bytes that the sequence-parallel
+    modules send: the collectives msllm.distributed.sequence calls through its `dist`, and the
+    all-to-alls of DeepSpeed-Ulysses (deepspeed.sequence.layer's `dist`, deepspeed.comm), are
+    wrapped by counting stand-ins and put back on the way out."""
+    import deepspeed.sequence.layer as ulysses
+
+    from msllm.distributed import sequence
+
+    traffic = traffic if traffic is not None else Traffic()
+    patched = [(sequence, sequence.dist), (ulysses, ulysses.dist)]
+    for module, comm in patched:
+        module.dist = _CountingComm(comm, traffic)
+    try:
+        yield traffic
+    finally:
+        for module, comm in patched:
+            module.dist = comm
 
 
 def _worker(recipe_path: str) -> None:
@@ -48,8 +125,7 @@ def _worker(recipe_path: str) -> None:
     L = recipe.data.seq_len
     torch.manual_seed(0)
     dims = ParallelDims(world_size=sp, rank=dist.get_rank(), sp=sp)
-    traffic = sequence.Traffic()
-    model = sequence.apply_sequence_parallel(build_model(cfg), dims.sequence_parallel_group(), traffic)
+    model = sequence.apply_sequence_parallel(build_model(cfg), dims.sequence_parallel_group())
     ids = torch.randint(0, cfg.vocab_size, (1, L + 1), generator=torch.Generator().manual_seed(0))
     rank = dist.get_rank()
     inputs = ids[:, rank * L // sp : (rank + 1) * L // sp]
@@ -67,8 +143,8 @@ def _worker(recipe_path: str) -> None:
         return time.perf_counter() - start
 
     step()  # warm-up
-    traffic.reset()
-    times = [step() for _ in range(3)]
+    with count_traffic() as traffic:
+        times = [step() for _ in range(3)]
     sent = sum(traffic.bytes_sent.values()) / 3
     figures = torch.tensor([activations, body, loss, statistics.median(times), sent], dtype=torch.float64)
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
@@ -90,7 +166,9 @@ def _worker(recipe_path: str) -> None:
 
 def bench_sequence_parallel(args) -> str:
     """Every multi-scale architecture at sp = 1, 2, 4: the markdown table."""
-    return to_markdown(run())
+    from msllm.bench import shipped_recipe
+
+    return to_markdown(run(shipped_recipe("long_context")))
 
 
 def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2, 4)) -> list[dict]:

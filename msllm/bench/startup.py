@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROUNDS = 5
-RECIPE = "recipes/models/vanilla-tiny.yaml"
+RECIPE = "models/vanilla-tiny.yaml"  # under the recipes folder (--recipes)
 
 
 def _timed(command: list[str]) -> float:
@@ -45,7 +45,10 @@ def commands(recipe: str, run: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
-def measure(recipe: str = RECIPE, rounds: int = ROUNDS) -> dict[str, list[float]]:
+def measure(recipe: str | None = None, rounds: int = ROUNDS) -> dict[str, list[float]]:
+    from msllm.bench import shipped_recipe
+
+    recipe = recipe or shipped_recipe(RECIPE)
     with tempfile.TemporaryDirectory(prefix="msllm-startup-") as tmp:
         run, out = Path(tmp) / "run", Path(tmp) / "export"
         todo = commands(recipe, run, out)
@@ -65,7 +68,7 @@ def to_markdown(times: dict[str, list[float]]) -> str:
     lines = [
         f"Median wall time of {len(times['msllm eval'])} runs each, every command in a fresh process, alternating "
         f"with the baseline (`{baseline_name}`, {len(times[baseline_name])} runs); a tiny vanilla run "
-        f"({RECIPE}, 4 steps). Target (issue 21): at most 1.5x the baseline plus the command's own work.",
+        f"(recipes/{RECIPE}, 4 steps). Target (issue 21): at most 1.5x the baseline plus the command's own work.",
         "",
         "| command | median s | min s | max s | vs baseline |",
         "|---|---|---|---|---|",

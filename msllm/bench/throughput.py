@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from msllm.bench import shipped_recipe
+
 ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
 
 
@@ -46,7 +48,7 @@ ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
 class Setting:
     """The sizes of one run of the benchmark."""
 
-    recipes: str  # recipe glob pattern, {arch} filled in
+    recipes: str  # recipe path under the recipes folder (--recipes), {arch} filled in
     vocab_size: int  # 0: the recipe's tokenizer vocabulary
     lengths: tuple[int, ...]
     tokens_per_step: int
@@ -55,10 +57,10 @@ class Setting:
     loss_length: int  # L of the loss-kernel rows (each kernel in the bare loop)
 
 
-GPU = Setting("recipes/models/{arch}-bookcorpus.yaml", 8000, (1024, 4096, 16384, 65536, 131072), 65536, 10, 1, 4096)
+GPU = Setting("models/{arch}-bookcorpus.yaml", 8000, (1024, 4096, 16384, 65536, 131072), 65536, 10, 1, 4096)
 # Shared CPUs slow down by a third for minutes at a time (other load on the host): two alternating
 # rounds, so that the bare loop and the trainer are each compared at their least disturbed.
-CPU = Setting("recipes/models/{arch}-tiny.yaml", 0, (256, 1024), 4096, 5, 2, 1024)
+CPU = Setting("models/{arch}-tiny.yaml", 0, (256, 1024), 4096, 5, 2, 1024)
 
 
 def model_config(recipe_path: str, vocab_size: int):
@@ -243,7 +245,7 @@ def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True))
     the loss the trainer chooses; then the loss kernels against each other (loss_rows)."""
     rows = []
     for name in models:
-        recipe = setting.recipes.format(arch="vanilla" if name == "hf_llama" else name)
+        recipe = shipped_recipe(setting.recipes.format(arch="vanilla" if name == "hf_llama" else name))
         for seq_len in setting.lengths:
             for compiled in modes:
                 kwargs = dict(name=name, recipe_path=recipe, vocab_size=setting.vocab_size, seq_len=seq_len,
@@ -281,7 +283,7 @@ def loss_rows(setting: Setting, cuda: bool) -> list[dict]:
     rows = []
     for name in ("vanilla", "bottom_up"):
         for kernel in loss_kernels(cuda):
-            kwargs = dict(name=name, recipe_path=setting.recipes.format(arch=name), vocab_size=setting.vocab_size,
+            kwargs = dict(name=name, recipe_path=shipped_recipe(setting.recipes.format(arch=name)), vocab_size=setting.vocab_size,
                           seq_len=setting.loss_length, tokens_per_step=setting.tokens_per_step, steps=setting.steps,
                           compiled=False, loss_kernel=kernel)
             rows += best_of_rounds(kwargs, setting.rounds, trainer=False)
@@ -294,7 +296,7 @@ def table(rows: list[dict], setting: Setting) -> str:
         + f"{setting.tokens_per_step} tokens per step (or one sample); bare loop: {setting.steps} timed steps after 2 "
         f"warm-up steps; `msllm train`: its last {setting.steps} of {2 * setting.steps} steps (one log row). "
         "Compiled: each transformer block, as `train.compile` does, in both loops; Llama as a whole. Models "
-        f"from `{setting.recipes}`" + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
+        f"from `recipes/{setting.recipes}`" + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
         "Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU. MFU against the peak "
         "`msllm train` uses (msllm.metrics.peak_flops). \"train / bare\": the trainer's tokens/s over the "
         "bare loop's for the same model, L and mode. \"ops/step\" (bare loop): the aten operations one forward + "

@@ -58,13 +58,12 @@ def compile_blocks(model: nn.Module, checkpointed: bool = False, **options) -> n
     return model
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, recipe, traffic=None) -> nn.Module:
+def parallelize(model: nn.Module, dims: ParallelDims, recipe) -> nn.Module:
     """Apply sequence parallelism, activation checkpointing and compilation to a built model (in
-    place, in that order) and return it. Collective: every rank calls it. `traffic`: a
-    sequence.Traffic that the sequence-parallel exchanges count their bytes into (benchmarks)."""
+    place, in that order) and return it. Collective: every rank calls it."""
     from msllm.distributed.sequence import apply_sequence_parallel
 
-    model = apply_sequence_parallel(model, dims.sequence_parallel_group(), traffic)
+    model = apply_sequence_parallel(model, dims.sequence_parallel_group())
     if recipe.parallel.activation_checkpointing:
         model = apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)
     if recipe.train.compile:

@@ -33,49 +33,27 @@ from msllm.models.layers import Rotary, ShiftRight, shift_right
 from msllm.models.retina import RetinaAttention, pool_levels, retina_attention
 
 
-class Traffic:
-    """Bytes this process has sent to other ranks of its sequence-parallel group, by operation
-    (`msllm bench sequence-parallel` reads it; exact for our exchanges and for Ulysses'
-    all-to-alls). Given to apply_sequence_parallel, every swapped module counts into it."""
-
-    def __init__(self):
-        self.bytes_sent: dict[str, int] = {"halo": 0, "all_to_all": 0, "all_gather": 0}
-
-    def count(self, kind: str, tensor: torch.Tensor, fraction: float = 1.0) -> None:
-        self.bytes_sent[kind] += int(tensor.numel() * tensor.element_size() * fraction)
-
-    def reset(self) -> None:
-        for kind in self.bytes_sent:
-            self.bytes_sent[kind] = 0
-
-
-def _count(traffic: Traffic | None, kind: str, tensor: torch.Tensor, fraction: float = 1.0) -> None:
-    if traffic is not None:
-        traffic.count(kind, tensor, fraction)
-
-
 class _FromPreviousRank(torch.autograd.Function):
     """Forward: each rank receives the previous rank's `tail` (rank 0 receives zeros).
     Backward: the gradient of what was received goes back to the rank that sent it."""
 
     @staticmethod
-    def forward(ctx, tail: torch.Tensor, group: dist.ProcessGroup, traffic: Traffic | None) -> torch.Tensor:
-        ctx.group, ctx.traffic = group, traffic
-        return _shift_along_group(tail.contiguous(), group, +1, traffic)
+    def forward(ctx, tail: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _shift_along_group(tail.contiguous(), group, +1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _shift_along_group(grad.contiguous(), ctx.group, -1, ctx.traffic), None, None
+        return _shift_along_group(grad.contiguous(), ctx.group, -1), None
 
 
-def _shift_along_group(x: torch.Tensor, group: dist.ProcessGroup, step: int, traffic: Traffic | None) -> torch.Tensor:
+def _shift_along_group(x: torch.Tensor, group: dist.ProcessGroup, step: int) -> torch.Tensor:
     """Send x to group rank (r + step) and receive from rank (r - step); zeros where no one sends."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     received = torch.zeros_like(x)
     ops = []
     if 0 <= rank + step < size:
         ops.append(dist.P2POp(dist.isend, x, dist.get_global_rank(group, rank + step), group))
-        _count(traffic, "halo", x)
     if 0 <= rank - step < size:
         ops.append(dist.P2POp(dist.irecv, received, dist.get_global_rank(group, rank - step), group))
     for work in dist.batch_isend_irecv(ops) if ops else []:
@@ -89,50 +67,45 @@ class _GatherSequence(torch.autograd.Function):
     gloo has no reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup, traffic: Traffic | None) -> torch.Tensor:
-        ctx.dim, ctx.group, ctx.traffic = dim, group, traffic
+    def forward(ctx, x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.dim, ctx.group = dim, group
         size = dist.get_world_size(group)
         parts = [torch.empty_like(x) for _ in range(size)]
         dist.all_gather(parts, x.contiguous(), group=group)
-        _count(traffic, "all_gather", x, size - 1)
         return torch.cat(parts, dim=dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
-        _count(ctx.traffic, "all_gather", grad, 2 * (dist.get_world_size(ctx.group) - 1) / dist.get_world_size(ctx.group))
         mine = grad.chunk(dist.get_world_size(ctx.group), dim=ctx.dim)[dist.get_rank(ctx.group)]
-        return mine, None, None, None
+        return mine, None, None
 
 
-def gather_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup, traffic: Traffic | None = None) -> torch.Tensor:
+def gather_sequence(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     """The whole sequence of `x` along `dim`, from every rank's slice (differentiable)."""
-    return _GatherSequence.apply(x, dim, group, traffic)
+    return _GatherSequence.apply(x, dim, group)
 
 
-def previous_rank_tail(x: torch.Tensor, n: int, dim: int, group: dist.ProcessGroup,
-                       traffic: Traffic | None = None) -> torch.Tensor:
+def previous_rank_tail(x: torch.Tensor, n: int, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
     """The last `n` positions (along `dim`) of the previous rank's slice; zeros on the first rank."""
-    return _FromPreviousRank.apply(x.narrow(dim, x.shape[dim] - n, n), group, traffic)
+    return _FromPreviousRank.apply(x.narrow(dim, x.shape[dim] - n, n), group)
 
 
-def previous_rank_keys(k: torch.Tensor, v: torch.Tensor, n: int, group: dist.ProcessGroup,
-                       traffic: Traffic | None = None):
+def previous_rank_keys(k: torch.Tensor, v: torch.Tensor, n: int, group: dist.ProcessGroup):
     """Keys and values [B, H, n, D] of the previous rank's last `n` positions (the halo of local
     and retina attention), in one message. The first rank receives zeros, which stand at negative
     positions and are masked; they stay in the graph so that its backward sends the matching
     gradient message."""
-    kv = previous_rank_tail(torch.stack((k, v)), n, 3, group, traffic)
+    kv = previous_rank_tail(torch.stack((k, v)), n, 3, group)
     return kv[0], kv[1]
 
 
 class _GroupMember:
-    """What every sequence-parallel module knows: its group, its place in it, and where it counts
-    the bytes it sends (a Traffic, or None)."""
+    """What every sequence-parallel module knows: its group and its place in it."""
 
-    def _join(self, group: dist.ProcessGroup, traffic: Traffic | None) -> None:
-        self.group, self.traffic = group, traffic
+    def _join(self, group: dist.ProcessGroup) -> None:
+        self.group = group
         self.sp_rank = dist.get_rank(group)
         self.sp_size = dist.get_world_size(group)
 
@@ -144,21 +117,21 @@ class _GroupMember:
 class HaloShiftRight(ShiftRight, _GroupMember):
     """Causal pooling's shift, filled with the previous rank's last positions."""
 
-    def __init__(self, shift: int, group: dist.ProcessGroup, traffic: Traffic | None = None):
+    def __init__(self, shift: int, group: dist.ProcessGroup):
         super().__init__(shift)
-        self._join(group, traffic)
+        self._join(group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return shift_right(x, previous_rank_tail(x, self.shift, 1, self.group, self.traffic))
+        return shift_right(x, previous_rank_tail(x, self.shift, 1, self.group))
 
 
 class SlicedRotary(Rotary, _GroupMember):
     """RoPE of a slice: positions counted from the slice's first position in the whole sequence."""
 
-    def __init__(self, rotary: Rotary, group: dist.ProcessGroup, traffic: Traffic | None = None):
+    def __init__(self, rotary: Rotary, group: dist.ProcessGroup):
         nn.Module.__init__(self)
         self.register_buffer("inv_freq", rotary.inv_freq, persistent=False)
-        self._join(group, traffic)
+        self._join(group)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, first_position: int = 0):
         return super().forward(q, k, first_position=self.first_position(q, dim=-2))
@@ -167,12 +140,12 @@ class SlicedRotary(Rotary, _GroupMember):
 class HaloLocalAttention(LocalCausalAttention, _GroupMember):
     """Sliding-window attention whose first queries see the previous rank's last w keys."""
 
-    def __init__(self, window: int, group: dist.ProcessGroup, traffic: Traffic | None = None):
+    def __init__(self, window: int, group: dist.ProcessGroup):
         super().__init__(window)
-        self._join(group, traffic)
+        self._join(group)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        past = previous_rank_keys(k, v, self.window, self.group, self.traffic)
+        past = previous_rank_keys(k, v, self.window, self.group)
         return local_attention(q, k, v, self.window, past, first_position=self.first_position(q, dim=2))
 
 
@@ -180,16 +153,16 @@ class SequenceParallelRetina(RetinaAttention, _GroupMember):
     """Retina attention over a split sequence: the fine keys' halo from the previous rank, and
     each level's pooled keys gathered from the whole group (blocks never straddle ranks)."""
 
-    def __init__(self, pattern, group: dist.ProcessGroup, traffic: Traffic | None = None):
+    def __init__(self, pattern, group: dist.ProcessGroup):
         super().__init__(pattern.window, pattern.factor, pattern.levels)
-        self._join(group, traffic)
+        self._join(group)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.pattern
-        past = previous_rank_keys(k, v, p.block, self.group, self.traffic)
+        past = previous_rank_keys(k, v, p.block, self.group)
         pooled = []
         for k_level, v_level in pool_levels(k, v, p.factor, p.levels):
-            both = gather_sequence(torch.stack((k_level, v_level)), 3, self.group, self.traffic)
+            both = gather_sequence(torch.stack((k_level, v_level)), 3, self.group)
             pooled.append((both[0], both[1]))  # [B, H, sp * L_local / k^level, D] each, ranks in order
         return retina_attention(q, k, v, p, pooled, past, first_position=self.first_position(q, dim=2))
 
@@ -198,17 +171,14 @@ class UlyssesAttention(nn.Module, _GroupMember):
     """Full causal attention over a split sequence through DeepSpeed-Ulysses: all-to-all from
     [B, L/sp, H, D] to [B, L, H/sp, D], causal SDPA over the whole scale, and back."""
 
-    def __init__(self, group: dist.ProcessGroup, traffic: Traffic | None = None):
+    def __init__(self, group: dist.ProcessGroup):
         super().__init__()
         from deepspeed.sequence.layer import DistributedAttention
 
-        self._join(group, traffic)
+        self._join(group)
         self.attention = DistributedAttention(_SdpaOverSequenceDim(), group, scatter_idx=2, gather_idx=1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # Four all-to-alls forward (q, k, v, output) and four backward, each sending all but this
-        # rank's own 1/sp of a tensor the size of q.
-        _count(self.traffic, "all_to_all", q, 8 * (self.sp_size - 1) / self.sp_size)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D] -> [B, L, H, D]
         return self.attention(q, k, v, batch_dim_idx=0).transpose(1, 2)
 
@@ -221,9 +191,11 @@ class _SdpaOverSequenceDim(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
-def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None, traffic: Traffic | None = None) -> nn.Module:
-    """Swap a built model's cross-position modules for their sequence-parallel forms, in place;
-    they count the bytes they send into `traffic` when one is given.
+def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
+    """Swap a built model's cross-position modules for their sequence-parallel forms, in place.
+    They call torch.distributed's collectives directly (through this module's `dist`, and
+    DeepSpeed-Ulysses through deepspeed.comm): `msllm bench sequence-parallel` counts the bytes
+    sent by wrapping those (msllm.bench.sequence_parallel.count_traffic).
 
     The parameters are untouched (none of these modules has any), so checkpoints are the same
     with or without sequence parallelism. Returns the model.
@@ -234,15 +206,15 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None, t
         for name, child in list(parent.named_children()):
             replacement = None
             if isinstance(child, RetinaAttention):
-                replacement = SequenceParallelRetina(child.pattern, group, traffic)
+                replacement = SequenceParallelRetina(child.pattern, group)
             elif isinstance(child, LocalCausalAttention):
-                replacement = HaloLocalAttention(child.window, group, traffic)
+                replacement = HaloLocalAttention(child.window, group)
             elif isinstance(child, FullCausalAttention):
-                replacement = UlyssesAttention(group, traffic)
+                replacement = UlyssesAttention(group)
             elif isinstance(child, ShiftRight):
-                replacement = HaloShiftRight(child.shift, group, traffic)
+                replacement = HaloShiftRight(child.shift, group)
             elif isinstance(child, Rotary):
-                replacement = SlicedRotary(child, group, traffic)
+                replacement = SlicedRotary(child, group)
             if replacement is not None:
                 setattr(parent, name, replacement)
     return model

@@ -18,7 +18,7 @@ peak (CUDA's max_memory_allocated on an accelerator; on the CPU, every allocatio
 torch's profiler records), so that the split is checked against a measurement (tests/test_memory.py).
 Gradients grow in backward while activations are freed; the transient buffers of backward (the
 gradient flowing back through one block, the optimizer's temporaries) are not counted, so the
-measured peak can lie above the total (11-14% at `msllm bench paper`'s small d_model 128).
+measured peak can lie above the total (11-14% at the paper experiment's small d_model 128: lab/results/paper.md).
 """
 
 from __future__ import annotations

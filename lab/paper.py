@@ -1,8 +1,8 @@
-"""`msllm bench paper`: the paper's comparison at a scale a 2-core CPU runs, with seeds.
+"""`python -m lab paper`: the paper's comparison at a scale a 2-core CPU runs, with seeds.
 
 Subramanian et al. (2020) report that a 30-layer hierarchical model has a 23% smaller memory
 footprint and a better perplexity than a vanilla transformer of at most 14 layers. This benchmark
-trains the recipes in recipes/paper/ -- vanilla with N = 3 layers, vanilla with 2N (the depth
+trains the recipes in lab/recipes/paper/ -- vanilla with N = 3 layers, vanilla with 2N (the depth
 reference), and bottom-up (sum and attention aggregation), top-down and retina with 2N layers, most
 at coarse scales -- on the built-in corpus with the same width, vocabulary, context (1024 tokens),
 tokens and schedule, each with several seeds, and reports for each model: validation bits per byte
@@ -28,6 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lab import REPO, RECIPES, RESULTS
 from msllm.errors import MsllmError
 
 MODELS = ("vanilla-3", "vanilla-6", "bottom_up-6", "bottom_up_attention-6", "top_down-6", "retina-6")
@@ -38,11 +39,12 @@ SEEDS = (1, 2, 3)
 
 def bench_paper(args: argparse.Namespace) -> str:
     """Train every (model, seed), then tabulate, plot and judge. Returns the markdown section."""
-    grid = SeedGrid.from_args(args, "paper", "recipes/paper", "runs/paper", MODELS)
+    grid = SeedGrid.from_args(args, "paper", RECIPES / "paper", REPO / "runs" / "paper", MODELS)
     grid.prepare_shards()
     results = grid.train()
-    summary = {m: summarize(m, [results[(m, s)] for s in grid.seeds], grid.recipe(m), grid.overrides) for m in grid.models}
-    out = Path(getattr(args, "out", None) or "benchmarks")
+    summary = {m: summarize(m, [results[(m, s)] for s in grid.seeds], grid.recipe(m), grid.overrides_for(m))
+               for m in grid.models}
+    out = Path(getattr(args, "out", None) or RESULTS)
     plots = plot(summary, [results[(m, s)] for m in grid.models for s in grid.seeds], out)
     return to_markdown(summary, grid.seeds, grid.jobs, grid.threads, plots)
 
@@ -51,7 +53,8 @@ def bench_paper(args: argparse.Namespace) -> str:
 class SeedGrid:
     """What a comparison benchmark (paper, bytes) trains: every model of a recipes folder with
     every seed, `jobs` runs at a time with `threads` torch threads each, each run in its own folder
-    under `runs` (train_once)."""
+    under `runs` (train_once). Relative paths in the recipes (data.shards_dir) are relative to
+    `root`, the repository, not to the current folder."""
 
     bench: str
     recipes: Path
@@ -60,10 +63,11 @@ class SeedGrid:
     seeds: tuple[int, ...]
     overrides: list[str]
     jobs: int
+    root: Path = REPO
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, bench: str, recipes: str, runs: str, models: tuple[str, ...]) -> SeedGrid:
-        """The grid the command line asks for (--recipes, --runs, --seeds, --models, --set, --jobs),
+    def from_args(cls, args: argparse.Namespace, bench: str, recipes: Path, runs: Path, models: tuple[str, ...]) -> SeedGrid:
+        """The grid the command line asks for (--recipes, --runs, --root, --seeds, --models, --set, --jobs),
         else the benchmark's defaults; a missing recipe is one line."""
         grid = cls(
             bench=bench,
@@ -73,10 +77,11 @@ class SeedGrid:
             seeds=tuple(getattr(args, "seeds", None) or SEEDS),
             overrides=list(getattr(args, "set", None) or []),
             jobs=getattr(args, "jobs", 0) or max(1, min(2, os.cpu_count() or 1)),
+            root=Path(getattr(args, "root", None) or REPO),
         )
         missing = [m for m in grid.models if not grid.recipe(m).is_file()]
         if missing:
-            raise MsllmError(f"bench {bench}: no recipe {grid.recipes}/{missing[0]}.yaml (run from the repository root, or pass --recipes)")
+            raise MsllmError(f"no recipe {grid.recipes}/{missing[0]}.yaml (pass --recipes DIR, a folder of the models' recipes)")
         return grid
 
     @property
@@ -89,13 +94,23 @@ class SeedGrid:
     def folder(self, model: str, seed: int) -> Path:
         return self.runs / f"{model}-seed{seed}"
 
+    def overrides_for(self, model: str) -> list[str]:
+        """The `--set` overrides of a model's runs: the command line's, then its shards folder, if
+        relative, made absolute against `root`."""
+        from msllm.config import load_recipe
+
+        shards = str(load_recipe(self.recipe(model), self.overrides).data.shards_dir)
+        if "://" in shards or Path(shards).is_absolute():
+            return list(self.overrides)
+        return [*self.overrides, f"data.shards_dir={self.root / shards}"]
+
     def prepare_shards(self) -> dict:
         """Every model's recipe (overrides applied), after preparing each shards folder they name
         once: before the runs start, which share them, not in each of them."""
         from msllm.config import load_recipe
         from msllm.data import prepare_dataset
 
-        loaded = {m: load_recipe(self.recipe(m), self.overrides) for m in self.models}
+        loaded = {m: load_recipe(self.recipe(m), self.overrides_for(m)) for m in self.models}
         for data in {r.data.shards_dir: r.data for r in loaded.values()}.values():
             prepare_dataset(data, force=False)
         return loaded
@@ -104,7 +119,8 @@ class SeedGrid:
         """Every (model, seed)'s result, trained or read back (train_once); `finish(model, seed,
         result)`, if given, runs after each run in its worker and returns the result to keep."""
         def run(model: str, seed: int) -> dict:
-            result = train_once(self.recipe(model), seed, self.folder(model, seed), self.overrides, self.threads, self.bench)
+            result = train_once(self.recipe(model), seed, self.folder(model, seed), self.overrides_for(model), self.threads,
+                                self.bench)
             return finish(model, seed, result) if finish else result
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
@@ -115,7 +131,7 @@ class SeedGrid:
 def train_once(recipe: Path, seed: int, folder: Path, overrides: list[str], threads: int, bench: str = "paper") -> dict:
     """One training run, or its saved result. A folder without a result is an interrupted run:
     it is started again from scratch (the benchmark's runs keep no intermediate checkpoints).
-    `bench`: the benchmark that asks (`msllm bench bytes` trains its runs here too), for errors."""
+    `bench`: the experiment that asks (`python -m lab bytes` trains its runs here too), for errors."""
     result_file = folder / "result.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -132,7 +148,7 @@ def train_once(recipe: Path, seed: int, folder: Path, overrides: list[str], thre
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["no output"]
-        raise MsllmError(f"bench {bench}: {recipe.stem} seed {seed} failed ({tail[0]}); see {log}")
+        raise MsllmError(f"{bench}: {recipe.stem} seed {seed} failed ({tail[0]}); see {log}")
     result = read_metrics(folder / "metrics.jsonl", bench)
     result.update(model=recipe.stem, seed=seed)
     tmp = result_file.with_suffix(".tmp")
@@ -147,7 +163,7 @@ def read_metrics(path: Path, bench: str = "paper") -> dict:
     evals = [r for r in rows if r["kind"] == "eval"]
     speeds = [r["tokens_per_s"] for r in rows if r["kind"] == "train"][1:]  # the first includes warm-up
     if not evals:
-        raise MsllmError(f"bench {bench}: {path} has no eval rows (set eval.every)")
+        raise MsllmError(f"{bench}: {path} has no eval rows (set eval.every)")
     return {"curve": [[r["tokens"], r["bits_per_byte"]] for r in evals], "bits_per_byte": evals[-1]["bits_per_byte"],
             "tokens_per_s": statistics.median(speeds) if speeds else None}
 
@@ -208,8 +224,8 @@ MEMORY_PARTS = ("parameters", "gradients", "optimizer", "body_activations", "los
 
 
 def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
-    """benchmarks/paper-bpb.png (bits per byte against tokens, mean and min-max band over seeds)
-    and benchmarks/paper-memory.png (the memory of a training step, stacked by part)."""
+    """lab/results/paper-bpb.png (bits per byte against tokens, mean and min-max band over seeds)
+    and lab/results/paper-memory.png (the memory of a training step, stacked by part)."""
     from msllm.bench import plotting
 
     plotting.save(bpb_figure(results), out / "paper-bpb.png")
@@ -262,9 +278,9 @@ def memory_figure(memory: dict[str, dict]):
 
 
 def replot(out: Path) -> list[str]:
-    """benchmarks/paper-memory.png again from the newest table in out/paper.md (no training). The
+    """lab/results/paper-memory.png again from the newest table in out/paper.md (no training). The
     bits-per-byte curves are in the runs' result.json files, not in the table: that plot needs the
-    runs (`msllm bench paper` redraws both from them without training again)."""
+    runs (`python -m lab paper` redraws both from them without training again)."""
     from msllm.bench import plotting
 
     rows = plotting.table_rows(plotting.last_section((out / "paper.md").read_text()))
@@ -277,7 +293,7 @@ def replot(out: Path) -> list[str]:
 def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: list[str]) -> str:
     ref = summary.get(REFERENCE)
     rows = [
-        f"Recipes: recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
+        f"Recipes: lab/recipes/paper/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
         f"time, {threads} thread{'s' if threads != 1 else ''} each). Memory: one training step on one rank, "
         "computed by msllm.train.memory (the measured peak of real fp32 steps beside it); activations split into the "
         "body's and the loss's (msllm.train.loss, chunked).",

@@ -1,4 +1,4 @@
-"""`msllm bench scaling`: step time and training-step memory against the sequence length.
+"""`python -m lab scaling`: step time and training-step memory against the sequence length.
 
 For the four architectures at one small size (recipes/models/*-tiny.yaml, with a small vocabulary so
 that the head does not hide how attention scales), one sample of L tokens for L = 1k, 2k, 4k, 8k,
@@ -7,7 +7,7 @@ of the step (msllm.train.memory: parameters, gradients, optimizer state, activat
 Then, per architecture, the exponent b of a least-squares fit of time ~ L^b and of memory ~ L^b
 over the lengths, and of time over the last doubling alone: full attention makes vanilla's time
 grow towards L^2 as L grows (at short L its linear layers still dominate), local and coarse
-attention keep the multi-scale models near L^1. Writes a table and benchmarks/scaling.png (log-log axes).
+attention keep the multi-scale models near L^1. Writes a table and lab/results/scaling.png (log-log axes).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
+from lab import REPO, RESULTS
+
 ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 VOCAB = 256
@@ -29,7 +31,7 @@ def bench_scaling(args: argparse.Namespace) -> str:
     lengths = tuple(getattr(args, "lengths", None) or LENGTHS)
     archs = tuple(getattr(args, "models", None) or ARCHS)
     results = {arch: [measure(arch, L) for L in lengths] for arch in archs}
-    out = Path(getattr(args, "out", None) or "benchmarks")
+    out = Path(getattr(args, "out", None) or RESULTS)
     plot(results, out)
     return to_markdown(results)
 
@@ -37,7 +39,7 @@ def bench_scaling(args: argparse.Namespace) -> str:
 def model_config(arch: str):
     from msllm.config import load_recipe
 
-    recipe = load_recipe(f"recipes/models/{arch}-tiny.yaml")
+    recipe = load_recipe(REPO / "recipes" / "models" / f"{arch}-tiny.yaml")
     return dataclasses.replace(recipe.model, vocab_size=VOCAB)
 
 
@@ -103,7 +105,7 @@ def plot(results: dict, out: Path) -> Path:
 
 
 def replot(out: Path) -> Path:
-    """benchmarks/scaling.png again from the newest table in out/scaling.md (no measuring)."""
+    """lab/results/scaling.png again from the newest table in out/scaling.md (no measuring)."""
     from msllm.bench import plotting
 
     results = {}

@@ -1,6 +1,6 @@
-"""`msllm bench bytes`: byte-level models and learned chunking against BPE, with seeds.
+"""`python -m lab bytes`: byte-level models and learned chunking against BPE, with seeds.
 
-Trains the recipes in recipes/bytes/bench/ on the built-in corpus, 3 seeds each:
+Trains the recipes in lab/recipes/bytes/ on the built-in corpus, 3 seeds each:
 
     vanilla-bpe              vanilla on BPE tokens (a 4096-piece sentencepiece BPE tokenizer)
     vanilla-bytes-local      vanilla on bytes, local attention
@@ -16,7 +16,7 @@ compression and the learned chunk lengths. Two plots (bits per byte against trai
 chunk-length histogram) and a verdict computed from the numbers: does learned chunking beat fixed
 pooling, by how much against the seed spread?
 
-Runs go through msllm.bench.paper's SeedGrid and train_once (a subprocess of `msllm train` each; a finished run's
+Runs go through lab.paper's SeedGrid and train_once (a subprocess of `msllm train` each; a finished run's
 result.json is kept and a rerun skips it), so an interrupted benchmark continues where it stopped.
 """
 
@@ -30,7 +30,8 @@ import math
 import statistics
 from pathlib import Path
 
-from msllm.bench.paper import SeedGrid
+from lab import REPO, RECIPES, RESULTS
+from lab.paper import SeedGrid
 
 MODELS = ("vanilla-bpe", "vanilla-bytes-local", "bottom_up-bytes-fixed", "bottom_up-bytes-dynamic")
 FIXED, DYNAMIC = "bottom_up-bytes-fixed", "bottom_up-bytes-dynamic"
@@ -40,11 +41,11 @@ LONGEST_CHUNK = 32  # the histogram's last bin holds every chunk of this many po
 
 def bench_bytes(args: argparse.Namespace) -> str:
     """Train every (model, seed), then tabulate, plot and judge. Returns the markdown section."""
-    grid = SeedGrid.from_args(args, "bytes", "recipes/bytes/bench", "runs/bytes", MODELS)
+    grid = SeedGrid.from_args(args, "bytes", RECIPES / "bytes", REPO / "runs" / "bytes", MODELS)
     loaded = grid.prepare_shards()
     results = grid.train(lambda m, s, result: add_chunking(result, grid.folder(m, s), loaded[m]))
     summary = {m: summarize([results[(m, s)] for s in grid.seeds], loaded[m]) for m in grid.models}
-    out = Path(getattr(args, "out", None) or "benchmarks")
+    out = Path(getattr(args, "out", None) or RESULTS)
     plots = plot(summary, {m: [results[(m, s)] for s in grid.seeds] for m in grid.models}, out)
     return to_markdown(summary, grid.seeds, grid.jobs, grid.threads, plots)
 
@@ -197,8 +198,8 @@ def verdict(summary: dict) -> list[str]:
 
 
 def plot(summary: dict, results: dict[str, list[dict]], out: Path) -> list[str]:
-    """benchmarks/bytes-bpb.png (bits per byte against training FLOPs) and, with a dynamic model,
-    benchmarks/bytes-chunks.png (its learned chunk lengths)."""
+    """lab/results/bytes-bpb.png (bits per byte against training FLOPs) and, with a dynamic model,
+    lab/results/bytes-chunks.png (its learned chunk lengths)."""
     from msllm.bench import plotting
 
     plotting.save(bpb_figure(summary, results), out / "bytes-bpb.png")
@@ -250,7 +251,7 @@ def chunks_figure(dynamic: dict):
 
 def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: list[str]) -> str:
     rows = [
-        f"Recipes: recipes/bytes/bench/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
+        f"Recipes: lab/recipes/bytes/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
         f"time, {threads} thread{'s' if threads != 1 else ''} each). FLOPs/byte: training FLOPs per token "
         "(msllm.models.flops_per_token) times the shards' tokens per byte; for the dynamic model at its realised "
         "compression (nominal: at its target ratio). Memory: one training step on one rank (msllm.train.memory.step_memory; "

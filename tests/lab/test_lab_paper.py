@@ -1,12 +1,17 @@
-"""`msllm bench paper` and `msllm bench scaling`: real (short) runs, resumability, the verdict."""
+"""`python -m lab paper` and `python -m lab scaling`: real (short) runs, resumability, the verdict."""
 
 import argparse
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from msllm.bench import paper, scaling
+from lab import paper, scaling
 from plot_helpers import check_png, legend_labels, lines
+
+LAB = Path(__file__).resolve().parents[2] / "lab"
 
 
 def summary(bpb: list[float], total: int) -> dict:
@@ -14,6 +19,24 @@ def summary(bpb: list[float], total: int) -> dict:
 
     return {"bpb_mean": statistics.mean(bpb), "bpb_sd": statistics.stdev(bpb), "seeds": len(bpb),
             "memory": {"total": total}}
+
+
+def test_the_table_names_one_thread_and_one_run_in_the_singular():
+    assert "(seeds 1; 1 run at a time, 1 thread each)" in paper.to_markdown({}, (1,), 1, 1, [])
+    assert "(seeds 1, 2; 2 runs at a time, 3 threads each)" in paper.to_markdown({}, (1, 2), 2, 3, [])
+
+
+def test_the_lab_runs_from_any_folder_and_names_a_missing_recipe_in_one_line(tmp_path):
+    listed = subprocess.run([sys.executable, str(LAB), "--list"], cwd=tmp_path, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["paper", "bytes", "scaling", "train-quickstart"]
+    missing = subprocess.run([sys.executable, str(LAB), "paper", "--recipes", str(tmp_path / "none"),
+                              "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"lab paper: error: no recipe {tmp_path / 'none'}/vanilla-3.yaml (pass --recipes DIR, a folder of the "
+        "models' recipes)"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_verdict_weighs_the_effect_against_the_seed_spread():

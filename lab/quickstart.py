@@ -1,4 +1,4 @@
-"""`msllm bench train-quickstart`: the two quickstart recipes end to end, the one source of the
+"""`python -m lab train-quickstart`: the two quickstart recipes end to end, the one source of the
 README's quickstart figures.
 
 Each recipe runs as `msllm train` in a fresh process with a fresh output_dir and a fresh shards
@@ -19,16 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPES = ("recipes/quickstart.yaml", "recipes/quickstart-vanilla.yaml")
+from lab import REPO
+
+RECIPES = ("recipes/quickstart.yaml", "recipes/quickstart-vanilla.yaml")  # relative to the repository
 
 
-def run_quickstart(recipe: str, folder: Path, overrides: tuple[str, ...] = ()) -> dict:
-    """One run of `recipe` (with `--set` overrides) in `folder` (output_dir and shards there): its
-    phases and results."""
+def run_quickstart(recipe: str, folder: Path, overrides: tuple[str, ...] = (), root: Path = REPO) -> dict:
+    """One run of `recipe` (a path relative to `root`, the repository; with `--set` overrides) in
+    `folder` (output_dir and shards there): its phases and results."""
     import os
     import re
 
-    cmd = [sys.executable, "-m", "msllm.cli", "train", recipe, "--set", f"run.output_dir={folder / 'run'}",
+    cmd = [sys.executable, "-m", "msllm.cli", "train", str(root / recipe), "--set", f"run.output_dir={folder / 'run'}",
            "--set", f"data.shards_dir={folder / 'shards'}", *[x for o in overrides for x in ("--set", o)]]
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
