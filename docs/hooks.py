@@ -2,8 +2,10 @@
 
 - reference/config.md and reference/cli.md, from msllm/config.py and msllm/cli.py
   (msllm.reference: the functions that write them, tested in tests/test_docs.py);
-- benchmarks/: the committed benchmark results (benchmarks/*.md and their plots), so that the docs
-  link to the files themselves rather than to a copy.
+- benchmarks/: the committed benchmark results (benchmarks/*.md and their plots), and
+  lab/results/: the committed results of the lab's experiments (lab/results/*.md and their plots),
+  each at the same path in the site as in the repository, so that the docs link to the files
+  themselves rather than to a copy.
 
 The checkout that holds this file is imported, never another installed msllm.
 """
@@ -19,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-BENCHMARK_FILES = (".md", ".png")
+RESULT_FILES = (".md", ".png")
+RESULT_FOLDERS = ("benchmarks", "lab/results")  # relative to the repository and to the site alike
 
 
 def on_files(files, config):
@@ -27,7 +30,8 @@ def on_files(files, config):
 
     files.append(File.generated(config, "reference/config.md", content=config_reference()))
     files.append(File.generated(config, "reference/cli.md", content=cli_reference()))
-    for path in sorted((ROOT / "benchmarks").iterdir()):
-        if path.suffix in BENCHMARK_FILES:
-            files.append(File.generated(config, f"benchmarks/{path.name}", abs_src_path=str(path)))
+    for folder in RESULT_FOLDERS:
+        for path in sorted((ROOT / folder).iterdir()):
+            if path.suffix in RESULT_FILES:
+                files.append(File.generated(config, f"{folder}/{path.name}", abs_src_path=str(path)))
     return files

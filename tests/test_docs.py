@@ -68,9 +68,13 @@ def test_the_site_builds_strict_with_every_page(site):
         assert built.is_file(), f"{page} is in the nav but was not built"
     written = {str(p.relative_to(REPO / "docs")) for p in (REPO / "docs").glob("*.md")}
     assert written <= set(nav_pages), f"pages missing from mkdocs.yml's nav: {written - set(nav_pages)}"
-    # The committed benchmark results the benchmarks page links to are part of the site.
-    for result in (REPO / "benchmarks").glob("*.md"):
-        assert (site / "benchmarks" / result.stem / "index.html").is_file(), result.name
+    # The committed results the benchmarks page links to, the benchmarks' and the lab's, are part of
+    # the site, at their paths in the repository, plots included.
+    for folder in ("benchmarks", "lab/results"):
+        for result in (REPO / folder).glob("*.md"):
+            assert (site / folder / result.stem / "index.html").is_file(), f"{folder}/{result.name}"
+        for plot in (REPO / folder).glob("*.png"):
+            assert (site / folder / plot.name).is_file(), f"{folder}/{plot.name}"
 
 
 def test_every_recipe_field_is_in_the_built_reference(site):
