@@ -4,7 +4,7 @@ matmul, with the CPU's cached per machine), peak memory, and durations as the lo
     Throughput   tokens/s, seconds per step and the ETA over the steps since the last row
     MfuMeter     MFU from a tokens/s rate, and the peak measured again when the rate exceeds it
 
-The trainer builds its metrics rows with them (msllm.train.trainer.Trainer.train_row); the
+The trainer builds its metrics rows with them (msllm.train.trainer.Trainer.step_metrics); the
 benchmarks (msllm.bench) use the peak and the memory measures too.
 """
 

@@ -256,7 +256,7 @@ class ShardsWatch:
     or checkpoints, rank 0 reads the manifest again:
 
     - changed: the run stops with a one-line DataError; the checkpoints so far stay (they hold the
-      tokenizer the run started with: msllm.checkpoint.TrainState);
+      tokenizer the run started with: msllm.checkpoint.state.TrainState);
     - gone (the folder deleted): training goes on from this job's local copy of the shards, and says
       so once; evaluation is skipped while the validation split is not there.
 
