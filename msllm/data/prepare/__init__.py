@@ -1,21 +1,23 @@
 """`msllm prep`: turn a corpus into a tokenizer and MDS shards of fixed token windows.
 
 The stages, in order, each in its module:
-  1. split.py     Read the documents once to split them into train and validation (by a hash of
-                  each document's text, so the split never depends on order and a document is
-                  never in both).
-  2. tokenize.py  Train a sentencepiece tokenizer on the train documents (or copy the given
-                  `.model`, or take the byte tokenizer).
+  1. split.py     Split the documents into train and validation (by a hash of each document's
+                  text, so the split never depends on order and a document is never in both).
+  2. tokenize.py  Train a sentencepiece tokenizer on the train documents, in the same pass over
+                  the corpus as the split (or copy the given `.model`, or take the byte tokenizer).
   3. write.py     Tokenize every document in `data.workers` processes (tokenize.py), append EOS to
                   each, join them, cut the stream into windows of seq_len+1 tokens, and write the
                   windows as MDS shards (a `tokens` column of int32, zstd, sha1 + xxh64 hashes),
                   one folder per split.
   4. this module  Write manifest.json (the completeness marker) and move the whole folder into
                   place (staging.py), or upload what is left to a remote one (upload.py).
-read.py holds what reads the inputs: the corpus passes and the fingerprint. The corpus is read once
-per stage that needs it: three times when a tokenizer is trained, twice otherwise (the split needs
-every document's hash before any document can be labelled, and the documents cannot be encoded
-before the tokenizer is trained on the train split).
+
+read.py holds what reads the inputs: the corpus passes and the fingerprint. The corpus is read
+twice: once for the split (and, in the same pass, the tokenizer's training on the documents at or
+above data.validation_fraction: the train split unless the threshold has to move, when it is
+trained again in a pass of its own), once to encode and write. The split needs every document's
+hash before any document can be labelled, and the documents cannot be encoded before the
+tokenizer is trained: two passes is the least.
 
 Everything is written to a staging folder (`.NAME.partial` next to a local data.shards_dir) and
 moved into place at the end, so a crash never leaves a half-written dataset that looks complete,
@@ -58,7 +60,7 @@ from msllm.data.manifest import (
     streaming_remote,
 )
 from msllm.data.prepare.read import input_fingerprint, labelled_documents, what_differs
-from msllm.data.prepare.split import SplitRule, choose_split_rule
+from msllm.data.prepare.split import SplitRule
 from msllm.data.prepare.staging import (
     PROGRESS_FILENAME,
     StagingLock,
@@ -159,17 +161,19 @@ def write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: bool
     inputs and settings saved there; return its manifest (without fingerprint and inputs)."""
     progress_file = out / PROGRESS_FILENAME
     progress = read_json(progress_file)
-    if progress.get("fingerprint") != fingerprint:  # nothing to continue from: start afresh
+    fresh = progress.get("fingerprint") != fingerprint
+    if fresh:  # nothing to continue from: start afresh; the split is found with the tokenizer
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        rule = choose_split_rule(data_cfg)
-        progress = {"fingerprint": fingerprint, "threshold": rule.threshold, "corpus_bytes": rule.corpus_bytes}
-        write_json(progress_file, progress)
+        rule = None
     else:
         rule = SplitRule(progress["threshold"], progress["corpus_bytes"])
         say(quiet, f"msllm prep: continuing the interrupted run in {out}")
 
-    tokenizer_file, tokenizer_source = make_tokenizer(data_cfg, out, rule, lambda message: say(quiet, message))
+    tokenizer_file, tokenizer_source, rule = make_tokenizer(data_cfg, out, rule, lambda message: say(quiet, message))
+    if fresh:
+        progress = {"fingerprint": fingerprint, "threshold": rule.threshold, "corpus_bytes": rule.corpus_bytes}
+        write_json(progress_file, progress)
     tokenizer = load_tokenizer_file(tokenizer_file)
     ids = tokenizer.special_ids()
     if ids["eos_id"] < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import Iterator
 
 import numpy as np
 
@@ -31,24 +32,54 @@ class SplitRule:
 
 
 def choose_split_rule(data_cfg: DataConfig) -> SplitRule:
-    """The threshold is validation_fraction, moved just enough that neither split is empty."""
-    corpus_bytes = 0
-    seen = set()
-    for text in iter_documents(data_cfg):
-        seen.add(document_hash_fraction(text))
-        corpus_bytes += len(text.encode("utf-8"))
-    fractions = sorted(seen)
-    where = describe_source(data_cfg)
-    if not fractions:
-        raise DataError(f"empty corpus: {where} holds no documents (only empty or skipped text)")
-    if len(fractions) < 2:
-        raise DataError(
-            f"{where} holds a single distinct document, but train and validation each need one: add "
-            "documents" + (" or set data.split_on_blank_lines: true" if data_cfg.source == "text" else "")
-        )
-    threshold = data_cfg.validation_fraction
-    if fractions[0] >= threshold:  # validation would be empty: give it the lowest-hash document
-        threshold = float(np.nextafter(fractions[0], 1.0))
-    elif fractions[-1] < threshold:  # train would be empty: give it the highest-hash document
-        threshold = fractions[-1]
-    return SplitRule(threshold, corpus_bytes)
+    """The threshold is validation_fraction, moved just enough that neither split is empty (one pass
+    over the corpus)."""
+    return SplitScan(data_cfg).finish()
+
+
+class SplitScan:
+    """The split rule, found in one pass over the corpus that may feed another reader on the way
+    (the tokenizer's training: msllm.data.prepare.tokenize.train_while_splitting): `documents()`
+    yields every document and records its hash; `finish()` reads what the reader left and gives the
+    SplitRule (or the DataError of a corpus that cannot be split)."""
+
+    def __init__(self, data_cfg: DataConfig):
+        self.data_cfg = data_cfg
+        self.fractions: set[float] = set()
+        self.corpus_bytes = 0
+        self.error: BaseException | None = None  # what reading the corpus raised (the reader may have wrapped it)
+        self._documents = self._read()
+
+    def _read(self) -> Iterator[str]:
+        try:
+            for text in iter_documents(self.data_cfg):
+                self.fractions.add(document_hash_fraction(text))
+                self.corpus_bytes += len(text.encode("utf-8"))
+                yield text
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def documents(self) -> Iterator[str]:
+        return self._documents
+
+    def finish(self) -> SplitRule:
+        for _ in self._documents:  # what the reader did not take
+            pass
+        fractions = sorted(self.fractions)
+        data_cfg, where = self.data_cfg, describe_source(self.data_cfg)
+        if not fractions:
+            raise DataError(f"empty corpus: {where} holds no documents (only empty or skipped text)")
+        if len(fractions) < 2:
+            raise DataError(
+                f"{where} holds a single distinct document, but train and validation each need one: add "
+                "documents" + (" or set data.split_on_blank_lines: true" if data_cfg.source == "text" else "")
+            )
+        threshold = data_cfg.validation_fraction
+        if fractions[0] >= threshold:  # validation would be empty: give it the lowest-hash document
+            threshold = float(np.nextafter(fractions[0], 1.0))
+        elif fractions[-1] < threshold:  # train would be empty: give it the highest-hash document
+            threshold = fractions[-1]
+        return SplitRule(threshold, self.corpus_bytes)

@@ -17,6 +17,7 @@ import numpy as np
 from msllm.config import DataConfig
 from msllm.data.manifest import SPLITS
 from msllm.data.prepare.read import train_documents
+from msllm.data.prepare.split import SplitRule, SplitScan, choose_split_rule
 from msllm.data.tokenizer import (
     BYTES_DESCRIPTOR,
     TOKENIZER_FILENAME,
@@ -24,6 +25,7 @@ from msllm.data.tokenizer import (
     load_tokenizer_file,
     train_tokenizer,
 )
+from msllm.errors import DataError
 from msllm.safe_files import write_new
 
 
@@ -70,10 +72,12 @@ def _encode_batch(batch: tuple[int, str, list[str]]) -> tuple[int, str, np.ndarr
     return part, split, tokens, len(texts), sum(len(t.encode("utf-8")) for t in texts)
 
 
-def make_tokenizer(data_cfg: DataConfig, out: Path, rule, say) -> tuple[Path, str]:
+def make_tokenizer(data_cfg: DataConfig, out: Path, rule: SplitRule | None, say) -> tuple[Path, str, SplitRule]:
     """out/tokenizer.model, unless an earlier run left it there: the byte tokenizer's descriptor, a
-    copy of data.tokenizer.model, or a sentencepiece model trained on the train documents (`rule`:
-    the SplitRule). Returns (its path, where it comes from: "bytes", the given path or "trained")."""
+    copy of data.tokenizer.model, or a sentencepiece model trained on the train documents. `rule`:
+    the split (None: not found yet: it is found here, in the pass that trains the tokenizer when one
+    is trained). Returns (its path, where it comes from: "bytes", the given path or "trained", the
+    split rule)."""
     tokenizer_file = out / TOKENIZER_FILENAME
     if data_cfg.tokenizer.type == "bytes":
         source = "bytes"
@@ -83,6 +87,8 @@ def make_tokenizer(data_cfg: DataConfig, out: Path, rule, say) -> tuple[Path, st
         source = str(given)
     else:
         source = "trained"
+    if rule is None and (tokenizer_file.is_file() or source != "trained"):
+        rule = choose_split_rule(data_cfg)
     if not tokenizer_file.is_file():  # written under another name, then renamed: never half a file
         partial = out / (TOKENIZER_FILENAME + ".partial")
         partial.unlink(missing_ok=True)  # a link there is removed, never written through
@@ -93,9 +99,36 @@ def make_tokenizer(data_cfg: DataConfig, out: Path, rule, say) -> tuple[Path, st
         else:
             tok = data_cfg.tokenizer
             say(f"msllm prep: training a {tok.type} tokenizer of {tok.vocab_size} pieces")
-            train_tokenizer(train_documents(data_cfg, rule), data_cfg.tokenizer, partial, num_threads=data_cfg.workers)
+            if rule is None:
+                rule = train_while_splitting(data_cfg, partial)
+            else:
+                train_tokenizer(train_documents(data_cfg, rule), tok, partial, num_threads=data_cfg.workers)
         os.replace(partial, tokenizer_file)
-    return tokenizer_file, source
+    return tokenizer_file, source, rule
+
+
+def train_while_splitting(data_cfg: DataConfig, out_path: Path) -> SplitRule:
+    """Train the tokenizer in the same pass over the corpus that finds the split (SplitScan): on the
+    documents whose hash is at or above data.validation_fraction, the train split's, unless the
+    threshold has to move (a corpus whose hashes all lie on one side of it): then it is trained
+    again, on the train split. The same documents in the same order as a pass of its own: the same
+    tokenizer. Returns the split rule."""
+    scan = SplitScan(data_cfg)
+    guess = SplitRule(data_cfg.validation_fraction)
+    failed = None
+    try:
+        train_tokenizer((text for text in scan.documents() if guess.split_of(text) == "train"), data_cfg.tokenizer,
+                        out_path, num_threads=data_cfg.workers)
+    except DataError as exc:  # sentencepiece's, or the corpus's own, which sentencepiece wraps
+        failed = exc
+    if scan.error is not None:
+        raise scan.error
+    rule = scan.finish()  # a corpus that cannot be split fails here, as before any training
+    if rule.threshold != guess.threshold:
+        train_tokenizer(train_documents(data_cfg, rule), data_cfg.tokenizer, out_path, num_threads=data_cfg.workers)
+    elif failed is not None:
+        raise failed
+    return rule
 
 
 @contextlib.contextmanager
