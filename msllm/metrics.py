@@ -1,7 +1,11 @@
 """Measures of a running training: MFU's peak FLOP/s (a table of known accelerators, or a measured
 matmul, with the CPU's cached per machine), peak memory, and durations as the logs print them.
 
-The trainer's SpeedMonitor (msllm.train.callbacks) and the benchmarks (msllm.bench) both use them.
+    Throughput   tokens/s, seconds per step and the ETA over the steps since the last row
+    MfuMeter     MFU from a tokens/s rate, and the peak measured again when the rate exceeds it
+
+The trainer builds its metrics rows with them (msllm.train.trainer.Trainer.step_metrics); the
+benchmarks (msllm.bench) use the peak and the memory measures too.
 """
 
 from __future__ import annotations
@@ -109,6 +113,83 @@ def cpu_peak_flops() -> float:
         except OSError:
             pass
     return best
+
+
+class Throughput:
+    """Tokens/s and seconds per step since the last row, from the seconds spent inside the training
+    steps (eval and checkpoints excluded); the ETA from the wall-clock time per step since the start."""
+
+    def __init__(self, tokens_per_step: int, max_steps: int, step: int, train_time: float = 0.0):
+        self.tokens_per_step, self.max_steps = tokens_per_step, max_steps
+        self.t_start = time.perf_counter()
+        self.step_start = self.step_last = step
+        self.train_time_last = train_time
+
+    def at(self, step: int, train_time: float) -> dict:
+        """{"tokens_per_s", "step_time_s", "eta_s"} at `step`, `train_time` seconds of training in."""
+        dt = max(train_time - self.train_time_last, 1e-9)
+        steps = max(step - self.step_last, 1)
+        per_step = (time.perf_counter() - self.t_start) / max(step - self.step_start, 1)
+        self.train_time_last, self.step_last = train_time, step
+        return {"tokens_per_s": steps * self.tokens_per_step / dt, "step_time_s": dt / steps,
+                "eta_s": per_step * (self.max_steps - step)}
+
+
+class MfuMeter:
+    """Model FLOPs utilisation: the achieved over the peak FLOP/s of the devices, never above 1."""
+
+    def __init__(self, flops_per_token: float | None, peak_flops: float | None, world_size: int,
+                 remeasure=None):
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops  # per device; None: unknown (n/a)
+        self.world_size = world_size
+        self.remeasure = remeasure  # () -> peak FLOP/s again, or None when the peak was given (train.peak_flops)
+        self.peak_unreliable = False
+
+    @classmethod
+    def for_run(cls, recipe, device: torch.device, world_size: int) -> MfuMeter:
+        """With the run's training FLOPs per token and the peak FLOP/s per device MFU is computed
+        against (rank 0 measures or looks it up; every rank uses the same; the log says which)."""
+        from msllm.distributed import collectives
+        from msllm.distributed.env import say
+        from msllm.models import flops_per_token
+
+        try:
+            fpt = float(flops_per_token(recipe.model, recipe.data.seq_len))
+        except Exception as exc:  # MFU is informative; never stop a run for it
+            say(f"(MFU unavailable: flops_per_token failed: {exc})")
+            fpt = None
+        peak, source = collectives.on_rank0(peak_flops, device, recipe.train.peak_flops)
+        say(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s per device ({source})")
+        remeasure = None if recipe.train.peak_flops else (lambda: peak_flops(device)[0])
+        return cls(fpt, peak, world_size, remeasure)
+
+    def at(self, tokens_per_s: float) -> dict:
+        """{"mfu", "peak_unreliable"} at this rate (mfu None: not given)."""
+        mfu = self.mfu(tokens_per_s)
+        return {"mfu": mfu, "peak_unreliable": self.peak_unreliable}
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Achieved over peak FLOP/s; never above 1. A rate above the peak means the peak was
+        measured while other work shared the device (a busy CPU at start): measure it again (the
+        CPU's best measurement is kept per machine); if the rate is still above it, the peak is
+        unreliable and MFU is not given (the row says so)."""
+        if not (self.flops_per_token and self.peak_flops):
+            return None
+        if self.peak_unreliable:
+            return None
+        mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+        if mfu > 1.0 and self.remeasure is not None:
+            self.peak_flops = max(self.peak_flops, self.remeasure())
+            mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+        if mfu > 1.0:
+            from msllm.distributed.env import say
+
+            self.peak_unreliable = True
+            say(f"msllm: the peak ({self.peak_flops / 1e12:.3g} TFLOP/s per device) is below the achieved rate: MFU is "
+                "not given from now on (set train.peak_flops to the device's real peak)")
+            return None
+        return mfu
 
 
 def peak_rss_bytes() -> int:

@@ -54,7 +54,7 @@ else:
 def wiki_tokenizer(made_once) -> tuple[Path, list[str]]:
     """(a tokenizer.model trained on the train split of the built-in corpus, its validation
     documents), made once per test run (conftest's `made_once` fixture)."""
-    from msllm.data.prepare import choose_split_rule
+    from msllm.data.prepare.split import choose_split_rule
     from msllm.data.sources import iter_documents
     from msllm.data.tokenizer import train_tokenizer
 

@@ -62,17 +62,17 @@ def test_moved_shards_and_corpus_are_up_to_date_and_the_corpus_may_be_absent(dat
 # prints a line and sleeps: a kill that follows lands in the middle of a part, at a known one.
 _PAUSE_IN_PART_3 = """
 import time
-import msllm.data.prepare as prepare
-_write_json, _add = prepare._write_json, prepare.WindowWriter.add
+import msllm.data.prepare.write as write
+_write_json, _add = write.write_json, write.WindowWriter.add
 def write_json(path, value):
     _write_json(path, value)
-    prepare.in_part_3 = path.name == prepare.PROGRESS_FILENAME and value.get("parts_done") == 3
+    write.in_part_3 = path.name == write.PROGRESS_FILENAME and value.get("parts_done") == 3
 def add(self, tokens, documents, text_bytes):
     _add(self, tokens, documents, text_bytes)
-    if getattr(prepare, "in_part_3", False):
+    if getattr(write, "in_part_3", False):
         print("PAUSED IN PART 3", flush=True)
         time.sleep(600)
-prepare._write_json, prepare.WindowWriter.add = write_json, add
+write.write_json, write.WindowWriter.add = write_json, add
 """
 
 

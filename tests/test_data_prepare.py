@@ -13,7 +13,7 @@ from data_helpers import make_documents, text_config, write_text_files
 
 from msllm.config import DataConfig, TokenizerConfig
 from msllm.data import build_dataloader, load_tokenizer, prepare_dataset, read_manifest
-from msllm.data.prepare import document_hash_fraction
+from msllm.data.prepare.split import document_hash_fraction
 from msllm.errors import DataError
 
 
@@ -75,7 +75,7 @@ def test_train_and_validation_share_no_document(data_small_corpus):
 
 
 def test_neither_split_is_ever_empty(tmp_path):
-    from msllm.data.prepare import choose_split_rule
+    from msllm.data.prepare.split import choose_split_rule
 
     documents = make_documents(3, seed=11, words=20)
     write_text_files(tmp_path / "text", documents)
@@ -132,12 +132,12 @@ def test_a_crash_leaves_no_dataset_that_looks_complete(tmp_path, monkeypatch):
     write_text_files(tmp_path / "text", make_documents(20, seed=3, words=60))
     cfg = text_config(tmp_path / "text", tmp_path / "shards", seq_len=32, workers=1)
 
-    from msllm.data import prepare
+    from msllm.data.prepare import write
 
     def crash(self):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prepare.WindowWriter, "finish", crash)
+    monkeypatch.setattr(write.WindowWriter, "finish", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         prepare_dataset(cfg, quiet=True)
     assert not (tmp_path / "shards").exists()

@@ -30,7 +30,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_the_fixture_is_in_msllms_shard_format(make_shards):
-    from msllm.data.prepare import SHARD_COMPRESSION, SHARD_HASHES, TOKENS_COLUMN
+    from msllm.data.prepare.write import SHARD_COMPRESSION, SHARD_HASHES, TOKENS_COLUMN
 
     assert (make_shards.COLUMNS, make_shards.COMPRESSION, make_shards.HASHES) == (
         TOKENS_COLUMN, SHARD_COMPRESSION, SHARD_HASHES)

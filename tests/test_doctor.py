@@ -8,7 +8,7 @@ import json
 
 import torch
 
-import msllm.models.attention as attention
+import msllm.models.attention.kernels as attention
 import msllm.train.loss as loss_module
 from msllm.doctor import format_report, kernels
 from train_helpers import msllm

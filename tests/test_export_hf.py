@@ -221,9 +221,11 @@ def test_the_modeling_file_is_msllms_own_source(exports):
     """Every function and class of msllm/models is in modeling_msllm.py exactly as msllm has it."""
     import msllm.models
     from msllm.models import attention, bottom_up, decoding, layers, retina, top_down, vanilla
+    from msllm.models.attention import cache, kernels, modules as cores, patterns
 
     text = (exports[0] / "retina" / "hf" / "modeling_msllm.py").read_text()
-    modules = [msllm.models, attention, bottom_up, decoding, layers, retina, top_down, vanilla]
+    modules = [msllm.models, attention, cache, kernels, cores, patterns, bottom_up, decoding, layers, retina, top_down,
+               vanilla]
     count = 0
     for module in modules:
         for name, value in vars(module).items():

@@ -22,7 +22,7 @@ from model_helpers import tiny_model
 from train_helpers import make_recipe, msllm
 from launch import clean_env
 
-import msllm.models.attention as attention
+import msllm.models.attention.kernels as attention
 import msllm.train.loss as loss_module
 from msllm.errors import KernelError
 from msllm.models.attention import SlidingWindow, kernel_for

@@ -5,7 +5,7 @@
     engine.py       AdamW parameter groups, the learning-rate schedule, the DeepSpeed config and engine
     loss.py         the one loss: never all the logits at once (chunked, dense, liger, cce)
     nonfinite.py    never apply a non-finite update; a streak of them becomes a stop
-    callbacks.py    speed and log rows, console, metrics.jsonl, TensorBoard, eval
+    callbacks.py    the components fed each step's metrics: console, metrics.jsonl, TensorBoard, eval
     evaluate.py     validation loss / perplexity / bits per byte over a loader
     bare.py         the bare training step (no DeepSpeed) that the benchmarks measure
     memory.py       the memory of one training step (StepMemory), computed and measured on the bare step

@@ -1,28 +1,35 @@
-"""Small components that act on each step's plan (in the spirit of LLM Foundry's callbacks).
+"""Small components that act on each step's plan and metrics (in the spirit of LLM Foundry's callbacks).
 
-The loop hands every component the step's plan (msllm.train.schedule.StepPlan: what is due);
-each concern lives in one class:
+The trainer builds one metrics mapping per step (msllm.train.trainer.Trainer.step_metrics: the
+step and the tokens seen; at the steps that log, the whole train row: loss, lr, tokens/s, MFU,
+memory, ETA and the model's own metrics) and hands it, with the step's plan
+(msllm.train.schedule.StepPlan: what is due), to every component; the rows to log reach them
+through `on_log(row)`. No component reads the trainer. Each concern lives in one class:
 
-    SpeedMonitor        at the steps that log: builds the row (tokens/s, MFU, memory, ETA) and
-                        hands it to the loggers through `trainer.log(row)`
     ConsoleLogger       one line per row on rank 0
     JsonlLogger         output_dir/metrics.jsonl, one JSON object per row
     TensorBoardLogger   output_dir/tensorboard, the same scalars
     EvalCallback        validation at the steps the plan says (eval.every, and the last)
 
-Checkpoints are the Checkpointer's (msllm.checkpoint), stops the Schedule's.
+The loggers write whatever keys a row holds; FIELDS below says how the console and TensorBoard
+show the keys they know (a new metric needs an entry there only to be shown otherwise than by
+default). Checkpoints are the Checkpointer's (msllm.checkpoint), stops the Schedule's, the
+throughput and MFU msllm.metrics'.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from msllm.distributed import collectives
 from msllm.distributed.env import say
-from msllm.metrics import accelerator_max_allocated, fmt_duration, peak_flops, peak_rss_bytes
+from msllm.metrics import fmt_duration
 from msllm.safe_files import open_append_nofollow, write_new
 
 # The model metrics of dynamic chunking (msllm.models.bottom_up.METRICS, each with _s<scale>): the
@@ -33,100 +40,92 @@ CHUNKING_METRICS = ("compression_s", "ratio_loss_s", "p_std_s", "p_near_threshol
 
 
 class Callback:
-    def on_train_start(self, trainer) -> None: ...
-    def on_step(self, trainer, plan) -> None: ...
-    def on_log(self, trainer, row: dict) -> None: ...
+    def on_train_start(self, metrics: dict) -> None: ...
+    def on_step(self, plan, metrics: dict) -> None: ...
+    def on_log(self, row: dict) -> None: ...
     def close(self) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics row builder
+# How the loggers show the keys of a row
 # ----------------------------------------------------------------------------------------------
 
 
-class SpeedMonitor(Callback):
-    """Throughput, MFU, memory and ETA over the steps since the last row."""
+@dataclass(frozen=True)
+class Field:
+    """How the loggers show one key of a row (or every key that starts with `prefix`).
 
-    def __init__(self, flops_per_token: float | None, peak_flops: float | None, world_size: int,
-                 remeasure=None):
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops  # per device; None: unknown (n/a)
-        self.world_size = world_size
-        self.remeasure = remeasure  # () -> peak FLOP/s again, or None when the peak was given (train.peak_flops)
-        self.peak_unreliable = False
+    tag      TensorBoard's tag ("{key}" is replaced by the key); None: not a TensorBoard scalar
+    console  (key, value, row) -> its text in the console line; None: not printed
+    """
 
-    @classmethod
-    def for_run(cls, recipe, device, world_size: int) -> SpeedMonitor:
-        """With the run's training FLOPs per token and the peak FLOP/s per device MFU is computed
-        against (rank 0 measures or looks it up; every rank uses the same; the log says which)."""
-        from msllm.models import flops_per_token
+    key: str
+    tag: str | None = None
+    console: Callable[[str, object, dict], str] | None = None
+    prefix: bool = False
 
-        try:
-            fpt = float(flops_per_token(recipe.model, recipe.data.seq_len))
-        except Exception as exc:  # MFU is informative; never stop a run for it
-            say(f"(MFU unavailable: flops_per_token failed: {exc})")
-            fpt = None
-        peak, source = collectives.on_rank0(peak_flops, device, recipe.train.peak_flops)
-        say(f"peak for MFU: {peak / 1e12:.3g} TFLOP/s per device ({source})")
-        remeasure = None if recipe.train.peak_flops else (lambda: peak_flops(device)[0])
-        return cls(fpt, peak, world_size, remeasure)
+    def names(self, key: str) -> bool:
+        return key.startswith(self.key) if self.prefix else key == self.key
 
-    def mfu(self, tokens_per_s: float) -> float | None:
-        """Achieved over peak FLOP/s; never above 1. A rate above the peak means the peak was
-        measured while other work shared the device (a busy CPU at start): measure it again (the
-        CPU's best measurement is kept per machine); if the rate is still above it, the peak is
-        unreliable and MFU is not given (the row says so)."""
-        if not (self.flops_per_token and self.peak_flops):
-            return None
-        if self.peak_unreliable:
-            return None
-        mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
-        if mfu > 1.0 and self.remeasure is not None:
-            self.peak_flops = max(self.peak_flops, self.remeasure())
-            mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
-        if mfu > 1.0:
-            self.peak_unreliable = True
-            say(f"msllm: the peak ({self.peak_flops / 1e12:.3g} TFLOP/s per device) is below the achieved rate: MFU is "
-                "not given from now on (set train.peak_flops to the device's real peak)")
-            return None
-        return mfu
 
-    def on_train_start(self, trainer) -> None:
-        self.t_start = time.perf_counter()
-        self.train_time_last = trainer.train_time
-        self.step_last = self.step_start = trainer.state.step
+def _grad(key, value, row) -> str:
+    return "grad " + ("n/a" if value is None else f"{value:.3f}")
 
-    def on_step(self, trainer, plan) -> None:
-        if not plan.log:
-            return
-        step = plan.step
-        now = time.perf_counter()
-        dt = max(trainer.train_time - self.train_time_last, 1e-9)
-        steps = max(step - self.step_last, 1)
-        tokens_per_s = steps * trainer.tokens_per_step / dt
-        mfu = self.mfu(tokens_per_s)
-        per_step = (now - self.t_start) / max(step - self.step_start, 1)
-        row = {
-            "kind": "train",
-            "step": step,
-            "loss": trainer.last_loss,
-            "lr": trainer.last_lr,
-            "grad_norm": trainer.last_grad_norm,
-            "tokens": trainer.state.tokens,
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu,
-            "peak_unreliable": self.peak_unreliable,
-            "peak_rss_bytes": peak_rss_bytes(),
-            "accel_max_allocated_bytes": accelerator_max_allocated(),
-            "step_time_s": dt / steps,
-            "eta_s": per_step * (trainer.max_steps - step),
-            "time": time.time(),
-            **trainer.last_model_metrics,  # dynamic chunking: CHUNKING_METRICS, per scale
-        }
-        if trainer.last_sample_ids is not None:  # log.sample_ids
-            row["sample_ids"] = trainer.last_sample_ids
-        self.train_time_last, self.step_last = trainer.train_time, step
-        trainer.log(row)
+
+def _mfu(key, value, row) -> str:
+    return "mfu " + (f"{100 * value:.1f}%" if value is not None else
+                     "n/a (peak unreliable)" if row.get("peak_unreliable") else "n/a")
+
+
+def _memory(key, value, row) -> str:
+    text = f"rss {value / 2**30:.2f}GiB"
+    if row.get("accel_max_allocated_bytes") is not None:
+        text += f" acc {row['accel_max_allocated_bytes'] / 2**30:.2f}GiB"
+    return text
+
+
+def _hidden(*keys: str) -> tuple[Field, ...]:
+    """Keys the loggers know and show nowhere but in metrics.jsonl."""
+    return tuple(Field(key) for key in keys)
+
+
+# Per row kind, in the console's order (each row's keys that no field names follow, in the row's
+# order: in TensorBoard as <kind>/<key> when they are finite numbers, in the console as "<key> <value>").
+FIELDS: dict[str, tuple[Field, ...]] = {
+    "train": (
+        *_hidden("kind", "step"),
+        Field("loss", "train/loss", lambda k, v, row: f"loss {v:.4f}"),
+        Field("lr", "train/lr", lambda k, v, row: f"lr {v:.3e}"),
+        Field("grad_norm", "train/grad_norm", _grad),
+        Field("tokens", "train/tokens"),
+        Field("tokens_per_s", "perf/tokens_per_s", lambda k, v, row: f"{v:,.0f} tok/s"),
+        Field("mfu", "perf/mfu", _mfu),
+        Field("peak_rss_bytes", "perf/peak_rss_bytes", _memory),
+        Field("accel_max_allocated_bytes", "perf/accel_max_allocated_bytes"),  # printed with the rss
+        # dynamic chunking's metrics, whatever its scales are: the compression printed
+        Field("compression_s", "chunking/{key}", lambda k, v, row: f"compression s{k[len('compression_s'):]} {v:.2f}",
+              prefix=True),
+        *(Field(key, "chunking/{key}", prefix=True) for key in CHUNKING_METRICS if key != "compression_s"),
+        Field("eta_s", console=lambda k, v, row: f"eta {fmt_duration(v)}"),
+        *_hidden("peak_unreliable", "step_time_s", "time", "sample_ids"),
+    ),
+    "eval": (
+        *_hidden("kind", "step", "tokens", "time"),
+        Field("loss", "eval/loss", lambda k, v, row: f"loss {v:.4f}"),
+        Field("perplexity", "eval/perplexity", lambda k, v, row: f"ppl {v:.2f}"),
+        Field("bits_per_byte", "eval/bits_per_byte", lambda k, v, row: f"bpb {v:.4f}"),
+        Field("eval_tokens", console=lambda k, v, row: f"{v:,} tokens in {row['eval_time_s']:.1f}s"),
+        *_hidden("eval_time_s"),
+    ),
+}
+
+
+def _field(kind: str, key: str) -> Field | None:
+    return next((f for f in FIELDS.get(kind, ()) if f.names(key)), None)
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,26 +139,18 @@ class ConsoleLogger(Callback):
         self.max_steps = max_steps
         self.print = printer
 
-    def on_log(self, trainer, row: dict) -> None:
-        if row["kind"] == "eval":
-            self.print(
-                f"eval  step {row['step']:>{self.width}} | loss {row['loss']:.4f} | ppl {row['perplexity']:.2f} | "
-                f"bpb {row['bits_per_byte']:.4f} | {row['eval_tokens']:,} tokens in {row['eval_time_s']:.1f}s"
-            )
-            return
-        grad = "n/a" if row["grad_norm"] is None else f"{row['grad_norm']:.3f}"
-        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else (
-            "n/a (peak unreliable)" if row.get("peak_unreliable") else "n/a")
-        mem = f"rss {row['peak_rss_bytes'] / 2**30:.2f}GiB"
-        if row.get("accel_max_allocated_bytes") is not None:
-            mem += f" acc {row['accel_max_allocated_bytes'] / 2**30:.2f}GiB"
-        chunking = "".join(f" | compression s{key[len('compression_s'):]} {value:.2f}"
-                           for key, value in row.items() if key.startswith("compression_s"))
-        self.print(
-            f"step {row['step']:>{self.width}}/{self.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.3e} | "
-            f"grad {grad} | {row['tokens_per_s']:,.0f} tok/s | mfu {mfu} | {mem}{chunking} | "
-            f"eta {fmt_duration(row['eta_s'])}",
-        )
+    def on_log(self, row: dict) -> None:
+        kind = row.get("kind", "train")
+        head = (f"eval  step {row['step']:>{self.width}}" if kind == "eval" else
+                f"step {row['step']:>{self.width}}/{self.max_steps}")
+        parts = [head]
+        for field in FIELDS.get(kind, ()):  # the known keys in the layout's order
+            if field.console is not None:
+                parts += [field.console(key, value, row) for key, value in row.items() if field.names(key)]
+        for key, value in row.items():  # then the others, as they come
+            if _field(kind, key) is None:
+                parts.append(f"{key} {value:.4g}" if _number(value) else f"{key} {value}")
+        self.print(" | ".join(parts))
 
 
 class JsonlLogger(Callback):
@@ -180,7 +171,7 @@ class JsonlLogger(Callback):
             write_new(path, "".join(k + "\n" for k in kept))
         self.f = open_append_nofollow(path)  # a link planted since: ELOOP, never a write through it
 
-    def on_log(self, trainer, row: dict) -> None:
+    def on_log(self, row: dict) -> None:
         self.f.write(json.dumps(row, allow_nan=True) + "\n")
 
     def close(self) -> None:
@@ -188,17 +179,7 @@ class JsonlLogger(Callback):
 
 
 class TensorBoardLogger(Callback):
-    TRAIN = {
-        "loss": "train/loss",
-        "lr": "train/lr",
-        "grad_norm": "train/grad_norm",
-        "tokens_per_s": "perf/tokens_per_s",
-        "mfu": "perf/mfu",
-        "peak_rss_bytes": "perf/peak_rss_bytes",
-        "accel_max_allocated_bytes": "perf/accel_max_allocated_bytes",
-        "tokens": "train/tokens",
-    }
-    EVAL = {"loss": "eval/loss", "perplexity": "eval/perplexity", "bits_per_byte": "eval/bits_per_byte"}
+    """The finite numbers of each row, as FIELDS names them (the others as <kind>/<key>)."""
 
     def __init__(self, logdir: Path, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -206,16 +187,15 @@ class TensorBoardLogger(Callback):
         self.logdir = logdir
         self.writer = SummaryWriter(str(logdir), purge_step=resume_step + 1)  # drop events of an earlier attempt
 
-    def on_log(self, trainer, row: dict) -> None:
+    def on_log(self, row: dict) -> None:
         if not self.logdir.is_dir():  # the run folder deleted under the run: its next check stops it, in one line
             return
-        names = self.EVAL if row["kind"] == "eval" else self.TRAIN
-        if row["kind"] == "train":  # dynamic chunking's scalars, whatever its scales are
-            names = {**names, **{key: f"chunking/{key}" for key in row if key.startswith(CHUNKING_METRICS)}}
-        for key, tag in names.items():
-            value = row.get(key)
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(tag, value, global_step=row["step"])
+        kind = row.get("kind", "train")
+        for key, value in row.items():
+            field = _field(kind, key)
+            tag = f"{kind}/{key}" if field is None else field.tag
+            if tag is not None and _number(value):
+                self.writer.add_scalar(tag.format(key=key), value, global_step=row["step"])
         self.writer.flush()
 
     def close(self) -> None:
@@ -229,22 +209,24 @@ class TensorBoardLogger(Callback):
 
 class EvalCallback(Callback):
     """Validation loss, perplexity and bits per byte at the steps the plan says: one pass over this
-    rank's share of the validation split (at most eval.max_batches batches)."""
+    rank's share of the validation split (at most eval.max_batches batches). Its row goes to `log`."""
 
-    def __init__(self, recipe, dims, shards, loss_kernel: str):
+    def __init__(self, recipe, dims, shards, loss_kernel: str, engine, device, log: Callable[[dict], None]):
         self.recipe = recipe
         self.dims = dims
         self.manifest = shards.manifest
         self.loss_kernel = loss_kernel
+        self.engine, self.device, self.log = engine, device, log
         self.batch_size = recipe.eval.micro_batch_size or recipe.train.micro_batch_size
         self.loader = None  # built at the first evaluation, once: streaming refuses two datasets on one folder
         self.last_row: dict | None = None
 
-    def on_step(self, trainer, plan) -> None:
+    def on_step(self, plan, metrics: dict) -> None:
         if plan.eval:
-            self.evaluate(trainer)
+            self.evaluate(metrics)
 
-    def evaluate(self, trainer) -> dict:
+    def evaluate(self, metrics: dict) -> dict:
+        """The eval row at the step and tokens of `metrics`."""
         from msllm.data import build_dataloader
         from msllm.train.evaluate import evaluate
 
@@ -254,17 +236,17 @@ class EvalCallback(Callback):
                 r.data, "validation", self.batch_size, r.run.seed, sp_size=dims.sp, sp_rank=dims.sp_rank,
                 replication=dims.replication, shuffle=False,
             )
-        engine = trainer.state.engine
+        engine = self.engine
         engine.eval()
         try:
             row = evaluate(engine, self.loader, self.manifest, self.batch_size, r.eval.max_batches,
-                           trainer.device, dp_size=dims.dp, loss_kernel=self.loss_kernel,
+                           self.device, dp_size=dims.dp, loss_kernel=self.loss_kernel,
                            loss_chunk_size=r.train.loss_chunk_size)
         finally:
             engine.train()
-        row.update(step=trainer.state.step, tokens=trainer.state.tokens, time=time.time())
+        row.update(step=metrics["step"], tokens=metrics["tokens"], time=time.time())
         self.last_row = row
-        trainer.log(row)
+        self.log(row)
         return row
 
 
@@ -274,7 +256,7 @@ class ShardsWatch:
     or checkpoints, rank 0 reads the manifest again:
 
     - changed: the run stops with a one-line DataError; the checkpoints so far stay (they hold the
-      tokenizer the run started with: msllm.checkpoint.TrainState);
+      tokenizer the run started with: msllm.checkpoint.state.TrainState);
     - gone (the folder deleted): training goes on from this job's local copy of the shards, and says
       so once; evaluation is skipped while the validation split is not there.
 

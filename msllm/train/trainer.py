@@ -16,7 +16,9 @@ and `Trainer.fit()` resumes if it can, then runs the loop, which reads as torcht
     train_step(plan)                 grad_accum_steps micro-batches: forward with the loss, backward, step
     plan = guard.check(engine, plan) a skipped update cancels the checkpoint; too many: a stop
     plan = shards_watch.check(plan)  the shards changed under the run: a stop; gone: no eval
-    component.on_step(plan)          speed and log rows, eval (msllm.train.callbacks)
+    metrics = step_metrics(plan)     the step's metrics mapping; the train row at the steps that log
+    log(metrics)                     the row to the loggers (msllm.train.callbacks), when the plan logs
+    component.on_step(plan, metrics) eval (msllm.train.callbacks)
     checkpointer.save(step)          when the plan says so
     stop when the plan says so
 
@@ -56,8 +58,8 @@ from msllm.safe_files import write_new
 from msllm.distributed import ParallelDims, collectives
 from msllm.distributed.env import DistEnv, read_env, say
 from msllm.train.memory import check_can_train, check_fits
-from msllm.metrics import fmt_duration
-from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, ShardsWatch, SpeedMonitor, TensorBoardLogger
+from msllm.metrics import MfuMeter, Throughput, accelerator_max_allocated, fmt_duration, peak_rss_bytes
+from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, ShardsWatch, TensorBoardLogger
 from msllm.train.engine import lr_at, param_names
 from msllm.train.loss import choose_kernel, model_loss
 from msllm.train.nonfinite import NonFiniteGuard
@@ -108,11 +110,11 @@ class Trainer:
         self.schedule = Schedule(recipe)
         self.guard = NonFiniteGuard(t.max_skipped_steps, self.checkpointer)
         self.shards_watch = ShardsWatch(recipe.data, self.shards.manifest)
-        self.eval = EvalCallback(recipe, dims, self.shards, self.loss_kernel)
-        self.last_loss, self.last_lr, self.last_grad_norm = math.nan, lr_at(0, t), None
-        self.last_model_metrics: dict[str, float] = {}  # e.g. dynamic chunking's compression_s1
+        self.lr = lr_at(0, t)  # the rate of the last update (a host value)
+        # What the host last read back from the device (read_results): the loss, the gradient norm,
+        # the model's own metrics (e.g. dynamic chunking's compression_s1) and the sample ids.
+        self.results: dict = {"loss": math.nan, "grad_norm": None, "model": {}, "sample_ids": None}
         self.sample_ids: list[torch.Tensor] = []  # log.sample_ids: this rank's since the last read
-        self.last_sample_ids: list[int] | None = None
         self.train_time = 0.0  # seconds inside train_step (throughput excludes eval and checkpoints)
         # fp32 ZeRO 0 is the one setup in which DeepSpeed computes no gradient norm for us.
         self.own_grad_norm = recipe.parallel.zero_stage == 0 and t.precision == "fp32"
@@ -165,12 +167,14 @@ class Trainer:
         if state.step >= self.max_steps:  # a finished run: no second eval row, no new checkpoint
             say(f"nothing to do: the latest checkpoint is at step {state.step} >= train.max_steps {self.max_steps}")
             return
+        self.mfu = MfuMeter.for_run(r, self.device, self.denv.world_size)  # says the peak it uses
         self.components = self.make_components()
         batches = iter(state.loader)  # train loaders repeat epochs forever
         t_start = time.perf_counter()
         try:
+            self.throughput = Throughput(self.tokens_per_step, self.max_steps, state.step, self.train_time)
             for component in self.components:
-                component.on_train_start(self)
+                component.on_train_start({"step": state.step, "tokens": state.tokens})
             self.schedule.signals.install()
             state.engine.train()
             while True:
@@ -178,8 +182,11 @@ class Trainer:
                 self.train_step(batches, plan)
                 plan = self.guard.check(state.engine, plan)
                 plan = self.shards_watch.check(plan)
+                metrics = self.step_metrics(plan)
+                if plan.log:
+                    self.log(metrics)
                 for component in self.components:
-                    component.on_step(self, plan)
+                    component.on_step(plan, metrics)
                 if plan.checkpoint:
                     self.checkpointer.save(state.step)
                 if plan.stop is not None:
@@ -200,20 +207,51 @@ class Trainer:
                 component.close()
 
     def make_components(self) -> list:
-        """Speed first (it builds the log rows), the loggers on rank 0, then eval on every rank."""
+        """The loggers on rank 0, then eval on every rank."""
         r, step = self.recipe, self.state.step
-        components = [SpeedMonitor.for_run(r, self.device, self.denv.world_size)]
+        components = []
         if self.denv.is_main:
             components.append(ConsoleLogger(self.max_steps))
             components.append(JsonlLogger(self.out / "metrics.jsonl", step))
             if r.log.tensorboard:
                 components.append(TensorBoardLogger(self.out / "tensorboard", step))
+        self.eval = EvalCallback(r, self.dims, self.shards, self.loss_kernel, self.state.engine, self.device, self.log)
         return components + [self.eval]
 
     def log(self, row: dict) -> None:
         """Hand a metrics row (kind "train" or "eval") to every component."""
         for component in self.components:
-            component.on_log(self, row)
+            component.on_log(row)
+
+    def step_metrics(self, plan) -> dict:
+        """The metrics of step `plan.step`: its step and tokens; at the steps that log, the whole
+        train row (the loss and the gradient norm last read back, the rate, the throughput and MFU
+        since the last row, memory, ETA, the model's own metrics and, with log.sample_ids, the
+        samples read since the last row)."""
+        state = self.state
+        if not plan.log:
+            return {"kind": "train", "step": plan.step, "tokens": state.tokens}
+        res = self.results
+        speed = self.throughput.at(plan.step, self.train_time)
+        row = {
+            "kind": "train",
+            "step": plan.step,
+            "loss": res["loss"],
+            "lr": self.lr,
+            "grad_norm": res["grad_norm"],
+            "tokens": state.tokens,
+            "tokens_per_s": speed["tokens_per_s"],
+            **self.mfu.at(speed["tokens_per_s"]),  # mfu, peak_unreliable
+            "peak_rss_bytes": peak_rss_bytes(),
+            "accel_max_allocated_bytes": accelerator_max_allocated(),
+            "step_time_s": speed["step_time_s"],
+            "eta_s": speed["eta_s"],
+            "time": time.time(),
+            **res["model"],  # dynamic chunking: msllm.train.callbacks.CHUNKING_METRICS, per scale
+        }
+        if res["sample_ids"] is not None:  # log.sample_ids
+            row["sample_ids"] = res["sample_ids"]
+        return row
 
     def train_step(self, batches, plan) -> None:
         """One optimizer step over `grad_accum_steps` micro-batches; waits for the device only on
@@ -230,7 +268,7 @@ class Trainer:
             ce = model_loss(engine, ids, labels, self.loss_kernel, self.recipe.train.loss_chunk_size)
             engine.backward(ce * self.grad_scale)
             if micro == self.gas - 1:
-                self.last_lr = float(engine.get_lr()[0])  # the rate this update uses (a host value)
+                self.lr = float(engine.get_lr()[0])  # the rate this update uses (a host value)
                 if plan.reads_results and self.own_grad_norm:
                     grad_norm = _grad_norm(engine.module)
             engine.step()
@@ -245,21 +283,22 @@ class Trainer:
         """The one place where the host waits for the device: the global loss of this step (one
         all-reduce of this rank's cross-entropy sum, on the device), the gradient norm (ours, or
         DeepSpeed's). A non-finite loss has non-finite gradients: that update was skipped."""
+        res = self.results
         loss = collectives.all_reduce_sum(ce_sum.float().reshape(1).clone())
-        self.last_loss = loss.item() / self.tokens_per_step
+        res["loss"] = loss.item() / self.tokens_per_step
         if grad_norm is None:
             grad_norm = self.state.engine.get_global_grad_norm()
-        self.last_grad_norm = None if grad_norm is None else float(grad_norm)
+        res["grad_norm"] = None if grad_norm is None else float(grad_norm)
         # The model's own scalars of its last micro-batch (dynamic chunking's realised compression
         # per scale), averaged over the ranks: every rank has the same keys.
         if self.recipe.log.sample_ids:
             mine = torch.cat(self.sample_ids) if self.sample_ids else torch.zeros(0, dtype=torch.long)
             self.sample_ids = []
-            self.last_sample_ids = sorted(collectives.all_gather_lists(mine.tolist()))
+            res["sample_ids"] = sorted(collectives.all_gather_lists(mine.tolist()))
         metrics = self.state.engine.module.log_metrics()
         if metrics:
             values = collectives.all_reduce_sum(torch.stack([v.float() for v in metrics.values()]))
-            self.last_model_metrics = dict(zip(metrics, (values / self.denv.world_size).tolist()))
+            res["model"] = dict(zip(metrics, (values / self.denv.world_size).tolist()))
 
 
 def prepare_data(recipe):

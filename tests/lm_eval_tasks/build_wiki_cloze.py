@@ -24,7 +24,7 @@ SPAN = 3  # words per choice
 def sentences() -> list[str]:
     """Plain sentences of 10 to 24 words (letters, digits and light punctuation) of the validation documents."""
     from msllm.config import DataConfig
-    from msllm.data.prepare import choose_split_rule
+    from msllm.data.prepare.split import choose_split_rule
     from msllm.data.sources import iter_documents
 
     data = DataConfig(source="wikipedia-sample")

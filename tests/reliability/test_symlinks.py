@@ -67,7 +67,7 @@ def test_the_writers_replace_a_link_planted_after_the_start(tmp_path):
         (out / name).symlink_to(outside / "precious.txt")
     run_record.write({"world_size": 1}, out)
     logger = JsonlLogger(out / "metrics.jsonl", 0)
-    logger.on_log(None, {"kind": "train", "step": 1})
+    logger.on_log({"kind": "train", "step": 1})
     logger.close()
     assert (outside / "precious.txt").read_text() == OUTSIDE_TEXT
     assert json.loads((out / "run.json").read_text()) == {"world_size": 1}

@@ -136,16 +136,16 @@ def test_overwrite_of_the_working_directory_is_refused(tmp_path, tiny_data):
 
 
 def test_mfu_above_100_percent_is_never_given():
-    from msllm.train.callbacks import SpeedMonitor
+    from msllm.metrics import MfuMeter
 
     remeasured = []
-    monitor = SpeedMonitor(flops_per_token=1e6, peak_flops=1e9, world_size=1,
+    monitor = MfuMeter(flops_per_token=1e6, peak_flops=1e9, world_size=1,
                            remeasure=lambda: remeasured.append(1) or 4e9)
     assert monitor.mfu(2000) == pytest.approx(0.5)  # 2e9 of 4e9 after the re-measurement
     assert remeasured == [1] and monitor.peak_flops == 4e9
     assert monitor.mfu(8000) is None and monitor.peak_unreliable  # still above the peak: unreliable
     assert monitor.mfu(100) is None and remeasured == [1, 1]  # never given again, never measured again
-    fixed = SpeedMonitor(flops_per_token=1e6, peak_flops=1e9, world_size=1, remeasure=None)  # train.peak_flops
+    fixed = MfuMeter(flops_per_token=1e6, peak_flops=1e9, world_size=1, remeasure=None)  # train.peak_flops
     assert fixed.mfu(3000) is None and fixed.peak_unreliable and fixed.mfu(500) is None
 
 
@@ -155,7 +155,7 @@ def test_an_unreliable_peak_is_shown_as_such_in_the_log_line():
     printed = []
     row = {"kind": "train", "step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": None, "tokens_per_s": 1.0, "mfu": None,
            "peak_unreliable": True, "peak_rss_bytes": 2**30, "eta_s": 1.0}
-    ConsoleLogger(10, printer=printed.append).on_log(None, row)
+    ConsoleLogger(10, printer=printed.append).on_log(row)
     assert "mfu n/a (peak unreliable)" in printed[0]
 
 

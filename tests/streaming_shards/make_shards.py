@@ -7,7 +7,7 @@ tests/streaming_shards/mosaicml-streaming-0.13.0/ was written by this script und
 mosaicml-streaming 0.13.0 (the last upstream release); the test writes the same folder with the
 installed distribution (streaming-community) and compares it, file by file, and reads the
 committed one. Needs only streaming and numpy (no msllm): the columns, compression and hashes are
-msllm's (msllm.data.prepare: TOKENS_COLUMN, SHARD_COMPRESSION, SHARD_HASHES; the test checks
+msllm's (msllm.data.prepare.write: TOKENS_COLUMN, SHARD_COMPRESSION, SHARD_HASHES; the test checks
 that they still are), the layout is `msllm prep`'s (one sub-folder per part, joined by one merged
 index.json).
 """

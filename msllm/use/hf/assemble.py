@@ -7,7 +7,7 @@ modeling_msllm.py: the Hugging Face classes, written against msllm's imports so 
 lint as ordinary msllm code). The assembler follows the template's `from msllm... import`
 statements and writes, in dependency order:
 
-- msllm.models.*: each module's whole source (msllm/models/attention.py, layers.py, ...), its
+- msllm.models.*: each module's whole source (msllm/models/attention/kernels.py, layers.py, ...), its
   docstring turned into comments and its imports of msllm removed (what they named is defined
   earlier in the same file);
 - msllm.config: only the names imported from it (`doc`, `ScaleConfig`, `ModelConfig`), with
