@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages the launcher tests need (tests/test_launchers_static.py and tests/integration/):
+# System packages the launcher tests need (tests/unit/test_launchers_static.py and tests/integration/):
 # slurm (controller, node daemon, client) and munge for the emulated cluster, Debian's docker.io
 # engine and debootstrap for the container tests, iproute2 and util-linux (ip netns, unshare) for
 # the network-namespace test, shellcheck. Idempotent and non-interactive; needs root.

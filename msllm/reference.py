@@ -2,7 +2,7 @@
 every recipe field (msllm/config.py: its type, default and the text its `doc(...)` carries) and every
 `msllm` command with its arguments (the argparse parsers of msllm/cli.py).
 
-docs/hooks.py adds both pages to the mkdocs site at build time; tests/test_docs.py checks that every
+docs/hooks.py adds both pages to the mkdocs site at build time; tests/unit/test_docs.py checks that every
 field and every command is in them.
 """
 

@@ -6,9 +6,12 @@
     made_once           made_once(name, make) -> a folder that `make` fills once per test run
 
 Each is built once per test run, on disk (`made_once`): every module, and every xdist worker,
-shares it. Helpers that are not fixtures live in data_helpers.py, train_helpers.py (running
-`msllm`), model_helpers.py (the tiny model of each architecture), plot_helpers.py and launch.py
-(torchrun).
+shares it. Helpers that are not fixtures live in the package tests/fixtures/ (its docstring lists
+them): `from fixtures.train import msllm`.
+
+The folders follow the package: unit/ (one process), distributed/ (several ranks under torchrun,
+and the scripts they run), reliability/ (injected faults), integration/ (slurm, Docker, network
+namespaces), lab/ (the experiments of lab/ at toy sizes).
 
 A test marked `@pytest.mark.needs_root("why")` skips, saying why, when not run as root, and fails
 instead under CI (CI=true), which must run every test (`.ci/run` runs as root).
@@ -28,14 +31,14 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from data_helpers import make_documents, text_config, write_text_files
+from fixtures.data import make_documents, text_config, write_text_files
 from msllm.config import DataConfig, TokenizerConfig
-from train_helpers import base_recipe, check, corpus_text, make_recipe, msllm, recipe_paths
+from fixtures.train import base_recipe, check, corpus_text, make_recipe, msllm, recipe_paths
 
 
 def _interpret_triton_without_cuda() -> None:
     """Liger's Triton kernels run on the CPU in the tests under Triton's interpreter
-    (tests/kernel_helpers.py), which Triton reads when it defines a kernel, its own standard
+    (tests/fixtures/kernels.py), which Triton reads when it defines a kernel, its own standard
     library's included, at import: so it is set here, before anything imports triton, and only
     without CUDA (where nothing else can run a Triton kernel; on a GPU the CUDA tests need Triton
     compiled)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from msllm.errors import MsllmError
 
-CUDA_TESTS = ("tests/test_loss.py", "tests/test_attention_kernels.py")
+CUDA_TESTS = ("tests/unit/test_loss.py", "tests/unit/test_attention_kernels.py")
 CUDA_SELECTION = "cuda"  # pytest -k: the tests of CUDA_TESTS that skip without a GPU have "cuda" in their names
 
 

@@ -7,7 +7,7 @@ measured): `msllm eval`, `generate` (4 new tokens), `export`, `inspect --no-meas
 of the finished run ("nothing to do"). The table gives the median wall time of each, the baseline's,
 and their ratio; the commands' own work here is a fraction of a second (a 2-batch evaluation, four
 tokens, a small safetensors file). None of them imports DeepSpeed or measures a matmul peak
-(tests/test_startup.py checks that).
+(tests/unit/test_startup.py checks that).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ reference. Compiled means each transformer block compiled, as `train.compile` do
 - On a GPU: the BookCorpus recipes' models (recipes/models/*-bookcorpus.yaml, vocabulary 8000),
   bf16 autocast, L = 1k, 4k, 16k, 64k, 128k, batch x L = 64k tokens (or one sample).
 - On the CPU: the tiny recipes' models (recipes/models/*-tiny.yaml), fp32, L = 256 and 1k, 4k
-  tokens per step, so that CI can smoke-test it (tests/test_bench_throughput.py).
+  tokens per step, so that CI can smoke-test it (tests/unit/test_bench_throughput.py).
 
 On the CPU each (model, L, mode) is measured in two rounds, bare loop and trainer alternately, and
 each loop's faster round is kept: a shared machine's speed drifts by a third over minutes, more than

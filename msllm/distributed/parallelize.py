@@ -50,7 +50,7 @@ def compile_blocks(model: nn.Module, checkpointed: bool = False, **options) -> n
     pass a cheaper backend). Returns the model.
 
     Shapes: torch's automatic dynamic shapes (dynamic=None) compile a block for the first shape it
-    sees and, once a size changes, once more with that size symbolic; tests/test_recompile.py counts
+    sees and, once a size changes, once more with that size symbolic; tests/unit/test_recompile.py counts
     what varying lengths, batch sizes and dynamic chunking's chunk counts cost."""
     for block in [m for m in model.modules() if isinstance(m, BLOCKS)]:
         for module in block.children() if checkpointed else (block,):

@@ -15,7 +15,7 @@ A training step keeps these in memory:
 
 `step_memory` computes the split; `measure_step_peak` runs real training steps and measures the
 peak (CUDA's max_memory_allocated on an accelerator; on the CPU, every allocation and free that
-torch's profiler records), so that the split is checked against a measurement (tests/test_memory.py).
+torch's profiler records), so that the split is checked against a measurement (tests/unit/test_memory.py).
 Gradients grow in backward while activations are freed; the transient buffers of backward (the
 gradient flowing back through one block, the optimizer's temporaries) are not counted, so the
 measured peak can lie above the total (11-14% at the paper experiment's small d_model 128: lab/results/paper.md).
@@ -226,7 +226,7 @@ def step_memory(model: nn.Module, vocab_size: int, micro_batch: int, seq_len: in
 
     `measure_len` (0: seq_len) measures on samples of that many tokens instead and extends the
     figures linearly to seq_len: for lengths too long to run here (activation bytes per token are
-    flat in L for every architecture, tests/test_models.py; the loss's extension is exact)."""
+    flat in L for every architecture, tests/unit/test_models.py; the loss's extension is exact)."""
     parameters, gradients, optimizer = parameter_state_bytes(count_parameters(model), precision, zero_stage, dp)
     model.to(DTYPES[precision])
     measured = measure_len or seq_len

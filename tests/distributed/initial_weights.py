@@ -1,4 +1,4 @@
-"""Run under torchrun (tests/test_train_elastic.py): the initial weights as the trainer builds them
+"""Run under torchrun (tests/distributed/test_train_elastic.py): the initial weights as the trainer builds them
 (msllm.train.engine.build_model_for_training) on every rank, at ZeRO 3 (partitioned by
 deepspeed.zero.Init: gathered here) and at ZeRO 1 (materialised from the meta device), equal
 build_model(seed) built whole in one process, bit for bit (d_model 66 and vocab 301: parameters

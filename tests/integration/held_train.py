@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import sys
 
-from train_helpers import wait_for_a_signal_before_step
+from fixtures.train import wait_for_a_signal_before_step
 
-# The same patch the unit tests hand to `msllm` as python_code (tests/train_helpers.py).
+# The same patch the unit tests hand to `msllm` as python_code (tests/fixtures/train.py).
 exec(wait_for_a_signal_before_step(int(os.environ["MSLLM_HOLD_BEFORE_STEP"])))
 
 from msllm.cli import main  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lab import paper, scaling
-from plot_helpers import check_png, legend_labels, lines
+from fixtures.plots import check_png, legend_labels, lines
 
 LAB = Path(__file__).resolve().parents[2] / "lab"
 

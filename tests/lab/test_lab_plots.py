@@ -1,5 +1,5 @@
 """The lab's plots (paper, scaling) show what their captions say, as the benchmarks' do
-(tests/test_plots.py: the same checks); then each committed plot in lab/results is redrawn from its
+(tests/unit/test_plots.py: the same checks); then each committed plot in lab/results is redrawn from its
 committed table."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 
 from lab import RESULTS, paper, scaling
-from plot_helpers import check_readable, check_saved_png, lines
+from fixtures.plots import check_readable, check_saved_png, lines
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Build msllm_wiki_cloze.jsonl, the local lm-evaluation-harness task of tests/test_lm_eval.py: a
+"""Build msllm_wiki_cloze.jsonl, the local lm-evaluation-harness task of tests/unit/test_lm_eval.py: a
 4-way cloze over sentences of the validation split of msllm's built-in corpus (the Wikipedia
 sample shipped in gensim's test data, CC BY-SA). Each record is the start of a sentence
 (`context`), four 3-word continuations (`choices`: the sentence's own next three words and three
@@ -6,7 +6,7 @@ spans of other sentences) and the index of the true one (`answer`).
 
     python tests/lm_eval_tasks/build_wiki_cloze.py     # rewrites msllm_wiki_cloze.jsonl (needs gensim)
 
-tests/test_lm_eval.py checks that the shipped file is what this builds.
+tests/unit/test_lm_eval.py checks that the shipped file is what this builds.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from train_helpers import check, make_recipe, msllm, recipe_paths
+from fixtures.train import check, make_recipe, msllm, recipe_paths
 
 # The recipe sections of the shared trained run (and of each copy of it).
 TRAINED = dict(train={"max_steps": 6}, eval={"every": 0, "max_batches": 2}, checkpoint={"every": 3, "keep_last": 2})

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import cli, one_line
-from train_helpers import make_recipe
+from fixtures.reliability import cli, one_line
+from fixtures.train import make_recipe
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import checkpoints, cli, flip_bytes, one_line, one_line_error, tree_digest
-from train_helpers import check, losses, make_recipe, msllm, rows
+from fixtures.reliability import checkpoints, cli, flip_bytes, one_line, one_line_error, tree_digest
+from fixtures.train import check, losses, make_recipe, msllm, rows
 
 
 def _resume_falls_back(recipe, out, trained_run, broken: str):
@@ -71,7 +71,7 @@ def test_a_load_that_fails_half_way_restarts_from_the_initial_weights(run_copy, 
     its optimizer state; when the optimizer state then fails to load, in every checkpoint, the
     run starts again from step 0: from the initial weights, not from the last checkpoint's weights.
     Its step-1 loss is the fresh run's, exactly."""
-    from helpers import rerecord_checksum
+    from fixtures.reliability import rerecord_checksum
 
     recipe, out = run_copy
     for step in (3, 6):

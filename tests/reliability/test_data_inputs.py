@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from helpers import cli, one_line, one_line_error, tree_digest
-from train_helpers import corpus_text, make_recipe, msllm
+from fixtures.reliability import cli, one_line, one_line_error, tree_digest
+from fixtures.train import corpus_text, make_recipe, msllm
 
 
 def _prep(capsys, recipe, *overrides):

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from helpers import cli, flip_bytes, one_line, one_line_error, tree_digest
-from train_helpers import base_recipe, check, corpus_text, losses, make_recipe, msllm, write_recipe
+from fixtures.reliability import cli, flip_bytes, one_line, one_line_error, tree_digest
+from fixtures.train import base_recipe, check, corpus_text, losses, make_recipe, msllm, write_recipe
 
 
 def _shards_copy(tmp_path, tiny_data):

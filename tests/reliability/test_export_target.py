@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import cli, one_line, tree_digest
+from fixtures.reliability import cli, one_line, tree_digest
 
 
 @pytest.mark.parametrize("target", ["run", "run/checkpoints", "checkpoint", "parent"])

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
-from helpers import cli, one_line, tree_digest, write_llama_folder
-from train_helpers import make_recipe
+from fixtures.reliability import cli, one_line, tree_digest, write_llama_folder
+from fixtures.train import make_recipe
 
 
 def _user_folder(path):

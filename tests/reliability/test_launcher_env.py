@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import one_line_error
-from launch import clean_env
-from train_helpers import make_recipe, msllm
+from fixtures.reliability import one_line_error
+from fixtures.launch import clean_env
+from fixtures.train import make_recipe, msllm
 
 
 @pytest.mark.parametrize("variables, message", [

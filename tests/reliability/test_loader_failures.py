@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from helpers import checkpoints, flip_bytes, one_line_error, tree_digest
-from train_helpers import check, make_recipe, msllm
+from fixtures.reliability import checkpoints, flip_bytes, one_line_error, tree_digest
+from fixtures.train import check, make_recipe, msllm
 
 
 def _run_on_small_shards(tmp_path, tiny_data):

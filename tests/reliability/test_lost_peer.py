@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from launch import clean_env, torchrun_command
+from fixtures.launch import clean_env, torchrun_command
 from msllm.checkpoint.files import latest_complete, step_of
-from train_helpers import check, make_recipe, msllm_torchrun, wait_for_line
+from fixtures.train import check, make_recipe, msllm_torchrun, wait_for_line
 
 
 def rank_pids(launcher: int) -> dict[int, int]:

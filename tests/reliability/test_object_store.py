@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import one_line_error
-from launch import clean_env, free_port, wait_for_port
-from train_helpers import base_recipe, check, corpus_text, msllm, start_msllm, wait_for_line, write_recipe
+from fixtures.reliability import one_line_error
+from fixtures.launch import clean_env, free_port, wait_for_port
+from fixtures.train import base_recipe, check, corpus_text, msllm, start_msllm, wait_for_line, write_recipe
 
 BUCKET = "msllm-store-gone"
 

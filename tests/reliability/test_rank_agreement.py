@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from launch import clean_env, torchrun
-from train_helpers import make_recipe
+from fixtures.launch import clean_env, torchrun
+from fixtures.train import make_recipe
 
 # torchrun starts this script on every rank; rank 1 adds the --set that the test passes it.
 PER_RANK = """

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from helpers import cli, one_line
-from train_helpers import check, make_recipe, msllm, rows
+from fixtures.reliability import cli, one_line
+from fixtures.train import check, make_recipe, msllm, rows
 
 from msllm.config import MAX_RECIPE_DEPTH, MAX_RECIPE_VALUES
 

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from helpers import checkpoints, one_line_error, tree_digest
+from fixtures.reliability import checkpoints, one_line_error, tree_digest
 from msllm.checkpoint.files import latest_complete, step_of
-from train_helpers import check, make_recipe, msllm, rows, start_msllm, wait_for_line
+from fixtures.train import check, make_recipe, msllm, rows, start_msllm, wait_for_line
 
 
 def test_second_training_refused_and_lock_stale_after_kill_9(tmp_path, tiny_data):
@@ -148,7 +148,7 @@ def test_run_folder_deleted_during_training_stops_with_one_line(tmp_path, tiny_d
     """Probe class: run.output_dir deleted (rm -rf) while the run trains: its lock went with it."""
     import shutil
 
-    from launch import clean_env
+    from fixtures.launch import clean_env
 
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 8}, checkpoint={"every": 2},
                               eval={"every": 0, "max_batches": 1})

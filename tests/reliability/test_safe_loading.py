@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from helpers import Malicious, checkpoints, one_line_error, plant_malicious, tree_digest
-from train_helpers import check, clean_env, msllm
+from fixtures.reliability import Malicious, checkpoints, one_line_error, plant_malicious, tree_digest
+from fixtures.train import check, clean_env, msllm
 
 
 def test_the_planted_file_really_runs_code_under_an_unsafe_load(tmp_path):
@@ -70,7 +70,7 @@ def test_user_cannot_switch_safe_loading_off_by_environment(run_copy, tmp_path):
 def test_zero3_checkpoint_resumes_and_exports_weights_only(tmp_path, tiny_data):
     """DeepSpeed's own ZeRO files (loss scaler, ZeRO stage, fragment addresses) load weights-only:
     a ZeRO-3 run resumes and exports."""
-    from train_helpers import make_recipe
+    from fixtures.train import make_recipe
 
     recipe, out = make_recipe(
         tmp_path, tiny_data, parallel={"zero_stage": 3}, train={"max_steps": 3, "stop_at_step": 2},

@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 
-from helpers import cli, one_line, one_line_error, tree_digest
-from train_helpers import make_recipe, msllm
+from fixtures.reliability import cli, one_line, one_line_error, tree_digest
+from fixtures.train import make_recipe, msllm
 
 
 def _shards_with(tmp_path, tiny_data, split: str, key: str, name: str):

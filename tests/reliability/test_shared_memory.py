@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from helpers import checkpoints, one_line_error, tree_digest
-from launch import clean_env
-from train_helpers import msllm_command
+from fixtures.reliability import checkpoints, one_line_error, tree_digest
+from fixtures.launch import clean_env
+from fixtures.train import msllm_command
 
 # Runs "$@" in a mount namespace of its own, on an 8 KiB tmpfs at /dev/shm (the host's is untouched).
 TINY_SHM = 'mount -t tmpfs -o size=8k tmpfs /dev/shm && exec "$@"'

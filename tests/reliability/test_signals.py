@@ -6,9 +6,9 @@ from __future__ import annotations
 import signal
 import time
 
-from helpers import checkpoints
+from fixtures.reliability import checkpoints
 from msllm.train.schedule import StopSignals
-from train_helpers import check, losses, make_recipe, msllm, start_msllm, wait_for_a_signal_before_step, wait_for_line
+from fixtures.train import check, losses, make_recipe, msllm, start_msllm, wait_for_a_signal_before_step, wait_for_line
 
 
 def test_ctrl_c_checkpoints_and_the_rerun_is_exact(tmp_path, tiny_data, reference_run):

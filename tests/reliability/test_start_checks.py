@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from helpers import LLAMA_CONFIG, cli, one_line, one_line_error, tree_digest, write_llama_folder
-from train_helpers import make_recipe, msllm
+from fixtures.reliability import LLAMA_CONFIG, cli, one_line, one_line_error, tree_digest, write_llama_folder
+from fixtures.train import make_recipe, msllm
 
 HUGE = 2**40
 

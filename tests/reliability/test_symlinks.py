@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from helpers import cli, one_line, one_line_error, tree_digest, write_llama_folder
-from train_helpers import check, make_recipe, msllm
+from fixtures.reliability import cli, one_line, one_line_error, tree_digest, write_llama_folder
+from fixtures.train import check, make_recipe, msllm
 
 OUTSIDE_TEXT = "the user's own file, outside the run folder\n"
 

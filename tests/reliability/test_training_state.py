@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from helpers import checkpoints, cli, one_line, one_line_error, rerecord_checksum, tree_digest
-from train_helpers import check, make_recipe, msllm, rows
+from fixtures.reliability import checkpoints, cli, one_line, one_line_error, rerecord_checksum, tree_digest
+from fixtures.train import check, make_recipe, msllm, rows
 
 # At the start of step 4 (after checkpoint 3), ACTION is done to the run's shards folder.
 _AT_STEP_4 = """

@@ -1,4 +1,4 @@
-"""Write the tiny MDS shard folder of tests/test_data_streaming_compat.py, and record how the
+"""Write the tiny MDS shard folder of tests/unit/test_data_streaming_compat.py, and record how the
 `streaming` that wrote it reads it back (order of a shuffled epoch, resumption state).
 
     python tests/streaming_shards/make_shards.py OUT
