@@ -9,20 +9,18 @@ import torch
 
 from msllm.config import ModelConfig, ScaleConfig
 
-ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
+from msllm.models.registry import ARCHS, spec  # noqa: F401  (ARCHS: every registered architecture)
 
 
 def tiny_config(arch: str, **overrides) -> ModelConfig:
-    """A small model of `arch` (vocabulary 97, d_model 32, 2 heads, one final layer): vanilla has 2
-    full-attention layers, retina 2 local ones (window 8) over 3 levels of factor 2, bottom_up and
-    top_down one local layer (window 8) then one full layer 4 times coarser. Any field can be
-    overridden (`scales=...`, `d_model=64`, ...)."""
-    if arch in ("bottom_up", "top_down"):
-        scales = [ScaleConfig(1, 1, "local", 8), ScaleConfig(4, 1, "full")]
-    else:
-        scales = [ScaleConfig(1, 2, "full" if arch == "vanilla" else "local", 8)]
-    cfg = ModelConfig(arch=arch, vocab_size=97, d_model=32, n_heads=2, scales=scales, retina_levels=3,
-                      retina_factor=2, final_layers=1)
+    """A small model of `arch` (vocabulary 97, d_model 32, 2 heads), as its spec's `tiny` has it
+    (msllm.models.spec.ArchSpec.tiny): vanilla has 2 full-attention layers, retina 2 local ones
+    (window 8) over 3 levels of factor 2, bottom_up and top_down one local layer (window 8) then
+    one full layer 4 times coarser (bottom_up: one final layer). Any field can be overridden
+    (`scales=...`, `d_model=64`, ...)."""
+    fields = dict(spec(arch).tiny)
+    scales = [ScaleConfig(**scale) for scale in fields.pop("scales")]
+    cfg = ModelConfig(arch=arch, vocab_size=97, d_model=32, n_heads=2, scales=scales, **fields)
     return dataclasses.replace(cfg, **overrides)
 
 

@@ -17,7 +17,7 @@ from msllm.models.attention import local_attention
 from msllm.models.layers import Attention, CausalPool, Upsample
 from msllm.models.retina import RetinaPattern, retina_attention
 from msllm.distributed.parallelize import apply_activation_checkpointing
-from model_helpers import tiny_config
+from model_helpers import ARCHS, tiny_config
 
 VOCAB = tiny_config("vanilla").vocab_size  # 97
 MAMBA = MambaConfig(d_state=8, head_dim=16, chunk_size=8)
@@ -72,6 +72,8 @@ CONFIGS = {
         "retina", scales=[ScaleConfig(1, 2, "local", 3)], retina_factor=4, retina_levels=3
     ),
 }
+# Every registered architecture (msllm.models.registry) is covered: one not named above with its spec's tiny model.
+CONFIGS.update({f"{arch}-tiny": tiny_config(arch) for arch in ARCHS if arch not in {c.arch for c in CONFIGS.values()}})
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
@@ -252,6 +254,7 @@ MEMORY_CONFIGS = {
     "top_down": tiny_config("top_down", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
     "retina": tiny_config("retina", d_model=64, scales=[ScaleConfig(1, 1, "local", 64)], retina_factor=4),
 }
+MEMORY_CONFIGS.update({arch: tiny_config(arch, d_model=64) for arch in ARCHS if arch not in MEMORY_CONFIGS})
 
 
 @pytest.mark.slow
@@ -268,16 +271,18 @@ def test_activation_bytes_per_token_stay_flat_from_1k_to_16k(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_forward_and_backward_at_16k_tokens_and_d256(arch):
+    multi = tiny_config(arch).arch_config.multi_scale
     scales = {
         "vanilla": [ScaleConfig(1, 1, "full")],
         "retina": [ScaleConfig(1, 1, "local", 128)],
-    }.get(arch, [ScaleConfig(1, 1, "local", 128), ScaleConfig(4, 1, "full"), ScaleConfig(4, 1, "full")])
+    }.get(arch, [ScaleConfig(1, 1, "local", 128), ScaleConfig(4, 1, "full"), ScaleConfig(4, 1, "full")]
+          if multi else [ScaleConfig(1, 1, "local", 128)])
     # Retina's one layer reaches back w * (1 + k + ... + k^(S-1)) tokens: 5 levels of factor 4 make
     # that 128 * 341 = 43,648, the whole sequence.
     levels = {"retina": dict(retina_levels=5, retina_factor=4)}.get(arch, {})
-    cfg = ModelConfig(arch=arch, vocab_size=512, d_model=256, n_heads=4, scales=scales, final_layers=1, **levels)
+    cfg = tiny_config(arch, vocab_size=512, d_model=256, n_heads=4, scales=scales, **levels)
     torch.manual_seed(0)
     model = build_model(cfg)
     L = 16384
@@ -302,7 +307,7 @@ def test_forward_and_backward_at_16k_tokens_and_d256(arch):
     assert not torch.equal(out[0, p], base[0, p]), f"{arch}: token {p} did not change its own logit"
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("offload", [False, True])
 def test_activation_checkpointing_gives_the_same_gradients_and_recomputes_instead_of_saving(arch, offload):
     cfg = tiny_config(arch)
@@ -330,7 +335,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_recomputes_instea
     assert saved[1] < saved[0] / 2, saved
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_same_seed_same_logits(arch):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     a, b, c = build(tiny_config(arch), seed=5), build(tiny_config(arch), seed=5), build(tiny_config(arch), seed=6)
@@ -402,7 +407,7 @@ def test_bf16_training_is_finite_and_follows_fp32(name, precision):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_a_tiny_model_overfits_a_short_repeated_text(arch):
     text = b"the quick brown fox jumps over the lazy dog; "
     torch.manual_seed(0)
@@ -422,7 +427,7 @@ def test_a_tiny_model_overfits_a_short_repeated_text(arch):
     assert loss.item() < 0.1, f"{arch}: loss {loss.item():.3f} after {step + 1} steps"
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_each_model_compiles_as_one_graph_and_matches_eager(arch):
     """torch.compile(fullgraph=True) fails on any graph break (`.item()`, data-dependent Python
     control flow). The aot_eager backend traces forward and backward as inductor would, without

@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
+from msllm.models.registry import ARCHS  # noqa: E402  (every registered architecture)
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 VOCAB = 256
 
