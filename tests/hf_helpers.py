@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from model_helpers import tiny_fields
 from msllm.config import DataConfig, ModelConfig, Recipe, ScaleConfig, TokenizerConfig
+from msllm.models.registry import ARCHS as REGISTERED
 
 SEQ_LEN = 64
 
@@ -32,6 +34,8 @@ ARCHS = {
         ScaleConfig(layers=1, attention="local", window=8), ScaleConfig(factor=2, layers=1)]),
     "retina": dict(arch="retina", retina_levels=3, retina_factor=2, scales=[ScaleConfig(layers=2, attention="local", window=8)]),
 }
+# Every registered architecture (msllm.models.registry) is exported: one not named above with its spec's tiny model.
+ARCHS.update({arch: tiny_fields(arch) for arch in REGISTERED if arch not in {c["arch"] for c in ARCHS.values()}})
 
 # Prepended to every isolated script: from here on `import msllm` fails, as where msllm is not
 # installed (it is installed, editable, in the test environment: -I alone would not hide it).

@@ -18,10 +18,15 @@ def tiny_config(arch: str, **overrides) -> ModelConfig:
     (window 8) over 3 levels of factor 2, bottom_up and top_down one local layer (window 8) then
     one full layer 4 times coarser (bottom_up: one final layer). Any field can be overridden
     (`scales=...`, `d_model=64`, ...)."""
-    fields = dict(spec(arch).tiny)
-    scales = [ScaleConfig(**scale) for scale in fields.pop("scales")]
-    cfg = ModelConfig(arch=arch, vocab_size=97, d_model=32, n_heads=2, scales=scales, **fields)
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_heads=2, **tiny_fields(arch))
     return dataclasses.replace(cfg, **overrides)
+
+
+def tiny_fields(arch: str) -> dict:
+    """The model-section fields of `arch`'s spec's tiny model (arch, scales as ScaleConfig, its own
+    fields): what the tests that list models by hand add for an architecture they do not name."""
+    fields = dict(spec(arch).tiny)
+    return {"arch": arch, **fields, "scales": [ScaleConfig(**scale) for scale in fields["scales"]]}
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:

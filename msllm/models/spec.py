@@ -76,6 +76,9 @@ class ArchSpec:
     # model of it, which the tests that run on every registered architecture build
     # (tests/model_helpers.py: causality, sequence-parallel equivalence, decoding, export).
     tiny: dict = field(default_factory=dict)
+    # Overrides of `tiny` that switch on its own options which add modules (the test that every
+    # module class has a declared sequence-parallel kind builds them).
+    tiny_variants: tuple[dict, ...] = ()
 
     def module_kinds(self) -> dict[type, str]:
         """Every module class this architecture may hold, with its sequence-parallel kind."""
