@@ -271,7 +271,7 @@ class ModelConfig:
                   "beside the common ones: not a recipe key.", "required": False, "arch_config": True},
     )
 
-    def __init__(self, arch_config: Any = None, **values: Any):
+    def __init__(self, *, arch_config: Any = None, **values: Any):
         """The common fields by name, the architecture's own fields by name too (as a recipe has them:
         ModelConfig(arch="retina", retina_levels=2)), or its whole ArchConfig as `arch_config` (one of
         another architecture, as dataclasses.replace(cfg, arch=...) passes, keeps what the new one shares).
