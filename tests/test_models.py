@@ -4,6 +4,7 @@ linearly with length, activation checkpointing, determinism and a small overfit.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -465,3 +466,33 @@ def test_top_down_token_layers_see_the_token_however_large_the_coarse_output():
     model(other)
     change, size = (seen[0] - seen[1]).norm(), seen[0].norm()
     assert change > 0.3 * size, (change, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: one spec per architecture
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_architecture_is_one_consistent_spec(arch):
+    """Its spec, its config and its model agree on its name; its tiny model validates in a recipe
+    and builds; `build_model` builds the spec's model class."""
+    from msllm.config import Recipe, validate
+    from msllm.models.registry import ARCH_CONFIGS, spec
+
+    s = spec(arch)
+    assert s.name == arch and s.config.arch == arch and ARCH_CONFIGS[arch] is s.config
+    cfg = tiny_config(arch)
+    assert type(cfg.arch_config) is s.config
+    validate(Recipe(model=cfg))
+    assert type(build_model(cfg)) is s.model
+    assert set(cfg.to_dict()) >= {f.name for f in dataclasses.fields(s.config)}
+
+
+def test_an_unknown_architecture_is_named_with_the_known_ones():
+    from msllm.models.registry import spec
+
+    with pytest.raises(ValueError, match=r"unknown architecture 'sideways' \(known: vanilla, bottom_up, top_down, retina"):
+        spec("sideways")
+    with pytest.raises(ValueError, match="unknown architecture 'sideways'"):
+        ModelConfig(arch="sideways")
