@@ -1009,7 +1009,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
             fail(f"{key}.factor", f"the token scale has factor 1, got {scale.factor}")
         if scale.pool == "dynamic":
             if not m.arch_config.dynamic_pool:
-                fail(f"{key}.pool", f"dynamic chunking is not for {m.arch} (only for {_archs_with('dynamic_pool')})")
+                fail(f"{key}.pool", f"dynamic chunking is for {_archs_with('dynamic_pool')} only, not {m.arch}")
             if s == 0 or s != len(m.scales) - 1:
                 fail(f"{key}.pool", "dynamic: only the coarsest scale (the last, not the token scale) can be dynamic")
             if scale.factor != 1:
@@ -1029,7 +1029,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         if scale.mixer == "mamba2":
             if "mamba2" not in m.arch_config.mixers:
                 # e.g. vanilla exports as a Llama checkpoint (msllm.checkpoint.llama.can_be_llama reads attention only)
-                fail(f"{key}.mixer", f"mamba2 is not for {m.arch} (only for {_archs_with('mixers', 'mamba2')})")
+                fail(f"{key}.mixer", f"mamba2 is for {_archs_with('mixers', 'mamba2')}, not {m.arch}")
             if recipe.parallel.sp > 1:
                 fail("parallel.sp", "Mamba-2 layers (mixer: mamba2) do not run under sequence parallelism yet; use sp 1")
     if any(scale.mixer == "mamba2" for scale in m.scales):
