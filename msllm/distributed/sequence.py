@@ -226,6 +226,8 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None, t
     """Swap a built model's cross-position modules for their sequence-parallel forms, in place;
     they count the bytes they send into `traffic` when one is given.
 
+    What each module becomes is its architecture's spec's say (msllm.models.spec: a kind of SWAPS
+    below, local, or unsupported); a module class no spec declares is refused, never left as it is.
     The parameters are untouched (none of these modules has any), so checkpoints are the same
     with or without sequence parallelism. Returns the model.
     """
