@@ -786,6 +786,8 @@ def _build_model(raw: dict, prefix: str, source: str) -> ModelConfig:
     own_names = [f.name for f in dataclasses.fields(own_cls)]
     common_names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "arch_config"]
     common, own = {}, {}
+    if isinstance(raw.get("arch_config"), dict):  # dataclasses.asdict(ModelConfig): its own fields nested
+        raw = {**{k: v for k, v in raw.items() if k != "arch_config"}, **raw["arch_config"]}
     for key, value in raw.items():
         if key in common_names:
             common[key] = value
@@ -799,7 +801,7 @@ def _build_model(raw: dict, prefix: str, source: str) -> ModelConfig:
                 if getattr(default, key) == value:
                     continue  # a saved recipe of before: every architecture's fields at their defaults
                 raise RecipeError(
-                    f"{source}: {prefix}.{name} is a field of {' and '.join(c.arch for c in others)}, not of "
+                    f"{source}: {prefix}.{name} is for {' and '.join(c.arch for c in others)} only, not "
                     f"{arch} ({arch}'s own fields: {', '.join(own_names) or 'none'})"
                 )
             close = _suggest(name, common_names + own_names)

@@ -104,7 +104,7 @@ BAD = [
     ("not yaml", "model: {arch: [vanilla\n", "is not valid YAML"),
     ("offload without checkpointing", GOOD + "parallel: {offload_activations: true}\n", "parallel.offload_activations: needs parallel.activation_checkpointing: true"),
     # Each architecture's own fields (msllm/models/<arch>/config.py) belong to it alone.
-    ("another arch's field", GOOD.replace("n_heads: 4", "n_heads: 4\n  retina_levels: 2"), "model.retina_levels is a field of retina, not of bottom_up (bottom_up's own fields: final_layers, aggregation, residual_proj, stage_norms)"),
+    ("another arch's field", GOOD.replace("n_heads: 4", "n_heads: 4\n  retina_levels: 2"), "model.retina_levels is for retina only, not bottom_up (bottom_up's own fields: final_layers, aggregation, residual_proj, stage_norms)"),
     ("unknown model key names the arch", GOOD.replace("n_heads: 4", "n_heads: 4\n  final_layer: 2"), "unknown key model.final_layer for arch bottom_up (did you mean model.final_layers?)"),
     ("own field checked", GOOD.replace("n_heads: 4", "n_heads: 4\n  final_layers: -1"), "model.final_layers: must not be negative, got -1"),
     ("retina factor", "model: {arch: retina, n_heads: 4, retina_factor: 1, scales: [{window: 8}]}\ndata: {seq_len: 72}\n", "model.retina_factor: must be at least 2, got 1"),
