@@ -49,7 +49,7 @@ class MsllmConfig(PretrainedConfig):
     def model_config(self) -> ModelConfig:
         """msllm's ModelConfig of this model; an unknown or missing key is a ValueError naming it."""
         fields = dict(self.msllm)
-        arch = fields.get("arch", "vanilla")
+        arch = fields.get("arch", ModelConfig.__dataclass_fields__["arch"].default)
         if arch not in ARCH_CONFIGS:
             raise ValueError(f"config.json: msllm: unknown arch {arch!r} (known: {sorted(ARCH_CONFIGS)})")
         known = {f.name for f in dataclasses.fields(ModelConfig) if f.name != "arch_config"}
