@@ -1,7 +1,7 @@
 """mkdocs hook: the pages written from the code at build time.
 
 - reference/config.md and reference/cli.md, from msllm/config.py and msllm/cli.py
-  (msllm.reference: the functions that write them, tested in tests/test_docs.py);
+  (msllm.reference: the functions that write them, tested in tests/unit/test_docs.py);
 - benchmarks/: the committed benchmark results (benchmarks/*.md and their plots), and
   lab/results/: the committed results of the lab's experiments (lab/results/*.md and their plots),
   each at the same path in the site as in the repository, so that the docs link to the files

@@ -184,7 +184,7 @@ def summarize(model: str, results: list[dict], recipe: Path, overrides: list[str
                          r.parallel.zero_stage)
     return {
         "model": model,
-        "layers": sum(s.layers for s in cfg.scales) + (cfg.final_layers if cfg.arch == "bottom_up" else 0),
+        "layers": cfg.layer_count(),
         "parameters": parameters,
         "bpb_mean": statistics.mean(bpb),
         "bpb_sd": statistics.stdev(bpb) if len(bpb) > 1 else 0.0,

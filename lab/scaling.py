@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from lab import REPO, RESULTS
-
-ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
+from msllm.models.registry import ARCHS  # every registered architecture
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 VOCAB = 256
 

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 import yaml
 
@@ -197,9 +197,46 @@ class MambaConfig:
 
 
 @dataclass
+class ArchConfig:
+    """The fields of one architecture (its own config dataclass, msllm/models/<arch>/config.py),
+    read and written flat in the model section beside the common ones, and what the common code
+    asks an architecture about its shape. msllm.models.registry lists the architectures."""
+
+    arch: ClassVar[str] = ""  # its name in recipes (model.arch)
+    multi_scale: ClassVar[bool] = False  # >= 2 scales, pooled; else one stack at token resolution
+    mixers: ClassVar[tuple[str, ...]] = ("attention",)  # ScaleConfig.mixer values its scales may take
+    dynamic_pool: ClassVar[bool] = False  # its coarsest scale may be `pool: dynamic`
+    llama: ClassVar[bool] = False  # exports (with full attention) as, and starts from, a Hugging Face Llama
+    baseline: ClassVar[bool] = False  # the reference other architectures are compared with (inspect)
+
+    def validate(self, model: "ModelConfig", recipe: "Recipe", fail: Callable[[str, str], None]) -> None:
+        """Check its own fields, and those of `model` it reads differently; `fail(key, message)`."""
+
+    def extra_layers(self) -> int:
+        """Layers besides those of the scales (bottom_up's final layers)."""
+        return 0
+
+    def reads_window(self, scale: "ScaleConfig") -> bool:
+        """Whether an attention scale reads `window`: local attention does."""
+        return scale.attention == "local"
+
+    @staticmethod
+    def of(arch: str) -> type:
+        """The ArchConfig class of architecture `arch` (ValueError for an unknown name)."""
+        known = _arch_configs()  # msllm.models.registry's (an export's configuration file defines its own)
+        if arch not in known:
+            raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(sorted(known))})")
+        return known[arch]
+
+
+@dataclass(init=False)
 class ModelConfig:
-    arch: Literal["vanilla", "bottom_up", "top_down", "retina"] = doc(
-        "vanilla", "Architecture: the Llama-layout baseline or one of the paper's three.", required=True
+    arch: str = doc(
+        "vanilla",
+        "Architecture: one of msllm.models.registry.ARCHS (vanilla, the Llama-layout baseline, or one of "
+        "the paper's three); its own fields (msllm.models.<arch>.config) are set beside the common ones "
+        "below, e.g. model.final_layers for bottom_up.",
+        required=True,
     )
     vocab_size: int = doc(
         0, "Vocabulary size. 0 means: take it from the data's tokenizer (the usual case)."
@@ -209,11 +246,8 @@ class ModelConfig:
     mlp_hidden: int = doc(0, "SwiGLU hidden width; 0 means Llama's 8/3 * d_model rounded to 64.")
     scales: list[ScaleConfig] = doc(
         [ScaleConfig()],
-        "Scales from the tokens (index 0) to the coarsest. Vanilla and retina use one entry for "
-        "their single stack (retina reads `retina_levels`); bottom-up and top-down need >= 2.",
-    )
-    final_layers: int = doc(
-        1, "Bottom-up: local-attention layers at token resolution after the scales are combined."
+        "Scales from the tokens (index 0) to the coarsest. A single-stack architecture (vanilla, retina) "
+        "takes one entry; a multi-scale one (bottom_up, top_down) needs >= 2.",
     )
     pooling: Literal["mean", "linear"] = doc(
         "mean", "Causal pooling: mean of each group of k, or a linear map of their concatenation."
@@ -221,11 +255,6 @@ class ModelConfig:
     upsampling: Literal["repeat", "linear"] = doc(
         "repeat", "Upsampling: repeat each vector k times, or a linear d -> k*d map."
     )
-    aggregation: Literal["sum", "attention"] = doc(
-        "sum", "Bottom-up: combine the scales at each position by a sum or a small attention."
-    )
-    retina_levels: int = doc(3, "Retina: number of levels S (fine window plus S-1 pooled levels).")
-    retina_factor: int = doc(4, "Retina: block factor k between levels (blocks of k, k^2, ...).")
     rope_theta: float = doc(10000.0, "RoPE base frequency.")
     norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc(False, "Share the token embedding and LM head weights.")
@@ -235,22 +264,57 @@ class ModelConfig:
         "Std of the normal init of the token embeddings. null: 1.0 when a scale is dynamic (H-Net's "
         "init, goombalab/hnet hnet/models/mixer_seq.py init_weights), else init_std.",
     )
-    residual_proj: Optional[bool] = doc(
-        None,
-        "Bottom-up: pass the output of the coarsest scale's finer scale (H-Net's encoder output) "
-        "through a linear map (weight and bias zero-initialised, computed in fp32) where it joins the "
-        "other scales, as H-Net adds residual_proj(encoder output) to the dechunked output "
-        "(goombalab/hnet hnet/models/hnet.py; its bias keeps torch's default init there, ours starts at "
-        "zero). null: on when a scale is dynamic, off otherwise (the scales are summed as they are).",
-    )
-    stage_norms: Optional[bool] = doc(
-        None,
-        "Bottom-up: an RMSNorm at the end of each scale's layers, as H-Net ends each stage network "
-        "(encoder, main network, decoder) with one (goombalab/hnet hnet/modules/isotropic.py); the "
-        "final layers (the decoder) already end with the model's norm. null: on when a scale is "
-        "dynamic, off otherwise.",
-    )
     mamba: MambaConfig = doc(MambaConfig(), "Sizes of the Mamba-2 layers (scales with mixer: mamba2).")
+    arch_config: Any = field(
+        default=None,
+        metadata={"help": "The architecture's own fields (an ArchConfig of `arch`), read and written flat "
+                  "beside the common ones: not a recipe key.", "required": False, "arch_config": True},
+    )
+
+    def __init__(self, *, arch_config: Any = None, **values: Any):
+        """The common fields by name, the architecture's own fields by name too (as a recipe has them:
+        ModelConfig(arch="retina", retina_levels=2)), or its whole ArchConfig as `arch_config` (one of
+        another architecture, as dataclasses.replace(cfg, arch=...) passes, keeps what the new one shares).
+        A field of neither is a TypeError naming it and the architecture."""
+        common = [f for f in dataclasses.fields(ModelConfig) if f.name != "arch_config"]
+        names = {f.name for f in common}
+        own = {key: values.pop(key) for key in list(values) if key not in names}
+        for f in common:
+            if f.name in values:
+                value = values[f.name]
+            elif f.default is not dataclasses.MISSING:
+                value = f.default
+            else:
+                value = f.default_factory()  # type: ignore[misc]
+            setattr(self, f.name, value)
+        cls = ArchConfig.of(self.arch)
+        mine = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(own) - mine)
+        if unknown:
+            raise TypeError(f"model.{unknown[0]} is not a field of {self.arch} (its own fields: {', '.join(sorted(mine)) or 'none'})")
+        if isinstance(arch_config, cls):
+            base = arch_config
+        else:
+            carried = {n: getattr(arch_config, n) for n in mine if hasattr(arch_config, n)} if arch_config is not None else {}
+            base = cls(**carried)
+        self.arch_config = dataclasses.replace(base, **own)
+
+    def __getattr__(self, name: str) -> Any:
+        """The architecture's own fields read as the common ones (cfg.retina_factor)."""
+        arch_config = self.__dict__.get("arch_config")
+        if name.startswith("__") or arch_config is None or not hasattr(arch_config, name):
+            raise AttributeError(f"{type(self).__name__} of {self.__dict__.get('arch', '?')} has no field {name}")
+        return getattr(arch_config, name)
+
+    def to_dict(self) -> dict:
+        """The model section as recipes, run folders and exports hold it: the common fields, then the
+        architecture's own, all flat."""
+        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "arch_config"}
+        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else
+               [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in v] if isinstance(v, list) else v
+               for k, v in out.items()}
+        out.update(dataclasses.asdict(self.arch_config))
+        return out
 
     @property
     def head_dim(self) -> int:
@@ -272,26 +336,21 @@ class ModelConfig:
         return out
 
     def length_multiple(self) -> int:
-        """Training sequence lengths must be a multiple of this (largest cumulative factor)."""
-        if self.arch in ("bottom_up", "top_down"):
-            return self.cumulative_factors()[-1]
-        return 1
+        """Training sequence lengths must be a multiple of this (the largest cumulative factor of a
+        multi-scale architecture, else 1)."""
+        return self.cumulative_factors()[-1] if self.arch_config.multi_scale else 1
 
     def uses_window(self, scale: ScaleConfig) -> bool:
-        """Whether `scale.window` is read: by local attention, and by retina, whose fine level takes
-        scales[0].window whatever the scale's attention says (a Mamba-2 scale reads none)."""
-        return scale.mixer == "attention" and (scale.attention == "local" or self.arch == "retina")
+        """Whether `scale.window` is read (by local attention; the architecture may read it
+        otherwise, ArchConfig.reads_window; a Mamba-2 scale reads none)."""
+        return scale.mixer == "attention" and self.arch_config.reads_window(scale)
+
+    def layer_count(self) -> int:
+        """Transformer (or Mamba-2) layers of the model: every scale's, plus the architecture's own."""
+        return sum(s.layers for s in self.scales) + self.arch_config.extra_layers()
 
     def has_dynamic_scale(self) -> bool:
         return any(scale.pool == "dynamic" for scale in self.scales)
-
-    def uses_residual_proj(self) -> bool:
-        """model.residual_proj resolved (null: on with a dynamic scale)."""
-        return self.has_dynamic_scale() if self.residual_proj is None else self.residual_proj
-
-    def uses_stage_norms(self) -> bool:
-        """model.stage_norms resolved (null: on with a dynamic scale)."""
-        return self.has_dynamic_scale() if self.stage_norms is None else self.stage_norms
 
     def embedding_init_std(self) -> float:
         """model.embed_init_std resolved (null: 1.0 with a dynamic scale, else init_std)."""
@@ -455,7 +514,9 @@ class LogConfig:
 class Recipe:
     run: RunConfig = doc(RunConfig(), "The run: name, output folder, seed.")
     data: DataConfig = doc(DataConfig(), "Corpus, tokenizer and shards.")
-    model: ModelConfig = doc(ModelConfig(), "The architecture and its sizes.")
+    model: ModelConfig = field(  # built when used: the architectures' configs register on import (registry)
+        default_factory=ModelConfig, metadata={"help": "The architecture and its sizes.", "required": False}
+    )
     parallel: ParallelConfig = doc(ParallelConfig(), "Sequence parallelism and DeepSpeed ZeRO.")
     train: TrainConfig = doc(TrainConfig(), "Optimizer and schedule.")
     eval: EvalConfig = doc(EvalConfig(), "Validation.")
@@ -463,7 +524,9 @@ class Recipe:
     log: LogConfig = doc(LogConfig(), "Console, metrics.jsonl and TensorBoard.")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["model"] = self.model.to_dict()  # the architecture's own fields flat beside the common ones
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -667,6 +730,8 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: {prefix or 'recipe'}: expected a mapping, got {_describe(raw)}")
+    if cls is ModelConfig:
+        return _build_model(raw, prefix, source)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -688,6 +753,73 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         elif f.metadata.get("required"):
             raise RecipeError(f"{source}: missing required value {key}")
     return cls(**values)
+
+
+def _arch_configs() -> dict[str, type]:
+    """{name: ArchConfig class} of every registered architecture (msllm.models.registry)."""
+    from msllm.models.registry import ARCH_CONFIGS
+
+    return ARCH_CONFIGS
+
+
+def _archs_with(flag: str, value: Any = True) -> str:
+    """The architectures whose ArchConfig has `flag` (or holds `value` in it), for messages."""
+    names = [name for name, cls in _arch_configs().items()
+             if (value in getattr(cls, flag) if not isinstance(value, bool) else getattr(cls, flag) == value)]
+    return " and ".join(names) or "none"
+
+
+def _build_model(raw: dict, prefix: str, source: str) -> ModelConfig:
+    """The model section: the common fields, and those of the architecture `arch` names (its
+    ArchConfig), flat beside them. A field of another architecture is refused unless it holds that
+    field's default (the form run folders saved before each architecture had its own fields: every
+    architecture's fields, with their defaults); any other key is an unknown key, naming the
+    architecture."""
+    archs = _arch_configs()
+    arch = raw.get("arch", ModelConfig.__dataclass_fields__["arch"].default)
+    if arch not in archs:
+        if "arch" not in raw:
+            raise RecipeError(f"{source}: missing required value {prefix}.arch")
+        choices = ", ".join(repr(a) for a in archs)
+        raise RecipeError(f"{source}: {prefix}.arch: {short_repr(arch)} is not one of {choices}")
+    own_cls = archs[arch]
+    own_names = [f.name for f in dataclasses.fields(own_cls)]
+    common_names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "arch_config"]
+    common, own = {}, {}
+    if isinstance(raw.get("arch_config"), dict):  # dataclasses.asdict(ModelConfig): its own fields nested
+        raw = {**{k: v for k, v in raw.items() if k != "arch_config"}, **raw["arch_config"]}
+    for key, value in raw.items():
+        if key in common_names:
+            common[key] = value
+        elif key in own_names:
+            own[key] = value
+        else:
+            name = clip(str(key))
+            others = [c for c in archs.values() if c is not own_cls and key in {f.name for f in dataclasses.fields(c)}]
+            if others:
+                default = _build(others[0], {}, prefix, source)
+                if getattr(default, key) == value:
+                    continue  # a saved recipe of before: every architecture's fields at their defaults
+                raise RecipeError(
+                    f"{source}: {prefix}.{name} is for {' and '.join(c.arch for c in others)} only, not "
+                    f"{arch} ({arch}'s own fields: {', '.join(own_names) or 'none'})"
+                )
+            close = _suggest(name, common_names + own_names)
+            hint = f" (did you mean {prefix}.{close[0]}?)" if close else f" (valid keys: {', '.join(common_names + own_names)})"
+            raise RecipeError(f"{source}: unknown key {prefix}.{name} for arch {arch}{hint}")
+    hints = typing.get_type_hints(ModelConfig)
+    values = {}
+    for f in dataclasses.fields(ModelConfig):
+        if f.name == "arch_config":
+            continue
+        key = f"{prefix}.{f.name}"
+        if f.name in common:
+            values[f.name] = _convert(hints[f.name], common[f.name], key, source)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = _build(hints[f.name], {}, key, source)
+        elif f.metadata.get("required"):
+            raise RecipeError(f"{source}: missing required value {key}")
+    return ModelConfig(arch_config=_build(own_cls, own, prefix, source), **values)
 
 
 def _suggest(key: str, valid: list[str]) -> list[str]:
@@ -792,8 +924,6 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "train.max_skipped_steps": recipe.train.max_skipped_steps,
         "parallel.sp": recipe.parallel.sp,
         "log.every": recipe.log.every,
-        "model.retina_levels": m.retina_levels,
-        "model.retina_factor": m.retina_factor,
     }
     for key, value in positive.items():
         if value < 1:
@@ -827,7 +957,6 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
     for key, value in {
         "model.vocab_size": m.vocab_size,
         "model.mlp_hidden": m.mlp_hidden,
-        "model.final_layers": m.final_layers,
         "train.warmup_steps": recipe.train.warmup_steps,
         "train.stop_at_step": recipe.train.stop_at_step,
         "train.grad_clip": recipe.train.grad_clip,
@@ -881,8 +1010,8 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         if s == 0 and scale.factor != 1:
             fail(f"{key}.factor", f"the token scale has factor 1, got {scale.factor}")
         if scale.pool == "dynamic":
-            if m.arch != "bottom_up":
-                fail(f"{key}.pool", f"dynamic chunking is for bottom_up only, not {m.arch}")
+            if not m.arch_config.dynamic_pool:
+                fail(f"{key}.pool", f"dynamic chunking is for {_archs_with('dynamic_pool')} only, not {m.arch}")
             if s == 0 or s != len(m.scales) - 1:
                 fail(f"{key}.pool", "dynamic: only the coarsest scale (the last, not the token scale) can be dynamic")
             if scale.factor != 1:
@@ -895,14 +1024,14 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
                 fail("parallel.sp", "a dynamic-chunking scale does not run under sequence parallelism yet; use sp 1")
         elif s > 0 and scale.factor < 2:
             fail(f"{key}.factor", f"a coarser scale needs a pooling factor >= 2, got {scale.factor}")
-        if scale.layers < 0 or (scale.layers == 0 and m.arch in ("vanilla", "retina")):
+        if scale.layers < 0 or (scale.layers == 0 and not m.arch_config.multi_scale):
             fail(f"{key}.layers", f"must be at least 1, got {scale.layers}")
         if scale.window < 1:
             fail(f"{key}.window", f"must be at least 1, got {scale.window}")
         if scale.mixer == "mamba2":
-            if m.arch not in ("bottom_up", "top_down"):
-                # vanilla exports as a Llama checkpoint (msllm.checkpoint.llama.can_be_llama reads attention only)
-                fail(f"{key}.mixer", f"mamba2 is for bottom_up and top_down, not {m.arch}")
+            if "mamba2" not in m.arch_config.mixers:
+                # e.g. vanilla exports as a Llama checkpoint (msllm.checkpoint.llama.can_be_llama reads attention only)
+                fail(f"{key}.mixer", f"mamba2 is for {_archs_with('mixers', 'mamba2')}, not {m.arch}")
             if recipe.parallel.sp > 1:
                 fail("parallel.sp", "Mamba-2 layers (mixer: mamba2) do not run under sequence parallelism yet; use sp 1")
     if any(scale.mixer == "mamba2" for scale in m.scales):
@@ -912,9 +1041,6 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
                 fail(f"model.mamba.{name}", f"must be at least 1, got {getattr(mb, name)}")
         if (mb.expand * m.d_model) % mb.head_dim:
             fail("model.mamba.head_dim", f"{mb.head_dim} does not divide the inner width expand * d_model = {mb.expand * m.d_model}")
-    for name in ("residual_proj", "stage_norms"):
-        if getattr(m, name) and m.arch != "bottom_up":
-            fail(f"model.{name}", f"is for bottom_up only, not {m.arch} (leave it null)")
     if m.embed_init_std is not None and not m.embed_init_std > 0:
         fail("model.embed_init_std", f"must be positive, got {m.embed_init_std}")
     if t.lr_multipliers:
@@ -923,16 +1049,15 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         for i, value in enumerate(t.lr_multipliers):
             if not value > 0:
                 fail(f"train.lr_multipliers[{i}]", f"must be positive, got {value}")
-    multi = m.arch in ("bottom_up", "top_down")
+    multi = m.arch_config.multi_scale
     if multi and len(m.scales) < 2:
         fail("model.scales", f"{m.arch} needs at least two scales (tokens and one coarser), got {len(m.scales)}")
     if not multi and len(m.scales) != 1:
         fail("model.scales", f"{m.arch} has a single stack: give exactly one scale, got {len(m.scales)}")
-    if m.arch == "retina" and m.retina_factor < 2:
-        fail("model.retina_factor", f"must be at least 2, got {m.retina_factor}")
-    if recipe.train.init_from and (m.arch != "vanilla" or m.scales[0].attention != "full"):
-        fail("train.init_from", "a Hugging Face Llama folder starts a vanilla model with full attention only, "
-             f"got {m.arch} with {m.scales[0].attention} attention")
+    m.arch_config.validate(m, recipe, fail)
+    if recipe.train.init_from and (not m.arch_config.llama or m.scales[0].attention != "full"):
+        fail("train.init_from", f"a Hugging Face Llama folder starts a {_archs_with('llama')} model with full "
+             f"attention only, got {m.arch} with {m.scales[0].attention} attention")
     multiple = m.length_multiple()
     if recipe.data.seq_len % multiple:
         fail(
@@ -961,14 +1086,6 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
                     f"window {scale.window} is longer than the {per_rank} positions each of the sp={sp} "
                     f"ranks holds at scale {s}; lower the window or sp, or raise data.seq_len",
                 )
-        if m.arch == "retina":
-            block = m.retina_factor ** (m.retina_levels - 1)
-            if (recipe.data.seq_len // sp) % block:
-                fail(
-                    "parallel.sp",
-                    f"retina's coarsest blocks of {block} tokens must not straddle ranks: "
-                    f"data.seq_len/sp = {recipe.data.seq_len // sp} is not a multiple of {block}",
-                )
     if recipe.parallel.offload_activations and not recipe.parallel.activation_checkpointing:
         fail("parallel.offload_activations", "needs parallel.activation_checkpointing: true")
 
@@ -978,7 +1095,9 @@ def _float_fields(node: Any, prefix: str = "") -> typing.Iterator[tuple[str, flo
     for f in dataclasses.fields(node):
         key = f"{prefix}.{f.name}" if prefix else f.name
         value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
+        if f.metadata.get("arch_config"):  # the architecture's own fields, keyed flat in the model section
+            yield from _float_fields(value, prefix)
+        elif dataclasses.is_dataclass(value):
             yield from _float_fields(value, key)
         elif isinstance(value, float):
             yield key, value
@@ -997,6 +1116,11 @@ def field_docs(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
+        if f.metadata.get("arch_config"):  # each architecture's own fields, flat in the model section
+            for arch_cls in _arch_configs().values():
+                for row in field_docs(arch_cls, prefix):
+                    rows.append((row[0], row[1], row[2], f"({arch_cls.arch} only) {row[3]}"))
+            continue
         if dataclasses.is_dataclass(tp):
             rows.extend(field_docs(tp, key))
             continue

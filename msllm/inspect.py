@@ -170,8 +170,8 @@ def compare_recipes(paths: list[str], seq_len: int = 0, vocab_size: int = 0) -> 
     from msllm.config import load_recipe
 
     recipes = [(path, load_recipe(path)) for path in paths]
-    recipes.sort(key=lambda item: item[1].model.arch != "vanilla")  # stable: the reference first
-    reference = "vanilla" if recipes and recipes[0][1].model.arch == "vanilla" else "the first"
+    recipes.sort(key=lambda item: not item[1].model.arch_config.baseline)  # stable: the reference first
+    reference = recipes[0][1].model.arch if recipes and recipes[0][1].model.arch_config.baseline else "the first"
     rows = [f"| recipe | arch | layers | parameters | train GFLOP/token | parameters MiB | gradients MiB | optimizer MiB "
             f"| body activations MiB | loss MiB (chunked) | total MiB | total vs {reference} | loss MiB (dense) "
             f"| total MiB (dense) | total vs {reference} (dense) |", "|" + "---|" * 15]
@@ -182,7 +182,7 @@ def compare_recipes(paths: list[str], seq_len: int = 0, vocab_size: int = 0) -> 
         m, mem, dense_loss = recipe.model, report["memory"], report["dense_loss_activations"]
         dense_total = mem.total - mem.loss_activations + dense_loss
         first, first_dense = first or mem.total, first_dense or dense_total
-        layers = sum(s.layers for s in m.scales) + (m.final_layers if m.arch == "bottom_up" else 0)
+        layers = m.layer_count()
         mib = lambda *ns: " | ".join(f"{n / 2**20:,.0f}" for n in ns)  # noqa: E731
         rows.append(
             f"| {path} | {m.arch} | {layers} | {report['parameters'] / 1e6:.1f} M | "

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
+from msllm.models.registry import ARCHS  # noqa: E402  (every registered architecture)
 MODELS = (*ARCHS, "hf_llama")
 SEQ_LEN = 4096  # the models' data.seq_len: the uncached loop's crop
 # One colour per series of generate.png, in MODELS order (tests count them in the image).

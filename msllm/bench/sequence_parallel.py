@@ -26,7 +26,9 @@ from pathlib import Path
 
 from msllm.distributed.env import free_port
 
-ARCHS = ("bottom_up", "top_down", "retina")
+from msllm.models.registry import ARCH_CONFIGS  # noqa: E402
+
+ARCHS = tuple(name for name, cls in ARCH_CONFIGS.items() if not cls.baseline)  # the multi-scale ones
 
 
 class Traffic:

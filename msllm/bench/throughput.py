@@ -40,8 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from msllm.bench import shipped_recipe
-
-ARCHS = ("vanilla", "bottom_up", "top_down", "retina")
+from msllm.models.registry import ARCHS  # noqa: E402  (every registered architecture)
 
 
 @dataclass(frozen=True)
@@ -243,9 +242,11 @@ def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, 
 def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True)) -> list[dict]:
     """Every (model, L, mode) in the bare loop, and for msllm's models in `msllm train` too, with
     the loss the trainer chooses; then the loss kernels against each other (loss_rows)."""
+    from msllm.checkpoint.llama import llama_arch
+
     rows = []
     for name in models:
-        recipe = shipped_recipe(setting.recipes.format(arch="vanilla" if name == "hf_llama" else name))
+        recipe = shipped_recipe(setting.recipes.format(arch=llama_arch() if name == "hf_llama" else name))  # Llama: its msllm twin's recipe
         for seq_len in setting.lengths:
             for compiled in modes:
                 kwargs = dict(name=name, recipe_path=recipe, vocab_size=setting.vocab_size, seq_len=seq_len,

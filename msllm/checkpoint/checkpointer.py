@@ -14,7 +14,6 @@ rank learns the outcome (msllm.distributed.collectives: on_rank0, first_failure)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -309,7 +308,7 @@ class Checkpointer:
         sp and ZeRO stage will do. Returns the layout that saved it."""
         recipe, dims = self.state.recipe, self.dims
         saved_recipe = read_recipe(ckpt)
-        check_same_model(ckpt, dataclasses.asdict(saved_recipe.model), dataclasses.asdict(recipe.model))
+        check_same_model(ckpt, saved_recipe.model.to_dict(), recipe.model.to_dict())
         meta = read_meta(ckpt)
         check_same_tokenizer(ckpt, meta, self.state.tokenizer.sha256, recipe.data.shards_dir)
         try:
@@ -360,10 +359,10 @@ def finished_checkpoint(recipe) -> Path | None:
         # Only a checkpoint with recorded checksums can be known good without loading it.
         if not meta.get("files") or int(meta.get("step", 0)) < recipe.train.max_steps or verify_checkpoint(latest):
             return None
-        saved = dataclasses.asdict(read_recipe(latest).model)
+        saved = read_recipe(latest).model.to_dict()
     except (CheckpointError, TypeError, ValueError):
         return None
-    wanted = dataclasses.asdict(recipe.model)
+    wanted = recipe.model.to_dict()
     if wanted["vocab_size"] == 0:  # filled in from the tokenizer when the run started
         wanted["vocab_size"] = saved["vocab_size"]
     return latest if saved == wanted else None

@@ -26,9 +26,17 @@ import torch
 from msllm.errors import CheckpointError, MsllmError, short_repr
 
 
+def llama_arch() -> str:
+    """The architecture a Hugging Face Llama imports as (the registered one with ArchConfig.llama)."""
+    from msllm.models.registry import ARCH_CONFIGS
+
+    return next(name for name, cls in ARCH_CONFIGS.items() if cls.llama)
+
+
 def can_be_llama(model_cfg) -> bool:
-    """Llama has full attention only: vanilla with local attention exports as an msllm model."""
-    return model_cfg.arch == "vanilla" and model_cfg.scales[0].attention == "full"
+    """Llama has full attention only: an architecture that is Llama's layout (ArchConfig.llama:
+    vanilla) with local attention exports as an msllm model."""
+    return model_cfg.arch_config.llama and model_cfg.scales[0].attention == "full"
 
 
 def llama_config(model_cfg, seq_len: int, special: dict) -> dict:
@@ -170,7 +178,7 @@ def model_section_from_llama(config: dict, where: str) -> dict:
     if "rope_theta" not in config and "rope_theta" in rope:
         config = {**config, "rope_theta": rope["rope_theta"]}
     return {
-        "arch": "vanilla",
+        "arch": llama_arch(),
         "vocab_size": vocab,
         "d_model": d,
         "n_heads": heads,

@@ -28,9 +28,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from msllm.models.attention import FullCausalAttention, LocalCausalAttention, local_attention
+from msllm.models.attention import LocalCausalAttention, local_attention
 from msllm.models.layers import Rotary, ShiftRight, shift_right
 from msllm.models.retina import RetinaAttention, pool_levels, retina_attention
+from msllm.models.spec import LOCAL
 
 
 class _FromPreviousRank(torch.autograd.Function):
@@ -197,24 +198,46 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None) -
     DeepSpeed-Ulysses through deepspeed.comm): `msllm bench sequence-parallel` counts the bytes
     sent by wrapping those (msllm.bench.sequence_parallel.count_traffic).
 
+    What each module becomes is its architecture's spec's say (msllm.models.spec: a kind of SWAPS
+    below, local, or unsupported); a module class no spec declares is refused, never left as it is.
     The parameters are untouched (none of these modules has any), so checkpoints are the same
     with or without sequence parallelism. Returns the model.
     """
     if group is None:
         return model
+    kinds = _module_kinds(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            replacement = None
-            if isinstance(child, RetinaAttention):
-                replacement = SequenceParallelRetina(child.pattern, group)
-            elif isinstance(child, LocalCausalAttention):
-                replacement = HaloLocalAttention(child.window, group)
-            elif isinstance(child, FullCausalAttention):
-                replacement = UlyssesAttention(group)
-            elif isinstance(child, ShiftRight):
-                replacement = HaloShiftRight(child.shift, group)
-            elif isinstance(child, Rotary):
-                replacement = SlicedRotary(child, group)
-            if replacement is not None:
-                setattr(parent, name, replacement)
+            kind = kinds.get(type(child))
+            if kind is None:
+                raise TypeError(f"{type(child).__name__} ({name} in {type(parent).__name__}) is declared by no "
+                                "architecture's spec (msllm.models.spec): declare its sequence-parallel kind")
+            if kind in SWAPS:
+                setattr(parent, name, SWAPS[kind](child, group))
+            elif kind != LOCAL:
+                raise ValueError(f"{type(child).__name__} does not run under sequence parallelism ({kind})")
     return model
+
+
+# What each kind an architecture's spec declares (msllm.models.spec) is swapped for.
+SWAPS = {
+    "retina": lambda child, group: SequenceParallelRetina(child.pattern, group),
+    "halo_attention": lambda child, group: HaloLocalAttention(child.window, group),
+    "ulysses": lambda child, group: UlyssesAttention(group),
+    "halo_shift": lambda child, group: HaloShiftRight(child.shift, group),
+    "sliced_rotary": lambda child, group: SlicedRotary(child, group),
+}
+
+
+def _module_kinds(model: nn.Module) -> dict[type, str]:
+    """{module class: kind} for the architecture `model` is (by its class, in the registry)."""
+    from msllm.models.registry import SPECS
+
+    for arch in SPECS.values():
+        if type(model) is arch.model:
+            return arch.module_kinds()
+    # A bare module (tests swap single blocks): the shared building blocks and every architecture's own.
+    kinds: dict[type, str] = {}
+    for arch in SPECS.values():
+        kinds.update(arch.module_kinds())
+    return kinds

@@ -1,12 +1,13 @@
 """The model zoo: `build_model(model_cfg)` returns a plain `torch.nn.Module` whose
 `forward(input_ids [B, L]) -> logits [B, L, vocab]` works for any L >= 1.
 
-    vanilla    the Llama-layout baseline                      (vanilla.py)
-    bottom_up  local token layers, pooled up, scales combined (bottom_up.py)
-    top_down   coarsest scale first, refined down to tokens   (top_down.py)
-    retina     one stack, attention ever coarser with distance (retina.py)
+    vanilla    the Llama-layout baseline                       (vanilla/)
+    bottom_up  local token layers, pooled up, scales combined  (bottom_up/)
+    top_down   coarsest scale first, refined down to tokens    (top_down/)
+    retina     one stack, attention ever coarser with distance (retina/)
 
-Shared blocks live in layers.py. Parallelism and activation checkpointing are applied from outside
+Each architecture is a folder (its model, its own config fields, its spec: spec.py) listed in
+registry.py. Shared blocks live in layers.py, attention.py, chunking.py, mamba2.py. Parallelism and activation checkpointing are applied from outside
 (msllm.distributed.parallelize).
 """
 
@@ -15,13 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from msllm.models.bottom_up import BottomUpLM
 from msllm.models.init import init_parameters, materialise, parameters_on_meta
-from msllm.models.retina import RetinaLM
-from msllm.models.top_down import TopDownLM
-from msllm.models.vanilla import VanillaLM
+from msllm.models.registry import SPECS
 
-MODELS = {"vanilla": VanillaLM, "bottom_up": BottomUpLM, "top_down": TopDownLM, "retina": RetinaLM}
+MODELS = {name: s.model for name, s in SPECS.items()}
 
 
 def build_model(cfg, seed: int | None = None, device: torch.device | str | None = None) -> nn.Module:

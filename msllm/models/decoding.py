@@ -16,7 +16,7 @@ extrapolates); the models accept any length.
 What the cache keeps (`DecodeCache`, its parts named by each model's new_cache):
 - attention layers: an attention.LayerCache each, the keys and values (after RoPE) that later
   queries may see: every position for full attention, the last window - 1 for local attention,
-  for retina what its pattern still shows at each level (a window's worth each; retina.py);
+  for retina what its pattern still shows at each level (a window's worth each; retina/model.py);
 - bottom-up and top-down: a `PoolStream` per pooling (the last k - 1 positions it pools from) and
   an `UpsampleStream` per upsampling (the latest coarse position's upsampled vectors). A coarse
   position j of a scale with cumulative factor f is computed when token j * f arrives: causal

@@ -3,7 +3,7 @@ causal pooling and upsampling. Plain PyTorch; nothing here knows about distribut
 
 Shapes: B batch, L positions, d width, H heads, D = d / H head width.
 
-The attention cores and their kernels are in msllm/models/attention/ (retina's in retina.py). Cached
+The attention cores and their kernels are in msllm/models/attention/ (retina's in retina/model.py). Cached
 decoding (decoding.py) passes each block its layer's cache; without one, forward is training's.
 
 Sequence parallelism (msllm/distributed/sequence.py) swaps a few small modules for their distributed forms:

@@ -318,14 +318,15 @@ def micro_batch_bytes(model_cfg, seq_len: int, batch: int, precision: str = "fp3
     """A lower bound of the activations of one micro-batch of `batch` samples of `seq_len` tokens
     (one rank's slice): in training every layer saves at least its input, d_model values a
     position, at its scale's length (seq_len / the cumulative factor; a dynamic scale, whose length
-    is learned, is left out); in evaluation (no autograd) one layer's input is alive at a time.
+    is learned, is left out; the architecture's own layers, ArchConfig.extra_layers, at the tokens'
+    length); in evaluation (no autograd) one layer's input is alive at a time.
     2 bytes a value in bf16 and fp16, 4 in fp32."""
     width = 4 if precision == "fp32" else 2
     if not training:
         return batch * seq_len * model_cfg.d_model * width
     factors = model_cfg.cumulative_factors()
     positions = sum(seq_len // f * scale.layers for f, scale in zip(factors, model_cfg.scales)
-                    if scale.pool == "fixed")
+                    if scale.pool == "fixed") + seq_len * model_cfg.arch_config.extra_layers()
     return batch * positions * model_cfg.d_model * width
 
 

@@ -10,7 +10,6 @@ share of whole samples (the model is consolidated, not sequence-parallel).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -40,7 +39,7 @@ def evaluate_checkpoint(recipe, source: str) -> dict:
     shards = check_shards(recipe.data)
     check_same_tokenizer(loaded.path, loaded.meta, shards.tokenizer_sha256, recipe.data.shards_dir)
     recipe = with_vocab_size(recipe, shards.vocab_size)
-    check_same_model(loaded.path, dataclasses.asdict(loaded.recipe.model), dataclasses.asdict(recipe.model))
+    check_same_model(loaded.path, loaded.recipe.model.to_dict(), recipe.model.to_dict())
     if denv.world_size > 1:
         collectives.init_distributed(denv)
     device = inference_device(denv.local_rank)

@@ -17,7 +17,6 @@ flags. The old export is moved aside (`.DIR.old-<time>-<pid>`) until the new one
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -85,7 +84,7 @@ def write_export(loaded, out_dir: Path) -> Path:
     try:
         tmp.mkdir()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "arch": recipe.model.arch})
-        (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(recipe.model), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(recipe.model.to_dict(), indent=2) + "\n")
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         info = {

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from msllm.config import ModelConfig, ScaleConfig
 from msllm.models import build_model
 from msllm.models.attention import FullCausalAttention, local_attention
+from msllm.models.registry import ARCHS, spec
 from msllm.distributed.dims import ParallelDims
 from msllm.distributed.sequence import (
     HaloLocalAttention,
@@ -100,12 +101,18 @@ def main() -> None:
         # a window that is not a multiple of k: fine keys reach back w+k-2 positions, across the halo
         "retina-k4": ([ScaleConfig(1, 2, "local", 5)], {"retina_factor": 4, "retina_levels": 2}),
     }
+    # Every registered architecture (msllm.models.registry) is checked: one not named above with its spec's tiny model.
+    for arch in ARCHS:
+        if arch not in archs:
+            tiny = dict(spec(arch).tiny)
+            archs[arch] = ([ScaleConfig(**scale) for scale in tiny.pop("scales")], tiny)
+    own = {"retina": {"retina_factor": 2, "retina_levels": 3}, "bottom_up": {"aggregation": "attention"}}
     L = 32 * sp_size
-    for name, (scales, retina) in archs.items():
+    for name, (scales, fields) in archs.items():
         arch = name.split("-")[0]
-        cfg = ModelConfig(arch=arch, vocab_size=50, d_model=16, n_heads=4, scales=scales, retina_factor=2,
-                          retina_levels=3, pooling="linear", aggregation="attention")
-        cfg = dataclasses.replace(cfg, **retina)
+        cfg = ModelConfig(arch=arch, vocab_size=50, d_model=16, n_heads=4, scales=scales, pooling="linear",
+                          **own.get(arch, {}))
+        cfg = dataclasses.replace(cfg, **fields)
         torch.manual_seed(1)
         reference = build_model(cfg).double()
         split = apply_sequence_parallel(copy.deepcopy(reference), group)

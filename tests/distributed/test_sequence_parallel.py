@@ -10,11 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from fixtures.launch import clean_env, torchrun
+
+from msllm.models.registry import ARCHS, SPECS
+from msllm.models.spec import LOCAL, UNSUPPORTED
 
 SCRIPT = Path(__file__).parent / "sp_equivalence.py"
 CHECKS = ["halo-shift", "halo-local-attention", "ulysses-attention", "vanilla", "vanilla-local", "bottom_up",
           "top_down", "retina", "retina-k4"]
+CHECKS += [arch for arch in ARCHS if arch not in CHECKS]  # every registered architecture (sp_equivalence adds it)
 
 
 @pytest.mark.distributed
@@ -26,3 +31,39 @@ def test_split_computation_matches_the_unsplit_one(nproc, sp):
     checked = [line for line in done.stdout.splitlines() if line.startswith("CHECKED")]
     for name in CHECKS:
         assert any(line.startswith(f"CHECKED {name} ") for line in checked), f"{name} was not checked"
+
+
+def _module_classes(arch: str) -> set[type]:
+    """The module classes of `arch`'s models, over its spec's tiny model and the variants that add
+    modules: the shared blocks' options (linear pooling and upsampling, Mamba-2 layers and dynamic
+    chunking where the architecture takes them) and its own (ArchSpec.tiny_variants)."""
+    from fixtures.models import tiny_config
+    from msllm.config import MambaConfig, ScaleConfig
+    from msllm.models import build_model
+
+    base = tiny_config(arch)
+    variants = [base]
+    if base.arch_config.multi_scale:
+        variants.append(tiny_config(arch, pooling="linear", upsampling="linear"))
+    if "mamba2" in base.arch_config.mixers:
+        mamba = MambaConfig(d_state=8, head_dim=16, chunk_size=8)
+        variants.append(tiny_config(arch, mamba=mamba, scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(2, 1, "full")]))
+    if base.arch_config.dynamic_pool:
+        variants.append(tiny_config(arch, scales=[ScaleConfig(1, 1, "local", 8), ScaleConfig(1, 1, "full", pool="dynamic")]))
+    variants += [tiny_config(arch, **overrides) for overrides in SPECS[arch].tiny_variants]  # its own options
+    with torch.device("meta"):
+        return {type(m) for cfg in variants for m in build_model(cfg, device="meta").modules()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_module_class_has_a_declared_sequence_parallel_kind(arch):
+    """A module class that no spec declares (msllm.models.spec: a swap kind, local, or unsupported)
+    would be left as it is under sequence parallelism, silently wrong if it mixes positions:
+    apply_sequence_parallel refuses it, and this test names it before any run does."""
+    from msllm.distributed.sequence import SWAPS
+
+    kinds = SPECS[arch].module_kinds()
+    undeclared = sorted(c.__qualname__ for c in _module_classes(arch) if c not in kinds)
+    assert not undeclared, f"{arch}: declare the sequence-parallel kind of {undeclared} in its spec (msllm.models.spec)"
+    unknown = {kind for kind in kinds.values() if kind not in SWAPS and kind not in (LOCAL, UNSUPPORTED)}
+    assert not unknown, f"{arch}: kinds {unknown} have no swap in msllm.distributed.sequence.SWAPS"

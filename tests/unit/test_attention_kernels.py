@@ -254,8 +254,8 @@ def test_flex_matches_the_dense_reference_forward_and_backward_on_cuda(name):
 def test_a_model_on_flex_attention_compiles_as_one_graph_on_cuda(arch):
     """The BlockMask is built inside the graph when compiling (no cache lookup, no graph break)."""
     scales = [ScaleConfig(1, 1, "local", 64)] + ([ScaleConfig(4, 1, "full")] if arch == "bottom_up" else [])
-    cfg = ModelConfig(arch=arch, vocab_size=128, d_model=128, n_heads=2, scales=scales, retina_factor=4,
-                      retina_levels=3, final_layers=1)
+    own = {"retina": dict(retina_factor=4, retina_levels=3), "bottom_up": dict(final_layers=1)}[arch]
+    cfg = ModelConfig(arch=arch, vocab_size=128, d_model=128, n_heads=2, scales=scales, **own)
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     ids = torch.randint(0, 128, (2, 1000), device="cuda")

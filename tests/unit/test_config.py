@@ -104,6 +104,11 @@ BAD = [
     ("section not a mapping", GOOD + "eval: 5\n", "eval: expected a mapping, got int 5"),
     ("not yaml", "model: {arch: [vanilla\n", "is not valid YAML"),
     ("offload without checkpointing", GOOD + "parallel: {offload_activations: true}\n", "parallel.offload_activations: needs parallel.activation_checkpointing: true"),
+    # Each architecture's own fields (msllm/models/<arch>/config.py) belong to it alone.
+    ("another arch's field", GOOD.replace("n_heads: 4", "n_heads: 4\n  retina_levels: 2"), "model.retina_levels is for retina only, not bottom_up (bottom_up's own fields: final_layers, aggregation, residual_proj, stage_norms)"),
+    ("unknown model key names the arch", GOOD.replace("n_heads: 4", "n_heads: 4\n  final_layer: 2"), "unknown key model.final_layer for arch bottom_up (did you mean model.final_layers?)"),
+    ("own field checked", GOOD.replace("n_heads: 4", "n_heads: 4\n  final_layers: -1"), "model.final_layers: must not be negative, got -1"),
+    ("retina factor", "model: {arch: retina, n_heads: 4, retina_factor: 1, scales: [{window: 8}]}\ndata: {seq_len: 72}\n", "model.retina_factor: must be at least 2, got 1"),
 ]
 
 
@@ -116,6 +121,29 @@ def test_bad_recipe_is_rejected_with_one_clear_line(tmp_path, text, expected):
     assert expected in message
     assert message.startswith(str(path))
     assert "\n" not in message
+
+
+def test_a_saved_recipe_with_every_architectures_fields_at_their_defaults_still_loads(tmp_path):
+    """Run folders and exports written before each architecture had its own fields hold all of them
+    (their defaults) in the model section: they load, and resolve to the recipe of today."""
+    recipe = load_recipe(write(tmp_path, GOOD))
+    old = recipe.to_dict()
+    old["model"].update(retina_levels=3, retina_factor=4)  # retina's defaults, in a bottom_up recipe
+    from msllm.config import from_dict
+
+    assert from_dict(old) == recipe
+    assert "retina_levels" not in recipe.to_dict()["model"]
+
+
+def test_show_config_shows_only_the_chosen_architectures_fields(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD))
+    shown = recipe.to_display_yaml()
+    assert "final_layers: 1" in shown and "aggregation: sum" in shown
+    assert "retina" not in shown
+    retina = load_recipe(write(tmp_path, "model: {arch: retina, n_heads: 4, scales: [{window: 8}]}\n", "retina.yaml"))
+    shown = retina.to_display_yaml()
+    assert "retina_levels: 3" in shown and "final_layers" not in shown and "aggregation" not in shown
+    assert load_recipe(write(tmp_path, shown, "shown.yaml")) == retina
 
 
 def test_base_cycle_and_missing_base_are_reported(tmp_path):

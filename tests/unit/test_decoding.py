@@ -11,7 +11,9 @@ import torch
 from msllm.config import MambaConfig, ModelConfig, ScaleConfig
 from msllm.models import build_model
 from msllm.models.attention import FullCausalAttention, LocalCausalAttention
+from msllm.models.registry import ARCHS
 from msllm.models.retina import RetinaAttention, RetinaPattern
+from fixtures.models import tiny_fields
 
 VOCAB = 61
 LENGTH = 44  # crosses every block boundary of the configurations below (coarsest cumulative factor 8) 5 times
@@ -48,6 +50,8 @@ CONFIGS = {
     "retina-2x3": dict(arch="retina", scales=[local(1, 2)], retina_levels=2, retina_factor=3),
     "retina-1": dict(arch="retina", scales=[local(1, 4)], retina_levels=1, retina_factor=2),
 }
+# Every registered architecture (msllm.models.registry) is covered: one not named above with its spec's tiny model.
+CONFIGS.update({f"{arch}-tiny": tiny_fields(arch) for arch in ARCHS if arch not in {c["arch"] for c in CONFIGS.values()}})
 
 # How the tokens reach decode: token by token; a prompt of 13 then steps; chunks of several sizes
 # (smaller and larger than windows and blocks, boundaries inside blocks); the whole sequence at once.

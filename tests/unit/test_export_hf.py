@@ -219,13 +219,17 @@ def test_msllm_export_of_an_export(exports, tmp_path):
 
 def test_the_modeling_file_is_msllms_own_source(exports):
     """Every function and class of msllm/models is in modeling_msllm.py exactly as msllm has it."""
+    import importlib
+
     import msllm.models
-    from msllm.models import attention, bottom_up, decoding, layers, retina, top_down, vanilla
+    from msllm.models import attention, decoding, layers, registry, spec
     from msllm.models.attention import cache, kernels, modules as cores, patterns
 
     text = (exports[0] / "retina" / "hf" / "modeling_msllm.py").read_text()
-    modules = [msllm.models, attention, cache, kernels, cores, patterns, bottom_up, decoding, layers, retina, top_down,
-               vanilla]
+    # The shared blocks, and each registered architecture's folder: its spec, its model, its config.
+    archs = [importlib.import_module(f"{s.model.__module__.rsplit('.', 1)[0]}{part}")
+             for s in registry.SPECS.values() for part in ("", ".model", ".config")]
+    modules = [msllm.models, attention, cache, kernels, cores, patterns, decoding, layers, registry, spec, *archs]
     count = 0
     for module in modules:
         for name, value in vars(module).items():

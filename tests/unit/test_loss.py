@@ -20,7 +20,7 @@ import torch
 from msllm.errors import RecipeError
 from msllm.train.memory import saved_for_backward
 from fixtures.kernels import cpu_kernels  # noqa: F401 (a fixture)
-from fixtures.models import tiny_model
+from fixtures.models import ARCHS, tiny_model
 from msllm.train.loss import IGNORE_INDEX, choose_kernel, chunk_rows, installed, lm_loss, model_loss
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 3e-2)}  # (loss rtol, gradient atol)
@@ -88,7 +88,7 @@ def test_batched_shapes_and_no_grad_give_the_same_sum():
 
 
 @pytest.mark.parametrize("tie", [False, True])
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_model_trains_with_the_same_gradients_through_either_kernel(arch, tie):
     """model_loss runs the loss inside the model's forward on its hidden states and head weight:
     the same as cross-entropy on the logits, with tied embeddings getting both gradients."""

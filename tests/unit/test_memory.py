@@ -8,14 +8,14 @@ import torch
 from msllm.train.memory import (BYTES_PER_PARAMETER, largest_module_parameters, measure_step_peak, startup_peak_bytes,
                                 step_memory)
 from msllm.models import build_model
-from fixtures.models import tiny_config
+from fixtures.models import ARCHS, tiny_config
 
 VOCAB = 512
 SIZE = dict(d_model=64, n_heads=4, vocab_size=VOCAB)  # the tiny models of fixtures.models, at this size
 
 
 @pytest.mark.parametrize("kernel", ["chunked", "dense"])
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_the_computed_split_matches_the_measured_peak_of_real_steps(arch, kernel):
     cfg, batch, L = tiny_config(arch, **SIZE), 2, 256
     torch.manual_seed(0)

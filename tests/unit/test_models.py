@@ -4,6 +4,7 @@ linearly with length, activation checkpointing, determinism and a small overfit.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from msllm.models.attention import local_attention
 from msllm.models.layers import Attention, CausalPool, Upsample
 from msllm.models.retina import RetinaPattern, retina_attention
 from msllm.distributed.parallelize import apply_activation_checkpointing
-from fixtures.models import tiny_config
+from fixtures.models import ARCHS, tiny_config
 
 VOCAB = tiny_config("vanilla").vocab_size  # 97
 MAMBA = MambaConfig(d_state=8, head_dim=16, chunk_size=8)
@@ -72,6 +73,8 @@ CONFIGS = {
         "retina", scales=[ScaleConfig(1, 2, "local", 3)], retina_factor=4, retina_levels=3
     ),
 }
+# Every registered architecture (msllm.models.registry) is covered: one not named above with its spec's tiny model.
+CONFIGS.update({f"{arch}-tiny": tiny_config(arch) for arch in ARCHS if arch not in {c.arch for c in CONFIGS.values()}})
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
@@ -252,6 +255,7 @@ MEMORY_CONFIGS = {
     "top_down": tiny_config("top_down", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
     "retina": tiny_config("retina", d_model=64, scales=[ScaleConfig(1, 1, "local", 64)], retina_factor=4),
 }
+MEMORY_CONFIGS.update({arch: tiny_config(arch, d_model=64) for arch in ARCHS if arch not in MEMORY_CONFIGS})
 
 
 @pytest.mark.slow
@@ -268,16 +272,18 @@ def test_activation_bytes_per_token_stay_flat_from_1k_to_16k(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_forward_and_backward_at_16k_tokens_and_d256(arch):
+    multi = tiny_config(arch).arch_config.multi_scale
     scales = {
         "vanilla": [ScaleConfig(1, 1, "full")],
         "retina": [ScaleConfig(1, 1, "local", 128)],
-    }.get(arch, [ScaleConfig(1, 1, "local", 128), ScaleConfig(4, 1, "full"), ScaleConfig(4, 1, "full")])
+    }.get(arch, [ScaleConfig(1, 1, "local", 128), ScaleConfig(4, 1, "full"), ScaleConfig(4, 1, "full")]
+          if multi else [ScaleConfig(1, 1, "local", 128)])
     # Retina's one layer reaches back w * (1 + k + ... + k^(S-1)) tokens: 5 levels of factor 4 make
     # that 128 * 341 = 43,648, the whole sequence.
     levels = {"retina": dict(retina_levels=5, retina_factor=4)}.get(arch, {})
-    cfg = ModelConfig(arch=arch, vocab_size=512, d_model=256, n_heads=4, scales=scales, final_layers=1, **levels)
+    cfg = tiny_config(arch, vocab_size=512, d_model=256, n_heads=4, scales=scales, **levels)
     torch.manual_seed(0)
     model = build_model(cfg)
     L = 16384
@@ -302,7 +308,7 @@ def test_forward_and_backward_at_16k_tokens_and_d256(arch):
     assert not torch.equal(out[0, p], base[0, p]), f"{arch}: token {p} did not change its own logit"
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("offload", [False, True])
 def test_activation_checkpointing_gives_the_same_gradients_and_recomputes_instead_of_saving(arch, offload):
     cfg = tiny_config(arch)
@@ -330,7 +336,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_recomputes_instea
     assert saved[1] < saved[0] / 2, saved
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_same_seed_same_logits(arch):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     a, b, c = build(tiny_config(arch), seed=5), build(tiny_config(arch), seed=5), build(tiny_config(arch), seed=6)
@@ -402,7 +408,7 @@ def test_bf16_training_is_finite_and_follows_fp32(name, precision):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_a_tiny_model_overfits_a_short_repeated_text(arch):
     text = b"the quick brown fox jumps over the lazy dog; "
     torch.manual_seed(0)
@@ -422,7 +428,7 @@ def test_a_tiny_model_overfits_a_short_repeated_text(arch):
     assert loss.item() < 0.1, f"{arch}: loss {loss.item():.3f} after {step + 1} steps"
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "top_down", "retina"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_each_model_compiles_as_one_graph_and_matches_eager(arch):
     """torch.compile(fullgraph=True) fails on any graph break (`.item()`, data-dependent Python
     control flow). The aot_eager backend traces forward and backward as inductor would, without
@@ -460,3 +466,33 @@ def test_top_down_token_layers_see_the_token_however_large_the_coarse_output():
     model(other)
     change, size = (seen[0] - seen[1]).norm(), seen[0].norm()
     assert change > 0.3 * size, (change, size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: one spec per architecture
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_each_architecture_is_one_consistent_spec(arch):
+    """Its spec, its config and its model agree on its name; its tiny model validates in a recipe
+    and builds; `build_model` builds the spec's model class."""
+    from msllm.config import Recipe, validate
+    from msllm.models.registry import ARCH_CONFIGS, spec
+
+    s = spec(arch)
+    assert s.name == arch and s.config.arch == arch and ARCH_CONFIGS[arch] is s.config
+    cfg = tiny_config(arch)
+    assert type(cfg.arch_config) is s.config
+    validate(Recipe(model=cfg))
+    assert type(build_model(cfg)) is s.model
+    assert set(cfg.to_dict()) >= {f.name for f in dataclasses.fields(s.config)}
+
+
+def test_an_unknown_architecture_is_named_with_the_known_ones():
+    from msllm.models.registry import spec
+
+    with pytest.raises(ValueError, match=r"unknown architecture 'sideways' \(known: vanilla, bottom_up, top_down, retina"):
+        spec("sideways")
+    with pytest.raises(ValueError, match="unknown architecture 'sideways'"):
+        ModelConfig(arch="sideways")

@@ -8,7 +8,9 @@ read them, `max_position_embeddings` is the context the model was trained on, an
 (default true) makes forward use and return msllm's decoding cache.
 
 This file is a template of `msllm export` (msllm/use/hf/assemble.py): the export inlines
-msllm.config's ScaleConfig and ModelConfig in place of the import below.
+msllm.config's ScaleConfig, ModelConfig and ArchConfig, and msllm.models.registry (every
+architecture, whose own config fields `msllm` holds flat beside the common ones), in place of the
+imports below.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from msllm.config import MambaConfig, ModelConfig, ScaleConfig, doc  # noqa: F401  (doc: what ModelConfig's fields are made with)
+from msllm.config import ArchConfig, MambaConfig, ModelConfig, ScaleConfig, doc  # noqa: F401  (doc: what ModelConfig's fields are made with)
+from msllm.models.registry import ARCH_CONFIGS
+
+
+def _arch_configs() -> dict[str, type]:
+    """What ArchConfig.of reads: the architectures' own configs (msllm.config has its own, which
+    imports the registry that this file holds inlined)."""
+    return ARCH_CONFIGS
 
 
 class MsllmConfig(PretrainedConfig):
@@ -28,7 +37,7 @@ class MsllmConfig(PretrainedConfig):
     def __init__(self, msllm: dict | None = None, max_position_embeddings: int = 1024, use_cache: bool = True, **kwargs):
         for key in self.DERIVED:
             kwargs.pop(key, None)
-        self.msllm = dataclasses.asdict(ModelConfig()) if msllm is None else dict(msllm)
+        self.msllm = ModelConfig().to_dict() if msllm is None else dict(msllm)
         model = self.model_config()
         self.vocab_size = model.vocab_size
         self.hidden_size = model.d_model
@@ -40,10 +49,18 @@ class MsllmConfig(PretrainedConfig):
     def model_config(self) -> ModelConfig:
         """msllm's ModelConfig of this model; an unknown or missing key is a ValueError naming it."""
         fields = dict(self.msllm)
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(fields) - known)
+        arch = fields.get("arch", ModelConfig.__dataclass_fields__["arch"].default)
+        if arch not in ARCH_CONFIGS:
+            raise ValueError(f"config.json: msllm: unknown arch {arch!r} (known: {sorted(ARCH_CONFIGS)})")
+        known = {f.name for f in dataclasses.fields(ModelConfig) if f.name != "arch_config"}
+        own = {f.name for f in dataclasses.fields(ARCH_CONFIGS[arch])}
+        for other in ARCH_CONFIGS.values():  # exports of before held every architecture's fields
+            for f in dataclasses.fields(other):
+                if f.name not in own and f.name not in known:
+                    fields.pop(f.name, None)
+        unknown = sorted(set(fields) - known - own)
         if unknown:
-            raise ValueError(f"config.json: msllm: unknown keys {unknown} (known: {sorted(known)})")
+            raise ValueError(f"config.json: msllm: unknown keys {unknown} for arch {arch} (known: {sorted(known | own)})")
         scale_keys = {f.name for f in dataclasses.fields(ScaleConfig)}
         scales = []
         for i, scale in enumerate(fields.get("scales", [{}])):

@@ -22,7 +22,6 @@ Needs neither transformers nor anything else beyond msllm's own dependencies to 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -136,7 +135,7 @@ def write_hf_folder(folder: Path, model_cfg, state: dict[str, torch.Tensor], seq
             "architectures": ["MsllmForCausalLM"],
             "model_type": "msllm",
             "auto_map": AUTO_MAP,
-            "msllm": dataclasses.asdict(model_cfg),
+            "msllm": model_cfg.to_dict(),
             "max_position_embeddings": seq_len,
             "torch_dtype": "float32",
             **special,

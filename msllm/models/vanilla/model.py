@@ -19,7 +19,7 @@ from msllm.models.layers import CausalLM, RMSNorm, decode_blocks, make_blocks, m
 class VanillaLM(CausalLM):
     def __init__(self, cfg, core_factory=None):
         """`core_factory` makes each layer's attention core; by default the one scales[0] names
-        (retina.py passes its own)."""
+        (retina/model.py passes its own)."""
         super().__init__()
         scale = cfg.scales[0]
         core_factory = core_factory or (lambda: make_core(scale.attention, scale.window))

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from msllm.models.attention import CachedSegment, LayerCache, Segment, attend, decode_attention, fine_segment
-from msllm.models.vanilla import VanillaLM
+from msllm.models.vanilla.model import VanillaLM
 
 
 @dataclass(frozen=True)
@@ -136,4 +136,4 @@ class RetinaAttention(nn.Module):
 class RetinaLM(VanillaLM):
     def __init__(self, cfg):
         window = cfg.scales[0].window
-        super().__init__(cfg, core_factory=lambda: RetinaAttention(window, cfg.retina_factor, cfg.retina_levels))
+        super().__init__(cfg, core_factory=lambda: RetinaAttention(window, cfg.arch_config.retina_factor, cfg.arch_config.retina_levels))

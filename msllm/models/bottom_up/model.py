@@ -17,8 +17,8 @@ H-Net): its positions are the finer scale's states at the boundaries a router pl
 smoothing upsampler brings them back to the finer positions (then repeated by the finer scale's
 f onto the tokens, as a fixed scale's). Its ratio loss is added to the LM loss in forward
 (layers.CausalLM.auxiliary_loss). Such a model has no cached decoding (generate recomputes).
-With a dynamic scale, H-Net's training ingredients are on by default (ModelConfig.stage_norms,
-residual_proj, embed_init_std; train.lr_multipliers): an RMSNorm ends each scale's layers, and the
+With a dynamic scale, H-Net's training ingredients are on by default (BottomUpConfig.stage_norms,
+residual_proj, ModelConfig.embed_init_std; train.lr_multipliers): an RMSNorm ends each scale's layers, and the
 coarsest scale's finer scale (H-Net's encoder) joins the sum through a zero-initialised projection
 computed in fp32 (`combine`). Any scale's layers may be Mamba-2 blocks (`mixer: mamba2`,
 mamba2.py); the final layers take scale 0's mixer.
@@ -78,11 +78,11 @@ class BottomUpLM(CausalLM):
             make_layers(cfg, scale.layers, scale.mixer, lambda s=scale: make_core(s.attention, s.window))
             for scale in cfg.scales
         )
-        # H-Net's training ingredients (ModelConfig.stage_norms, residual_proj; on with a dynamic scale):
+        # H-Net's training ingredients (BottomUpConfig.stage_norms, residual_proj; on with a dynamic scale):
         # a norm at the end of each scale's layers, and a zero-initialised projection of the coarsest
         # scale's finer scale (H-Net's encoder output) where it joins the sum.
-        self.scale_norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in cfg.scales) if cfg.uses_stage_norms() else None
-        self.residual_proj = nn.Linear(d, d, bias=True) if cfg.uses_residual_proj() else None
+        self.scale_norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in cfg.scales) if cfg.arch_config.uses_stage_norms(cfg) else None
+        self.residual_proj = nn.Linear(d, d, bias=True) if cfg.arch_config.uses_residual_proj(cfg) else None
         if self.residual_proj is not None:
             self.residual_proj.init = "zeros"  # msllm.models.init
         # pools[i] takes scale i to scale i+1; upsamples[i] takes scale i+1 straight to the tokens
@@ -94,13 +94,13 @@ class BottomUpLM(CausalLM):
             for scale in cfg.scales[1:]
         )
         self.upsamples = nn.ModuleList(Upsample(d, f, cfg.upsampling) for f in factors[1:])
-        self.aggregate = ScaleAttention(d, cfg.norm_eps) if cfg.aggregation == "attention" else None
+        self.aggregate = ScaleAttention(d, cfg.norm_eps) if cfg.arch_config.aggregation == "attention" else None
         fine = cfg.scales[0]
-        self.final = make_layers(cfg, cfg.final_layers, fine.mixer, lambda: make_core(fine.attention, fine.window))
+        self.final = make_layers(cfg, cfg.arch_config.final_layers, fine.mixer, lambda: make_core(fine.attention, fine.window))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         # msllm.models.init initialises the weights (build_model)
-        self.init_std, self.residual_layers = cfg.init_std, sum(s.layers for s in cfg.scales) + cfg.final_layers
+        self.init_std, self.residual_layers = cfg.init_std, sum(s.layers for s in cfg.scales) + cfg.arch_config.final_layers
         self.embed_init_std = cfg.embedding_init_std()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
