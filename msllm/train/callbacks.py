@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Callable
 
 from msllm.checkpoint.runfolder import check_run_folder_held
-from msllm.data import build_dataloader
-from msllm.data.manifest import MANIFEST_FILENAME, is_remote, read_manifest
 from msllm.distributed import collectives
 from msllm.distributed.env import say
 from msllm.errors import DataError
@@ -234,6 +232,8 @@ class EvalCallback(Callback):
 
     def evaluate(self, metrics: dict) -> dict:
         """The eval row at the step and tokens of `metrics`."""
+        from msllm.data import build_dataloader  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
+
         r, dims = self.recipe, self.dims
         if self.loader is None:
             self.loader = build_dataloader(
@@ -287,6 +287,8 @@ class ShardsWatch:
     def _gone(self) -> bool:
         """Rank 0: whether the manifest is gone; a DataError when it changed (a RunFolderError when
         the run folder is gone)."""
+        from msllm.data.manifest import MANIFEST_FILENAME, is_remote, read_manifest  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
+
         check_run_folder_held()
         shards_dir = self.data_cfg.shards_dir
         if not is_remote(shards_dir) and not (Path(shards_dir) / MANIFEST_FILENAME).is_file():

@@ -55,10 +55,8 @@ from msllm.checkpoint.llama import load_initial_weights
 from msllm.checkpoint.runfolder import claim_run_folder
 from msllm.checkpoint.state import Tokenizer, TrainState
 from msllm.config import with_vocab_size
-from msllm.data import build_dataloader, check_shards, prepare_dataset
 from msllm.distributed import ParallelDims, collectives
 from msllm.distributed.env import DistEnv, read_env, say
-from msllm.distributed.parallelize import parallelize
 from msllm.metrics import MfuMeter, Throughput, accelerator_max_allocated, fmt_duration, peak_rss_bytes
 from msllm.safe_files import write_new
 from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, ShardsWatch, TensorBoardLogger
@@ -73,6 +71,8 @@ from msllm.train.schedule import Schedule
 class Trainer:
     def __init__(self, recipe, denv: DistEnv, dims: ParallelDims):
         from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
+
+        from msllm.data import build_dataloader  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
 
         self.denv, self.dims = denv, dims
         self.accel = get_accelerator()
@@ -126,6 +126,8 @@ class Trainer:
         """The model, initialised from run.seed and built sharded where ZeRO-3 shards it
         (msllm.train.engine.build_model_for_training), made parallel and wrapped in DeepSpeed.
         Seeded from run.seed first; a rebuild then takes per_rank_streams() as a fresh run does."""
+        from msllm.distributed.parallelize import parallelize  # noqa: PLC0415 (start-up: a finished run's msllm train imports no fairscale)
+
         recipe = self.recipe
         seed_everything(recipe.run.seed)
         model = build_model_for_training(recipe, self.build_device)
@@ -301,6 +303,8 @@ class Trainer:
 def prepare_data(recipe):
     """Rank 0 writes the shards if they are missing (the others wait); every rank checks them and
     gets the same `Shards` record (manifest, tokenizer path and sha256)."""
+    from msllm.data import check_shards, prepare_dataset  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
+
     def prepare() -> None:
         if recipe.data.source != "shards":
             if not (Path(recipe.data.shards_dir) / "manifest.json").is_file():
