@@ -7,6 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from msllm.bench import run_benchmark
+from msllm.errors import MsllmError
+
 if __package__ in (None, ""):  # `python lab NAME`: the folder run as a script; import it as the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,9 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from msllm.bench import run_benchmark
-    from msllm.errors import MsllmError
-
     args = build_parser().parse_args(argv)
     command = " ".join(["python -m lab", *(sys.argv[1:] if argv is None else argv)])
     try:

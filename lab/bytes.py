@@ -30,8 +30,15 @@ import math
 import statistics
 from pathlib import Path
 
-from lab import REPO, RECIPES, RESULTS
+import torch
+
+from lab import RECIPES, REPO, RESULTS
 from lab.paper import SeedGrid
+from msllm.bench import plotting
+from msllm.data import build_dataloader, read_manifest
+from msllm.models import build_model, flops_per_token
+from msllm.train.memory import count_parameters, step_memory
+from msllm.use.load import load_model
 
 MODELS = ("vanilla-bpe", "vanilla-bytes-local", "bottom_up-bytes-fixed", "bottom_up-bytes-dynamic")
 FIXED, DYNAMIC = "bottom_up-bytes-fixed", "bottom_up-bytes-dynamic"
@@ -64,10 +71,6 @@ def add_chunking(result: dict, folder: Path, recipe) -> dict:
     s, _ = dynamic_scale(recipe)
     if s is None or "chunk_lengths" in result:
         return result
-    import torch
-
-    from msllm.data import build_dataloader
-    from msllm.use.load import load_model
 
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     compression = [r[f"compression_s{s}"] for r in rows if r["kind"] == "train"]
@@ -95,8 +98,6 @@ def add_chunking(result: dict, folder: Path, recipe) -> dict:
 
 def tokens_per_byte(recipe) -> float:
     """Of the shards' train split (sentencepiece: ~0.3; bytes: 1 plus one EOS per document)."""
-    from msllm.data import read_manifest
-
     split = read_manifest(recipe.data.shards_dir, recipe.data)["splits"]["train"]
     return split["tokens"] / split["bytes"]
 
@@ -117,12 +118,8 @@ def model_config(recipe, compression: float | None = None):
 def summarize(results: list[dict], recipe) -> dict:
     """Mean and spread over seeds; FLOPs per byte (at the realised compression for a dynamic
     model); the memory of a training step; speed in tokens and bytes per second."""
-    from msllm.train.memory import count_parameters, step_memory
-    from msllm.models import build_model, flops_per_token
-
     bpb = [x["bits_per_byte"] for x in results]
     tpb = tokens_per_byte(recipe)
-    import torch
 
     cfg = model_config(recipe)
     torch.manual_seed(recipe.run.seed)  # a dynamic model's step memory depends on where its untrained router cuts
@@ -200,8 +197,6 @@ def verdict(summary: dict) -> list[str]:
 def plot(summary: dict, results: dict[str, list[dict]], out: Path) -> list[str]:
     """lab/results/bytes-bpb.png (bits per byte against training FLOPs) and, with a dynamic model,
     lab/results/bytes-chunks.png (its learned chunk lengths)."""
-    from msllm.bench import plotting
-
     plotting.save(bpb_figure(summary, results), out / "bytes-bpb.png")
     names = ["bytes-bpb.png"]
     if DYNAMIC in summary and summary[DYNAMIC]["chunk_lengths"]:
@@ -213,8 +208,6 @@ def plot(summary: dict, results: dict[str, list[dict]], out: Path) -> list[str]:
 def bpb_figure(summary: dict, results: dict[str, list[dict]]):
     """Validation bits per byte against training FLOPs (tokens seen times FLOPs per token): each
     model's mean over its seeds, and the band from the lowest to the highest seed."""
-    from msllm.bench import plotting
-
     fig, axes = plotting.new_figure(8.5, 4.5)
     ax = axes[0, 0]
     for model, runs in results.items():
@@ -233,8 +226,6 @@ def bpb_figure(summary: dict, results: dict[str, list[dict]]):
 
 def chunks_figure(dynamic: dict):
     """The learned chunk lengths of the dynamic model (all seeds, validation data), with the target."""
-    from msllm.bench import plotting
-
     fig, axes = plotting.new_figure(8.5, 4.0)
     ax = axes[0, 0]
     lengths = dynamic["chunk_lengths"]

@@ -28,8 +28,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lab import REPO, RECIPES, RESULTS
+from lab import RECIPES, REPO, RESULTS
+from msllm.bench import plotting
+from msllm.config import load_recipe
+from msllm.data import prepare_dataset
 from msllm.errors import MsllmError
+from msllm.models import build_model, flops_per_token
+from msllm.train.memory import count_parameters, measure_step_peak, step_memory
 
 MODELS = ("vanilla-3", "vanilla-6", "bottom_up-6", "bottom_up_attention-6", "top_down-6", "retina-6")
 REFERENCE = "vanilla-3"  # the paper's "vanilla transformer with less than half as many layers"
@@ -97,8 +102,6 @@ class SeedGrid:
     def overrides_for(self, model: str) -> list[str]:
         """The `--set` overrides of a model's runs: the command line's, then its shards folder, if
         relative, made absolute against `root`."""
-        from msllm.config import load_recipe
-
         shards = str(load_recipe(self.recipe(model), self.overrides).data.shards_dir)
         if "://" in shards or Path(shards).is_absolute():
             return list(self.overrides)
@@ -107,9 +110,6 @@ class SeedGrid:
     def prepare_shards(self) -> dict:
         """Every model's recipe (overrides applied), after preparing each shards folder they name
         once: before the runs start, which share them, not in each of them."""
-        from msllm.config import load_recipe
-        from msllm.data import prepare_dataset
-
         loaded = {m: load_recipe(self.recipe(m), self.overrides_for(m)) for m in self.models}
         for data in {r.data.shards_dir: r.data for r in loaded.values()}.values():
             prepare_dataset(data, force=False)
@@ -170,10 +170,6 @@ def read_metrics(path: Path, bench: str = "paper") -> dict:
 
 def summarize(model: str, results: list[dict], recipe: Path, overrides: list[str]) -> dict:
     """Mean and spread over seeds; FLOPs/token; the computed memory split, and a measured peak."""
-    from msllm.config import load_recipe
-    from msllm.train.memory import count_parameters, measure_step_peak, step_memory
-    from msllm.models import build_model, flops_per_token
-
     r = load_recipe(recipe, overrides)
     vocab = r.data.tokenizer.vocab_size
     cfg = dataclasses.replace(r.model, vocab_size=vocab)
@@ -226,8 +222,6 @@ MEMORY_PARTS = ("parameters", "gradients", "optimizer", "body_activations", "los
 def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
     """lab/results/paper-bpb.png (bits per byte against tokens, mean and min-max band over seeds)
     and lab/results/paper-memory.png (the memory of a training step, stacked by part)."""
-    from msllm.bench import plotting
-
     plotting.save(bpb_figure(results), out / "paper-bpb.png")
     plotting.save(memory_figure({m: s["memory"] for m, s in summary.items()}), out / "paper-memory.png")
     return ["paper-bpb.png", "paper-memory.png"]
@@ -236,8 +230,6 @@ def plot(summary: dict, results: list[dict], out: Path) -> list[str]:
 def bpb_figure(results: list[dict]):
     """Validation bits per byte against training tokens: each model's mean over its seeds, and the
     band from the lowest to the highest seed."""
-    from msllm.bench import plotting
-
     fig, axes = plotting.new_figure(8.5, 4.5)
     ax = axes[0, 0]
     for model in dict.fromkeys(r["model"] for r in results):
@@ -255,8 +247,6 @@ def bpb_figure(results: list[dict]):
 
 def memory_figure(memory: dict[str, dict]):
     """{model: {part: bytes}} as one bar per model, stacked by part (MiB), its total on top."""
-    from msllm.bench import plotting
-
     fig, axes = plotting.new_figure(8.5, 4.5)
     ax = axes[0, 0]
     names = list(memory)
@@ -281,8 +271,6 @@ def replot(out: Path) -> list[str]:
     """lab/results/paper-memory.png again from the newest table in out/paper.md (no training). The
     bits-per-byte curves are in the runs' result.json files, not in the table: that plot needs the
     runs (`python -m lab paper` redraws both from them without training again)."""
-    from msllm.bench import plotting
-
     rows = plotting.table_rows(plotting.last_section((out / "paper.md").read_text()))
     memory = {r["model"]: {p: plotting.number(r[f"{p.replace('_', ' ')} MiB"]) * 2**20
                            for p in (*MEMORY_PARTS, "activations") if f"{p.replace('_', ' ')} MiB" in r} for r in rows}

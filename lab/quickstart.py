@@ -13,6 +13,8 @@ the load average before and after: on a machine shared with other work every fig
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,9 +29,6 @@ RECIPES = ("recipes/quickstart.yaml", "recipes/quickstart-vanilla.yaml")  # rela
 def run_quickstart(recipe: str, folder: Path, overrides: tuple[str, ...] = (), root: Path = REPO) -> dict:
     """One run of `recipe` (a path relative to `root`, the repository; with `--set` overrides) in
     `folder` (output_dir and shards there): its phases and results."""
-    import os
-    import re
-
     cmd = [sys.executable, "-m", "msllm.cli", "train", str(root / recipe), "--set", f"run.output_dir={folder / 'run'}",
            "--set", f"data.shards_dir={folder / 'shards'}", *[x for o in overrides for x in ("--set", o)]]
     load_before = os.getloadavg()[0]

@@ -20,8 +20,16 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from lab import REPO, RESULTS
+from msllm.bench import plotting
+from msllm.config import load_recipe
+from msllm.models import build_model
 from msllm.models.registry import ARCHS  # every registered architecture
+from msllm.train.bare import bare_step
+from msllm.train.memory import step_memory
+
 LENGTHS = (1024, 2048, 4096, 8192, 16384)
 VOCAB = 256
 
@@ -36,20 +44,12 @@ def bench_scaling(args: argparse.Namespace) -> str:
 
 
 def model_config(arch: str):
-    from msllm.config import load_recipe
-
     recipe = load_recipe(REPO / "recipes" / "models" / f"{arch}-tiny.yaml")
     return dataclasses.replace(recipe.model, vocab_size=VOCAB)
 
 
 def measure(arch: str, L: int, repeats: int = 3) -> dict:
     """Median step time of `repeats` steps after a warm-up step, and the memory split."""
-    import torch
-
-    from msllm.train.memory import step_memory
-    from msllm.models import build_model
-    from msllm.train.bare import bare_step
-
     cfg = model_config(arch)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -76,8 +76,6 @@ def exponent(points: list[tuple[float, float]]) -> float:
 def figure(results: dict):
     """Step time and step memory against L, one line per architecture, log-log (the slopes are
     the fitted exponents of the table)."""
-    from msllm.bench import plotting
-
     fig, axes = plotting.new_figure(10, 4.6, ncols=2)
     time_ax, memory_ax = axes[0]
     for arch, rows in results.items():
@@ -98,15 +96,11 @@ def figure(results: dict):
 
 
 def plot(results: dict, out: Path) -> Path:
-    from msllm.bench import plotting
-
     return plotting.save(figure(results), out / "scaling.png")
 
 
 def replot(out: Path) -> Path:
     """lab/results/scaling.png again from the newest table in out/scaling.md (no measuring)."""
-    from msllm.bench import plotting
-
     results = {}
     for row in plotting.table_rows(plotting.last_section((out / "scaling.md").read_text())):
         cells = {int(m[1]): v for k, v in row.items() if (m := re.match(r"L=(\d+) ", k))}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from msllm.errors import MsllmError
 
@@ -27,7 +28,7 @@ class _PrintVersion(argparse.Action):
         super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from importlib.metadata import PackageNotFoundError, version
+        from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415 (start-up: importlib.metadata loads for --version only)
 
         try:
             print(f"msllm {version('msllm')}")
@@ -61,14 +62,14 @@ def _add_recipe(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from msllm.config import load_recipe
+    from msllm.config import load_recipe  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     return load_recipe(args.recipe, args.overrides)
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:
     if args.docs:
-        from msllm.config import field_docs
+        from msllm.config import field_docs  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
         for key, tp, default, help in field_docs():
             print(f"{key}  ({tp}, default {default})\n    {help}")
@@ -78,7 +79,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from msllm.inspect import inspect_recipe
+    from msllm.inspect import inspect_recipe  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     inspect_recipe(_load(args), seq_len=args.seq_len, measure=not args.no_measure, world_size=args.world_size,
                    measure_len=args.measure_len)
@@ -86,21 +87,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_prep(args: argparse.Namespace) -> int:
-    from msllm.data.prepare import prepare_dataset
+    from msllm.data.prepare import prepare_dataset  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     prepare_dataset(_load(args).data, force=args.force)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from msllm.train.trainer import train
+    from msllm.train.trainer import train  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     recipe = _load(args)
     try:
         train(recipe, overwrite=args.overwrite)
     except RuntimeError as exc:  # streaming's "Background thread failed" (the store stopped answering), or a rank died
-        from msllm.data.manifest import store_unreachable
-        from msllm.distributed.collectives import lost_peer
+        from msllm.data.manifest import store_unreachable  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
+        from msllm.distributed.collectives import lost_peer  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
         error = store_unreachable(exc, recipe.data.shards_dir) or lost_peer(exc, _last_checkpoint(recipe))
         if error is None:
@@ -111,9 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _last_checkpoint(recipe) -> str:
     """The checkpoint a rerun of `recipe` resumes from, in words."""
-    from pathlib import Path
-
-    from msllm.checkpoint.files import latest_complete
+    from msllm.checkpoint.files import latest_complete  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     root = Path(recipe.run.output_dir) / "checkpoints"
     latest = latest_complete(root)
@@ -121,42 +120,42 @@ def _last_checkpoint(recipe) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from msllm.use.evaluate import evaluate_checkpoint
+    from msllm.use.evaluate import evaluate_checkpoint  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     evaluate_checkpoint(_load(args), args.checkpoint)
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from msllm.use.generate import generate_cli
+    from msllm.use.generate import generate_cli  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     generate_cli(args.source, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from msllm.use.export import export_checkpoint
+    from msllm.use.export import export_checkpoint  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     export_checkpoint(args.checkpoint, args.out, force=args.force)
     return 0
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    from msllm.use.import_hf import write_import_recipe
+    from msllm.use.import_hf import write_import_recipe  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     write_import_recipe(args.folder, args.out, force=args.force)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from msllm.bench import run_benchmark
+    from msllm.bench import run_benchmark  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     run_benchmark(args)
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from msllm.doctor import doctor
+    from msllm.doctor import doctor  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
     doctor(args.output_dir, as_json=args.json, check=not args.no_check)
     return 0

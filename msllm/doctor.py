@@ -24,15 +24,24 @@ matmul record). Each part that fails is reported as its error and the rest goes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
 import sys
-import contextlib
 import time
 from importlib import metadata
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from msllm.metrics import cpu_peak_flops, known_peak_flops, measure_matmul_flops
+from msllm.models.attention import SlidingWindow, kernel_for
+from msllm.models.retina import RetinaPattern
+from msllm.train import kernel_check
+from msllm.train.loss import choose_kernel
 
 PACKAGES = ("msllm", "torch", "triton", "deepspeed", "mosaicml-streaming", "streaming-community", "sentencepiece",
             "liger-kernel", "cut-cross-entropy")
@@ -47,8 +56,6 @@ def _guarded(part):
 
 
 def versions() -> dict:
-    import torch
-
     found = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -72,8 +79,6 @@ def _meminfo() -> dict:
 
 
 def devices() -> list[dict]:
-    import torch
-
     found = [{"device": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), **_meminfo()}]
     if torch.cuda.is_available():
@@ -87,8 +92,6 @@ def devices() -> list[dict]:
 
 
 def distributed() -> dict:
-    import torch.distributed as dist
-
     backends = {}
     if dist.is_available():
         for name in ("gloo", "nccl", "mpi", "ucc", "xccl"):
@@ -100,7 +103,7 @@ def distributed() -> dict:
 def deepspeed_ops() -> dict:
     """Which of DeepSpeed's ops its builders say could be built here (nothing is built)."""
     t0 = time.perf_counter()
-    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS  # noqa: PLC0415 (heavy: DeepSpeed)
 
     compatible = {}
     for name, builder in sorted(ALL_OPS.items()):
@@ -115,13 +118,6 @@ def kernels(device_names: list[str], check: bool = True) -> list[dict]:
     """Per device: the attention and loss kernels a training there would use, and the start-up
     check of each non-reference one (the loss at d=1024, a 32k vocabulary; attention on a window
     of 128 and a retina pattern of window 32, factor 4, 3 levels, head dim 64)."""
-    import torch
-
-    from msllm.models.attention import SlidingWindow, kernel_for
-    from msllm.models.retina import RetinaPattern
-    from msllm.train import kernel_check
-    from msllm.train.loss import choose_kernel
-
     found = []
     for name in device_names:
         device = torch.device(name)
@@ -156,10 +152,6 @@ def matmul(device_names: list[str]) -> list[dict]:
     """A dense matmul rate per device against its known peak (CPU: fp32, 1024^2, this process's
     threads, against the best rate measured on this machine; CUDA: bf16, 4096^2, against the table
     of known devices, or none)."""
-    import torch
-
-    from msllm.metrics import cpu_peak_flops, known_peak_flops, measure_matmul_flops
-
     found = []
     for name in device_names:
         device = torch.device(name)
@@ -179,7 +171,7 @@ def matmul(device_names: list[str]) -> list[dict]:
 
 def cache_folders() -> dict[str, Path]:
     """The folders msllm's libraries write caches to (whether or not they exist yet)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # noqa: PLC0415 (heavy: torch._inductor, 1 s)
 
     home_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return {
@@ -206,8 +198,6 @@ def disk(output_dir: Path) -> list[dict]:
 
 def collect(output_dir: Path = Path("."), check: bool = True) -> dict:
     """The whole report as a dict (what --json prints)."""
-    import torch
-
     t0 = time.perf_counter()
     report = {"versions": _guarded(versions), "devices": _guarded(devices), "distributed": _guarded(distributed)}
     names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from msllm.distributed import collectives
+from msllm.distributed.env import say
+from msllm.models import flops_per_token
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s of known accelerators, from their vendors'
 # data sheets, matched as a case-insensitive substring of the device name, first match wins (so
@@ -53,7 +59,7 @@ def measure_matmul_flops(n: int = 1024, reps: int = 8, device: torch.device | st
                          dtype: torch.dtype = torch.float32) -> float:
     """Dense matmul FLOP/s of this process on `device` (on the CPU: with its current thread count);
     the best of three timed rounds after a warm-up."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
 
     device = torch.device(device)
     sync = (lambda: None) if device.type == "cpu" else get_accelerator().synchronize
@@ -92,9 +98,6 @@ def cpu_peak_flops() -> float:
     """The CPU's dense fp32 matmul rate for this thread count: the best of this measurement and of
     earlier ones on this machine (cached in ~/.cache/msllm), so that a measurement taken while other
     processes share the cores does not pass for the peak."""
-    import os
-    import platform
-
     key = f"{platform.node()}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{torch.get_num_threads()}"
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "msllm" / "cpu_matmul_flops.json"
     measured = measure_matmul_flops()
@@ -150,10 +153,6 @@ class MfuMeter:
     def for_run(cls, recipe, device: torch.device, world_size: int) -> MfuMeter:
         """With the run's training FLOPs per token and the peak FLOP/s per device MFU is computed
         against (rank 0 measures or looks it up; every rank uses the same; the log says which)."""
-        from msllm.distributed import collectives
-        from msllm.distributed.env import say
-        from msllm.models import flops_per_token
-
         try:
             fpt = float(flops_per_token(recipe.model, recipe.data.seq_len))
         except Exception as exc:  # MFU is informative; never stop a run for it
@@ -183,8 +182,6 @@ class MfuMeter:
             self.peak_flops = max(self.peak_flops, self.remeasure())
             mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
         if mfu > 1.0:
-            from msllm.distributed.env import say
-
             self.peak_unreliable = True
             say(f"msllm: the peak ({self.peak_flops / 1e12:.3g} TFLOP/s per device) is below the achieved rate: MFU is "
                 "not given from now on (set train.peak_flops to the device's real peak)")
@@ -198,7 +195,7 @@ def peak_rss_bytes() -> int:
 
 
 def accelerator_max_allocated() -> int | None:
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
 
     acc = get_accelerator()
     if acc.device_name() == "cpu":

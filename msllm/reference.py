@@ -13,6 +13,9 @@ import dataclasses
 import typing
 from typing import Any, Iterator
 
+from msllm.cli import build_parser
+from msllm.config import Recipe, _type_name
+
 # Fields are nested with dots; the fields of a list's items (model.scales) with `[]`.
 LIST_ITEM = "[]"
 HELP_WIDTH = 100  # `--help` text is wrapped at this width, whatever the terminal building the docs
@@ -56,8 +59,6 @@ def _shown_default(value: Any) -> str:
 def config_fields(cls: type | None = None, prefix: str = "") -> Iterator[FieldDoc]:
     """Every field of the recipe (or of `cls`), depth first: sections, then their fields, the fields
     of list items (`model.scales[]`) after the list."""
-    from msllm.config import Recipe, _type_name
-
     cls = Recipe if cls is None else cls
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -153,8 +154,6 @@ def _arguments(parser: argparse.ArgumentParser) -> list[str]:
 def cli_reference(parser: argparse.ArgumentParser | None = None) -> str:
     """The markdown of the command-line reference page."""
     if parser is None:
-        from msllm.cli import build_parser
-
         parser = build_parser()
     out = [
         "# Command-line reference",
@@ -178,7 +177,5 @@ def cli_reference(parser: argparse.ArgumentParser | None = None) -> str:
 def subcommand_names(parser: argparse.ArgumentParser | None = None) -> list[str]:
     """The names of `msllm`'s subcommands."""
     if parser is None:
-        from msllm.cli import build_parser
-
         parser = build_parser()
     return [name for name, _, _ in _subcommands(parser)]

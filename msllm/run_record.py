@@ -18,6 +18,9 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import msllm
+from msllm.safe_files import write_new
+
 RUN_RECORD_FILENAME = "run.json"
 LIBRARIES = ("torch", "deepspeed", "streaming-community", "mosaicml-streaming", "sentencepiece")
 # The two distributions of `streaming` (docs/dependencies.md): a record names both, the absent one None.
@@ -47,8 +50,6 @@ def manifest_sha256(manifest: dict) -> str:
 
 def collect(world_size: int, dp: int, sp: int, device: str, manifest: dict | None) -> dict:
     """The record of this process's run (every rank computes the same one; rank 0 writes it)."""
-    import msllm
-
     versions = {"python": platform.python_version()}
     for name in ("msllm", *LIBRARIES):
         try:
@@ -67,8 +68,6 @@ def collect(world_size: int, dp: int, sp: int, device: str, manifest: dict | Non
 
 
 def write(record: dict, folder: Path) -> Path:
-    from msllm.safe_files import write_new
-
     return write_new(Path(folder) / RUN_RECORD_FILENAME, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 

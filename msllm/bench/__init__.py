@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
 import platform
 import sys
@@ -46,8 +47,6 @@ def _lazy(module: str, function: str, doc: str) -> Callable[[argparse.Namespace]
     """The benchmark `module.function`, imported only when it runs (torch, streaming are slow to import)."""
 
     def run(args: argparse.Namespace) -> str:
-        import importlib
-
         return getattr(importlib.import_module(f"msllm.bench.{module}"), function)(args)
 
     run.__doc__ = doc
@@ -174,7 +173,7 @@ def machine_description() -> str:
     except OSError:
         pass
     try:
-        import torch
+        import torch  # noqa: PLC0415 (start-up: msllm bench --list imports no torch)
 
         torch_version = torch.__version__
     except ImportError:

@@ -18,6 +18,11 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import torch
+
+from msllm.models.attention import local_attention
+from msllm.train.memory import saved_for_backward
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -36,8 +41,6 @@ DENSE_MAX_LEN = 16384  # dense builds an L x L mask and L x L scores
 
 
 def _inputs(setting: Setting, seq_len: int, device, seed: int = 0):
-    import torch
-
     generator = torch.Generator().manual_seed(seed)
     shape = (1, setting.heads, seq_len, setting.head_dim)
     dtype = getattr(torch, setting.dtype)
@@ -45,10 +48,6 @@ def _inputs(setting: Setting, seq_len: int, device, seed: int = 0):
 
 
 def _forward_backward(kernel: str, window: int, q, k, v):
-    import torch
-
-    from msllm.models.attention import local_attention
-
     out = local_attention(q, k, v, window, kernel=kernel)
     out.backward(torch.ones_like(out))
     return out
@@ -66,10 +65,6 @@ def agreement(kernel: str, setting: Setting, device) -> float:
 
 def measure(kernel: str, setting: Setting, device) -> dict:
     """Median forward + backward time, bytes saved for backward, and (CUDA) peak bytes allocated."""
-    import torch
-
-    from msllm.train.memory import saved_for_backward
-
     cuda = device.type == "cuda"
     q, k, v = _inputs(setting, setting.seq_len, device)
     with saved_for_backward(exclude=(q, k, v)) as saved:  # q, k, v are the layer's input
@@ -144,8 +139,6 @@ def to_markdown(rows: list[dict], setting: Setting, device_name: str) -> str:
 
 
 def bench_attention(args) -> str:
-    import torch
-
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     setting = GPU if cuda else CPU

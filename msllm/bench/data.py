@@ -15,10 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 
-from msllm.config import DataConfig
+from msllm.bench import shipped_recipe
+from msllm.config import DataConfig, load_recipe
+from msllm.data import build_dataloader
 from msllm.data import prepare as prep
 from msllm.data.sources import wikipedia_sample_documents
+from msllm.models import build_model
+from msllm.train.bare import bare_step
 
 # Copies of the Wikipedia sample tokenized by the throughput runs (one copy: ~1.1M tokens).
 CORPUS_COPIES = 8
@@ -28,9 +33,6 @@ TRAINING_STEPS = 3
 
 def quickstart_recipe():
     """recipes/quickstart.yaml (under --recipes), resolved."""
-    from msllm.bench import shipped_recipe
-    from msllm.config import load_recipe
-
     return load_recipe(shipped_recipe("quickstart.yaml"))
 # Worker counts of the throughput rows (`msllm prep` uses data.workers processes).
 PREP_WORKERS = (1, 2, 4)
@@ -45,11 +47,6 @@ def quickstart_settings() -> tuple[DataConfig, int]:
 def training_tokens_per_s(recipe, vocab_size: int, batches) -> float:
     """Tokens/s of forward + backward + AdamW of the recipe's model on `batches` in this process
     (one step of warm-up, then TRAINING_STEPS timed): what the loader has to keep up with."""
-    import torch
-
-    from msllm.models import build_model
-    from msllm.train.bare import bare_step
-
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(recipe.model, vocab_size=vocab_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.train.lr)
@@ -185,8 +182,6 @@ def _prep_many_files(tmp: Path, documents: list[str], cfg: DataConfig, tokenizer
 
 def bench_data_loader(args) -> str:
     """Loader throughput (tokens/s) at the quickstart size, against what training consumes."""
-    from msllm.data import build_dataloader
-
     recipe = quickstart_recipe()
     data_cfg, batch_size = recipe.data, recipe.train.micro_batch_size
     with tempfile.TemporaryDirectory(prefix="msllm-bench-loader-") as tmp_name:

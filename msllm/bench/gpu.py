@@ -23,6 +23,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from msllm import bench
+from msllm.bench.attention import bench_attention
+from msllm.bench.throughput import bench_throughput
+from msllm.doctor import collect, format_report
 from msllm.errors import MsllmError
 
 CUDA_TESTS = ("tests/unit/test_loss.py", "tests/unit/test_attention_kernels.py")
@@ -59,18 +65,12 @@ def _part(name: str, run, results: dict, out: Path) -> None:
 
 
 def bench_gpu(args) -> str:
-    import torch
-
     if not torch.cuda.is_available():
         raise MsllmError("msllm bench gpu needs a CUDA GPU and this machine has none; run it on a GPU node "
                          "(from the repository root), or run the CPU benchmarks (msllm bench --list)")
-    from msllm.bench.attention import bench_attention
-    from msllm.bench.throughput import bench_throughput
-    from msllm.doctor import collect, format_report
 
     out = Path(args.out)
     results: dict = {}
-    from msllm import bench
 
     checkout = bench.RECIPES.resolve().parent  # --recipes names the checkout's recipes/; its tests are beside them
     _part("cuda tests", lambda: cuda_tests(checkout), results, out)

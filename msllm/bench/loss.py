@@ -13,7 +13,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
+
+import torch
+
+from msllm.bench import shipped_recipe
+from msllm.bench.throughput import loss_kernels, measure_trainer, model_config
+from msllm.config import load_recipe
+from msllm.models import build_model
+from msllm.train.memory import DTYPES, loss_activation_bytes, sample_tokens
 
 ROUNDS = 4
 STEPS = 25  # timed steps per run, after as many warm-up steps
@@ -23,10 +32,6 @@ def speed_rows(kernels: tuple[str, ...], rounds: int = ROUNDS, steps: int = STEP
                recipe: str | None = None) -> list[dict]:
     """One `msllm train` per (round, kernel), the kernels alternating within each round; `recipe`:
     the quickstart's (recipes/quickstart.yaml under --recipes) unless given."""
-    from msllm.bench import shipped_recipe
-    from msllm.bench.throughput import measure_trainer, model_config
-    from msllm.config import load_recipe
-
     recipe = recipe or shipped_recipe("quickstart.yaml")
     r = load_recipe(recipe)
     vocab = model_config(recipe, 0).vocab_size
@@ -45,15 +50,6 @@ def memory_rows(kernels: tuple[str, ...] = ("dense", "chunked"), sample_len: int
     `sample_len` positions (0: the recipe's seq_len) and extended linearly to the micro-batch
     (loss_activation_bytes). A shorter sample gives the same figure to a few KiB in much less
     time: bf16 matmuls are slow on CPUs."""
-    import dataclasses
-
-    import torch
-
-    from msllm.bench import shipped_recipe
-    from msllm.config import load_recipe
-    from msllm.train.memory import DTYPES, loss_activation_bytes, sample_tokens
-    from msllm.models import build_model
-
     r = load_recipe(shipped_recipe("models/vanilla-bookcorpus.yaml"))
     # The loss depends on the head and the hidden states only: a one-layer body gives the same bytes.
     cfg = dataclasses.replace(r.model, vocab_size=r.data.tokenizer.vocab_size,
@@ -103,9 +99,5 @@ def to_markdown(speed: list[dict], memory: list[dict]) -> str:
 
 
 def bench_loss(args) -> str:
-    import torch
-
-    from msllm.bench.throughput import loss_kernels
-
     kernels = loss_kernels(torch.cuda.is_available())
     return to_markdown(speed_rows(kernels), memory_rows())

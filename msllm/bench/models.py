@@ -4,15 +4,15 @@ multi-scale models), through msllm.inspect, with the loss chunked and dense."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from msllm.bench import shipped_recipe
+from msllm.inspect import compare_recipes
+
 
 def bench_models(args) -> str:
     """The comparison table of every recipes/models/*-bookcorpus.yaml, at the recipes' own 32k
     vocabulary and at 8000 (where the loss weighs less)."""
-    from pathlib import Path
-
-    from msllm.bench import shipped_recipe
-    from msllm.inspect import compare_recipes
-
     paths = sorted(str(p) for p in Path(shipped_recipe("models")).glob("*-bookcorpus.yaml"))
     sections = []
     for vocab in (0, 8000):

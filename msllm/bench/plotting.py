@@ -15,15 +15,17 @@ import re
 import statistics
 from pathlib import Path
 
+from msllm.errors import MsllmError
+
 DPI = 110
 
 
 def new_figure(width: float, height: float, **subplots):
     """(figure, axes) with the layout that keeps a figure legend outside every axes."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (optional: matplotlib, the [plots] extra)
 
     matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: matplotlib, the [plots] extra)
 
     return plt.subplots(figsize=(width, height), layout="constrained", squeeze=False, **subplots)
 
@@ -40,7 +42,7 @@ def legend_outside(fig, where: str = "lower center", ncols: int = 4):
 
 def length_axis(ax, lengths) -> None:
     """Sequence length on a log-2 axis, a tick at each measured L (256, 1k, 16k, ...)."""
-    import matplotlib.ticker
+    import matplotlib.ticker  # noqa: PLC0415 (optional: matplotlib, the [plots] extra)
 
     lengths = sorted(set(lengths))
     ax.set_xscale("log", base=2)
@@ -62,7 +64,7 @@ def seed_band(ax, label: str, xs, curves, dashed: bool = False) -> None:
 
 def save(fig, path: Path) -> Path:
     """The figure as a PNG of exactly its size x DPI pixels, then closed."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: matplotlib, the [plots] extra)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
@@ -74,8 +76,6 @@ def last_section(markdown: str) -> str:
     """The newest section (`## date`) of a benchmark file: the registry appends one per run."""
     sections = re.split(r"^## ", markdown, flags=re.M)
     if len(sections) < 2:
-        from msllm.errors import MsllmError
-
         raise MsllmError("no benchmark section (## ...) to plot: run the benchmark first")
     return sections[-1]
 

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from msllm.bench import shipped_recipe
+
 ROUNDS = 5
 RECIPE = "models/vanilla-tiny.yaml"  # under the recipes folder (--recipes)
 
@@ -46,8 +48,6 @@ def commands(recipe: str, run: Path, out: Path) -> dict[str, list[str]]:
 
 
 def measure(recipe: str | None = None, rounds: int = ROUNDS) -> dict[str, list[float]]:
-    from msllm.bench import shipped_recipe
-
     recipe = recipe or shipped_recipe(RECIPE)
     with tempfile.TemporaryDirectory(prefix="msllm-startup-") as tmp:
         run, out = Path(tmp) / "run", Path(tmp) / "export"

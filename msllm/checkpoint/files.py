@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import pickle
@@ -34,8 +35,10 @@ import shutil
 from pathlib import Path
 
 import torch
+import xxhash
 import yaml
 
+from msllm.config import from_dict
 from msllm.errors import CheckpointError, UnsafeCheckpointError
 
 COMPLETE = "COMPLETE"
@@ -98,8 +101,6 @@ def read_meta(ckpt: Path) -> dict:
 
 def read_recipe(ckpt: Path):
     """The resolved recipe saved in a checkpoint, as a Recipe."""
-    from msllm.config import from_dict
-
     try:
         raw = yaml.safe_load((ckpt / "recipe.yaml").read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -165,9 +166,9 @@ def deepspeed_safe_globals() -> list[type]:
     hold the loss scaler, the ZeRO stage and the fragment addresses of the flat parameter groups.
     The model states hold none. These classes are rebuilt from their saved fields; no code runs.
     """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415 (heavy: DeepSpeed)
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415 (heavy: DeepSpeed)
+    from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415 (heavy: DeepSpeed)
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
@@ -268,8 +269,6 @@ def _weights_finite(engine) -> bool:
 
 def file_digest(path: Path) -> str:
     """"xxh3_128:HEX" of a file's bytes (xxhash, which streaming already depends on: GB/s)."""
-    import xxhash
-
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -322,9 +321,7 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         if int(meta.get("zero_stage", 0)) == 0:
             sd = load_torch_file(ckpt / "mp_rank_00_model_states.pt")["module"]
         else:
-            import io
-
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415 (heavy: DeepSpeed)
 
             with contextlib.redirect_stdout(io.StringIO()), safe_loading(ckpt):
                 sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

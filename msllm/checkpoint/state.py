@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from msllm.errors import CheckpointError, DataError
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,6 @@ class Tokenizer:
     def read(cls, path: str | Path, expected_sha256: str) -> Tokenizer:
         """Read once; a file that no longer has the sha256 the shards were checked with changed
         between the check and now: a one-line DataError."""
-        from msllm.errors import DataError
-
         path = Path(path)
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
@@ -92,8 +93,6 @@ class TrainState:
         counts the samples of every rank) and this rank's RNG state, or fresh streams seeded from
         (run.seed, step, rank) when the saved run had no rank of this number (the engine is loaded
         by the checkpointer, from DeepSpeed's files)."""
-        from msllm.errors import CheckpointError
-
         if "dataloader" not in loader_state:
             raise CheckpointError("the saved trainer state has no dataloader entry: the checkpoint is damaged; "
                                   "resume from an older one or start a new run.output_dir")
@@ -101,8 +100,6 @@ class TrainState:
         self.tokens = int(meta["tokens"])
         self.loader.load_state_dict(loader_state["dataloader"])
         if rng is None:
-            import torch.distributed as dist
-
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             seed_streams(self.recipe.run.seed, self.step, rank)
         else:
@@ -120,7 +117,7 @@ def seed_streams(seed: int, step: int, rank: int) -> None:
 
 def rng_state() -> dict:
     """The RNG states, as tensors and plain values only (so that they load weights-only)."""
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
@@ -132,7 +129,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
 
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]

@@ -31,14 +31,14 @@ from msllm.data.prepare import prepare_dataset  # noqa: E402
 
 def build_dataloader(*args, **kwargs):
     """See msllm.data.loader.build_dataloader (imported on first use: streaming is slow to import)."""
-    from msllm.data.loader import build_dataloader as build
+    from msllm.data.loader import build_dataloader as build  # noqa: PLC0415 (start-up: the loader imports streaming's dataloader, only training needs it)
 
     return build(*args, **kwargs)
 
 
 def __getattr__(name):
     if name in ("TokenLoader", "TokenWindowDataset", "tokens_of"):
-        from msllm.data import loader
+        from msllm.data import loader  # noqa: PLC0415 (start-up: the loader imports streaming's dataloader, only training needs it)
 
         return getattr(loader, name)
     raise AttributeError(f"module 'msllm.data' has no attribute {name!r}")

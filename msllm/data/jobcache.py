@@ -37,6 +37,11 @@ import time
 import uuid
 from pathlib import Path
 
+import streaming.base.dataset
+import streaming.base.shared
+import streaming.base.shared.prefix
+import streaming.base.util
+
 from msllm.errors import DataError
 from msllm.safe_files import open_lock_nofollow
 
@@ -95,11 +100,6 @@ def scope_streaming_shared_memory() -> None:
     by name into the modules below; streaming-community's util imports it from prefix when it is
     called, which then gets this one), so replacing it there scopes them all. Idempotent.
     """
-    import streaming.base.dataset
-    import streaming.base.shared
-    import streaming.base.shared.prefix
-    import streaming.base.util
-
     modules = (streaming.base.shared.prefix, streaming.base.shared, streaming.base.dataset, streaming.base.util)
     if getattr(streaming.base.shared.prefix._get_path, "msllm_scoped", False):
         return

@@ -28,8 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streaming.base.storage.download import CloudDownloader, S3Downloader
+
 from msllm.config import DataConfig
 from msllm.data.integrity import check_manifest
+from msllm.data.jobcache import claim_cache_root
+from msllm.data.tokenizer import TOKENIZER_FILENAME, file_sha256, load_tokenizer_file
 from msllm.errors import DataError, short_repr
 
 CONNECT_TIMEOUT_S = 10
@@ -74,7 +78,6 @@ def _local_copy(shards_dir: str, filename: str, cache_root: Path) -> Path:
     """The local path of a file of shards_dir, downloading it first if shards_dir is remote."""
     if not is_remote(shards_dir):
         return Path(shards_dir) / filename
-    from msllm.data.jobcache import claim_cache_root
 
     claim_cache_root(cache_root)  # never write into a folder that holds files msllm did not put there
     local = cache_root / hashlib.sha1(shards_dir.encode()).hexdigest()[:16] / filename
@@ -85,8 +88,6 @@ def _local_copy(shards_dir: str, filename: str, cache_root: Path) -> Path:
 def download(remote: str, local: Path) -> None:
     """Download the object `remote` (a URI, or a path as streaming names local files) to `local`,
     whole or not at all (through a temporary name); a one-line DataError if it cannot."""
-    from streaming.base.storage.download import CloudDownloader
-
     bound_object_store_waits()  # before the first client of this process is made
     tmp = local.parent / f".{local.name}.{os.getpid()}.tmp"
     try:
@@ -127,13 +128,12 @@ def bound_object_store_waits() -> None:
     global _BOUNDED
     if _BOUNDED:
         return
-    from botocore.config import Config
-    from streaming.base.storage.download import S3Downloader
+    from botocore.config import Config  # noqa: PLC0415 (optional: boto3, the [s3] extra)
 
     def _create_s3_client(self, unsigned: bool = False, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
         """streaming's S3Downloader._create_s3_client, with the bounds above."""
-        from boto3.session import Session
-        from botocore import UNSIGNED
+        from boto3.session import Session  # noqa: PLC0415 (optional: boto3, the [s3] extra)
+        from botocore import UNSIGNED  # noqa: PLC0415 (optional: boto3, the [s3] extra)
 
         config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=timeout,
                         retries={"mode": "adaptive", "total_max_attempts": CLIENT_ATTEMPTS},
@@ -240,16 +240,12 @@ def read_manifest(shards_dir: str | Path, data_cfg: DataConfig | None = None) ->
 
 def tokenizer_path(shards_dir: str | Path, data_cfg: DataConfig | None = None) -> Path:
     """The local path of the tokenizer saved with the shards (downloaded if shards_dir is remote)."""
-    from msllm.data.tokenizer import TOKENIZER_FILENAME
-
     return _local_copy(str(shards_dir), TOKENIZER_FILENAME, remote_cache_root(data_cfg))
 
 
 def load_tokenizer(shards_dir: str | Path, data_cfg: DataConfig | None = None):
     """The tokenizer saved with the shards (`shards_dir/tokenizer.model`), as msllm.data.tokenizer's
     interface (sentencepiece or bytes)."""
-    from msllm.data.tokenizer import load_tokenizer_file
-
     path = tokenizer_path(shards_dir, data_cfg)
     if not path.is_file():
         raise DataError(f"{shards_dir} has no tokenizer.model: run `msllm prep RECIPE` first")
@@ -278,8 +274,6 @@ def check_shards(data_cfg: DataConfig, vocab_size: int | None = None) -> Shards:
     tokenizer file was changed; the recipe trains a tokenizer of another vocab size; or the model's
     `vocab_size` is too small for the token ids in the shards.
     """
-    from msllm.data.tokenizer import file_sha256, load_tokenizer_file
-
     shards_dir = data_cfg.shards_dir
     manifest = read_manifest(shards_dir, data_cfg)
     check_manifest(manifest, shards_dir)  # an edited manifest fails here, not after the whole run

@@ -21,7 +21,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
+import zstandard
+
 from msllm.config import DataConfig
+from msllm.data.manifest import is_remote, remote_cache_root, staging_folder
 from msllm.errors import DataError
 
 # The shortened English Wikipedia dump that gensim ships with its tests (CC BY-SA).
@@ -71,8 +74,6 @@ def input_files(data_cfg: DataConfig) -> list[Path]:
 
 
 def _folders_msllm_writes(data_cfg: DataConfig) -> list[Path]:
-    from msllm.data.manifest import is_remote, remote_cache_root, staging_folder
-
     folders = [remote_cache_root(data_cfg), staging_folder(data_cfg)]
     if not is_remote(data_cfg.shards_dir):
         folders.append(Path(data_cfg.shards_dir))
@@ -193,8 +194,6 @@ class _ZstdReader(io.RawIOBase):
     all of it."""
 
     def __init__(self, path: Path):
-        import zstandard
-
         self._decompressor = zstandard.ZstdDecompressor()
         self._file = path.open("rb")
         self._frame = self._decompressor.decompressobj()
@@ -231,8 +230,6 @@ def _reading(path: Path) -> Iterator[None]:
     """Turn what reading (and decompressing) `path` can raise into one line naming the file: a
     truncated .gz ends in EOFError, one that is not gzip raises BadGzipFile, corrupt compressed
     data zlib's or zstandard's error."""
-    import zstandard
-
     try:
         yield
     except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as exc:
@@ -248,7 +245,7 @@ def _reading(path: Path) -> Iterator[None]:
 
 def _wikipedia_sample_path() -> Path:
     try:
-        import gensim
+        import gensim  # noqa: PLC0415 (optional and heavy: gensim, the [corpus] extra)
     except ImportError:
         raise DataError(
             "data.source wikipedia-sample reads gensim's test data: pip install 'msllm[corpus]' "
@@ -263,7 +260,7 @@ def _wikipedia_sample_path() -> Path:
 @lru_cache(maxsize=1)
 def _wikipedia_sample_cached() -> tuple[str, ...]:
     # Stripping the markup takes a few seconds; prep reads the corpus twice (tokenizer, shards).
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki  # noqa: PLC0415 (optional and heavy: gensim, the [corpus] extra)
 
     articles = []
     with bz2.open(_wikipedia_sample_path(), "rb") as dump:

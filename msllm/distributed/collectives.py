@@ -14,6 +14,11 @@ Each is a no-op wrapper around the plain call when torch.distributed is not star
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
+import os
+
 import torch
 
 from msllm.distributed.env import DistEnv, check_master_resolves
@@ -22,10 +27,8 @@ from msllm.errors import MsllmError, PeerLostError, RecipeError, short_repr
 
 def init_distributed(denv: DistEnv) -> None:
     """Start torch.distributed (through DeepSpeed, on its accelerator's backend) if not started."""
-    import datetime
-
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    import deepspeed  # noqa: PLC0415 (heavy: DeepSpeed)
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
@@ -102,9 +105,6 @@ def check_same_recipe(resolved: dict) -> None:
     all-gather of a sha256 per rank; only when they differ, the flattened recipes of the ranks
     that differ from rank 0 are gathered to name the keys. Collective: every rank calls it, right
     after the process group starts."""
-    import hashlib
-    import json
-
     if not is_initialized() or torch.distributed.get_world_size() == 1:
         return
     text = json.dumps(resolved, sort_keys=True, default=str)
@@ -211,8 +211,6 @@ def lost_peer(exc: BaseException, last_checkpoint: str) -> PeerLostError | None:
     if is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     else:
-        import os
-
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     who = f"rank {1 - rank}" if world == 2 else "a peer rank"
     return PeerLostError(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.distributed as dist
+
 from msllm.errors import RecipeError
 
 
@@ -78,7 +80,6 @@ class ParallelDims:
         """
         if self.sp == 1:
             return None
-        import torch.distributed as dist
 
         mine = None
         for dp_rank in range(self.dp):

@@ -20,8 +20,10 @@ the run that wrote it.
 
 from __future__ import annotations
 
+from fairscale.nn.checkpoint import checkpoint_wrapper
 from torch import nn
 
+from msllm.distributed.sequence import apply_sequence_parallel
 from msllm.models.layers import Block
 from msllm.models.mamba2 import MambaBlock
 
@@ -33,8 +35,6 @@ def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> n
     """Recompute every transformer block in backward instead of keeping its activations; with
     `offload`, the block inputs that are kept go to CPU memory (fairscale's checkpoint_wrapper,
     which patches the block's forward in place: parameter names do not change). Returns the model."""
-    from fairscale.nn.checkpoint import checkpoint_wrapper
-
     for module in list(model.modules()):
         if isinstance(module, nn.ModuleList):
             for i, child in enumerate(module):
@@ -61,8 +61,6 @@ def compile_blocks(model: nn.Module, checkpointed: bool = False, **options) -> n
 def parallelize(model: nn.Module, dims: ParallelDims, recipe) -> nn.Module:
     """Apply sequence parallelism, activation checkpointing and compilation to a built model (in
     place, in that order) and return it. Collective: every rank calls it."""
-    from msllm.distributed.sequence import apply_sequence_parallel
-
     model = apply_sequence_parallel(model, dims.sequence_parallel_group())
     if recipe.parallel.activation_checkpointing:
         model = apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)

@@ -19,6 +19,7 @@ throughput and MFU msllm.metrics'.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -27,10 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from msllm.checkpoint.runfolder import check_run_folder_held
 from msllm.distributed import collectives
 from msllm.distributed.env import say
+from msllm.errors import DataError
 from msllm.metrics import fmt_duration
+from msllm.run_record import manifest_sha256
 from msllm.safe_files import open_append_nofollow, write_new
+from msllm.train.evaluate import evaluate
 
 # The model metrics of dynamic chunking (msllm.models.bottom_up.METRICS, each with _s<scale>): the
 # realised compression, the ratio loss, the spread of p and its share near the 0.5 threshold, the
@@ -182,7 +187,7 @@ class TensorBoardLogger(Callback):
     """The finite numbers of each row, as FIELDS names them (the others as <kind>/<key>)."""
 
     def __init__(self, logdir: Path, resume_step: int):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (heavy: TensorBoard, only when train.tensorboard)
 
         self.logdir = logdir
         self.writer = SummaryWriter(str(logdir), purge_step=resume_step + 1)  # drop events of an earlier attempt
@@ -227,8 +232,7 @@ class EvalCallback(Callback):
 
     def evaluate(self, metrics: dict) -> dict:
         """The eval row at the step and tokens of `metrics`."""
-        from msllm.data import build_dataloader
-        from msllm.train.evaluate import evaluate
+        from msllm.data import build_dataloader  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
 
         r, dims = self.recipe, self.dims
         if self.loader is None:
@@ -265,16 +269,12 @@ class ShardsWatch:
     """
 
     def __init__(self, data_cfg, manifest: dict):
-        from msllm.run_record import manifest_sha256
-
         self.data_cfg = data_cfg
         self.sha256 = manifest_sha256(manifest)
         self.gone = False
 
     def check(self, plan):
         """The plan as the shards allow it (eval dropped while they are gone)."""
-        import dataclasses
-
         if not (plan.eval or plan.checkpoint):
             return plan
         gone = collectives.on_rank0(self._gone)
@@ -287,10 +287,7 @@ class ShardsWatch:
     def _gone(self) -> bool:
         """Rank 0: whether the manifest is gone; a DataError when it changed (a RunFolderError when
         the run folder is gone)."""
-        from msllm.checkpoint.runfolder import check_run_folder_held
-        from msllm.data.manifest import MANIFEST_FILENAME, is_remote, read_manifest
-        from msllm.errors import DataError
-        from msllm.run_record import manifest_sha256
+        from msllm.data.manifest import MANIFEST_FILENAME, is_remote, read_manifest  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
 
         check_run_folder_held()
         shards_dir = self.data_cfg.shards_dir

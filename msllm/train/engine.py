@@ -8,6 +8,10 @@ import math
 
 import torch
 
+from msllm.models import build_model, construct
+from msllm.models.init import init_parameters
+from msllm.train.nonfinite import GuardedAdamW
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
                  lr_multipliers: list[float] | None = None) -> list[dict]:
@@ -95,10 +99,9 @@ def build_optimizer(model: torch.nn.Module, recipe, device_name: str) -> torch.o
     groups = param_groups(model, t.weight_decay, t.lr, lr_multipliers(recipe))
     kwargs = dict(lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     if recipe.parallel.offload_optimizer and device_name != "cpu":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: PLC0415 (heavy: DeepSpeed)
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    from msllm.train.nonfinite import GuardedAdamW
 
     return GuardedAdamW(groups, fused=device_name == "cuda", **kwargs)  # AdamW that never applies a non-finite update
 
@@ -154,11 +157,8 @@ def build_model_for_training(recipe, device: torch.device) -> torch.nn.Module:
       whole); each rank then writes its slices of the initial values (init.assign);
     - ZeRO 0-2 (every rank holds the weights): on the meta device, then materialised on `device`.
     """
-    from msllm.models import build_model, construct
-    from msllm.models.init import init_parameters
-
     if recipe.parallel.zero_stage == 3:
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 (heavy: DeepSpeed)
 
         with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(recipe)):
             model = construct(recipe.model)
@@ -170,8 +170,8 @@ def build_model_for_training(recipe, device: torch.device) -> torch.nn.Module:
 def build_engine(model: torch.nn.Module, recipe, dims):
     """The DeepSpeed engine around the parallel model: ZeRO stage 0-3 over all ranks, AdamW and
     the learning-rate schedule; gradients averaged over all dp * sp ranks. Collective."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    import deepspeed  # noqa: PLC0415 (heavy: DeepSpeed)
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
 
     if recipe.parallel.zero_stage == 3:
         # The loss reads the head's weight in the model's own forward, outside lm_head.forward

@@ -13,6 +13,7 @@ import time
 import torch
 
 from msllm.distributed import collectives as dist
+from msllm.train.loss import IGNORE_INDEX, model_loss
 
 
 def eval_batches(manifest: dict, batch_size: int, dp_size: int, max_batches: int) -> int:
@@ -26,8 +27,6 @@ def pad_batch(ids: torch.Tensor, labels: torch.Tensor, rows: int, length: int | 
     """`ids`, `labels` [B, L] right-padded to at least `rows` rows and `length` positions (default:
     L): token 0 and IGNORE_INDEX labels. Exact for the loss: the padding has no loss, and a causal
     model's real positions never see the positions after them, nor another row."""
-    from msllm.train.loss import IGNORE_INDEX
-
     extra_rows, extra_positions = max(rows - ids.shape[0], 0), max((length or 0) - ids.shape[1], 0)
     if not (extra_rows or extra_positions):
         return ids, labels
@@ -41,8 +40,6 @@ def evaluate(model, loader, manifest: dict, batch_size: int, max_batches: int, d
              loss_kernel: str = "chunked", loss_chunk_size: int = 0) -> dict:
     """The summed loss of `model` (msllm.train.loss) over one pass of the validation `loader` (at
     most eval.max_batches batches); every rank calls this and gets the same result."""
-    from msllm.train.loss import model_loss
-
     t0 = time.perf_counter()
     n_batches = eval_batches(manifest, batch_size, dp_size, max_batches)
     total = torch.zeros(2, dtype=torch.float64)

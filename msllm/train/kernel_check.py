@@ -31,7 +31,12 @@ from typing import Callable
 
 import torch
 
+from msllm.distributed import collectives
+from msllm.distributed.env import say
 from msllm.errors import KernelError, clip
+from msllm.models.attention import LocalCausalAttention, SlidingWindow, kernel_for, local_attention, use_kernel
+from msllm.models.retina import RetinaAttention, retina_attention
+from msllm.train.loss import IGNORE_INDEX, lm_loss
 
 MODES = ("fallback", "strict", "off")
 REFERENCES = {"flex": "blocks", "liger": "chunked", "cce": "chunked"}  # kernel -> its reference
@@ -105,8 +110,6 @@ def check_loss(kernel: str, device: torch.device, dtype: torch.dtype, d_model: i
     """`kernel` ("liger" or "cce") against the chunked loss on `positions` random hidden states of
     width `d_model`, a head of `vocab_size` rows and labels with every 7th ignored, in `dtype` on
     `device`: the summed loss and both gradients."""
-    from msllm.train.loss import IGNORE_INDEX, lm_loss
-
     tolerance = TOLERANCES[dtype]
 
     def compare():
@@ -143,9 +146,6 @@ def check_attention(kernel: str, device: torch.device, dtype: torch.dtype, patte
     RetinaPattern) on one sequence of 2 heads, long enough for three blocks of queries and a
     partial one (at least 300 positions), in `dtype` on `device`: the output, and the gradients of
     q, k and v where the kernel has a backward on this device."""
-    from msllm.models.attention import SlidingWindow, local_attention
-    from msllm.models.retina import retina_attention
-
     backward = attention_backward_runs(kernel, device)
     tolerance = TOLERANCES[dtype]["attention"]
 
@@ -185,8 +185,6 @@ def check_kernels(loss_kernel: str, attention_kernel: str | None, device: torch.
     failed kernel is replaced by its reference (and msllm.models.attention.use_kernel is set); in
     strict mode it raises KernelError. The record: {"mode", "loss": {...}, "attention": {...}}, each
     entry the kernel, the one used, and its check (None where nothing was checked)."""
-    from msllm.models.attention import use_kernel
-
     if mode not in MODES:
         raise KernelError(f"train.kernel_check: {mode!r} is not one of {', '.join(MODES)}")
     record: dict = {"mode": mode}
@@ -219,9 +217,6 @@ def check_kernels(loss_kernel: str, attention_kernel: str | None, device: torch.
 
 def attention_patterns(model: torch.nn.Module) -> list:
     """The distinct patterns of the model's local and retina attention (empty: full attention only)."""
-    from msllm.models.attention import LocalCausalAttention, SlidingWindow
-    from msllm.models.retina import RetinaAttention
-
     patterns = []
     for module in model.modules():
         if isinstance(module, RetinaAttention):
@@ -240,10 +235,6 @@ def at_start(train_config, model_config, model: torch.nn.Module, device: torch.d
     retina attention, the attention kernel chosen for `device`, as `train_config.kernel_check` says,
     in the training precision; every rank agrees. -> (the loss kernel to train with, the record for
     run.json)."""
-    from msllm.distributed import collectives
-    from msllm.distributed.env import say
-    from msllm.models.attention import kernel_for
-
     patterns = attention_patterns(model)
     loss_kernel, _, record = check_kernels(
         loss_kernel, kernel_for(device) if patterns else None, device, PRECISIONS[train_config.precision],

@@ -42,10 +42,14 @@ when it is too late); they run correct and slow (keep inputs tiny).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import sys
 from typing import Callable
 
 import torch
+
+from msllm.errors import KernelError, RecipeError
 
 IGNORE_INDEX = -100
 KERNELS = ("auto", "dense", "chunked", "liger", "cce")
@@ -58,8 +62,6 @@ CHUNK_LOGIT_BYTES = 32 << 20
 
 def installed(kernel: str) -> bool:
     """Whether the library behind a fused kernel can be imported here."""
-    import importlib.util
-
     return importlib.util.find_spec(_FUSED[kernel]) is not None
 
 
@@ -73,10 +75,6 @@ def enable_cpu_kernels() -> None:
     for Liger's Triton kernels, TRITON_INTERPRET=1. Triton reads the latter when a kernel (its own
     standard library's included) is defined, so this must run before triton and liger_kernel are
     imported; raises a one-line error if they were already, for a GPU."""
-    import sys
-
-    from msllm.errors import KernelError
-
     if _triton_compiled_for_a_gpu(sys.modules):
         raise KernelError("triton or liger_kernel was imported before TRITON_INTERPRET=1 was set: Liger's kernels "
                           "cannot run on a CPU in this process; set TRITON_INTERPRET=1 in the environment before "
@@ -92,7 +90,7 @@ def _triton_compiled_for_a_gpu(modules: dict) -> bool:
     prefixes = ("triton.language", "liger_kernel.ops")
     if not any(name.startswith(prefixes) for name in modules):
         return False
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import JITFunction  # noqa: PLC0415 (optional: triton, with the [gpu] extra)
 
     return any(isinstance(value, JITFunction) for name, module in list(modules.items())
                if name.startswith(prefixes) and module is not None for value in list(vars(module).values()))
@@ -103,8 +101,6 @@ def choose_kernel(requested: str, device_type: str, allow_cpu: bool | None = Non
     one-line error for a fused kernel that cannot run here. `allow_cpu` (default: the environment's
     MSLLM_ALLOW_CPU_KERNELS=1) accepts the fused kernels on any device (tests, CI); "auto" never
     picks them off CUDA."""
-    from msllm.errors import RecipeError
-
     if allow_cpu is None:
         allow_cpu = cpu_kernels_allowed()
 
@@ -153,13 +149,13 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ke
 
 
 def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy  # noqa: PLC0415 (optional: liger-kernel, the [gpu] extra)
 
     return liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _cce_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from cut_cross_entropy import linear_cross_entropy
+    from cut_cross_entropy import linear_cross_entropy  # noqa: PLC0415 (optional: cut-cross-entropy, the [gpu] extra)
 
     # CUDA: the Triton kernels, which never write the logits out. Elsewhere: the library's
     # torch.compile implementation (its Triton kernels do not run under Triton's interpreter).

@@ -30,6 +30,12 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from msllm.errors import RecipeError
+from msllm.models import build_model, construct
+from msllm.train.bare import bare_step
+from msllm.train.loss import lm_loss, loss_workspace_bytes
 
 # Bytes per parameter as (weights, gradients, optimizer state) for AdamW. fp32: weights, grads, and
 # AdamW's two moments. bf16/fp16 (DeepSpeed): 16-bit weights and grads, and an fp32 master copy
@@ -90,8 +96,6 @@ def loss_activation_bytes(model: nn.Module, tokens: torch.Tensor, positions: int
     the dense kernel's saved tensors grow with the positions; of the chunked one's, the hidden
     states' gradient does and the weight's does not), plus its workspace at `positions`
     (msllm.train.loss.loss_workspace_bytes)."""
-    from msllm.train.loss import lm_loss, loss_workspace_bytes
-
     with torch.no_grad():
         hidden = model.hidden_states(tokens[:, :-1])
     labels = tokens[:, 1:]
@@ -242,9 +246,6 @@ def measure_step_peak(model_cfg, micro_batch: int, seq_len: int, steps: int = 2,
     `step_memory(..., "fp32", loss_kernel=...).total`. On CUDA it is the allocator's peak (max_memory_allocated);
     on the CPU, the peak of the running sum of every allocation and free that torch's profiler
     records (exact tensor bytes, without the C allocator's slack)."""
-    from msllm.models import build_model
-    from msllm.train.bare import bare_step
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokens = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
 
@@ -260,7 +261,6 @@ def measure_step_peak(model_cfg, micro_batch: int, seq_len: int, steps: int = 2,
         torch.cuda.reset_peak_memory_stats()
         run()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
@@ -293,9 +293,6 @@ def check_fits(model_cfg, device: torch.device, precision: str = "fp32", zero_st
     alone (ZeRO-sharded as the recipe says; counted on the meta device, nothing allocated) do not
     fit in the memory `device` has free, shared by `processes` ranks on one host: a one-line
     RecipeError with both figures. Activations come on top, so passing is no promise."""
-    from msllm.errors import RecipeError
-    from msllm.models import construct
-
     free = available_bytes(device)
     if free is None:
         return
@@ -337,8 +334,6 @@ def check_micro_batch_fits(recipe, device: torch.device, sp: int = 1, processes:
     host: a one-line RecipeError naming the value to lower. `what`: "train" checks
     train.micro_batch_size and the evaluation's batch (eval.micro_batch_size, or the train one),
     "eval" the evaluation's batch only."""
-    from msllm.errors import RecipeError
-
     free = available_bytes(device)
     if free is None:
         return
@@ -365,9 +360,7 @@ def check_precision_supported(precision: str) -> None:
     """Refuse, before DeepSpeed starts, a train.precision that this machine's accelerator does not
     compute in (DeepSpeed would raise "Type fp16 is not supported on your device" with a
     traceback): fp16 on a CPU without fp16 kernels (AVX512-FP16 / AMX-FP16), bf16 on an older GPU."""
-    from deepspeed.accelerator import get_accelerator
-
-    from msllm.errors import RecipeError
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
 
     accel = get_accelerator()
     supported = {"fp32": True, "fp16": accel.is_fp16_supported(), "bf16": accel.is_bf16_supported()}[precision]

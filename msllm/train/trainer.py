@@ -51,26 +51,28 @@ import torch
 from msllm import run_record
 from msllm.checkpoint.checkpointer import Checkpointer, finished_checkpoint
 from msllm.checkpoint.files import read_meta
+from msllm.checkpoint.llama import load_initial_weights
 from msllm.checkpoint.runfolder import claim_run_folder
 from msllm.checkpoint.state import Tokenizer, TrainState
 from msllm.config import with_vocab_size
-from msllm.safe_files import write_new
 from msllm.distributed import ParallelDims, collectives
 from msllm.distributed.env import DistEnv, read_env, say
-from msllm.train.memory import check_can_train, check_fits
 from msllm.metrics import MfuMeter, Throughput, accelerator_max_allocated, fmt_duration, peak_rss_bytes
+from msllm.safe_files import write_new
 from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, ShardsWatch, TensorBoardLogger
-from msllm.train.engine import lr_at, param_names
+from msllm.train.engine import build_engine, build_model_for_training, lr_at, param_names
+from msllm.train.kernel_check import at_start
 from msllm.train.loss import choose_kernel, model_loss
+from msllm.train.memory import check_can_train, check_fits
 from msllm.train.nonfinite import NonFiniteGuard
 from msllm.train.schedule import Schedule
 
 
 class Trainer:
     def __init__(self, recipe, denv: DistEnv, dims: ParallelDims):
-        from deepspeed.accelerator import get_accelerator
+        from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
 
-        from msllm.data import build_dataloader
+        from msllm.data import build_dataloader  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
 
         self.denv, self.dims = denv, dims
         self.accel = get_accelerator()
@@ -96,7 +98,7 @@ class Trainer:
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         self.device = engine.device
         record = run_record.collect(dims.world_size, dims.dp, dims.sp, str(self.device), self.shards.manifest)
-        from msllm.train.kernel_check import at_start  # each non-reference kernel against its reference, on this device
+        # each non-reference kernel against its reference, on this device
         self.loss_kernel, record["kernels"] = at_start(t, recipe.model, engine.module, self.device, self.loss_kernel)
         self.per_rank_streams()
         loader = build_dataloader(
@@ -124,15 +126,12 @@ class Trainer:
         """The model, initialised from run.seed and built sharded where ZeRO-3 shards it
         (msllm.train.engine.build_model_for_training), made parallel and wrapped in DeepSpeed.
         Seeded from run.seed first; a rebuild then takes per_rank_streams() as a fresh run does."""
-        from msllm.distributed.parallelize import parallelize
-        from msllm.train.engine import build_engine, build_model_for_training
+        from msllm.distributed.parallelize import parallelize  # noqa: PLC0415 (start-up: a finished run's msllm train imports no fairscale)
 
         recipe = self.recipe
         seed_everything(recipe.run.seed)
         model = build_model_for_training(recipe, self.build_device)
         if recipe.train.init_from:  # a Hugging Face Llama's weights instead of the random init (a resume replaces them)
-            from msllm.checkpoint.llama import load_initial_weights
-
             load_initial_weights(model, recipe.model, recipe.train.init_from, self.shards.tokenizer_sha256)
         return build_engine(parallelize(model, self.dims, recipe), recipe, self.dims)
 
@@ -304,7 +303,7 @@ class Trainer:
 def prepare_data(recipe):
     """Rank 0 writes the shards if they are missing (the others wait); every rank checks them and
     gets the same `Shards` record (manifest, tokenizer path and sha256)."""
-    from msllm.data import check_shards, prepare_dataset
+    from msllm.data import check_shards, prepare_dataset  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
 
     def prepare() -> None:
         if recipe.data.source != "shards":

@@ -16,9 +16,12 @@ farther back than in training, full attention sees everything. The CLI notes it 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from msllm.errors import MsllmError
+from msllm.use.load import load_model
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
@@ -100,10 +103,6 @@ def generate_cli(source: str, prompts: list[str] | str, max_new_tokens: int = 10
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """`msllm generate`: sample from the model in `source` (msllm.use.load) for each prompt; print
     and return the texts (prompt and continuation), one per prompt, blank-line separated."""
-    import sys
-
-    from msllm.use.load import load_model
-
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     for name, value, ok, why in (
         ("--max-new-tokens", max_new_tokens, max_new_tokens >= 0, "at least 0"),

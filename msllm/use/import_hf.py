@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from msllm.checkpoint.llama import read_llama_folder
+from msllm.config import Recipe, from_dict, validate
 from msllm.errors import CheckpointError
 from msllm.safe_files import write_new
-
 
 _HEADER = "# Starts from the Hugging Face Llama folder "  # the first line of every recipe import-hf writes
 
@@ -37,10 +39,6 @@ def _written_by_import(path: Path) -> bool:
 
 def write_import_recipe(folder: str, out: str, force: bool = False) -> Path:
     """`msllm import-hf FOLDER --out RECIPE`: write a recipe that starts a vanilla run from FOLDER."""
-    import yaml
-
-    from msllm.config import Recipe, from_dict, validate
-
     llama = read_llama_folder(folder)
     out_path = Path(out)
     if out_path.exists() or out_path.is_symlink():

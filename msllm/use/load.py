@@ -17,8 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from msllm.checkpoint.files import consolidated_state_dict, read_meta, read_recipe, resolve_checkpoint
+from msllm.data.tokenizer import file_sha256, load_tokenizer_file
 from msllm.errors import CheckpointError, MsllmError
+from msllm.models import build_model
 
 EXPORT_FILES = ("model.safetensors", "recipe.yaml", "tokenizer.model", "export.json")
 
@@ -50,8 +55,6 @@ def load_model(source: str | Path) -> LoadedModel:
 
 
 def _load_checkpoint(source: Path) -> LoadedModel:
-    from msllm.checkpoint.files import consolidated_state_dict, read_meta, read_recipe, resolve_checkpoint
-
     ckpt = resolve_checkpoint(source)  # verified against its checksums
     recipe = read_recipe(ckpt)
     meta = read_meta(ckpt)
@@ -61,11 +64,6 @@ def _load_checkpoint(source: Path) -> LoadedModel:
 
 
 def _load_export(folder: Path) -> LoadedModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from msllm.checkpoint.files import read_recipe
-
     missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"{folder} is not a complete msllm export: {', '.join(missing)} missing (export it again)")
@@ -87,8 +85,6 @@ def _load_export(folder: Path) -> LoadedModel:
 
 def _build(recipe, state: dict, where: Path) -> torch.nn.Module:
     """The recipe's model with `state` loaded (strictly: every name, every shape)."""
-    from msllm.models import build_model
-
     model = build_model(recipe.model)
     try:
         model.load_state_dict(state, strict=True)
@@ -101,8 +97,6 @@ def _build(recipe, state: dict, where: Path) -> torch.nn.Module:
 
 def _tokenizer(path: Path, expected_sha256: str | None, vocab_size: int):
     """The tokenizer at `path`, checked to be the one the model was trained with."""
-    from msllm.data.tokenizer import file_sha256, load_tokenizer_file
-
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no tokenizer.model (the tokenizer the model was trained with)")
     if expected_sha256 and file_sha256(path) != expected_sha256:

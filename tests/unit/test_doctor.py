@@ -44,7 +44,7 @@ def test_doctor_checks_the_non_reference_kernels_a_device_would_use(monkeypatch)
     monkeypatch.setattr(attention, "_forced_kernel", "flex")  # as on CUDA
     monkeypatch.setattr(attention, "_flex", lambda q, segments, pattern, first, layout:
                         attention._blocks(q, segments, pattern, first, layout))
-    monkeypatch.setattr("msllm.train.loss.choose_kernel", lambda requested, device_type: "liger")
+    monkeypatch.setattr("msllm.doctor.choose_kernel", lambda requested, device_type: "liger")
 
     def raises(*args):
         raise RuntimeError("no kernel image is available for execution on the device")

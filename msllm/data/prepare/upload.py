@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from streaming.base.storage.upload import CloudUploader
+
 from msllm.config import DataConfig
 from msllm.data.manifest import MANIFEST_FILENAME, SPLITS, staging_folder, storage_code, storage_error, streaming_remote
 from msllm.data.tokenizer import TOKENIZER_FILENAME
@@ -14,8 +16,6 @@ from msllm.errors import DataError
 
 def check_writable_remote(data_cfg: DataConfig) -> None:
     """A one-line error now, rather than after the tokenizer, if the bucket cannot be reached."""
-    from streaming.base.storage.upload import CloudUploader
-
     target = data_cfg.shards_dir
     try:  # the uploader checks that the bucket exists and that the credentials may see it
         CloudUploader.get((str(staging_folder(data_cfg)), streaming_remote(target)), exist_ok=True)
@@ -27,8 +27,6 @@ def check_writable_remote(data_cfg: DataConfig) -> None:
 
 def upload_finished(staging: Path, target: str) -> None:
     """Upload the merged indexes, the tokenizer and, last, the manifest (the shards already are)."""
-    from streaming.base.storage.upload import CloudUploader
-
     uploader = CloudUploader.get((str(staging), streaming_remote(target)), keep_local=True, exist_ok=True)
     for name in [f"{split}/index.json" for split in SPLITS] + [TOKENIZER_FILENAME, MANIFEST_FILENAME]:
         try:

@@ -4,16 +4,18 @@ progress is saved), then one merged index per split."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
+from streaming import MDSWriter
+from streaming.base.util import merge_index
 from tqdm import tqdm
 
 from msllm.data.manifest import SPLITS
 from msllm.data.prepare.staging import PROGRESS_FILENAME, read_json, write_json
 from msllm.data.prepare.tokenize import encoded_batches
-
 
 # The schema LLM Foundry's convert_dataset_* scripts write: one int32 array per sample.
 TOKENS_COLUMN = {"tokens": "ndarray:int32"}
@@ -40,8 +42,6 @@ class WindowWriter:
         remote: Optional[str] = None,
         state: Optional[dict[str, Any]] = None,
     ):
-        from streaming import MDSWriter
-
         self.writer = MDSWriter(
             out=str(out) if remote is None else (str(out), remote),
             columns=TOKENS_COLUMN,
@@ -181,10 +181,6 @@ def _part_numbers(checkpoint_bytes: Optional[int]):
 
 def _merge_part_indexes(split_dir: Path, parts: list[Path]) -> None:
     """One index.json for the split that names the shards of every part (part-N/shard...)."""
-    import logging
-
-    from streaming.base.util import merge_index
-
     logging.disable(logging.WARNING)  # merge_index warns about the temporary folder it uses
     try:
         merge_index([str(part / "index.json") for part in parts], str(split_dir), keep_local=True)
