@@ -757,7 +757,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 
 def _arch_configs() -> dict[str, type]:
     """{name: ArchConfig class} of every registered architecture (msllm.models.registry)."""
-    from msllm.models.registry import ARCH_CONFIGS
+    from msllm.models.registry import ARCH_CONFIGS  # noqa: PLC0415 (cycle: msllm.models' architectures import msllm.config; start-up: msllm.config imports no torch)
 
     return ARCH_CONFIGS
 

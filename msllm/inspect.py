@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from msllm.config import MAX_SEQ_LEN
+from msllm.config import MAX_SEQ_LEN, load_recipe
 from msllm.errors import RecipeError
 from msllm.train.memory import (
     DTYPES,
@@ -167,8 +167,6 @@ def compare_recipes(paths: list[str], seq_len: int = 0, vocab_size: int = 0) -> 
     data.seq_len unless `seq_len` is given and at its tokenizer's vocabulary unless `vocab_size` is;
     then the loss and the total with every logit materialised (dense). The "vs" columns compare each
     total with the first vanilla recipe's (the paper's comparison), or the first recipe's."""
-    from msllm.config import load_recipe
-
     recipes = [(path, load_recipe(path)) for path in paths]
     recipes.sort(key=lambda item: not item[1].model.arch_config.baseline)  # stable: the reference first
     reference = recipes[0][1].model.arch if recipes and recipes[0][1].model.arch_config.baseline else "the first"

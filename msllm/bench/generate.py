@@ -29,11 +29,22 @@ OMP_NUM_THREADS=1 on a CPU that other work shares, where two threads wait on eac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from msllm.bench import shipped_recipe
+from msllm.bench.throughput import build
+from msllm.checkpoint.llama import to_llama_names
+from msllm.config import load_recipe
+from msllm.models import build_model
+from msllm.models.attention import LayerCache
 from msllm.models.registry import ARCHS  # noqa: E402  (every registered architecture)
+from msllm.train.loss import lm_loss
+
 MODELS = (*ARCHS, "hf_llama")
 SEQ_LEN = 4096  # the models' data.seq_len: the uncached loop's crop
 # One colour per series of generate.png, in MODELS order (tests count them in the image).
@@ -62,9 +73,6 @@ DEFAULT = Setting(
 
 def model_configs(setting: Setting) -> dict:
     """ModelConfig per architecture: the quickstart pair, and top-down and retina like them."""
-    from msllm.bench import shipped_recipe
-    from msllm.config import load_recipe
-
     overrides = [f"data.seq_len={SEQ_LEN}"]
     recipe = load_recipe(shipped_recipe("quickstart.yaml"), overrides)
     bottom_up = recipe.model
@@ -86,8 +94,6 @@ def uncached_generate(model, prompt_ids: list[int], new_tokens: int, context: in
     """The loop before cached decoding, the reference of the tests and of this benchmark: greedy,
     each new token from a forward pass over the whole sequence so far (its last `context` tokens
     when context > 0)."""
-    import torch
-
     ids = list(prompt_ids)
     with torch.no_grad():
         for _ in range(new_tokens):
@@ -118,8 +124,6 @@ def per_second(count: int, seconds: float) -> float:
 
 def cache_bytes(cache) -> int:
     """Bytes of the keys and values a DecodeCache has allocated, over all its layers."""
-    from msllm.models.attention import LayerCache
-
     def walk(part) -> int:
         if isinstance(part, LayerCache):
             return sum(segment.nbytes for segment in part.segments)
@@ -133,8 +137,7 @@ def cache_bytes(cache) -> int:
 def hf_run(llama, prompt, new_tokens: int) -> dict:
     """LlamaForCausalLM.generate, greedy, exactly `new_tokens`: the same figures as cached_run, the
     clock read by a logits processor (called once per new token, after its forward pass)."""
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessor, LogitsProcessorList  # noqa: PLC0415 (optional: transformers, the [hf] extra)
 
     class Clock(LogitsProcessor):
         def __init__(self):
@@ -156,10 +159,6 @@ def hf_run(llama, prompt, new_tokens: int) -> dict:
 
 def training_forward_s(model, ids) -> float:
     """Seconds of one training forward pass (autograd on, the chunked loss)."""
-    import functools
-
-    from msllm.train.loss import lm_loss
-
     loss = functools.partial(lm_loss, labels=ids.roll(-1, dims=1), kernel="chunked")
     start = time.perf_counter()
     model(ids, loss)
@@ -168,12 +167,6 @@ def training_forward_s(model, ids) -> float:
 
 def build_models(setting: Setting) -> dict:
     """Each architecture with random weights (seed 0), in eval mode, and HF Llama with vanilla's."""
-    import torch
-
-    from msllm.bench.throughput import build
-    from msllm.models import build_model
-    from msllm.checkpoint.llama import to_llama_names
-
     configs = model_configs(setting)
     models = {}
     for name, cfg in configs.items():
@@ -195,8 +188,6 @@ def measure_all(setting: Setting) -> dict:
     A shared CPU's speed drifts over minutes, more than some differences measured here: at each
     prompt length the models take turns, `rounds` times, and each keeps its best round (its fastest
     decoding; at the main prompt also its fastest prefill and training forward pass)."""
-    import torch
-
     models = build_models(setting)
     vocab = model_configs(setting)["vanilla"].vocab_size
     prompts = {P: torch.randint(0, vocab, (1, P), generator=torch.Generator().manual_seed(P))
@@ -286,10 +277,10 @@ def to_markdown(results: dict, setting: Setting) -> str:
 
 def plot(sweep: list[dict], path: Path) -> None:
     """Decode tokens/s against the prompt length, one line per model (COLORS), log axes."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (optional: matplotlib, the [plots] extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional: matplotlib, the [plots] extra)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, color in zip(MODELS, COLORS):

@@ -16,6 +16,8 @@ group, batch 1) and reads one JSON line back from rank 0. Each rank measures:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import faulthandler
 import json
 import os
 import statistics
@@ -24,9 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-from msllm.distributed.env import free_port
+import torch
+import torch.distributed as dist
 
+from msllm.bench import shipped_recipe
+from msllm.config import load_recipe
+from msllm.distributed import ParallelDims, sequence
+from msllm.distributed.env import free_port
+from msllm.models import build_model
 from msllm.models.registry import ARCH_CONFIGS  # noqa: E402
+from msllm.train.bare import bare_step
+from msllm.train.memory import activation_bytes, count_parameters, loss_activation_bytes, parameter_state_bytes
 
 ARCHS = tuple(name for name, cls in ARCH_CONFIGS.items() if not cls.baseline)  # the multi-scale ones
 
@@ -62,8 +72,6 @@ class _CountingComm:
         return self._comm.get_world_size(group)
 
     def batch_isend_irecv(self, ops):
-        import torch.distributed as dist
-
         for op in ops:
             if op.op is dist.isend:
                 self._traffic.count("halo", op.tensor)
@@ -90,9 +98,7 @@ def count_traffic(traffic: Traffic | None = None):
     modules send: the collectives msllm.distributed.sequence calls through its `dist`, and the
     all-to-alls of DeepSpeed-Ulysses (deepspeed.sequence.layer's `dist`, deepspeed.comm), are
     wrapped by counting stand-ins and put back on the way out."""
-    import deepspeed.sequence.layer as ulysses
-
-    from msllm.distributed import sequence
+    import deepspeed.sequence.layer as ulysses  # noqa: PLC0415 (heavy: DeepSpeed)
 
     traffic = traffic if traffic is not None else Traffic()
     patched = [(sequence, sequence.dist), (ulysses, ulysses.dist)]
@@ -106,18 +112,7 @@ def count_traffic(traffic: Traffic | None = None):
 
 
 def _worker(recipe_path: str) -> None:
-    import dataclasses
-    import faulthandler
-
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
-    from msllm.config import load_recipe
-    from msllm.train.memory import activation_bytes, count_parameters, loss_activation_bytes, parameter_state_bytes
-    from msllm.models import build_model
-    from msllm.distributed import ParallelDims, sequence
-    from msllm.train.bare import bare_step
+    import deepspeed  # noqa: PLC0415 (heavy: DeepSpeed)
 
     faulthandler.enable(all_threads=True)  # a native abort prints every thread's Python stack to stderr
     deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
@@ -168,8 +163,6 @@ def _worker(recipe_path: str) -> None:
 
 def bench_sequence_parallel(args) -> str:
     """Every multi-scale architecture at sp = 1, 2, 4: the markdown table."""
-    from msllm.bench import shipped_recipe
-
     return to_markdown(run(shipped_recipe("long_context")))
 
 

@@ -32,15 +32,28 @@ least one kernel launch: a step with fewer of them waits less on the host.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from msllm.bench import shipped_recipe
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from msllm.bench import plotting, shipped_recipe
+from msllm.bench.plotting import last_section, number, table_rows
+from msllm.checkpoint.llama import llama_arch
+from msllm.config import load_recipe
+from msllm.distributed.parallelize import compile_blocks
+from msllm.metrics import peak_flops, peak_rss_bytes
+from msllm.models import build_model, flops_per_token
 from msllm.models.registry import ARCHS  # noqa: E402  (every registered architecture)
+from msllm.train.bare import bare_step
+from msllm.train.loss import choose_kernel, installed
 
 
 @dataclass(frozen=True)
@@ -63,10 +76,6 @@ CPU = Setting("models/{arch}-tiny.yaml", 0, (256, 1024), 4096, 5, 2, 1024)
 
 
 def model_config(recipe_path: str, vocab_size: int):
-    import dataclasses
-
-    from msllm.config import load_recipe
-
     recipe = load_recipe(recipe_path)
     vocab = vocab_size or recipe.data.tokenizer.vocab_size
     return dataclasses.replace(recipe.model, vocab_size=vocab)
@@ -76,11 +85,8 @@ def build(name: str, cfg, seq_len: int):
     """The model `name`: an msllm arch, or "hf_llama", LlamaForCausalLM at vanilla's dimensions
     behind msllm's model interface (so that the bare step gives it the same loss)."""
     if name != "hf_llama":
-        from msllm.models import build_model
-
         return build_model(cfg)
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415 (optional: transformers, the [hf] extra)
 
     scale = cfg.scales[0]
     hf = LlamaConfig(
@@ -107,8 +113,6 @@ def build(name: str, cfg, seq_len: int):
 def dispatched_ops(step) -> int:
     """The aten operator calls `step()` dispatches (see the module's docstring), compiled code's
     runtime calls included, its compilation excluded."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     class Counter(TorchDispatchMode):
         count = 0
 
@@ -133,13 +137,6 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     memory. Compiled: msllm's models block by block, as `train.compile` does (so that the ratio to
     the trainer measures the trainer, not the compile granularity); Llama as a whole. The loss is
     msllm's, with `loss_kernel` resolved as the trainer resolves it."""
-    import torch
-
-    from msllm.models import flops_per_token
-    from msllm.train.bare import bare_step
-    from msllm.metrics import peak_flops, peak_rss_bytes
-    from msllm.train.loss import choose_kernel
-
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     kernel = choose_kernel(loss_kernel, device.type)
@@ -150,8 +147,6 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     if compiled and name == "hf_llama":
         model = torch.compile(model)
     elif compiled:
-        from msllm.distributed.parallelize import compile_blocks
-
         compile_blocks(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     batch = max(1, tokens_per_step // seq_len)
@@ -208,12 +203,6 @@ def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, 
     """`msllm train` for 2 x `steps` steps in a fresh process, logging every `steps` steps (as a
     run logs); tokens/s, MFU and peak memory of its last row: its last `steps` steps, the first
     `steps` having compiled and warmed up."""
-    import tempfile
-
-    import torch
-
-    from msllm.train.loss import choose_kernel
-
     cuda = torch.cuda.is_available()
     vocab = vocab_size or model_config(recipe_path, 0).vocab_size
     batch = max(1, tokens_per_step // seq_len)
@@ -242,8 +231,6 @@ def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, 
 def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True)) -> list[dict]:
     """Every (model, L, mode) in the bare loop, and for msllm's models in `msllm train` too, with
     the loss the trainer chooses; then the loss kernels against each other (loss_rows)."""
-    from msllm.checkpoint.llama import llama_arch
-
     rows = []
     for name in models:
         recipe = shipped_recipe(setting.recipes.format(arch=llama_arch() if name == "hf_llama" else name))  # Llama: its msllm twin's recipe
@@ -274,8 +261,6 @@ def best_of_rounds(kwargs: dict, rounds: int, trainer: bool) -> list[dict]:
 def loss_kernels(cuda: bool) -> tuple[str, ...]:
     """The loss kernels that can run here: dense and chunked everywhere, the fused ones on CUDA
     where their libraries are installed."""
-    from msllm.train.loss import installed
-
     return ("dense", "chunked") + tuple(k for k in ("liger", "cce") if cuda and installed(k))
 
 
@@ -329,8 +314,6 @@ def figure(rows: list[dict], title: str):
     """One column per model: tokens/s against L (bare loop and msllm train, eager and compiled),
     the trainer's tokens/s over the bare loop's, and peak memory (linear axes, from 0). Failed rows
     are left out (the table names them)."""
-    from msllm.bench import plotting
-
     ok = [r for r in rows if "error" not in r]
     models = list(dict.fromkeys(r["model"] for r in ok))
     lengths = [r["L"] for r in ok]
@@ -373,15 +356,11 @@ def figure(rows: list[dict], title: str):
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
-    from msllm.bench import plotting
-
     return plotting.save(figure(rows, title), path)
 
 
 def rows_from_markdown(section: str) -> list[dict]:
     """The rows of the table that `table` wrote (the registry's section of benchmarks/throughput.md)."""
-    from msllm.bench.plotting import number, table_rows
-
     rows = []
     for cell in table_rows(section):
         row = {"model": cell["model"], "mode": cell["mode"], "loop": cell.get("loop", "bare"), "L": int(cell["L"])}
@@ -395,8 +374,6 @@ def rows_from_markdown(section: str) -> list[dict]:
 
 def replot(out: Path) -> Path:
     """benchmarks/throughput.png again from the newest table in out/throughput.md (no measuring)."""
-    from msllm.bench.plotting import last_section
-
     section = last_section((out / "throughput.md").read_text())
     device = "CPU" if "-tiny.yaml" in section else "GPU"
     return plot(rows_from_markdown(section), out / "throughput.png", title(device))
@@ -407,8 +384,6 @@ def title(device: str) -> str:
 
 
 def bench_throughput(args) -> str:
-    import torch
-
     cuda = torch.cuda.is_available()
     setting = GPU if cuda else CPU
     rows = rows_for(setting)

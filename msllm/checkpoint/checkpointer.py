@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -70,8 +71,6 @@ class Checkpointer:
         """Write checkpoint `step`. A write error of any kind (a full disk, a vanished folder, a file
         size limit) removes the partial folder, leaves earlier checkpoints untouched, and raises a
         one-line CheckpointError on every rank. Weights that are not all finite are never saved."""
-        import time
-
         t0 = time.perf_counter()
         path = self.root / tag_for(step)
         engine = self.state.engine

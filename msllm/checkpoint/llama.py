@@ -22,14 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from msllm.config import ModelConfig, ScaleConfig
 from msllm.errors import CheckpointError, MsllmError, short_repr
+from msllm.models.registry import ARCH_CONFIGS
 
 
 def llama_arch() -> str:
     """The architecture a Hugging Face Llama imports as (the registered one with ArchConfig.llama)."""
-    from msllm.models.registry import ARCH_CONFIGS
-
     return next(name for name, cls in ARCH_CONFIGS.items() if cls.llama)
 
 
@@ -216,9 +218,6 @@ class LlamaFolder:
 
     def weights(self) -> dict[str, torch.Tensor]:
         """Its weights under msllm's names (every safetensors file of the folder, in their dtype)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise CheckpointError(f"{self.folder}: no *.safetensors weights (save the model with safe_serialization)")
@@ -235,7 +234,7 @@ class LlamaFolder:
 
 def read_llama_folder(folder: str | Path) -> LlamaFolder:
     """The Llama folder's config and tokenizer, checked (its weights are read on demand)."""
-    from msllm.data.tokenizer import load_sentencepiece
+    from msllm.data.tokenizer import load_sentencepiece  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
 
     folder = Path(folder)
     config_file = folder / "config.json"
@@ -271,8 +270,7 @@ _COMPARED = ("vocab_size", "d_model", "n_heads", "hidden_dim", "rope_theta", "no
 def load_initial_weights(model: torch.nn.Module, model_cfg, init_from: str, shards_tokenizer_sha256: str | None) -> None:
     """train.init_from: load the Llama folder's weights into `model` (the recipe's model_cfg),
     after checking that it is that model and that the shards use its tokenizer."""
-    from msllm.config import ModelConfig, ScaleConfig
-    from msllm.data.tokenizer import file_sha256
+    from msllm.data.tokenizer import file_sha256  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
 
     llama = read_llama_folder(init_from)
     theirs = ModelConfig(**{**llama.model, "scales": [ScaleConfig(**llama.model["scales"][0])]})

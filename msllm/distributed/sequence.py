@@ -30,6 +30,7 @@ from torch import nn
 
 from msllm.models.attention import LocalCausalAttention, local_attention
 from msllm.models.layers import Rotary, ShiftRight, shift_right
+from msllm.models.registry import SPECS
 from msllm.models.retina import RetinaAttention, pool_levels, retina_attention
 from msllm.models.spec import LOCAL
 
@@ -174,7 +175,7 @@ class UlyssesAttention(nn.Module, _GroupMember):
 
     def __init__(self, group: dist.ProcessGroup):
         super().__init__()
-        from deepspeed.sequence.layer import DistributedAttention
+        from deepspeed.sequence.layer import DistributedAttention  # noqa: PLC0415 (heavy: DeepSpeed)
 
         self._join(group)
         self.attention = DistributedAttention(_SdpaOverSequenceDim(), group, scatter_idx=2, gather_idx=1)
@@ -231,8 +232,6 @@ SWAPS = {
 
 def _module_kinds(model: nn.Module) -> dict[type, str]:
     """{module class: kind} for the architecture `model` is (by its class, in the registry)."""
-    from msllm.models.registry import SPECS
-
     for arch in SPECS.values():
         if type(model) is arch.model:
             return arch.module_kinds()

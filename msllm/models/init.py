@@ -34,6 +34,7 @@ import math
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from msllm.models.layers import RMSNorm
@@ -111,8 +112,6 @@ def assign(param: torch.Tensor, value: torch.Tensor) -> None:
     value, as DeepSpeed lays partitions out: rank r holds elements [r*n, (r+1)*n) of the padded
     flat tensor, n = ds_tensor's length."""
     if hasattr(param, "ds_tensor"):
-        import torch.distributed as dist
-
         part = param.ds_tensor
         n = part.numel()
         start = n * dist.get_rank(group=param.ds_process_group)

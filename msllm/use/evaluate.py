@@ -14,7 +14,16 @@ import os
 
 import torch
 
+from msllm.checkpoint.files import check_same_model, check_same_tokenizer
+from msllm.config import with_vocab_size
+from msllm.data import build_dataloader, check_shards
+from msllm.distributed import collectives
 from msllm.distributed.env import read_env
+from msllm.run_record import describe
+from msllm.train.evaluate import evaluate
+from msllm.train.loss import choose_kernel
+from msllm.train.memory import check_micro_batch_fits
+from msllm.use.load import load_model
 
 
 def inference_device(local_rank: int = 0) -> torch.device:
@@ -25,15 +34,6 @@ def inference_device(local_rank: int = 0) -> torch.device:
 
 
 def evaluate_checkpoint(recipe, source: str) -> dict:
-    from msllm.checkpoint.files import check_same_model, check_same_tokenizer
-    from msllm.config import with_vocab_size
-    from msllm.data import build_dataloader, check_shards
-    from msllm.distributed import collectives
-    from msllm.train.evaluate import evaluate
-    from msllm.train.loss import choose_kernel
-    from msllm.train.memory import check_micro_batch_fits
-    from msllm.use.load import load_model
-
     denv = read_env()
     loaded = load_model(source)
     shards = check_shards(recipe.data)
@@ -54,8 +54,6 @@ def evaluate_checkpoint(recipe, source: str) -> dict:
     row["step"] = loaded.step
     row["checkpoint"] = str(loaded.path)
     if denv.is_main:
-        from msllm.run_record import describe
-
         record = loaded.meta.get("run_record")
         print(f"trained with: {describe(record)}" if record else "trained with: (no run record: a checkpoint from before msllm recorded runs)")
         print(

@@ -23,13 +23,17 @@ import shutil
 import time
 from pathlib import Path
 
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from msllm.checkpoint.files import describe_write_error
 from msllm.errors import CheckpointError
+from msllm.use.hf.folder import write_hf_folder
+from msllm.use.load import load_model
 
 
 def export_checkpoint(source: str, out: str, force: bool = False) -> Path:
     """Export the model in `source` (a checkpoint, a run's output_dir: msllm.use.load) to `out`."""
-    from msllm.use.load import load_model
-
     out_dir = Path(out)
     origin, target = Path(source).resolve(), out_dir.resolve()
     if target == origin or origin in target.parents or target in origin.parents:
@@ -67,12 +71,6 @@ def refuse_foreign_export(out_dir: Path) -> None:
 
 def write_export(loaded, out_dir: Path) -> Path:
     """Write the export of `loaded` (an msllm.use.load.LoadedModel) to out_dir, replacing it if it exists."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from msllm.checkpoint.files import describe_write_error
-    from msllm.use.hf.folder import write_hf_folder
-
     recipe, meta = loaded.recipe, loaded.meta
     # Shared tensors (tied embeddings) are stored once per name: safetensors refuses aliases.
     state = {k: v.detach().clone().contiguous() for k, v in loaded.model.state_dict().items()}

@@ -196,7 +196,7 @@ def flex_block_mask(pattern, first_position: int, q_len: int, layout, device):
     (mask_mod applied) and those that every query sees (no mask). Built from each segment's range
     at the block's first and last query (ranges only grow with t): O(blocks^2) integers, never the
     O(L^2) mask that create_block_mask evaluates."""
-    from torch.nn.attention.flex_attention import BlockMask
+    from torch.nn.attention.flex_attention import BlockMask  # noqa: PLC0415 (heavy and optional: flex_attention imports torch._dynamo, 0.25 s; torch 2.4 has none)
 
     offsets = flex_offsets(layout)
     n_q, n_kv = _padded(q_len) // FLEX_BLOCK, offsets[-1] // FLEX_BLOCK
@@ -227,7 +227,7 @@ def flex_block_mask(pattern, first_position: int, q_len: int, layout, device):
 
 @functools.cache
 def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415 (heavy and optional: flex_attention imports torch._dynamo, 0.25 s; torch 2.4 has none)
 
     return torch.compile(flex_attention, dynamic=False)
 
@@ -242,7 +242,7 @@ def _flex(q, segments, pattern, first_position, layout):
     block_mask = flex_block_mask(pattern, first_position, L, layout, q.device)
     q = F.pad(q, (0, 0, 0, _padded(L) - L))
     if torch.compiler.is_compiling():  # the enclosing compile fuses it
-        from torch.nn.attention.flex_attention import flex_attention
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415 (heavy and optional: flex_attention imports torch._dynamo, 0.25 s; torch 2.4 has none)
     else:
         flex_attention = _compiled_flex_attention()
     return flex_attention(q, keys, values, block_mask=block_mask)[:, :, :L]

@@ -27,8 +27,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from sentencepiece import sentencepiece_model_pb2
 
 from msllm.checkpoint.llama import can_be_llama, llama_config, to_llama_names
+from msllm.data.tokenizer import load_sentencepiece, special_ids
+from msllm.use.hf.assemble import configuration_source, modeling_source
 
 AUTO_MAP = {
     "AutoConfig": "configuration_msllm.MsllmConfig",
@@ -38,15 +42,11 @@ AUTO_MAP = {
 
 def special_token_ids(tokenizer_path: Path) -> dict:
     """bos/eos/pad_token_id of the tokenizer (those it has: a reused tokenizer may lack a pad)."""
-    from msllm.data.tokenizer import load_sentencepiece, special_ids
-
     ids = special_ids(load_sentencepiece(tokenizer_path))
     return {f"{kind}_token_id": ids[f"{kind}_id"] for kind in ("bos", "eos", "pad") if ids[f"{kind}_id"] >= 0}
 
 
 def tokenizer_config(tokenizer_path: Path, seq_len: int) -> dict:
-    from msllm.data.tokenizer import load_sentencepiece, special_ids
-
     sp = load_sentencepiece(tokenizer_path)
     pieces = {kind: sp.IdToPiece(i) for kind, i in
               ((k.removesuffix("_id"), v) for k, v in special_ids(sp).items()) if i >= 0}
@@ -68,8 +68,6 @@ def tokenizer_json(tokenizer_path: Path) -> dict:
     whitespace marker prepended and put for every space (msllm's tokenizers normalize nothing
     else: normalization_rule_name identity, remove_extra_whitespaces off), control pieces as
     special tokens, and nothing added around a text."""
-    from sentencepiece import sentencepiece_model_pb2
-
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(tokenizer_path).read_bytes())
     spec, normalizer = proto.trainer_spec, proto.normalizer_spec
@@ -120,10 +118,6 @@ def tokenizer_json(tokenizer_path: Path) -> dict:
 def write_hf_folder(folder: Path, model_cfg, state: dict[str, torch.Tensor], seq_len: int, tokenizer_path: Path) -> str:
     """Write `folder` (which must not exist) for the model `model_cfg` with weights `state`
     (msllm's names); return what it holds, for the export's message."""
-    from safetensors.torch import save_file
-
-    from msllm.use.hf.assemble import configuration_source, modeling_source
-
     folder.mkdir()
     special = special_token_ids(tokenizer_path)
     if can_be_llama(model_cfg):
