@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 LAB = Path(__file__).resolve().parent
 REPO = LAB.parent
@@ -44,17 +44,23 @@ def _lazy(module: str, function: str, doc: str) -> Callable[[argparse.Namespace]
 
 EXPERIMENTS: dict[str, Callable[[argparse.Namespace], str]] = {
     "paper": _lazy(
-        "paper", "bench_paper",
+        "paper",
+        "bench_paper",
         "The paper's comparison trained on the built-in corpus: bits per byte over seeds, memory split, verdict, plots.",
     ),
     "bytes": _lazy(
-        "bytes", "bench_bytes",
+        "bytes",
+        "bench_bytes",
         "BPE vanilla vs byte-level vanilla, fixed-pooling and dynamic-chunking bottom-up at equal FLOPs/byte, seeds, verdict.",
     ),
     "scaling": _lazy(
-        "scaling", "bench_scaling", "Step time and training-step memory against L (1k-16k) per architecture, fitted exponents."
+        "scaling",
+        "bench_scaling",
+        "Step time and training-step memory against L (1k-16k) per architecture, fitted exponents.",
     ),
     "train-quickstart": _lazy(
-        "quickstart", "bench_quickstart", "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte."
+        "quickstart",
+        "bench_quickstart",
+        "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte.",
     ),
 }

@@ -87,8 +87,12 @@ def add_chunking(result: dict, folder: Path, recipe) -> dict:
                 # A chunk is the positions after one boundary up to the next (the first chunk is
                 # position 0 alone; the last, unfinished one is left out).
                 lengths.update(min(int(n), LONGEST_CHUNK) for n in torch.diff(ends))
-    result = dict(result, compression=statistics.mean(compression), compression_last=compression[-1],
-                  chunk_lengths={str(k): v for k, v in sorted(lengths.items())})
+    result = dict(
+        result,
+        compression=statistics.mean(compression),
+        compression_last=compression[-1],
+        chunk_lengths={str(k): v for k, v in sorted(lengths.items())},
+    )
     result_file = folder / "result.json"
     tmp = result_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -106,7 +110,9 @@ def model_config(recipe, compression: float | None = None):
     """The recipe's model at its data's vocabulary; with `compression`, its dynamic scale's
     target_ratio set to it (the FLOPs it really spent: flops_per_token counts a dynamic scale at
     its target ratio)."""
-    cfg = dataclasses.replace(recipe.model, vocab_size=recipe.model.vocab_size or recipe.data.tokenizer.data_vocab_size())
+    cfg = dataclasses.replace(
+        recipe.model, vocab_size=recipe.model.vocab_size or recipe.data.tokenizer.data_vocab_size()
+    )
     s, scale = dynamic_scale(recipe)
     if s is not None and compression is not None:
         scales = list(cfg.scales)
@@ -125,8 +131,14 @@ def summarize(results: list[dict], recipe) -> dict:
     torch.manual_seed(recipe.run.seed)  # a dynamic model's step memory depends on where its untrained router cuts
     model = build_model(cfg)
     parameters = count_parameters(model)
-    memory = step_memory(model, cfg.vocab_size, recipe.train.micro_batch_size, recipe.data.seq_len,
-                         recipe.train.precision, recipe.parallel.zero_stage)
+    memory = step_memory(
+        model,
+        cfg.vocab_size,
+        recipe.train.micro_batch_size,
+        recipe.data.seq_len,
+        recipe.train.precision,
+        recipe.parallel.zero_stage,
+    )
     compression = [x["compression"] for x in results if "compression" in x]
     realised = statistics.mean(compression) if compression else None
     fpt = flops_per_token(model_config(recipe, realised), recipe.data.seq_len)
@@ -138,7 +150,9 @@ def summarize(results: list[dict], recipe) -> dict:
         "parameters": parameters,
         "bpb_mean": statistics.mean(bpb),
         "bpb_sd": statistics.stdev(bpb) if len(bpb) > 1 else 0.0,
-        "bpb_min": min(bpb), "bpb_max": max(bpb), "seeds": len(bpb),
+        "bpb_min": min(bpb),
+        "bpb_max": max(bpb),
+        "seeds": len(bpb),
         "tokens_per_byte": tpb,
         "flops_per_token": fpt,
         "flops_per_byte": fpt * tpb,
@@ -174,19 +188,29 @@ def verdict(summary: dict) -> list[str]:
         word, diff, se = compare(summary[name], summary[reference])
         relative = f"{abs(diff) / se:.1f} standard errors" if se else "no seed spread"
         spread = max(summary[name]["bpb_sd"], summary[reference]["bpb_sd"])
-        return (f"{name} is **{word}** than {reference}: {diff:+.4f} bits/byte ({relative}; the larger seed sd "
-                f"is {spread:.4f})") if word != "within noise" else (
+        return (
+            (
+                f"{name} is **{word}** than {reference}: {diff:+.4f} bits/byte ({relative}; the larger seed sd "
+                f"is {spread:.4f})"
+            )
+            if word != "within noise"
+            else (
                 f"{name} is **within noise** of {reference}: {diff:+.4f} bits/byte ({relative}; the larger seed sd "
-                f"is {spread:.4f})")
+                f"is {spread:.4f})"
+            )
+        )
 
     lines = []
     if FIXED in summary and DYNAMIC in summary:
         word = compare(summary[DYNAMIC], summary[FIXED])[0]
         answer = {"better": "Yes", "worse": "No, it is worse", "within noise": "Not measurably"}[word]
         d = summary[DYNAMIC]
-        lines.append(f"- Does learned chunking beat fixed pooling here? **{answer}.** " + against(DYNAMIC, FIXED)
-                     + f"; realised compression {d['compression']:.2f} (target {d['target_ratio']:g}), FLOPs/byte "
-                       f"{d['flops_per_byte'] / summary[FIXED]['flops_per_byte']:.2f}x the fixed model's.")
+        lines.append(
+            f"- Does learned chunking beat fixed pooling here? **{answer}.** "
+            + against(DYNAMIC, FIXED)
+            + f"; realised compression {d['compression']:.2f} (target {d['target_ratio']:g}), FLOPs/byte "
+            f"{d['flops_per_byte'] / summary[FIXED]['flops_per_byte']:.2f}x the fixed model's."
+        )
     if "vanilla-bpe" in summary:
         for name in summary:
             if name != "vanilla-bpe":
@@ -213,8 +237,9 @@ def bpb_figure(summary: dict, results: dict[str, list[dict]]):
     for model, runs in results.items():
         fpt = summary[model]["flops_per_token"]
         flops = [t * fpt for t, _ in runs[0]["curve"]]
-        plotting.seed_band(ax, model, flops, [[b for _, b in r["curve"]] for r in runs],
-                           dashed=model.startswith("vanilla"))
+        plotting.seed_band(
+            ax, model, flops, [[b for _, b in r["curve"]] for r in runs], dashed=model.startswith("vanilla")
+        )
     ax.set_xlabel("training FLOPs (TFLOP)")
     ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e12:,.1f}")
     ax.set_ylabel("validation bits per byte")
@@ -231,10 +256,14 @@ def chunks_figure(dynamic: dict):
     lengths = dynamic["chunk_lengths"]
     total = sum(lengths.values())
     ax.bar(list(lengths), [100 * v / total for v in lengths.values()], label="learned chunks")
-    ax.axvline(dynamic["target_ratio"], color="black", linestyle="--", label=f"target ratio {dynamic['target_ratio']:g}")
+    ax.axvline(
+        dynamic["target_ratio"], color="black", linestyle="--", label=f"target ratio {dynamic['target_ratio']:g}"
+    )
     ax.set_xlabel(f"chunk length in bytes (the last bar: {LONGEST_CHUNK} or more)")
     ax.set_ylabel("% of chunks")
-    ax.set_title(f"Learned chunk lengths on validation bytes (mean compression in training {dynamic['compression']:.2f})")
+    ax.set_title(
+        f"Learned chunk lengths on validation bytes (mean compression in training {dynamic['compression']:.2f})"
+    )
     ax.grid(alpha=0.3, axis="y")
     plotting.legend_outside(fig, "right upper", ncols=1)
     return fig
@@ -253,8 +282,11 @@ def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: lis
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, s in summary.items():
-        compression = f"{s['compression']:.2f} ± {s['compression_sd']:.2f} (target {s['target_ratio']:g})" \
-            if s["compression"] is not None else ""
+        compression = (
+            f"{s['compression']:.2f} ± {s['compression_sd']:.2f} (target {s['target_ratio']:g})"
+            if s["compression"] is not None
+            else ""
+        )
         rows.append(
             f"| {m} | {s['parameters'] / 1e6:.2f} M | {s['bpb_mean']:.4f} ± {s['bpb_sd']:.4f} | "
             f"{s['bpb_min']:.4f}-{s['bpb_max']:.4f} | {s['tokens_per_byte']:.3f} | {s['flops_per_byte'] / 1e6:.2f} | "
@@ -266,9 +298,20 @@ def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: lis
         lengths = dynamic["chunk_lengths"]
         total = sum(lengths.values())
         mean = sum(k * v for k, v in lengths.items()) / total
-        common = ", ".join(f"{k}: {100 * v / total:.0f}%" for k, v in sorted(lengths.items(), key=lambda kv: -kv[1])[:5])
-        rows += ["", f"Learned chunk lengths of {DYNAMIC} (trained models, {HISTOGRAM_BATCHES} validation batches per "
-                     f"seed, {total:,} chunks): mean {mean:.2f} bytes; most common {common}."]
-    rows += ["", "Verdict (a difference counts when it exceeds twice its standard error over the seeds):", "",
-             *verdict(summary), "", *[f"![{p}]({p})" for p in plots]]
+        common = ", ".join(
+            f"{k}: {100 * v / total:.0f}%" for k, v in sorted(lengths.items(), key=lambda kv: -kv[1])[:5]
+        )
+        rows += [
+            "",
+            f"Learned chunk lengths of {DYNAMIC} (trained models, {HISTOGRAM_BATCHES} validation batches per "
+            f"seed, {total:,} chunks): mean {mean:.2f} bytes; most common {common}.",
+        ]
+    rows += [
+        "",
+        "Verdict (a difference counts when it exceeds twice its standard error over the seeds):",
+        "",
+        *verdict(summary),
+        "",
+        *[f"![{p}]({p})" for p in plots],
+    ]
     return "\n".join(rows)

@@ -47,8 +47,10 @@ def bench_paper(args: argparse.Namespace) -> str:
     grid = SeedGrid.from_args(args, "paper", RECIPES / "paper", REPO / "runs" / "paper", MODELS)
     grid.prepare_shards()
     results = grid.train()
-    summary = {m: summarize(m, [results[(m, s)] for s in grid.seeds], grid.recipe(m), grid.overrides_for(m))
-               for m in grid.models}
+    summary = {
+        m: summarize(m, [results[(m, s)] for s in grid.seeds], grid.recipe(m), grid.overrides_for(m))
+        for m in grid.models
+    }
     out = Path(getattr(args, "out", None) or RESULTS)
     plots = plot(summary, [results[(m, s)] for m in grid.models for s in grid.seeds], out)
     return to_markdown(summary, grid.seeds, grid.jobs, grid.threads, plots)
@@ -71,7 +73,9 @@ class SeedGrid:
     root: Path = REPO
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, bench: str, recipes: Path, runs: Path, models: tuple[str, ...]) -> SeedGrid:
+    def from_args(
+        cls, args: argparse.Namespace, bench: str, recipes: Path, runs: Path, models: tuple[str, ...]
+    ) -> SeedGrid:
         """The grid the command line asks for (--recipes, --runs, --root, --seeds, --models, --set, --jobs),
         else the benchmark's defaults; a missing recipe is one line."""
         grid = cls(
@@ -86,7 +90,9 @@ class SeedGrid:
         )
         missing = [m for m in grid.models if not grid.recipe(m).is_file()]
         if missing:
-            raise MsllmError(f"no recipe {grid.recipes}/{missing[0]}.yaml (pass --recipes DIR, a folder of the models' recipes)")
+            raise MsllmError(
+                f"no recipe {grid.recipes}/{missing[0]}.yaml (pass --recipes DIR, a folder of the models' recipes)"
+            )
         return grid
 
     @property
@@ -118,9 +124,11 @@ class SeedGrid:
     def train(self, finish=None) -> dict[tuple[str, int], dict]:
         """Every (model, seed)'s result, trained or read back (train_once); `finish(model, seed,
         result)`, if given, runs after each run in its worker and returns the result to keep."""
+
         def run(model: str, seed: int) -> dict:
-            result = train_once(self.recipe(model), seed, self.folder(model, seed), self.overrides_for(model), self.threads,
-                                self.bench)
+            result = train_once(
+                self.recipe(model), seed, self.folder(model, seed), self.overrides_for(model), self.threads, self.bench
+            )
             return finish(model, seed, result) if finish else result
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
@@ -138,8 +146,18 @@ def train_once(recipe: Path, seed: int, folder: Path, overrides: list[str], thre
     if folder.exists():
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "msllm.cli", "train", str(recipe), "--set", f"run.seed={seed}",
-           "--set", f"run.output_dir={folder}", *[x for o in overrides for x in ("--set", o)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "msllm.cli",
+        "train",
+        str(recipe),
+        "--set",
+        f"run.seed={seed}",
+        "--set",
+        f"run.output_dir={folder}",
+        *[x for o in overrides for x in ("--set", o)],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # each run is a single process of its own
@@ -164,8 +182,11 @@ def read_metrics(path: Path, bench: str = "paper") -> dict:
     speeds = [r["tokens_per_s"] for r in rows if r["kind"] == "train"][1:]  # the first includes warm-up
     if not evals:
         raise MsllmError(f"{bench}: {path} has no eval rows (set eval.every)")
-    return {"curve": [[r["tokens"], r["bits_per_byte"]] for r in evals], "bits_per_byte": evals[-1]["bits_per_byte"],
-            "tokens_per_s": statistics.median(speeds) if speeds else None}
+    return {
+        "curve": [[r["tokens"], r["bits_per_byte"]] for r in evals],
+        "bits_per_byte": evals[-1]["bits_per_byte"],
+        "tokens_per_s": statistics.median(speeds) if speeds else None,
+    }
 
 
 def summarize(model: str, results: list[dict], recipe: Path, overrides: list[str]) -> dict:
@@ -176,20 +197,24 @@ def summarize(model: str, results: list[dict], recipe: Path, overrides: list[str
     bpb = [x["bits_per_byte"] for x in results]
     model = build_model(cfg)
     parameters = count_parameters(model)  # before step_memory casts it to the recipe's precision
-    memory = step_memory(model, vocab, r.train.micro_batch_size, r.data.seq_len, r.train.precision,
-                         r.parallel.zero_stage)
+    memory = step_memory(
+        model, vocab, r.train.micro_batch_size, r.data.seq_len, r.train.precision, r.parallel.zero_stage
+    )
     return {
         "model": model,
         "layers": cfg.layer_count(),
         "parameters": parameters,
         "bpb_mean": statistics.mean(bpb),
         "bpb_sd": statistics.stdev(bpb) if len(bpb) > 1 else 0.0,
-        "bpb_min": min(bpb), "bpb_max": max(bpb), "seeds": len(bpb),
+        "bpb_min": min(bpb),
+        "bpb_max": max(bpb),
+        "seeds": len(bpb),
         "tokens_per_s": statistics.mean(x["tokens_per_s"] for x in results if x["tokens_per_s"]),
         "flops_per_token": flops_per_token(cfg, r.data.seq_len),
         "memory": memory.as_dict(),
         "measured_peak": measure_step_peak(cfg, r.train.micro_batch_size, r.data.seq_len)
-        if r.train.precision == "fp32" else None,
+        if r.train.precision == "fp32"
+        else None,
     }
 
 
@@ -234,8 +259,13 @@ def bpb_figure(results: list[dict]):
     ax = axes[0, 0]
     for model in dict.fromkeys(r["model"] for r in results):
         curves = [r["curve"] for r in results if r["model"] == model]
-        plotting.seed_band(ax, model, [t for t, _ in curves[0]], [[b for _, b in c] for c in curves],
-                           dashed=model.startswith("vanilla"))
+        plotting.seed_band(
+            ax,
+            model,
+            [t for t, _ in curves[0]],
+            [[b for _, b in c] for c in curves],
+            dashed=model.startswith("vanilla"),
+        )
     ax.set_xlabel("training tokens (thousands)")
     ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e3:,.0f}")
     ax.set_ylabel("validation bits per byte")
@@ -272,8 +302,14 @@ def replot(out: Path) -> list[str]:
     bits-per-byte curves are in the runs' result.json files, not in the table: that plot needs the
     runs (`python -m lab paper` redraws both from them without training again)."""
     rows = plotting.table_rows(plotting.last_section((out / "paper.md").read_text()))
-    memory = {r["model"]: {p: plotting.number(r[f"{p.replace('_', ' ')} MiB"]) * 2**20
-                           for p in (*MEMORY_PARTS, "activations") if f"{p.replace('_', ' ')} MiB" in r} for r in rows}
+    memory = {
+        r["model"]: {
+            p: plotting.number(r[f"{p.replace('_', ' ')} MiB"]) * 2**20
+            for p in (*MEMORY_PARTS, "activations")
+            if f"{p.replace('_', ' ')} MiB" in r
+        }
+        for r in rows
+    }
     plotting.save(memory_figure(memory), out / "paper-memory.png")
     return ["paper-memory.png"]
 
@@ -293,8 +329,10 @@ def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: lis
     ]
     for m, s in summary.items():
         mem = s["memory"]
-        mib = " | ".join(f"{mem[p] / 2**20:,.1f}" for p in ("parameters", "gradients", "optimizer", "body_activations",
-                                                             "loss_activations", "total"))
+        mib = " | ".join(
+            f"{mem[p] / 2**20:,.1f}"
+            for p in ("parameters", "gradients", "optimizer", "body_activations", "loss_activations", "total")
+        )
         peak = f"{s['measured_peak'] / 2**20:,.1f}" if s["measured_peak"] else "n/a"
         vs = f"{mem['total'] / ref['memory']['total'] - 1:+.1%}" if ref else ""
         rows.append(
@@ -303,7 +341,11 @@ def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: lis
             f"{mib} | {peak} | {vs} |"
         )
     if ref:
-        rows += ["", f"Verdict on the paper's claim (smaller memory and better likelihood than {REFERENCE}), at this scale:", ""]
+        rows += [
+            "",
+            f"Verdict on the paper's claim (smaller memory and better likelihood than {REFERENCE}), at this scale:",
+            "",
+        ]
         for m in HIERARCHICAL:
             if m in summary:
                 word, why = verdict(summary[m], ref)

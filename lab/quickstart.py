@@ -29,8 +29,18 @@ RECIPES = ("recipes/quickstart.yaml", "recipes/quickstart-vanilla.yaml")  # rela
 def run_quickstart(recipe: str, folder: Path, overrides: tuple[str, ...] = (), root: Path = REPO) -> dict:
     """One run of `recipe` (a path relative to `root`, the repository; with `--set` overrides) in
     `folder` (output_dir and shards there): its phases and results."""
-    cmd = [sys.executable, "-m", "msllm.cli", "train", str(root / recipe), "--set", f"run.output_dir={folder / 'run'}",
-           "--set", f"data.shards_dir={folder / 'shards'}", *[x for o in overrides for x in ("--set", o)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "msllm.cli",
+        "train",
+        str(root / recipe),
+        "--set",
+        f"run.output_dir={folder / 'run'}",
+        "--set",
+        f"data.shards_dir={folder / 'shards'}",
+        *[x for o in overrides for x in ("--set", o)],
+    ]
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     arrived: list[tuple[float, str]] = []
@@ -55,12 +65,21 @@ def run_quickstart(recipe: str, folder: Path, overrides: tuple[str, ...] = (), r
     step_time = sum(r["step_time_s"] * (r["step"] - p["step"]) for p, r in zip([{"step": 0}] + train, train))
     eval_time = sum(r["eval_time_s"] for r in evals)
     return {
-        "recipe": recipe, "params": params, "steps": train[-1]["step"], "tokens": train[-1]["tokens"],
-        "wall_s": wall, "prep_s": at(r"^msllm prep: wrote") - at(r"^preparing shards"), "ready_s": ready,
-        "train_s": step_time, "eval_s": eval_time, "other_s": wall - ready - step_time - eval_time,
+        "recipe": recipe,
+        "params": params,
+        "steps": train[-1]["step"],
+        "tokens": train[-1]["tokens"],
+        "wall_s": wall,
+        "prep_s": at(r"^msllm prep: wrote") - at(r"^preparing shards"),
+        "ready_s": ready,
+        "train_s": step_time,
+        "eval_s": eval_time,
+        "other_s": wall - ready - step_time - eval_time,
         "tokens_per_s": train[-1]["tokens"] / step_time if step_time else float("nan"),
-        "eval_loss": evals[-1]["loss"], "bits_per_byte": evals[-1]["bits_per_byte"],
-        "load_before": load_before, "load_after": os.getloadavg()[0],
+        "eval_loss": evals[-1]["loss"],
+        "bits_per_byte": evals[-1]["bits_per_byte"],
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
     }
 
 

@@ -113,8 +113,11 @@ def replot(out: Path) -> Path:
 
 def to_markdown(results: dict) -> str:
     lengths = [r["L"] for r in next(iter(results.values()))]
-    head = ("| arch | " + " | ".join(f"L={L} s / MiB (loss)" for L in lengths)
-            + " | time exponent | time exponent, last doubling | memory exponent |")
+    head = (
+        "| arch | "
+        + " | ".join(f"L={L} s / MiB (loss)" for L in lengths)
+        + " | time exponent | time exponent, last doubling | memory exponent |"
+    )
     rows = [
         "Models: recipes/models/*-tiny.yaml with a 256-token vocabulary; one sample per step, fp32, one process. "
         "Memory: the whole training step (msllm.train.memory), of which the loss's activations (chunked) in brackets.",
@@ -123,7 +126,9 @@ def to_markdown(results: dict) -> str:
         "|---|" + "---|" * (len(lengths) + 3),
     ]
     for arch, rs in results.items():
-        cells = " | ".join(f"{r['step_s']:.3f} / {r['memory'] / 2**20:,.0f} ({r['loss_memory'] / 2**20:,.1f})" for r in rs)
+        cells = " | ".join(
+            f"{r['step_s']:.3f} / {r['memory'] / 2**20:,.0f} ({r['loss_memory'] / 2**20:,.1f})" for r in rs
+        )
         t = exponent([(r["L"], r["step_s"]) for r in rs])
         last = exponent([(r["L"], r["step_s"]) for r in rs[-2:]])
         m = exponent([(r["L"], r["memory"]) for r in rs])

@@ -81,8 +81,13 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from msllm.inspect import inspect_recipe  # noqa: PLC0415 (start-up: msllm --help imports no command's module)
 
-    inspect_recipe(_load(args), seq_len=args.seq_len, measure=not args.no_measure, world_size=args.world_size,
-                   measure_len=args.measure_len)
+    inspect_recipe(
+        _load(args),
+        seq_len=args.seq_len,
+        measure=not args.no_measure,
+        world_size=args.world_size,
+        measure_len=args.measure_len,
+    )
     return 0
 
 
@@ -116,7 +121,9 @@ def _last_checkpoint(recipe) -> str:
 
     root = Path(recipe.run.output_dir) / "checkpoints"
     latest = latest_complete(root)
-    return f"the last checkpoint ({latest})" if latest is not None else f"the last checkpoint in {root} (none yet: step 0)"
+    return (
+        f"the last checkpoint ({latest})" if latest is not None else f"the last checkpoint in {root} (none yet: step 0)"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -168,8 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show-config", help="print the resolved recipe (bases and overrides applied)")
     p.add_argument("recipe", nargs="?", help="path to a YAML recipe")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (YAML scalar syntax); repeatable")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value (YAML scalar syntax); repeatable",
+    )
     p.add_argument("--docs", action="store_true", help="list every recipe field with its type and doc")
     p.set_defaults(func=cmd_show_config)
 
@@ -177,11 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--seq-len", type=int, default=0, help="measure at this length (default: data.seq_len)")
     p.add_argument("--no-measure", action="store_true", help="skip the forward/backward measurement")
-    p.add_argument("--world-size", type=int, default=0,
-                   help="ranks of the job (default parallel.sp): the memory is one rank's, ZeRO sharded over world/sp")
-    p.add_argument("--measure-len", type=int, default=0,
-                   help="measure the activations on samples of this many tokens and extend linearly to one rank's "
-                        "positions (for lengths too long to run here)")
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=0,
+        help="ranks of the job (default parallel.sp): the memory is one rank's, ZeRO sharded over world/sp",
+    )
+    p.add_argument(
+        "--measure-len",
+        type=int,
+        default=0,
+        help="measure the activations on samples of this many tokens and extend linearly to one rank's "
+        "positions (for lengths too long to run here)",
+    )
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("prep", help="train the tokenizer and write MDS shards for a recipe's data")
@@ -205,19 +226,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint or an export")
     p.add_argument("source", help="checkpoint folder, run output_dir, or `msllm export` folder")
-    p.add_argument("--prompt", required=True, action="append",
-                   help="text to continue; repeat it for a batch (one text printed per prompt, blank-line separated)")
-    p.add_argument("--max-new-tokens", type=int, default=100,
-                   help="tokens to sample at most; stops earlier at the end-of-text token (default 100)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="divide the logits by this before sampling; 0 is greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0,
-                   help="sample among the k most likely tokens only; 0 keeps them all (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="sample among the most likely tokens whose probabilities sum to p (nucleus); "
-                        "1.0 keeps them all (default 1.0)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the sampling: the same seed gives the same text (default 0)")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        action="append",
+        help="text to continue; repeat it for a batch (one text printed per prompt, blank-line separated)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=100,
+        help="tokens to sample at most; stops earlier at the end-of-text token (default 100)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="divide the logits by this before sampling; 0 is greedy (default 1.0)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k most likely tokens only; 0 keeps them all (default 0)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample among the most likely tokens whose probabilities sum to p (nucleus); "
+        "1.0 keeps them all (default 1.0)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the sampling: the same seed gives the same text (default 0)"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="consolidated safetensors and a Hugging Face folder (hf/), every architecture")
@@ -227,17 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import-hf", help="a recipe that starts a vanilla run from a local Hugging Face Llama folder")
-    p.add_argument("folder", help="Hugging Face Llama folder: config.json, *.safetensors, tokenizer.model (sentencepiece)")
+    p.add_argument(
+        "folder", help="Hugging Face Llama folder: config.json, *.safetensors, tokenizer.model (sentencepiece)"
+    )
     p.add_argument("--out", required=True, help="recipe file to write (model, tokenizer and train.init_from set)")
     p.add_argument("--force", action="store_true", help="replace an existing recipe file")
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser(
-        "doctor", help="versions, devices, backends, kernels and their checks, matmul rate, free space (for bug reports)",
+        "doctor",
+        help="versions, devices, backends, kernels and their checks, matmul rate, free space (for bug reports)",
         description="What this machine offers msllm: library versions, devices and memory, distributed backends "
-                    "and DeepSpeed ops, the attention and loss kernels each device would train with and whether "
-                    "each passes its start-up check, a measured matmul rate against the known peak, and free "
-                    "space in the output and cache folders. Paste its output into bug reports.",
+        "and DeepSpeed ops, the attention and loss kernels each device would train with and whether "
+        "each passes its start-up check, a measured matmul rate against the known peak, and free "
+        "space in the output and cache folders. Paste its output into bug reports.",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--output-dir", default=".", help="the folder whose free space to report (default: .)")
@@ -245,24 +287,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser(
-        "bench", help="measure this machine: run a benchmark and append its result to benchmarks/NAME.md (or --out)",
+        "bench",
+        help="measure this machine: run a benchmark and append its result to benchmarks/NAME.md (or --out)",
         description="Run a benchmark on this machine and append its result, with the command, date and machine, "
-                    "to OUT/NAME.md (plots beside it). OUT is benchmarks/ of the current folder unless --out "
-                    "is given. The recipes the benchmarks measure are those shipped in the msllm repository, read "
-                    "from recipes/ of the current folder unless --recipes is given. (The repository's experiments "
-                    "-- the paper's comparison, bytes, scaling, the quickstart's timing -- are in its lab/ folder: "
-                    "python -m lab --list.)",
+        "to OUT/NAME.md (plots beside it). OUT is benchmarks/ of the current folder unless --out "
+        "is given. The recipes the benchmarks measure are those shipped in the msllm repository, read "
+        "from recipes/ of the current folder unless --recipes is given. (The repository's experiments "
+        "-- the paper's comparison, bytes, scaling, the quickstart's timing -- are in its lab/ folder: "
+        "python -m lab --list.)",
     )
     p.add_argument("name", help="which benchmark (see `msllm bench --list`)", nargs="?")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    p.add_argument("--out", default="benchmarks",
-                   help="folder to append NAME.md to and write the plots in (default: benchmarks/ of the current "
-                        "folder)")
-    p.add_argument("--recipes", default="recipes",
-                   help="the msllm repository's recipes/ folder, whose recipes the benchmarks measure (default: "
-                        "recipes/ of the current folder, as in a checkout's root)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="model-startup: recipe override for every run (e.g. train.max_steps=4 for a smoke test)")
+    p.add_argument(
+        "--out",
+        default="benchmarks",
+        help="folder to append NAME.md to and write the plots in (default: benchmarks/ of the current folder)",
+    )
+    p.add_argument(
+        "--recipes",
+        default="recipes",
+        help="the msllm repository's recipes/ folder, whose recipes the benchmarks measure (default: "
+        "recipes/ of the current folder, as in a checkout's root)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="model-startup: recipe override for every run (e.g. train.max_steps=4 for a smoke test)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

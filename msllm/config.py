@@ -13,9 +13,10 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -57,14 +58,12 @@ class RunConfig:
         "Folder for checkpoints, metrics.jsonl, TensorBoard events and the resolved recipe. "
         "Relative paths are relative to the working directory.",
     )
-    seed: int = doc(
-        1234, "Seed for parameter init, data shuffling, and every RNG in training (0 <= seed < 2**63)."
-    )
+    seed: int = doc(1234, "Seed for parameter init, data shuffling, and every RNG in training (0 <= seed < 2**63).")
 
 
 @dataclass
 class TokenizerConfig:
-    model: Optional[str] = doc(
+    model: str | None = doc(
         None,
         "Path to an existing sentencepiece .model to reuse. If unset, one is trained on the train "
         "split and saved next to the shards.",
@@ -153,9 +152,7 @@ class DataConfig:
 
 @dataclass
 class ScaleConfig:
-    factor: int = doc(
-        1, "Pooling factor k_s from the next finer scale to this one (1 for the token scale)."
-    )
+    factor: int = doc(1, "Pooling factor k_s from the next finer scale to this one (1 for the token scale).")
     layers: int = doc(2, "Transformer layers at this scale.")
     attention: Literal["local", "full"] = doc(
         "full", "Causal sliding-window attention over `window` tokens, or full causal attention."
@@ -191,8 +188,9 @@ class MambaConfig:
     expand: int = doc(2, "Mamba-2: inner width = expand * d_model (H-Net: 2).")
     head_dim: int = doc(64, "Mamba-2: width P of each head; must divide expand * d_model (Mamba-2's default: 64).")
     chunk_size: int = doc(
-        256, "Mamba-2: positions per chunk of the SSD scan (H-Net: 256); the PyTorch scan keeps one "
-        "[chunk, chunk] matrix per head and chunk."
+        256,
+        "Mamba-2: positions per chunk of the SSD scan (H-Net: 256); the PyTorch scan keeps one "
+        "[chunk, chunk] matrix per head and chunk.",
     )
 
 
@@ -209,14 +207,14 @@ class ArchConfig:
     llama: ClassVar[bool] = False  # exports (with full attention) as, and starts from, a Hugging Face Llama
     baseline: ClassVar[bool] = False  # the reference other architectures are compared with (inspect)
 
-    def validate(self, model: "ModelConfig", recipe: "Recipe", fail: Callable[[str, str], None]) -> None:
+    def validate(self, model: ModelConfig, recipe: Recipe, fail: Callable[[str, str], None]) -> None:
         """Check its own fields, and those of `model` it reads differently; `fail(key, message)`."""
 
     def extra_layers(self) -> int:
         """Layers besides those of the scales (bottom_up's final layers)."""
         return 0
 
-    def reads_window(self, scale: "ScaleConfig") -> bool:
+    def reads_window(self, scale: ScaleConfig) -> bool:
         """Whether an attention scale reads `window`: local attention does."""
         return scale.attention == "local"
 
@@ -238,9 +236,7 @@ class ModelConfig:
         "below, e.g. model.final_layers for bottom_up.",
         required=True,
     )
-    vocab_size: int = doc(
-        0, "Vocabulary size. 0 means: take it from the data's tokenizer (the usual case)."
-    )
+    vocab_size: int = doc(0, "Vocabulary size. 0 means: take it from the data's tokenizer (the usual case).")
     d_model: int = doc(256, "Width d of every scale.")
     n_heads: int = doc(4, "Attention heads; must divide d_model.")
     mlp_hidden: int = doc(0, "SwiGLU hidden width; 0 means Llama's 8/3 * d_model rounded to 64.")
@@ -259,7 +255,7 @@ class ModelConfig:
     norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc(False, "Share the token embedding and LM head weights.")
     init_std: float = doc(0.02, "Std of the normal init of linear and embedding weights.")
-    embed_init_std: Optional[float] = doc(
+    embed_init_std: float | None = doc(
         None,
         "Std of the normal init of the token embeddings. null: 1.0 when a scale is dynamic (H-Net's "
         "init, goombalab/hnet hnet/models/mixer_seq.py init_weights), else init_std.",
@@ -267,8 +263,12 @@ class ModelConfig:
     mamba: MambaConfig = doc(MambaConfig(), "Sizes of the Mamba-2 layers (scales with mixer: mamba2).")
     arch_config: Any = field(
         default=None,
-        metadata={"help": "The architecture's own fields (an ArchConfig of `arch`), read and written flat "
-                  "beside the common ones: not a recipe key.", "required": False, "arch_config": True},
+        metadata={
+            "help": "The architecture's own fields (an ArchConfig of `arch`), read and written flat "
+            "beside the common ones: not a recipe key.",
+            "required": False,
+            "arch_config": True,
+        },
     )
 
     def __init__(self, *, arch_config: Any = None, **values: Any):
@@ -291,11 +291,15 @@ class ModelConfig:
         mine = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(own) - mine)
         if unknown:
-            raise TypeError(f"model.{unknown[0]} is not a field of {self.arch} (its own fields: {', '.join(sorted(mine)) or 'none'})")
+            raise TypeError(
+                f"model.{unknown[0]} is not a field of {self.arch} (its own fields: {', '.join(sorted(mine)) or 'none'})"
+            )
         if isinstance(arch_config, cls):
             base = arch_config
         else:
-            carried = {n: getattr(arch_config, n) for n in mine if hasattr(arch_config, n)} if arch_config is not None else {}
+            carried = (
+                {n: getattr(arch_config, n) for n in mine if hasattr(arch_config, n)} if arch_config is not None else {}
+            )
             base = cls(**carried)
         self.arch_config = dataclasses.replace(base, **own)
 
@@ -309,10 +313,17 @@ class ModelConfig:
     def to_dict(self) -> dict:
         """The model section as recipes, run folders and exports hold it: the common fields, then the
         architecture's own, all flat."""
-        out = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "arch_config"}
-        out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else
-               [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in v] if isinstance(v, list) else v
-               for k, v in out.items()}
+        out = {
+            f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "arch_config"
+        }
+        out = {
+            k: dataclasses.asdict(v)
+            if dataclasses.is_dataclass(v)
+            else [dataclasses.asdict(i) if dataclasses.is_dataclass(i) else i for i in v]
+            if isinstance(v, list)
+            else v
+            for k, v in out.items()
+        }
         out.update(dataclasses.asdict(self.arch_config))
         return out
 
@@ -383,15 +394,11 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    sp: int = doc(
-        1, "Sequence-parallel degree: ranks that share one sample, each holding L/sp tokens."
-    )
+    sp: int = doc(1, "Sequence-parallel degree: ranks that share one sample, each holding L/sp tokens.")
     zero_stage: Literal[0, 1, 2, 3] = doc(0, "DeepSpeed ZeRO stage.")
     offload_optimizer: bool = doc(False, "ZeRO: keep optimizer state in CPU memory.")
     activation_checkpointing: bool = doc(False, "Recompute each block's activations in backward.")
-    offload_activations: bool = doc(
-        False, "With activation checkpointing: keep the saved block inputs in CPU memory."
-    )
+    offload_activations: bool = doc(False, "With activation checkpointing: keep the saved block inputs in CPU memory.")
 
 
 @dataclass
@@ -739,8 +746,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             name = clip(str(key))
             where = f"{prefix}.{name}" if prefix else name
             close = _suggest(name, list(fields))
-            hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else (
-                f" (valid keys: {', '.join(fields)})"
+            hint = (
+                f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)"
+                if close
+                else (f" (valid keys: {', '.join(fields)})")
             )
             raise RecipeError(f"{source}: unknown key {where}{hint}")
     values = {}
@@ -764,8 +773,11 @@ def _arch_configs() -> dict[str, type]:
 
 def _archs_with(flag: str, value: Any = True) -> str:
     """The architectures whose ArchConfig has `flag` (or holds `value` in it), for messages."""
-    names = [name for name, cls in _arch_configs().items()
-             if (value in getattr(cls, flag) if not isinstance(value, bool) else getattr(cls, flag) == value)]
+    names = [
+        name
+        for name, cls in _arch_configs().items()
+        if (value in getattr(cls, flag) if not isinstance(value, bool) else getattr(cls, flag) == value)
+    ]
     return " and ".join(names) or "none"
 
 
@@ -805,7 +817,11 @@ def _build_model(raw: dict, prefix: str, source: str) -> ModelConfig:
                     f"{arch} ({arch}'s own fields: {', '.join(own_names) or 'none'})"
                 )
             close = _suggest(name, common_names + own_names)
-            hint = f" (did you mean {prefix}.{close[0]}?)" if close else f" (valid keys: {', '.join(common_names + own_names)})"
+            hint = (
+                f" (did you mean {prefix}.{close[0]}?)"
+                if close
+                else f" (valid keys: {', '.join(common_names + own_names)})"
+            )
             raise RecipeError(f"{source}: unknown key {prefix}.{name} for arch {arch}{hint}")
     hints = typing.get_type_hints(ModelConfig)
     values = {}
@@ -938,7 +954,9 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
     if tok.type == "bytes" and tok.model:
         fail("data.tokenizer.model", "type bytes has no tokenizer model to reuse; unset data.tokenizer.model")
     if tok.type != "bytes" and not tok.model and tok.vocab_size < smallest_vocab:
-        pieces = f"{SPECIAL_PIECES} special pieces" + (f" and {BYTE_PIECES} byte pieces (byte_fallback)" if tok.byte_fallback else "")
+        pieces = f"{SPECIAL_PIECES} special pieces" + (
+            f" and {BYTE_PIECES} byte pieces (byte_fallback)" if tok.byte_fallback else ""
+        )
         fail(
             "data.tokenizer.vocab_size",
             f"{tok.vocab_size} is too small: a tokenizer needs its {pieces} plus one piece per character "
@@ -1015,7 +1033,10 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
             if s == 0 or s != len(m.scales) - 1:
                 fail(f"{key}.pool", "dynamic: only the coarsest scale (the last, not the token scale) can be dynamic")
             if scale.factor != 1:
-                fail(f"{key}.factor", f"a dynamic scale has no pooling factor (leave it at 1; set target_ratio), got {scale.factor}")
+                fail(
+                    f"{key}.factor",
+                    f"a dynamic scale has no pooling factor (leave it at 1; set target_ratio), got {scale.factor}",
+                )
             if not scale.target_ratio > 1.0:
                 fail(f"{key}.target_ratio", f"must be above 1, got {scale.target_ratio}")
             if scale.ratio_loss_weight < 0:
@@ -1033,19 +1054,27 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
                 # e.g. vanilla exports as a Llama checkpoint (msllm.checkpoint.llama.can_be_llama reads attention only)
                 fail(f"{key}.mixer", f"mamba2 is for {_archs_with('mixers', 'mamba2')}, not {m.arch}")
             if recipe.parallel.sp > 1:
-                fail("parallel.sp", "Mamba-2 layers (mixer: mamba2) do not run under sequence parallelism yet; use sp 1")
+                fail(
+                    "parallel.sp", "Mamba-2 layers (mixer: mamba2) do not run under sequence parallelism yet; use sp 1"
+                )
     if any(scale.mixer == "mamba2" for scale in m.scales):
         mb = m.mamba
         for name in ("d_state", "d_conv", "expand", "head_dim", "chunk_size"):
             if getattr(mb, name) < 1:
                 fail(f"model.mamba.{name}", f"must be at least 1, got {getattr(mb, name)}")
         if (mb.expand * m.d_model) % mb.head_dim:
-            fail("model.mamba.head_dim", f"{mb.head_dim} does not divide the inner width expand * d_model = {mb.expand * m.d_model}")
+            fail(
+                "model.mamba.head_dim",
+                f"{mb.head_dim} does not divide the inner width expand * d_model = {mb.expand * m.d_model}",
+            )
     if m.embed_init_std is not None and not m.embed_init_std > 0:
         fail("model.embed_init_std", f"must be positive, got {m.embed_init_std}")
     if t.lr_multipliers:
         if len(t.lr_multipliers) != len(m.scales):
-            fail("train.lr_multipliers", f"needs one multiplier per scale ({len(m.scales)}, tokens first), got {len(t.lr_multipliers)}")
+            fail(
+                "train.lr_multipliers",
+                f"needs one multiplier per scale ({len(m.scales)}, tokens first), got {len(t.lr_multipliers)}",
+            )
         for i, value in enumerate(t.lr_multipliers):
             if not value > 0:
                 fail(f"train.lr_multipliers[{i}]", f"must be positive, got {value}")
@@ -1056,8 +1085,11 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         fail("model.scales", f"{m.arch} has a single stack: give exactly one scale, got {len(m.scales)}")
     m.arch_config.validate(m, recipe, fail)
     if recipe.train.init_from and (not m.arch_config.llama or m.scales[0].attention != "full"):
-        fail("train.init_from", f"a Hugging Face Llama folder starts a {_archs_with('llama')} model with full "
-             f"attention only, got {m.arch} with {m.scales[0].attention} attention")
+        fail(
+            "train.init_from",
+            f"a Hugging Face Llama folder starts a {_archs_with('llama')} model with full "
+            f"attention only, got {m.arch} with {m.scales[0].attention} attention",
+        )
     multiple = m.length_multiple()
     if recipe.data.seq_len % multiple:
         fail(

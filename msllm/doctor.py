@@ -43,8 +43,17 @@ from msllm.models.retina import RetinaPattern
 from msllm.train import kernel_check
 from msllm.train.loss import choose_kernel
 
-PACKAGES = ("msllm", "torch", "triton", "deepspeed", "mosaicml-streaming", "streaming-community", "sentencepiece",
-            "liger-kernel", "cut-cross-entropy")
+PACKAGES = (
+    "msllm",
+    "torch",
+    "triton",
+    "deepspeed",
+    "mosaicml-streaming",
+    "streaming-community",
+    "sentencepiece",
+    "liger-kernel",
+    "cut-cross-entropy",
+)
 
 
 def _guarded(part):
@@ -79,15 +88,29 @@ def _meminfo() -> dict:
 
 
 def devices() -> list[dict]:
-    found = [{"device": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "torch_threads": torch.get_num_threads(), **_meminfo()}]
+    found = [
+        {
+            "device": "cpu",
+            "name": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            **_meminfo(),
+        }
+    ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             free, total = torch.cuda.mem_get_info(i)
-            found.append({"device": f"cuda:{i}", "name": props.name, "capability": f"{props.major}.{props.minor}",
-                          "memory_total_bytes": total, "memory_free_bytes": free,
-                          "multiprocessors": props.multi_processor_count})
+            found.append(
+                {
+                    "device": f"cuda:{i}",
+                    "name": props.name,
+                    "capability": f"{props.major}.{props.minor}",
+                    "memory_total_bytes": total,
+                    "memory_free_bytes": free,
+                    "multiprocessors": props.multi_processor_count,
+                }
+            )
     return found
 
 
@@ -139,10 +162,15 @@ def kernels(device_names: list[str], check: bool = True) -> list[dict]:
                 if what == "loss":
                     result = kernel_check.check_loss(kernel, device, dtype, d_model=1024, vocab_size=32000)
                 else:
-                    result = kernel_check.check_attention(kernel, device, dtype, [SlidingWindow(128), RetinaPattern(32, 4, 3)],
-                                                          head_dim=64)
-                entry["check"] = {"passed": result.passed, "backward": result.backward, "detail": result.detail,
-                                  "seconds": round(time.perf_counter() - t0, 2)}
+                    result = kernel_check.check_attention(
+                        kernel, device, dtype, [SlidingWindow(128), RetinaPattern(32, 4, 3)], head_dim=64
+                    )
+                entry["check"] = {
+                    "passed": result.passed,
+                    "backward": result.backward,
+                    "detail": result.detail,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
             row[what] = entry
         found.append(row)
     return found
@@ -164,8 +192,16 @@ def matmul(device_names: list[str]) -> list[dict]:
             peak = known_peak_flops(torch.cuda.get_device_name(device))
             source = "dense bf16 peak of the table of known devices" if peak else "unknown device: no peak"
             row = {"dtype": "bfloat16", "n": 4096}
-        found.append({"device": name, **row, "flops": rate, "peak_flops": peak, "peak_source": source,
-                      "fraction_of_peak": rate / peak if peak else None})
+        found.append(
+            {
+                "device": name,
+                **row,
+                "flops": rate,
+                "peak_flops": peak,
+                "peak_source": source,
+                "fraction_of_peak": rate / peak if peak else None,
+            }
+        )
     return found
 
 
@@ -176,7 +212,9 @@ def cache_folders() -> dict[str, Path]:
     home_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return {
         "cache (~/.cache)": home_cache,
-        "torch extensions (DeepSpeed's ops)": Path(os.environ.get("TORCH_EXTENSIONS_DIR", home_cache / "torch_extensions")),
+        "torch extensions (DeepSpeed's ops)": Path(
+            os.environ.get("TORCH_EXTENSIONS_DIR", home_cache / "torch_extensions")
+        ),
         "triton": Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache")),
         "inductor": Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())),
     }
@@ -191,8 +229,15 @@ def disk(output_dir: Path) -> list[dict]:
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         usage = shutil.disk_usage(existing)
-        found.append({"what": what, "path": str(folder), "exists": folder.exists(), "free_bytes": usage.free,
-                      "total_bytes": usage.total})
+        found.append(
+            {
+                "what": what,
+                "path": str(folder),
+                "exists": folder.exists(),
+                "free_bytes": usage.free,
+                "total_bytes": usage.total,
+            }
+        )
     return found
 
 
@@ -228,50 +273,66 @@ def format_report(report: dict) -> str:
     if part("devices", report["devices"]):
         for d in report["devices"]:
             if d["device"] == "cpu":
-                lines.append(f"  cpu: {d['name']}, {d['cores']} cores, torch uses {d['torch_threads']} threads, "
-                             f"memory {_size(d['memory_available_bytes'])} available of {_size(d['memory_total_bytes'])}")
+                lines.append(
+                    f"  cpu: {d['name']}, {d['cores']} cores, torch uses {d['torch_threads']} threads, "
+                    f"memory {_size(d['memory_available_bytes'])} available of {_size(d['memory_total_bytes'])}"
+                )
             else:
-                lines.append(f"  {d['device']}: {d['name']} (capability {d['capability']}), memory "
-                             f"{_size(d['memory_free_bytes'])} free of {_size(d['memory_total_bytes'])}")
+                lines.append(
+                    f"  {d['device']}: {d['name']} (capability {d['capability']}), memory "
+                    f"{_size(d['memory_free_bytes'])} free of {_size(d['memory_total_bytes'])}"
+                )
     if part("distributed", report["distributed"]):
         dist = report["distributed"]
-        lines.append("  torch.distributed backends: " + (", ".join(
-            f"{k} {'yes' if v else 'no'}" for k, v in dist["backends"].items() if v is not None) or "none"))
+        lines.append(
+            "  torch.distributed backends: "
+            + (", ".join(f"{k} {'yes' if v else 'no'}" for k, v in dist["backends"].items() if v is not None) or "none")
+        )
         ops = dist["deepspeed_ops"]
         if "error" in ops:
             lines.append(f"  DeepSpeed ops: could not be read: {ops['error']}")
         else:
             yes = [k for k, v in ops["compatible"].items() if v is True]
             no = [k for k, v in ops["compatible"].items() if v is not True]
-            lines.append(f"  DeepSpeed ops buildable here: {', '.join(yes) or 'none'}; not: {', '.join(no) or 'none'} "
-                         f"(asked in {ops['seconds']} s)")
+            lines.append(
+                f"  DeepSpeed ops buildable here: {', '.join(yes) or 'none'}; not: {', '.join(no) or 'none'} "
+                f"(asked in {ops['seconds']} s)"
+            )
     if part("kernels (what training would use, and the start-up check of each non-reference one)", report["kernels"]):
         for row in report["kernels"]:
             for what in ("attention", "loss"):
                 entry = row[what]
                 check = entry.get("check")
                 if isinstance(check, dict):
-                    verdict = ("PASSES" if check["passed"] else "FAILS") + f" its check against {entry['reference']}: " \
-                        f"{check['detail']} ({check['seconds']} s)"
+                    verdict = (
+                        "PASSES" if check["passed"] else "FAILS"
+                    ) + f" its check against {entry['reference']}: {check['detail']} ({check['seconds']} s)"
                 else:
                     verdict = check
                 lines.append(f"  {row['device']} {what}: {entry['kernel']} ({row['dtype']}): {verdict}")
     if part("matmul", report["matmul"]):
         for m in report["matmul"]:
-            against = (f"{m['fraction_of_peak']:.0%} of {m['peak_flops'] / 1e12:.3g} TFLOP/s ({m['peak_source']})"
-                       if m["peak_flops"] else m["peak_source"])
+            against = (
+                f"{m['fraction_of_peak']:.0%} of {m['peak_flops'] / 1e12:.3g} TFLOP/s ({m['peak_source']})"
+                if m["peak_flops"]
+                else m["peak_source"]
+            )
             lines.append(f"  {m['device']}: {m['flops'] / 1e12:.3g} TFLOP/s ({m['dtype']}, {m['n']}^2): {against}")
     if part("disk", report["disk"]):
         for d in report["disk"]:
-            lines.append(f"  {d['what']}: {_size(d['free_bytes'])} free of {_size(d['total_bytes'])} at {d['path']}"
-                         + ("" if d["exists"] else " (not created yet)"))
+            lines.append(
+                f"  {d['what']}: {_size(d['free_bytes'])} free of {_size(d['total_bytes'])} at {d['path']}"
+                + ("" if d["exists"] else " (not created yet)")
+            )
     lines.append(f"(doctor took {report['seconds']} s)")
     return "\n".join(lines)
 
 
 def doctor(output_dir: str = ".", as_json: bool = False, check: bool = True) -> None:
     """`msllm doctor`: print the report."""
-    with contextlib.redirect_stdout(sys.stderr):  # what the libraries print (DeepSpeed logs to stdout) stays off the report
+    with contextlib.redirect_stdout(
+        sys.stderr
+    ):  # what the libraries print (DeepSpeed logs to stdout) stays off the report
         report = collect(Path(output_dir), check)
     print(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
     sys.stdout.flush()

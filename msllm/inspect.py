@@ -18,20 +18,20 @@ import torch
 from torch import nn
 
 from msllm.config import MAX_SEQ_LEN, load_recipe
+from msllm.distributed.parallelize import apply_activation_checkpointing
 from msllm.errors import RecipeError
+from msllm.models import build_model, flops_per_token
 from msllm.train.memory import (
     DTYPES,
     activation_bytes,
     available_bytes,
     check_fits,
-    loss_activation_bytes,
     largest_module_parameters,
+    loss_activation_bytes,
     sample_tokens,
     startup_peak_bytes,
     step_memory,
 )
-from msllm.models import build_model, flops_per_token
-from msllm.distributed.parallelize import apply_activation_checkpointing
 
 
 def parameters_by_part(model: nn.Module) -> dict[str, int]:
@@ -54,8 +54,9 @@ def parameters_by_part(model: nn.Module) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: int = 0, world_size: int = 0,
-                   measure_len: int = 0) -> dict:
+def inspect_recipe(
+    recipe, seq_len: int = 0, measure: bool = True, vocab_size: int = 0, world_size: int = 0, measure_len: int = 0
+) -> dict:
     """Print (and return) the figures for a recipe's model at `seq_len` (default data.seq_len).
 
     The memory is one rank's in a job of `world_size` ranks (default parallel.sp: one data-parallel
@@ -81,8 +82,13 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
     parts = parameters_by_part(model)
     total = sum(parts.values())
     flops = flops_per_token(model_cfg, seq_len)
-    report = {"arch": model_cfg.arch, "parameters": total, "parameters_by_part": parts, "seq_len": seq_len,
-              "train_flops_per_token": flops}
+    report = {
+        "arch": model_cfg.arch,
+        "parameters": total,
+        "parameters_by_part": parts,
+        "seq_len": seq_len,
+        "train_flops_per_token": flops,
+    }
     print(f"architecture   {model_cfg.arch}  (vocab {model_cfg.vocab_size}, d_model {model_cfg.d_model})")
     print(f"parameters     {total:,}")
     for key, count in parts.items():
@@ -90,12 +96,15 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
     print(f"train FLOPs/token at L={seq_len}: {flops / 1e6:,.1f} M  (forward + backward)")
     # msllm.train.memory.startup_peak_bytes: what building the model and DeepSpeed's engine add, per rank
     dp = world_size // sp
-    startup = startup_peak_bytes(total, largest_module_parameters(model), recipe.train.precision,
-                                 recipe.parallel.zero_stage, dp)
+    startup = startup_peak_bytes(
+        total, largest_module_parameters(model), recipe.train.precision, recipe.parallel.zero_stage, dp
+    )
     report["startup_peak"] = startup
-    print(f"start-up peak per rank (model + ZeRO partitions before the first step): {startup.total / 2**20:,.1f} MiB  "
-          f"(ZeRO {recipe.parallel.zero_stage}, dp {dp}, {recipe.train.precision}: held {startup.held / 2**20:,.1f} MiB "
-          f"+ {startup.transient / 2**20:,.1f} MiB for a moment in {startup.phase})")
+    print(
+        f"start-up peak per rank (model + ZeRO partitions before the first step): {startup.total / 2**20:,.1f} MiB  "
+        f"(ZeRO {recipe.parallel.zero_stage}, dp {dp}, {recipe.train.precision}: held {startup.held / 2**20:,.1f} MiB "
+        f"+ {startup.transient / 2**20:,.1f} MiB for a moment in {startup.phase})"
+    )
     if measure:
         if recipe.parallel.activation_checkpointing:
             apply_activation_checkpointing(model, offload=recipe.parallel.offload_activations)
@@ -103,12 +112,26 @@ def inspect_recipe(recipe, seq_len: int = 0, measure: bool = True, vocab_size: i
         kernel = inspected_kernel(recipe.train.loss_kernel)
         measured = min(measure_len or per_rank, per_rank)
         _check_measurement_fits(model, model_cfg, measured, recipe.train.precision, kernel)
-        memory = step_memory(model, model_cfg.vocab_size, recipe.train.micro_batch_size, per_rank, recipe.train.precision,
-                             recipe.parallel.zero_stage, dp=world_size // sp, loss_kernel=kernel,
-                             loss_chunk_size=recipe.train.loss_chunk_size, measure_len=measured)
+        memory = step_memory(
+            model,
+            model_cfg.vocab_size,
+            recipe.train.micro_batch_size,
+            per_rank,
+            recipe.train.precision,
+            recipe.parallel.zero_stage,
+            dp=world_size // sp,
+            loss_kernel=kernel,
+            loss_chunk_size=recipe.train.loss_chunk_size,
+            measure_len=measured,
+        )
         report["memory"] = memory
-        layout = "one rank" if world_size == 1 else (
-            f"one rank of {world_size} (sp {sp}: {per_rank:,} of the {seq_len:,} positions; dp {world_size // sp})")
+        layout = (
+            "one rank"
+            if world_size == 1
+            else (
+                f"one rank of {world_size} (sp {sp}: {per_rank:,} of the {seq_len:,} positions; dp {world_size // sp})"
+            )
+        )
         how = f"measured at {measured:,} tokens and extended linearly" if measured != per_rank else "measured"
         print(
             f"training step  {recipe.train.micro_batch_size} x {seq_len} tokens, {recipe.train.precision}, "
@@ -170,9 +193,12 @@ def compare_recipes(paths: list[str], seq_len: int = 0, vocab_size: int = 0) -> 
     recipes = [(path, load_recipe(path)) for path in paths]
     recipes.sort(key=lambda item: not item[1].model.arch_config.baseline)  # stable: the reference first
     reference = recipes[0][1].model.arch if recipes and recipes[0][1].model.arch_config.baseline else "the first"
-    rows = [f"| recipe | arch | layers | parameters | train GFLOP/token | parameters MiB | gradients MiB | optimizer MiB "
-            f"| body activations MiB | loss MiB (chunked) | total MiB | total vs {reference} | loss MiB (dense) "
-            f"| total MiB (dense) | total vs {reference} (dense) |", "|" + "---|" * 15]
+    rows = [
+        f"| recipe | arch | layers | parameters | train GFLOP/token | parameters MiB | gradients MiB | optimizer MiB "
+        f"| body activations MiB | loss MiB (chunked) | total MiB | total vs {reference} | loss MiB (dense) "
+        f"| total MiB (dense) | total vs {reference} (dense) |",
+        "|" + "---|" * 15,
+    ]
     first = first_dense = None
     for path, recipe in recipes:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, loss_kernel="chunked"))

@@ -55,8 +55,9 @@ def known_peak_flops(device_name: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(n: int = 1024, reps: int = 8, device: torch.device | str = "cpu",
-                         dtype: torch.dtype = torch.float32) -> float:
+def measure_matmul_flops(
+    n: int = 1024, reps: int = 8, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> float:
     """Dense matmul FLOP/s of this process on `device` (on the CPU: with its current thread count);
     the best of three timed rounds after a warm-up."""
     from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 (heavy: DeepSpeed)
@@ -134,15 +135,17 @@ class Throughput:
         steps = max(step - self.step_last, 1)
         per_step = (time.perf_counter() - self.t_start) / max(step - self.step_start, 1)
         self.train_time_last, self.step_last = train_time, step
-        return {"tokens_per_s": steps * self.tokens_per_step / dt, "step_time_s": dt / steps,
-                "eta_s": per_step * (self.max_steps - step)}
+        return {
+            "tokens_per_s": steps * self.tokens_per_step / dt,
+            "step_time_s": dt / steps,
+            "eta_s": per_step * (self.max_steps - step),
+        }
 
 
 class MfuMeter:
     """Model FLOPs utilisation: the achieved over the peak FLOP/s of the devices, never above 1."""
 
-    def __init__(self, flops_per_token: float | None, peak_flops: float | None, world_size: int,
-                 remeasure=None):
+    def __init__(self, flops_per_token: float | None, peak_flops: float | None, world_size: int, remeasure=None):
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops  # per device; None: unknown (n/a)
         self.world_size = world_size
@@ -183,8 +186,10 @@ class MfuMeter:
             mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
         if mfu > 1.0:
             self.peak_unreliable = True
-            say(f"msllm: the peak ({self.peak_flops / 1e12:.3g} TFLOP/s per device) is below the achieved rate: MFU is "
-                "not given from now on (set train.peak_flops to the device's real peak)")
+            say(
+                f"msllm: the peak ({self.peak_flops / 1e12:.3g} TFLOP/s per device) is below the achieved rate: MFU is "
+                "not given from now on (set train.peak_flops to the device's real peak)"
+            )
             return None
         return mfu
 

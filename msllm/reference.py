@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from msllm.cli import build_parser
 from msllm.config import Recipe, _type_name
@@ -79,8 +80,14 @@ def _prose(text: str) -> str:
     """`text` safe as markdown: `*`, `_`, `<` and `[` outside code spans are shown as they are."""
     parts = text.split("`")
     for i in range(0, len(parts), 2):  # the parts outside `code`
-        parts[i] = (parts[i].replace("\\", "\\\\").replace("*", "\\*").replace("_", "\\_")
-                    .replace("<", "&lt;").replace("[", "\\["))
+        parts[i] = (
+            parts[i]
+            .replace("\\", "\\\\")
+            .replace("*", "\\*")
+            .replace("_", "\\_")
+            .replace("<", "&lt;")
+            .replace("[", "\\[")
+        )
     return "`".join(parts)
 
 

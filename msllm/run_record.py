@@ -30,6 +30,7 @@ STREAMING = ("streaming-community", "mosaicml-streaming")
 def git_state(folder: Path) -> dict:
     """The commit of the git checkout holding `folder` and whether it has uncommitted changes
     (an installed wheel has no checkout: then both are None)."""
+
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
@@ -83,9 +84,12 @@ def describe(record: dict) -> str:
     """One line for logs: `msllm 0.1.0 @ 1a2b3c4d (dirty) | torch 2.14.1 | ... | world 2 (dp 2 x sp 1) on cpu`."""
     v, g = record["versions"], record["git"]
     commit = f" @ {g['commit'][:10]}{' (dirty)' if g['dirty'] else ''}" if g.get("commit") else ""
-    libs = " | ".join(f"{name} {v.get(name)}" for name in ("python", *LIBRARIES)
-                      if v.get(name) is not None or name not in STREAMING)
+    libs = " | ".join(
+        f"{name} {v.get(name)}" for name in ("python", *LIBRARIES) if v.get(name) is not None or name not in STREAMING
+    )
     data = record.get("data_manifest_sha256")
-    return (f"msllm {v.get('msllm')}{commit} | {libs} | world {record['world_size']} "
-            f"(dp {record['parallel']['dp']} x sp {record['parallel']['sp']}) on {record['device']}"
-            + (f" | data manifest {data[:12]}" if data else ""))
+    return (
+        f"msllm {v.get('msllm')}{commit} | {libs} | world {record['world_size']} "
+        f"(dp {record['parallel']['dp']} x sp {record['parallel']['sp']}) on {record['device']}"
+        + (f" | data manifest {data[:12]}" if data else "")
+    )

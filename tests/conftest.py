@@ -32,8 +32,8 @@ import pytest
 from filelock import FileLock
 
 from fixtures.data import make_documents, text_config, write_text_files
-from msllm.config import DataConfig, TokenizerConfig
 from fixtures.train import base_recipe, check, corpus_text, make_recipe, msllm, recipe_paths
+from msllm.config import DataConfig, TokenizerConfig
 
 
 def _interpret_triton_without_cuda() -> None:

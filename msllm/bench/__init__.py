@@ -37,8 +37,8 @@ import importlib
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from msllm.errors import MsllmError
 
@@ -54,42 +54,55 @@ def _lazy(module: str, function: str, doc: str) -> Callable[[argparse.Namespace]
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
-    "data-prep": _lazy("data", "bench_data_prep", "msllm prep throughput (tokenize + write, tokens/s) at the quickstart size."),
-    "data-loader": _lazy("data", "bench_data_loader", "Train/validation loader throughput (tokens/s) against what training consumes."),
+    "data-prep": _lazy(
+        "data", "bench_data_prep", "msllm prep throughput (tokenize + write, tokens/s) at the quickstart size."
+    ),
+    "data-loader": _lazy(
+        "data", "bench_data_loader", "Train/validation loader throughput (tokens/s) against what training consumes."
+    ),
     "sequence-parallel": _lazy(
-        "sequence_parallel", "bench_sequence_parallel",
+        "sequence_parallel",
+        "bench_sequence_parallel",
         "Per-rank training-step memory, step time and bytes sent at 16k tokens, sp = 1, 2, 4, per multi-scale arch.",
     ),
     "models": _lazy(
-        "models", "bench_models",
+        "models",
+        "bench_models",
         "Parameters, FLOPs/token and training-step memory of the paper-comparison recipes (vanilla-14 vs 30-layer).",
     ),
     "throughput": _lazy(
-        "throughput", "bench_throughput",
+        "throughput",
+        "bench_throughput",
         "msllm train against a bare loop: tokens/s, MFU, peak memory per arch and HF Llama, eager and compiled, against L.",
     ),
     "attention": _lazy(
-        "attention", "bench_attention",
+        "attention",
+        "bench_attention",
         "One layer's sliding-window attention per kernel: forward + backward time, saved bytes, agreement with dense.",
     ),
     "loss": _lazy(
-        "loss", "bench_loss",
+        "loss",
+        "bench_loss",
         "The loss kernels: quickstart tokens/s with dense and chunked alternating; the loss's memory at BookCorpus sizes.",
     ),
     "startup": _lazy(
-        "startup", "bench_startup",
+        "startup",
+        "bench_startup",
         "Start-up cost of eval, generate, export, inspect and a finished train against `import torch, msllm`.",
     ),
     "model-startup": _lazy(
-        "model_startup", "bench_model_startup",
+        "model_startup",
+        "bench_model_startup",
         "Per-rank memory and time from building a 300M model to its first step: ZeRO-3 on 4 CPU ranks vs whole on 1.",
     ),
     "generate": _lazy(
-        "generate", "bench_generate",
+        "generate",
+        "bench_generate",
         "Cached decoding tokens/s per arch against the uncached loop, vanilla and HF Llama generate; prefill; plot.",
     ),
     "gpu": _lazy(
-        "gpu", "bench_gpu",
+        "gpu",
+        "bench_gpu",
         "GPU only: the CUDA-only tests, the kernels' start-up checks (doctor), attention and throughput, one file.",
     ),
 }
@@ -105,13 +118,18 @@ def shipped_recipe(relative: str) -> str:
     run (--recipes), or one line saying it is missing and how to point at it."""
     path = RECIPES / relative
     if not path.exists():
-        raise MsllmError(f"no recipe {path}: this benchmark measures the recipes shipped in the msllm repository; "
-                         "pass --recipes DIR (the recipes/ folder of a checkout)")
+        raise MsllmError(
+            f"no recipe {path}: this benchmark measures the recipes shipped in the msllm repository; "
+            "pass --recipes DIR (the recipes/ folder of a checkout)"
+        )
     return str(path)
 
 
-def run_benchmark(args: argparse.Namespace, benchmarks: dict[str, Callable[[argparse.Namespace], str]] | None = None,
-                  command: str | None = None) -> None:
+def run_benchmark(
+    args: argparse.Namespace,
+    benchmarks: dict[str, Callable[[argparse.Namespace], str]] | None = None,
+    command: str | None = None,
+) -> None:
     """Run the benchmark `args.name` of `benchmarks` (default: BENCHMARKS; --list lists them) and
     append its result to `args.out`/NAME.md; `command`: what to record as the command (default:
     this `msllm bench` command line)."""
@@ -123,8 +141,10 @@ def run_benchmark(args: argparse.Namespace, benchmarks: dict[str, Callable[[argp
         return
     run = benchmarks.get(args.name)
     if run is None and benchmarks is BENCHMARKS and args.name in MOVED_TO_LAB:
-        raise MsllmError(f"{args.name} is an experiment of the msllm repository, no longer a benchmark of the package: "
-                         f"from a checkout, run python -m lab {args.name}")
+        raise MsllmError(
+            f"{args.name} is an experiment of the msllm repository, no longer a benchmark of the package: "
+            f"from a checkout, run python -m lab {args.name}"
+        )
     if run is None:
         raise MsllmError(f"unknown benchmark {args.name!r}; choose from: {', '.join(benchmarks)}")
     global RECIPES

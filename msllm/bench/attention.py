@@ -121,8 +121,8 @@ def to_markdown(rows: list[dict], setting: Setting, device_name: str) -> str:
     lines = [
         f"Sliding-window attention on {device_name}: one layer, [1, {setting.heads}, L, {setting.head_dim}], "
         f"{setting.dtype}, L = {setting.seq_len}, window {setting.window}; forward + backward, the median of "
-        f"{setting.repeats} runs after 2 warm-up runs. \"saved\": bytes autograd keeps for backward (q, k, v "
-        f"excluded); \"peak\": CUDA max_memory_allocated above the inputs. \"max |diff| vs dense\": over the output "
+        f'{setting.repeats} runs after 2 warm-up runs. "saved": bytes autograd keeps for backward (q, k, v '
+        f'excluded); "peak": CUDA max_memory_allocated above the inputs. "max |diff| vs dense": over the output '
         f"and the q, k, v gradients at L = {setting.check_len}.",
         "",
         "| kernel | fwd+bwd ms | saved MiB | peak MiB | max abs diff vs dense |",

@@ -34,6 +34,8 @@ TRAINING_STEPS = 3
 def quickstart_recipe():
     """recipes/quickstart.yaml (under --recipes), resolved."""
     return load_recipe(shipped_recipe("quickstart.yaml"))
+
+
 # Worker counts of the throughput rows (`msllm prep` uses data.workers processes).
 PREP_WORKERS = (1, 2, 4)
 
@@ -169,8 +171,12 @@ def _prep_many_files(tmp: Path, documents: list[str], cfg: DataConfig, tokenizer
     rows = []
     for workers in PREP_WORKERS:
         files_cfg = dataclasses.replace(
-            cfg, source="text", paths=[str(corpus / "*.txt")], shards_dir=str(tmp / f"many-files-{workers}"),
-            workers=workers, tokenizer=dataclasses.replace(cfg.tokenizer, model=str(tokenizer_file)),
+            cfg,
+            source="text",
+            paths=[str(corpus / "*.txt")],
+            shards_dir=str(tmp / f"many-files-{workers}"),
+            workers=workers,
+            tokenizer=dataclasses.replace(cfg.tokenizer, model=str(tokenizer_file)),
         )
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
         manifest = prep.prepare_dataset(files_cfg, quiet=True)
@@ -213,8 +219,11 @@ def bench_data_loader(args) -> str:
         t0 = time.perf_counter()
         tokens = sum(b["input_ids"].numel() for b in validation)
         rows.append(("validation, one pass", tokens, time.perf_counter() - t0))
-        training = training_tokens_per_s(recipe, int(manifest["vocab_size"]), list(build_dataloader(
-            cfg, "validation", batch_size=batch_size, seed=1234)))
+        training = training_tokens_per_s(
+            recipe,
+            int(manifest["vocab_size"]),
+            list(build_dataloader(cfg, "validation", batch_size=batch_size, seed=1234)),
+        )
 
     lines = [
         f"Shards: the quickstart's (Wikipedia sample, seq_len {cfg.seq_len}, {len(loader)} train batches of "

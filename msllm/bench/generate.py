@@ -66,8 +66,11 @@ class Setting:
 
 
 DEFAULT = Setting(
-    prompt=4096, new_tokens=256, uncached_tokens=3,
-    sweep=((1024, 256), (2048, 256), (4096, 256), (8192, 256), (16384, 128)), rounds=2,
+    prompt=4096,
+    new_tokens=256,
+    uncached_tokens=3,
+    sweep=((1024, 256), (2048, 256), (4096, 256), (8192, 256), (16384, 128)),
+    rounds=2,
 )
 
 
@@ -80,9 +83,12 @@ def model_configs(setting: Setting) -> dict:
     configs = {
         "vanilla": load_recipe(shipped_recipe("quickstart-vanilla.yaml"), overrides).model,
         "bottom_up": bottom_up,
-        "top_down": dataclasses.replace(bottom_up, arch="top_down", scales=[dataclasses.replace(fine, layers=3), coarse]),
-        "retina": dataclasses.replace(bottom_up, arch="retina", scales=[dataclasses.replace(fine, layers=6)],
-                                      retina_levels=3, retina_factor=4),
+        "top_down": dataclasses.replace(
+            bottom_up, arch="top_down", scales=[dataclasses.replace(fine, layers=3), coarse]
+        ),
+        "retina": dataclasses.replace(
+            bottom_up, arch="retina", scales=[dataclasses.replace(fine, layers=6)], retina_levels=3, retina_factor=4
+        ),
     }
     size = {"vocab_size": setting.vocab_size or recipe.data.tokenizer.vocab_size}
     if setting.d_model:
@@ -99,7 +105,7 @@ def uncached_generate(model, prompt_ids: list[int], new_tokens: int, context: in
         for _ in range(new_tokens):
             window = ids[-context:] if context else ids
             ids.append(int(model(torch.tensor([window]))[0, -1].argmax()))
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
 def cached_run(model, prompt, new_tokens: int) -> dict:
@@ -114,8 +120,12 @@ def cached_run(model, prompt, new_tokens: int) -> dict:
         logits = model.decode(tokens[-1].view(1, 1), cache, last_only=True)
         tokens.append(logits[:, -1].argmax(dim=-1))
     end = time.perf_counter()
-    return {"prefill_s": prefilled - start, "decode_tokens_per_s": per_second(new_tokens - 1, end - prefilled),
-            "tokens": [int(t) for t in tokens], "cache_bytes": cache_bytes(cache)}
+    return {
+        "prefill_s": prefilled - start,
+        "decode_tokens_per_s": per_second(new_tokens - 1, end - prefilled),
+        "tokens": [int(t) for t in tokens],
+        "cache_bytes": cache_bytes(cache),
+    }
 
 
 def per_second(count: int, seconds: float) -> float:
@@ -124,6 +134,7 @@ def per_second(count: int, seconds: float) -> float:
 
 def cache_bytes(cache) -> int:
     """Bytes of the keys and values a DecodeCache has allocated, over all its layers."""
+
     def walk(part) -> int:
         if isinstance(part, LayerCache):
             return sum(segment.nbytes for segment in part.segments)
@@ -150,11 +161,18 @@ def hf_run(llama, prompt, new_tokens: int) -> dict:
     clock = Clock()
     start = time.perf_counter()
     with torch.no_grad():
-        out = llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                             do_sample=False, logits_processor=LogitsProcessorList([clock]))
-    return {"prefill_s": clock.times[0] - start,
-            "decode_tokens_per_s": per_second(new_tokens - 1, clock.times[-1] - clock.times[0]),
-            "tokens": out[0, prompt.shape[1]:].tolist()}
+        out = llama.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+    return {
+        "prefill_s": clock.times[0] - start,
+        "decode_tokens_per_s": per_second(new_tokens - 1, clock.times[-1] - clock.times[0]),
+        "tokens": out[0, prompt.shape[1] :].tolist(),
+    }
 
 
 def training_forward_s(model, ids) -> float:
@@ -190,12 +208,22 @@ def measure_all(setting: Setting) -> dict:
     decoding; at the main prompt also its fastest prefill and training forward pass)."""
     models = build_models(setting)
     vocab = model_configs(setting)["vanilla"].vocab_size
-    prompts = {P: torch.randint(0, vocab, (1, P), generator=torch.Generator().manual_seed(P))
-               for P in {setting.prompt, *(P for P, _ in setting.sweep)}}
+    prompts = {
+        P: torch.randint(0, vocab, (1, P), generator=torch.Generator().manual_seed(P))
+        for P in {setting.prompt, *(P for P, _ in setting.sweep)}
+    }
     runs = {name: (hf_run, models[name].llama) if name == "hf_llama" else (cached_run, models[name]) for name in MODELS}
     prompt = prompts[setting.prompt]
-    main = {name: {"model": name, "parameters": sum(p.numel() for p in models[name].parameters()), "prefill_s": float("inf"),
-                   "forward_s": float("inf"), "decode_tokens_per_s": 0.0} for name in MODELS}
+    main = {
+        name: {
+            "model": name,
+            "parameters": sum(p.numel() for p in models[name].parameters()),
+            "prefill_s": float("inf"),
+            "forward_s": float("inf"),
+            "decode_tokens_per_s": 0.0,
+        }
+        for name in MODELS
+    }
     for _ in range(setting.rounds):
         for name, (run, target) in runs.items():
             row, got = main[name], run(target, prompt, setting.new_tokens)
@@ -218,7 +246,7 @@ def measure_all(setting: Setting) -> dict:
             for name, (run, target) in runs.items():
                 best[name] = max(best[name], run(target, prompts[P], new)["decode_tokens_per_s"])
         sweep += [{"model": name, "prompt": P, "new_tokens": new, "decode_tokens_per_s": best[name]} for name in MODELS]
-        print(sweep[-len(MODELS):], flush=True)
+        print(sweep[-len(MODELS) :], flush=True)
     return {"main": list(main.values()), "sweep": sweep, "threads": torch.get_num_threads()}
 
 
@@ -241,8 +269,8 @@ def to_markdown(results: dict, setting: Setting) -> str:
         lines.append(
             f"| {name} | {r['parameters'] / 1e6:.1f}M | {r['prefill_s']:.2f} | {r['forward_s']:.2f} | "
             f"{r['prefill_s'] / r['forward_s']:.2f}x | {r['decode_tokens_per_s']:,.1f} | "
-            f"{r['decode_tokens_per_s'] / vanilla:.2f}x | " + (f"{uncached:.2f} | {r['decode_tokens_per_s'] / uncached:,.0f}x | "
-                                                               if uncached else "- | - | ")
+            f"{r['decode_tokens_per_s'] / vanilla:.2f}x | "
+            + (f"{uncached:.2f} | {r['decode_tokens_per_s'] / uncached:,.0f}x | " if uncached else "- | - | ")
             + (f"{r['cache_bytes'] / 2**20:.1f} |" if "cache_bytes" in r else "- |")
         )
     agree = 0
@@ -250,7 +278,9 @@ def to_markdown(results: dict, setting: Setting) -> str:
         if a != b:
             break
         agree += 1
-    ratio = {name: r["decode_tokens_per_s"] / r["uncached_tokens_per_s"] for name, r in main.items() if name != "hf_llama"}
+    ratio = {
+        name: r["decode_tokens_per_s"] / r["uncached_tokens_per_s"] for name, r in main.items() if name != "hf_llama"
+    }
     lines += [
         "",
         f"HF Llama (vanilla's weights) greedily picks the same first {agree} of {setting.new_tokens} tokens as vanilla's cached decoding.",
@@ -286,8 +316,15 @@ def plot(sweep: list[dict], path: Path) -> None:
     for name, color in zip(MODELS, COLORS):
         rows = [r for r in sweep if r["model"] == name]
         if rows:
-            ax.plot([r["prompt"] for r in rows], [r["decode_tokens_per_s"] for r in rows], "-o", color=color,
-                    linewidth=2, markersize=7, label=name)
+            ax.plot(
+                [r["prompt"] for r in rows],
+                [r["decode_tokens_per_s"] for r in rows],
+                "-o",
+                color=color,
+                linewidth=2,
+                markersize=7,
+                label=name,
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("prompt length (tokens)")

@@ -39,16 +39,34 @@ def cuda_tests(root: Path = Path(".")) -> dict:
     """The CUDA-only tests of the checkout at `root` in a fresh pytest process: its exit code and
     the end of its report."""
     if not all((root / test).is_file() for test in CUDA_TESTS):
-        raise MsllmError(f"no {CUDA_TESTS[0]} under {root}: the CUDA tests are in an msllm checkout; pass --recipes "
-                         "DIR, the recipes/ folder of one (its parent holds tests/)")
-    cmd = [sys.executable, "-m", "pytest", "-n", "0", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "-k", CUDA_SELECTION, *CUDA_TESTS]
+        raise MsllmError(
+            f"no {CUDA_TESTS[0]} under {root}: the CUDA tests are in an msllm checkout; pass --recipes "
+            "DIR, the recipes/ folder of one (its parent holds tests/)"
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-n",
+        "0",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        CUDA_SELECTION,
+        *CUDA_TESTS,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
-    return {"command": " ".join(["python", *cmd[1:]]), "exit_code": proc.returncode,
-            "summary": lines[-1] if lines else proc.stderr.strip()[-300:],
-            "report": "\n".join(lines[-40:]), "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "command": " ".join(["python", *cmd[1:]]),
+        "exit_code": proc.returncode,
+        "summary": lines[-1] if lines else proc.stderr.strip()[-300:],
+        "report": "\n".join(lines[-40:]),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _part(name: str, run, results: dict, out: Path) -> None:
@@ -66,8 +84,10 @@ def _part(name: str, run, results: dict, out: Path) -> None:
 
 def bench_gpu(args) -> str:
     if not torch.cuda.is_available():
-        raise MsllmError("msllm bench gpu needs a CUDA GPU and this machine has none; run it on a GPU node "
-                         "(from the repository root), or run the CPU benchmarks (msllm bench --list)")
+        raise MsllmError(
+            "msllm bench gpu needs a CUDA GPU and this machine has none; run it on a GPU node "
+            "(from the repository root), or run the CPU benchmarks (msllm bench --list)"
+        )
 
     out = Path(args.out)
     results: dict = {}
@@ -84,16 +104,24 @@ def bench_gpu(args) -> str:
         return f"### {name}\n\n{body}\n"
 
     tests = results["cuda tests"]
-    tests_text = tests if "error" in tests else (
-        f"`{tests['command']}`: exit {tests['exit_code']}, {tests['summary']} ({tests['seconds']} s)\n\n"
-        "```\n" + tests["report"] + "\n```")
+    tests_text = (
+        tests
+        if "error" in tests
+        else (
+            f"`{tests['command']}`: exit {tests['exit_code']}, {tests['summary']} ({tests['seconds']} s)\n\n"
+            "```\n" + tests["report"] + "\n```"
+        )
+    )
     doctor = results["doctor"]
     doctor_text = doctor if "error" in doctor else "```\n" + format_report(doctor) + "\n```"
-    return "\n".join([
-        "Every GPU-only check and measurement of msllm (msllm/bench/gpu.py); the raw results are in "
-        "gpu-results.json beside this file.", "",
-        text("The CUDA-only tests", tests_text),
-        text("The kernels' start-up checks and the machine (msllm doctor)", doctor_text),
-        text("Attention (msllm bench attention)", results["attention"]),
-        text("Throughput (msllm bench throughput)", results["throughput"]),
-    ])
+    return "\n".join(
+        [
+            "Every GPU-only check and measurement of msllm (msllm/bench/gpu.py); the raw results are in "
+            "gpu-results.json beside this file.",
+            "",
+            text("The CUDA-only tests", tests_text),
+            text("The kernels' start-up checks and the machine (msllm doctor)", doctor_text),
+            text("Attention (msllm bench attention)", results["attention"]),
+            text("Throughput (msllm bench throughput)", results["throughput"]),
+        ]
+    )

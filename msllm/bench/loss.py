@@ -28,8 +28,9 @@ ROUNDS = 4
 STEPS = 25  # timed steps per run, after as many warm-up steps
 
 
-def speed_rows(kernels: tuple[str, ...], rounds: int = ROUNDS, steps: int = STEPS,
-               recipe: str | None = None) -> list[dict]:
+def speed_rows(
+    kernels: tuple[str, ...], rounds: int = ROUNDS, steps: int = STEPS, recipe: str | None = None
+) -> list[dict]:
     """One `msllm train` per (round, kernel), the kernels alternating within each round; `recipe`:
     the quickstart's (recipes/quickstart.yaml under --recipes) unless given."""
     recipe = recipe or shipped_recipe("quickstart.yaml")
@@ -38,8 +39,16 @@ def speed_rows(kernels: tuple[str, ...], rounds: int = ROUNDS, steps: int = STEP
     rows = []
     for round_ in range(1, rounds + 1):
         for kernel in kernels:
-            row = measure_trainer("quickstart", recipe, vocab, r.data.seq_len,
-                                  r.train.micro_batch_size * r.data.seq_len, steps, compiled=False, loss_kernel=kernel)
+            row = measure_trainer(
+                "quickstart",
+                recipe,
+                vocab,
+                r.data.seq_len,
+                r.train.micro_batch_size * r.data.seq_len,
+                steps,
+                compiled=False,
+                loss_kernel=kernel,
+            )
             rows.append({**row, "round": round_})
             print(row, flush=True)
     return rows
@@ -52,14 +61,23 @@ def memory_rows(kernels: tuple[str, ...] = ("dense", "chunked"), sample_len: int
     time: bf16 matmuls are slow on CPUs."""
     r = load_recipe(shipped_recipe("models/vanilla-bookcorpus.yaml"))
     # The loss depends on the head and the hidden states only: a one-layer body gives the same bytes.
-    cfg = dataclasses.replace(r.model, vocab_size=r.data.tokenizer.vocab_size,
-                              scales=[dataclasses.replace(r.model.scales[0], layers=1)])
+    cfg = dataclasses.replace(
+        r.model, vocab_size=r.data.tokenizer.vocab_size, scales=[dataclasses.replace(r.model.scales[0], layers=1)]
+    )
     torch.manual_seed(0)
     model = build_model(cfg).to(DTYPES[r.train.precision])
     tokens = sample_tokens(model, cfg.vocab_size, sample_len or r.data.seq_len)
-    return [{"kernel": k, "bytes": loss_activation_bytes(model, tokens, r.train.micro_batch_size * r.data.seq_len, k),
-             "positions": r.train.micro_batch_size * r.data.seq_len, "vocab": cfg.vocab_size, "d_model": cfg.d_model,
-             "precision": r.train.precision} for k in kernels]
+    return [
+        {
+            "kernel": k,
+            "bytes": loss_activation_bytes(model, tokens, r.train.micro_batch_size * r.data.seq_len, k),
+            "positions": r.train.micro_batch_size * r.data.seq_len,
+            "vocab": cfg.vocab_size,
+            "d_model": cfg.d_model,
+            "precision": r.train.precision,
+        }
+        for k in kernels
+    ]
 
 
 def to_markdown(speed: list[dict], memory: list[dict]) -> str:
@@ -68,13 +86,20 @@ def to_markdown(speed: list[dict], memory: list[dict]) -> str:
         f"Speed: `msllm train recipes/quickstart.yaml` (eager, ZeRO 0), tokens/s over each run's last {STEPS} "
         f"steps; the kernels alternate within each round.",
         "",
-        "| round | " + " | ".join(f"{k} tokens/s" for k in kernels) + " | " + " | ".join(f"{k} / dense" for k in kernels[1:]) + " |",
+        "| round | "
+        + " | ".join(f"{k} tokens/s" for k in kernels)
+        + " | "
+        + " | ".join(f"{k} / dense" for k in kernels[1:])
+        + " |",
         "|---|" + "---|" * (2 * len(kernels) - 1),
     ]
     ratios: dict[str, list[float]] = {k: [] for k in kernels[1:]}
     for round_ in sorted({r["round"] for r in speed}):
         by = {r["loss"]: r for r in speed if r["round"] == round_}
-        cells = [f"{by[k]['tokens_per_s']:,.0f}" if "tokens_per_s" in by[k] else by[k].get("error", "failed") for k in kernels]
+        cells = [
+            f"{by[k]['tokens_per_s']:,.0f}" if "tokens_per_s" in by[k] else by[k].get("error", "failed")
+            for k in kernels
+        ]
         pair = []
         for k in kernels[1:]:
             if "tokens_per_s" in by[k] and "tokens_per_s" in by["dense"]:
@@ -83,8 +108,15 @@ def to_markdown(speed: list[dict], memory: list[dict]) -> str:
             else:
                 pair.append("")
         lines.append(f"| {round_} | " + " | ".join(cells + pair) + " |")
-    lines += ["", *(f"Median {k} / dense over the rounds: **{statistics.median(v):.3f}x** (min {min(v):.3f}x, max "
-                    f"{max(v):.3f}x)." for k, v in ratios.items() if v)]
+    lines += [
+        "",
+        *(
+            f"Median {k} / dense over the rounds: **{statistics.median(v):.3f}x** (min {min(v):.3f}x, max "
+            f"{max(v):.3f}x)."
+            for k, v in ratios.items()
+            if v
+        ),
+    ]
     m = memory[0]
     lines += [
         "",

@@ -67,13 +67,17 @@ def corpus_text(documents: int = 300, seed: int = 0) -> str:
     rng = random.Random(seed)
     docs = []
     for _ in range(documents):
-        docs.append(" ".join(
-            f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the {rng.choice(_ADJS)} {rng.choice(_NOUNS)}."
-            for _ in range(rng.randint(3, 8))))
+        docs.append(
+            " ".join(
+                f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the {rng.choice(_ADJS)} {rng.choice(_NOUNS)}."
+                for _ in range(rng.randint(3, 8))
+            )
+        )
     return "\n\n".join(docs) + "\n"
 
 
 # --- in each rank's process ------------------------------------------------------------------------
+
 
 def _status_bytes(field: str) -> int:
     with open("/proc/self/status", encoding="ascii") as f:
@@ -114,6 +118,7 @@ def install_hooks(out_dir: Path, started: float, run_step: bool = False) -> None
 
     def save() -> None:  # after each stage: a rank that dies (out of memory) leaves how far it got
         path.write_text(json.dumps(record))
+
     make_engine, train_step = Trainer.make_engine, Trainer.train_step
     build_model = engine_module.build_model_for_training
 
@@ -187,8 +192,17 @@ def main(argv: list[str]) -> int:
 
 # --- the benchmark ---------------------------------------------------------------------------------
 
-def measure(recipe: str, ranks: int, zero_stage: int, work: Path, overrides: tuple[str, ...] = (),
-            timeout: float = 1800, run_step: bool = False, extra_env: dict | None = None) -> dict:
+
+def measure(
+    recipe: str,
+    ranks: int,
+    zero_stage: int,
+    work: Path,
+    overrides: tuple[str, ...] = (),
+    timeout: float = 1800,
+    run_step: bool = False,
+    extra_env: dict | None = None,
+) -> dict:
     """One configuration: `msllm train` of `recipe` on `ranks` gloo ranks at ZeRO `zero_stage` up
     to its first step (through it with `run_step`); its ranks' records and the command's wall time."""
     corpus = work / "corpus.txt"
@@ -198,20 +212,51 @@ def measure(recipe: str, ranks: int, zero_stage: int, work: Path, overrides: tup
     name = f"r{ranks}-z{zero_stage}" + "".join(f"-{k}{v}" for k, v in (extra_env or {}).items())
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
-    settings = [f"data.paths=[{corpus}]", f"data.shards_dir={work / 'shards'}", f"run.output_dir={work / name / 'run'}",
-                f"parallel.zero_stage={zero_stage}", "train.max_steps=1", "checkpoint.every=0", "eval.every=0",
-                "log.tensorboard=false", *overrides]
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "msllm.bench.model_startup", str(out), "train", recipe,
-               *[a for s in settings for a in ("--set", s)]]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    settings = [
+        f"data.paths=[{corpus}]",
+        f"data.shards_dir={work / 'shards'}",
+        f"run.output_dir={work / name / 'run'}",
+        f"parallel.zero_stage={zero_stage}",
+        "train.max_steps=1",
+        "checkpoint.every=0",
+        "eval.every=0",
+        "log.tensorboard=false",
+        *overrides,
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "msllm.bench.model_startup",
+        str(out),
+        "train",
+        recipe,
+        *[a for s in settings for a in ("--set", s)],
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    env.update(OMP_NUM_THREADS=str(max(1, cores // ranks)), PYTHONUNBUFFERED="1", MSLLM_BENCH_RUN_STEP=str(int(run_step)),
-               **(extra_env or {}))
+    env.update(
+        OMP_NUM_THREADS=str(max(1, cores // ranks)),
+        PYTHONUNBUFFERED="1",
+        MSLLM_BENCH_RUN_STEP=str(int(run_step)),
+        **(extra_env or {}),
+    )
     if not (work / "shards" / "manifest.json").is_file():  # once, so that no rank's start-up includes it
-        prep = subprocess.run([sys.executable, "-m", "msllm.cli", "prep", recipe, *command[command.index("train") + 2:]],
-                              env=env, capture_output=True, text=True, timeout=timeout)
+        prep = subprocess.run(
+            [sys.executable, "-m", "msllm.cli", "prep", recipe, *command[command.index("train") + 2 :]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if prep.returncode != 0:
             raise RuntimeError(f"msllm prep failed: {prep.stderr.strip()[-2000:]}")
     start = time.perf_counter()
@@ -222,8 +267,6 @@ def measure(recipe: str, ranks: int, zero_stage: int, work: Path, overrides: tup
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-30:])
         raise RuntimeError(f"{name}: exit {proc.returncode}, records {records}:\n{tail}")
     return {"ranks": ranks, "zero_stage": zero_stage, "env": dict(extra_env or {}), "wall_s": wall, "records": records}
-
-
 
 
 def startup_bytes(record: dict) -> int:
@@ -247,7 +290,8 @@ def to_markdown(runs: list[dict], recipe: str) -> str:
         f"device and materialised once, as every rank held it before the sharded construction).",
         "",
         "| ranks | ZeRO | rank | before MiB | model built MiB | engine MiB | start-up MiB | vs baseline | "
-        "resident at step 1 MiB (trimmed) | build s | engine s | to first step s |" + (" with step 1 MiB | step 1 s |" if stepped else ""),
+        "resident at step 1 MiB (trimmed) | build s | engine s | to first step s |"
+        + (" with step 1 MiB | step 1 s |" if stepped else ""),
         "|" + "---|" * (14 if stepped else 12),
     ]
     for run in runs:
@@ -258,22 +302,32 @@ def to_markdown(runs: list[dict], recipe: str) -> str:
                 f"+{mib(r['engine_peak'] - b)} | +{mib(startup_bytes(r))} | {startup_bytes(r) / base:.2f}x | "
                 f"+{mib(r['startup_rss'] - b)} (+{mib(r['startup_rss_trimmed'] - b)}) | "
                 f"{r['build_s']:.1f} | {r['engine_s']:.1f} | {r['to_first_step_s']:.1f} |"
-                + (f" +{mib(r['step_peak'] - b)} | {r['first_step_s']:.1f} |" if stepped else ""))
-    lines += ["", "Columns after `before` are increases over it: `model built`, `engine` and `start-up` are the "
-              "high-water marks once the model is built, once DeepSpeed has wrapped it and when the first step starts; "
-              "`resident at step 1` is VmRSS then (after malloc_trim(0) in brackets)"
-              + ("; `with step 1` the high-water mark after the first step (gradients, AdamW's moments, ZeRO's buckets)."
-                 if stepped else "; the processes end there (the step is not run)."), ""]
+                + (f" +{mib(r['step_peak'] - b)} | {r['first_step_s']:.1f} |" if stepped else "")
+            )
+    lines += [
+        "",
+        "Columns after `before` are increases over it: `model built`, `engine` and `start-up` are the "
+        "high-water marks once the model is built, once DeepSpeed has wrapped it and when the first step starts; "
+        "`resident at step 1` is VmRSS then (after malloc_trim(0) in brackets)"
+        + (
+            "; `with step 1` the high-water mark after the first step (gradients, AdamW's moments, ZeRO's buckets)."
+            if stepped
+            else "; the processes end there (the step is not run)."
+        ),
+        "",
+    ]
     for run in runs[1:]:
         worst = max(startup_bytes(r) for r in run["records"])
-        time_ratio = (statistics.median(r["to_first_step_s"] for r in run["records"])
-                      / statistics.median(r["to_first_step_s"] for r in baseline["records"]))
+        time_ratio = statistics.median(r["to_first_step_s"] for r in run["records"]) / statistics.median(
+            r["to_first_step_s"] for r in baseline["records"]
+        )
         verdict = "meets" if worst / base <= TARGET else "misses"
         lines.append(
             f"**{run['ranks']} ranks, ZeRO {run['zero_stage']}: the largest rank's start-up memory is {mib(worst)} MiB = "
             f"{worst / base:.2f}x the whole-model build on one rank ({mib(base)} MiB): {verdict} the target of "
             f"{TARGET}x (issue 30).** Time to the first step (median rank): {time_ratio:.2f}x the baseline's; "
-            f"whole command {run['wall_s']:.0f} s against {baseline['wall_s']:.0f} s.")
+            f"whole command {run['wall_s']:.0f} s against {baseline['wall_s']:.0f} s."
+        )
     return "\n".join(lines)
 
 
@@ -282,8 +336,7 @@ def bench_model_startup(args) -> str:
     overrides = tuple(getattr(args, "set", None) or ())
     with tempfile.TemporaryDirectory(prefix="msllm-model-startup-") as tmp:
         runs = [measure(recipe, ranks, zero, Path(tmp), overrides, extra_env=env) for ranks, zero, env in CONFIGS]
-    return "\n\n".join(to_markdown([run for run in runs if run["env"] == env], recipe)
-                        for env in ({}, MMAP))
+    return "\n\n".join(to_markdown([run for run in runs if run["env"] == env], recipe) for env in ({}, MMAP))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,13 @@ def bench_models(args) -> str:
     for vocab in (0, 8000):
         title = "the recipes' own vocabulary (32,000)" if vocab == 0 else f"a {vocab:,}-token vocabulary"
         sections += [f"### At {title}", "", compare_recipes(paths, vocab_size=vocab), ""]
-    return "\n".join([
-        "Memory of one training step on one rank at the recipes' micro-batch (16 x 1024 tokens, bf16, ZeRO 1 "
-        "counted on one rank): activations split into the body's and the loss's; the loss with the chunked "
-        "kernel (the default; never more than one chunk of logits) and, for comparison, with every logit "
-        "materialised (dense).",
-        "",
-        *sections,
-    ])
+    return "\n".join(
+        [
+            "Memory of one training step on one rank at the recipes' micro-batch (16 x 1024 tokens, bf16, ZeRO 1 "
+            "counted on one rank): activations split into the body's and the loss's; the loss with the chunked "
+            "kernel (the default; never more than one chunk of logits) and, for comparison, with every logit "
+            "materialised (dense).",
+            "",
+            *sections,
+        ]
+    )

@@ -56,10 +56,17 @@ def seed_band(ax, label: str, xs, curves, dashed: bool = False) -> None:
     """One line per model: the mean over the seeds' `curves` (each a list of y values at `xs`), with a
     band from the lowest to the highest seed at each point."""
     per_point = list(zip(*curves))
-    line, = ax.plot(xs, [statistics.mean(p) for p in per_point], label=label, marker="o", markersize=3,
-                    linestyle="--" if dashed else "-")
-    ax.fill_between(xs, [min(p) for p in per_point], [max(p) for p in per_point], color=line.get_color(),
-                    alpha=0.2, linewidth=0)
+    (line,) = ax.plot(
+        xs,
+        [statistics.mean(p) for p in per_point],
+        label=label,
+        marker="o",
+        markersize=3,
+        linestyle="--" if dashed else "-",
+    )
+    ax.fill_between(
+        xs, [min(p) for p in per_point], [max(p) for p in per_point], color=line.get_color(), alpha=0.2, linewidth=0
+    )
 
 
 def save(fig, path: Path) -> Path:
@@ -83,11 +90,14 @@ def last_section(markdown: str) -> str:
 def table_rows(section: str) -> list[dict[str, str]]:
     """The first markdown table of a section, one {header: cell} per row."""
     lines = [line.strip() for line in section.splitlines()]
-    start = next(i for i, line in enumerate(lines) if line.startswith("|") and i + 1 < len(lines)
-                 and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[i + 1]))
+    start = next(
+        i
+        for i, line in enumerate(lines)
+        if line.startswith("|") and i + 1 < len(lines) and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[i + 1])
+    )
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))

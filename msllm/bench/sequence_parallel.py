@@ -147,10 +147,23 @@ def _worker(recipe_path: str) -> None:
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     if rank == 0:
         activations, body, loss, seconds, sent = figures.tolist()
-        print("RESULT " + json.dumps({"arch": cfg.arch, "sp": sp, "seq_len": L, "activation_bytes": activations,
-                                      "body_bytes": body, "loss_bytes": loss,
-                                      "step_bytes": states + activations, "step_seconds": seconds,
-                                      "bytes_sent": sent}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "arch": cfg.arch,
+                    "sp": sp,
+                    "seq_len": L,
+                    "activation_bytes": activations,
+                    "body_bytes": body,
+                    "loss_bytes": loss,
+                    "step_bytes": states + activations,
+                    "step_seconds": seconds,
+                    "bytes_sent": sent,
+                }
+            ),
+            flush=True,
+        )
     dist.barrier()
     dist.destroy_process_group()
     # The figures are out; leave without interpreter finalisation. In CI a worker once aborted
@@ -172,34 +185,50 @@ def run(recipes_dir: str = "recipes/long_context", sps: tuple[int, ...] = (1, 2,
         recipe = Path(recipes_dir) / f"{arch}-16k-cpu.yaml"
         for sp in sps:
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // sp))}
-            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={sp}",
-                       "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                       "-m", "msllm.bench.sequence_parallel", str(recipe)]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={sp}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}",
+                "-m",
+                "msllm.bench.sequence_parallel",
+                str(recipe),
+            ]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode != 0 or not lines:
-                raise RuntimeError(f"benchmark of {recipe} with sp={sp} failed (exit {done.returncode}):\n"
-                                   f"stdout: {done.stdout[-1000:]}\nstderr: {done.stderr[-3000:]}")
-            result = json.loads(lines[-1][len("RESULT "):])
+                raise RuntimeError(
+                    f"benchmark of {recipe} with sp={sp} failed (exit {done.returncode}):\n"
+                    f"stdout: {done.stdout[-1000:]}\nstderr: {done.stderr[-3000:]}"
+                )
+            result = json.loads(lines[-1][len("RESULT ") :])
             results.append(result)
-            print(f"{arch:<10} sp={sp}  step memory {result['step_bytes'] / 2**20:8.1f} MiB/rank  "
-                  f"step {result['step_seconds']:6.2f} s  sent {result['bytes_sent'] / 2**20:7.2f} MiB/rank",
-                  flush=True)
+            print(
+                f"{arch:<10} sp={sp}  step memory {result['step_bytes'] / 2**20:8.1f} MiB/rank  "
+                f"step {result['step_seconds']:6.2f} s  sent {result['bytes_sent'] / 2**20:7.2f} MiB/rank",
+                flush=True,
+            )
     return results
 
 
 def to_markdown(results: list[dict]) -> str:
     base = {r["arch"]: r for r in results if r["sp"] == 1}
-    rows = ["| arch | sp | training-step MiB per rank | vs sp=1 | activations MiB (body + loss) | vs sp=1 | "
-            "body MiB | loss MiB (chunked) | step s (fwd+bwd) | MiB sent per rank per step |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| arch | sp | training-step MiB per rank | vs sp=1 | activations MiB (body + loss) | vs sp=1 | "
+        "body MiB | loss MiB (chunked) | step s (fwd+bwd) | MiB sent per rank per step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         b = base.get(r["arch"])
         total = r["step_bytes"] / b["step_bytes"] if b else float("nan")
         acts = r["activation_bytes"] / b["activation_bytes"] if b else float("nan")
-        rows.append(f"| {r['arch']} | {r['sp']} | {r['step_bytes'] / 2**20:.1f} | {total:.3f} | "
-                    f"{r['activation_bytes'] / 2**20:.1f} | {acts:.3f} | {r['body_bytes'] / 2**20:.1f} | "
-                    f"{r['loss_bytes'] / 2**20:.1f} | {r['step_seconds']:.2f} | {r['bytes_sent'] / 2**20:.2f} |")
+        rows.append(
+            f"| {r['arch']} | {r['sp']} | {r['step_bytes'] / 2**20:.1f} | {total:.3f} | "
+            f"{r['activation_bytes'] / 2**20:.1f} | {acts:.3f} | {r['body_bytes'] / 2**20:.1f} | "
+            f"{r['loss_bytes'] / 2**20:.1f} | {r['step_seconds']:.2f} | {r['bytes_sent'] / 2**20:.2f} |"
+        )
     return "\n".join(rows)
 
 

@@ -35,8 +35,18 @@ def _timed(command: list[str]) -> float:
 
 def commands(recipe: str, run: Path, out: Path) -> dict[str, list[str]]:
     msllm = [sys.executable, "-m", "msllm.cli"]
-    settings = ["--set", f"run.output_dir={run}", "--set", "train.max_steps=4", "--set", "eval.max_batches=2",
-                "--set", "checkpoint.every=0", "--set", "log.tensorboard=false"]
+    settings = [
+        "--set",
+        f"run.output_dir={run}",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "eval.max_batches=2",
+        "--set",
+        "checkpoint.every=0",
+        "--set",
+        "log.tensorboard=false",
+    ]
     return {
         "python -c 'import torch, msllm'": [sys.executable, "-c", "import torch, msllm"],
         "msllm eval": [*msllm, "eval", recipe, *settings, "--checkpoint", str(run)],

@@ -90,10 +90,17 @@ def build(name: str, cfg, seq_len: int):
 
     scale = cfg.scales[0]
     hf = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=scale.layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa",
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=scale.layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attn_implementation="sdpa",
     )
 
     class HFLlama(torch.nn.Module):
@@ -113,6 +120,7 @@ def build(name: str, cfg, seq_len: int):
 def dispatched_ops(step) -> int:
     """The aten operator calls `step()` dispatches (see the module's docstring), compiled code's
     runtime calls included, its compilation excluded."""
+
     class Counter(TorchDispatchMode):
         count = 0
 
@@ -130,8 +138,16 @@ def dispatched_ops(step) -> int:
     return counter.count
 
 
-def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
-            compiled: bool, loss_kernel: str = "auto") -> dict:
+def measure(
+    name: str,
+    recipe_path: str,
+    vocab_size: int,
+    seq_len: int,
+    tokens_per_step: int,
+    steps: int,
+    compiled: bool,
+    loss_kernel: str = "auto",
+) -> dict:
     """Train `steps` steps (after two warm-up steps) in a bare loop; tokens/s over those steps
     (waiting for the device once, at the end, as `msllm train` between two log rows), MFU and peak
     memory. Compiled: msllm's models block by block, as `train.compile` does (so that the ratio to
@@ -170,12 +186,20 @@ def measure(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_p
     synchronize()
     tokens_per_s = steps * batch * seq_len / (time.perf_counter() - start)
     # One more forward + loss + backward, without the optimizer: the operations it dispatches.
-    ops = dispatched_ops(lambda: bare_step(model, None, ids[:, :-1], ids[:, 1:], torch.bfloat16 if cuda else None, kernel))
+    ops = dispatched_ops(
+        lambda: bare_step(model, None, ids[:, :-1], ids[:, 1:], torch.bfloat16 if cuda else None, kernel)
+    )
     optimizer.zero_grad(set_to_none=True)
     peak, _ = peak_flops(device)  # what `msllm train` computes its MFU against
     return {
-        "model": name, "mode": "compiled" if compiled else "eager", "loop": "bare", "L": seq_len, "batch": batch,
-        "loss": kernel, "tokens_per_s": tokens_per_s, "ops_per_step": ops,
+        "model": name,
+        "mode": "compiled" if compiled else "eager",
+        "loop": "bare",
+        "L": seq_len,
+        "batch": batch,
+        "loss": kernel,
+        "tokens_per_s": tokens_per_s,
+        "ops_per_step": ops,
         "mfu": flops_per_token(cfg, seq_len) * tokens_per_s / peak,
         "peak_gib": (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) / 2**30,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -188,8 +212,14 @@ def run_in_fresh_process(kwargs: dict) -> dict:
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"model": kwargs["name"], "mode": "compiled" if kwargs["compiled"] else "eager", "loop": "bare",
-            "L": kwargs["seq_len"], "loss": kwargs.get("loss_kernel", "auto"), "error": failure(proc)}
+    return {
+        "model": kwargs["name"],
+        "mode": "compiled" if kwargs["compiled"] else "eager",
+        "loop": "bare",
+        "L": kwargs["seq_len"],
+        "loss": kwargs.get("loss_kernel", "auto"),
+        "error": failure(proc),
+    }
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:
@@ -198,27 +228,62 @@ def failure(proc: subprocess.CompletedProcess) -> str:
     return "out of memory" if "out of memory" in error.lower() else error[:120]
 
 
-def measure_trainer(name: str, recipe_path: str, vocab_size: int, seq_len: int, tokens_per_step: int, steps: int,
-                    compiled: bool, loss_kernel: str = "auto") -> dict:
+def measure_trainer(
+    name: str,
+    recipe_path: str,
+    vocab_size: int,
+    seq_len: int,
+    tokens_per_step: int,
+    steps: int,
+    compiled: bool,
+    loss_kernel: str = "auto",
+) -> dict:
     """`msllm train` for 2 x `steps` steps in a fresh process, logging every `steps` steps (as a
     run logs); tokens/s, MFU and peak memory of its last row: its last `steps` steps, the first
     `steps` having compiled and warmed up."""
     cuda = torch.cuda.is_available()
     vocab = vocab_size or model_config(recipe_path, 0).vocab_size
     batch = max(1, tokens_per_step // seq_len)
-    row = {"model": name, "mode": "compiled" if compiled else "eager", "loop": "msllm train", "L": seq_len, "batch": batch,
-           "loss": choose_kernel(loss_kernel, "cuda" if cuda else "cpu")}
+    row = {
+        "model": name,
+        "mode": "compiled" if compiled else "eager",
+        "loop": "msllm train",
+        "L": seq_len,
+        "batch": batch,
+        "loss": choose_kernel(loss_kernel, "cuda" if cuda else "cpu"),
+    }
     with tempfile.TemporaryDirectory(prefix="msllm-throughput-") as out:
         settings = {
-            "run.output_dir": out, "data.source": "wikipedia-sample", "data.paths": "[]",
-            "data.shards_dir": f"data/throughput-{vocab}-{seq_len}", "data.seq_len": seq_len,
-            "data.tokenizer.vocab_size": vocab, "model.vocab_size": 0, "parallel.zero_stage": 0,
-            "train.micro_batch_size": batch, "train.grad_accum_steps": 1, "train.max_steps": 2 * steps,
-            "train.warmup_steps": 0, "train.compile": str(compiled).lower(), "train.precision": "bf16" if cuda else "fp32",
-            "log.every": steps, "log.tensorboard": "false", "eval.every": 0, "eval.max_batches": 1,
-            "checkpoint.every": 0, "checkpoint.keep_last": 1, "train.loss_kernel": loss_kernel,
+            "run.output_dir": out,
+            "data.source": "wikipedia-sample",
+            "data.paths": "[]",
+            "data.shards_dir": f"data/throughput-{vocab}-{seq_len}",
+            "data.seq_len": seq_len,
+            "data.tokenizer.vocab_size": vocab,
+            "model.vocab_size": 0,
+            "parallel.zero_stage": 0,
+            "train.micro_batch_size": batch,
+            "train.grad_accum_steps": 1,
+            "train.max_steps": 2 * steps,
+            "train.warmup_steps": 0,
+            "train.compile": str(compiled).lower(),
+            "train.precision": "bf16" if cuda else "fp32",
+            "log.every": steps,
+            "log.tensorboard": "false",
+            "eval.every": 0,
+            "eval.max_batches": 1,
+            "checkpoint.every": 0,
+            "checkpoint.keep_last": 1,
+            "train.loss_kernel": loss_kernel,
         }
-        cmd = [sys.executable, "-m", "msllm.cli", "train", recipe_path, *[x for k, v in settings.items() for x in ("--set", f"{k}={v}")]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "msllm.cli",
+            "train",
+            recipe_path,
+            *[x for k, v in settings.items() for x in ("--set", f"{k}={v}")],
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             return {**row, "error": failure(proc)}
@@ -233,11 +298,20 @@ def rows_for(setting: Setting, models=(*ARCHS, "hf_llama"), modes=(False, True))
     the loss the trainer chooses; then the loss kernels against each other (loss_rows)."""
     rows = []
     for name in models:
-        recipe = shipped_recipe(setting.recipes.format(arch=llama_arch() if name == "hf_llama" else name))  # Llama: its msllm twin's recipe
+        recipe = shipped_recipe(
+            setting.recipes.format(arch=llama_arch() if name == "hf_llama" else name)
+        )  # Llama: its msllm twin's recipe
         for seq_len in setting.lengths:
             for compiled in modes:
-                kwargs = dict(name=name, recipe_path=recipe, vocab_size=setting.vocab_size, seq_len=seq_len,
-                              tokens_per_step=setting.tokens_per_step, steps=setting.steps, compiled=compiled)
+                kwargs = dict(
+                    name=name,
+                    recipe_path=recipe,
+                    vocab_size=setting.vocab_size,
+                    seq_len=seq_len,
+                    tokens_per_step=setting.tokens_per_step,
+                    steps=setting.steps,
+                    compiled=compiled,
+                )
                 rows += best_of_rounds(kwargs, setting.rounds, trainer=name != "hf_llama")
     return rows
 
@@ -269,39 +343,58 @@ def loss_rows(setting: Setting, cuda: bool) -> list[dict]:
     rows = []
     for name in ("vanilla", "bottom_up"):
         for kernel in loss_kernels(cuda):
-            kwargs = dict(name=name, recipe_path=shipped_recipe(setting.recipes.format(arch=name)), vocab_size=setting.vocab_size,
-                          seq_len=setting.loss_length, tokens_per_step=setting.tokens_per_step, steps=setting.steps,
-                          compiled=False, loss_kernel=kernel)
+            kwargs = dict(
+                name=name,
+                recipe_path=shipped_recipe(setting.recipes.format(arch=name)),
+                vocab_size=setting.vocab_size,
+                seq_len=setting.loss_length,
+                tokens_per_step=setting.tokens_per_step,
+                steps=setting.steps,
+                compiled=False,
+                loss_kernel=kernel,
+            )
             rows += best_of_rounds(kwargs, setting.rounds, trainer=False)
     return rows
 
 
 def table(rows: list[dict], setting: Setting) -> str:
     lines = [
-        (f"Each loop ran {setting.rounds} times, alternately; the faster run of each is shown. " if setting.rounds > 1 else "")
+        (
+            f"Each loop ran {setting.rounds} times, alternately; the faster run of each is shown. "
+            if setting.rounds > 1
+            else ""
+        )
         + f"{setting.tokens_per_step} tokens per step (or one sample); bare loop: {setting.steps} timed steps after 2 "
         f"warm-up steps; `msllm train`: its last {setting.steps} of {2 * setting.steps} steps (one log row). "
         "Compiled: each transformer block, as `train.compile` does, in both loops; Llama as a whole. Models "
-        f"from `recipes/{setting.recipes}`" + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "") + ". "
+        f"from `recipes/{setting.recipes}`"
+        + (f", vocabulary {setting.vocab_size}" if setting.vocab_size else "")
+        + ". "
         "Peak memory: CUDA max_memory_allocated, or the process's peak RSS on the CPU. MFU against the peak "
-        "`msllm train` uses (msllm.metrics.peak_flops). \"train / bare\": the trainer's tokens/s over the "
-        "bare loop's for the same model, L and mode. \"ops/step\" (bare loop): the aten operations one forward + "
+        '`msllm train` uses (msllm.metrics.peak_flops). "train / bare": the trainer\'s tokens/s over the '
+        'bare loop\'s for the same model, L and mode. "ops/step" (bare loop): the aten operations one forward + '
         "loss + backward dispatches (msllm.bench.throughput.dispatched_ops; compiled: those the compiled code still "
         "dispatches).",
         "",
         "| model | mode | loop | loss | L | batch | tokens/s | train / bare | MFU | peak GiB | ops/step |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    bare = {(r["model"], r["mode"], r["L"], r.get("loss")): r for r in rows if r.get("loop") == "bare" and "error" not in r}
+    bare = {
+        (r["model"], r["mode"], r["L"], r.get("loss")): r for r in rows if r.get("loop") == "bare" and "error" not in r
+    }
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | | {r['error']} | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | | {r['error']} | | | | |"
+            )
             continue
         ref = bare.get((r["model"], r["mode"], r["L"], r.get("loss")))
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if r["loop"] != "bare" and ref else ""
-        lines.append(f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | {r['batch']} | "
-                     f"{r['tokens_per_s']:,.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} | "
-                     f"{r['ops_per_step'] if 'ops_per_step' in r else ''} |")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | {r['batch']} | "
+            f"{r['tokens_per_s']:,.0f} | {ratio} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} | "
+            f"{r['ops_per_step'] if 'ops_per_step' in r else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -334,19 +427,30 @@ def figure(rows: list[dict], title: str):
                 memory.plot(Ls, [r["peak_gib"] for r in series], **style)
                 compared = [r for r in series if loop != "bare" and (mode, r["L"]) in bare]
                 if compared:
-                    ratio.plot([r["L"] for r in compared], [r["tokens_per_s"] / bare[(mode, r["L"])] for r in compared],
-                               **style)
+                    ratio.plot(
+                        [r["L"] for r in compared],
+                        [r["tokens_per_s"] / bare[(mode, r["L"])] for r in compared],
+                        **style,
+                    )
         if ratio.lines:
             ratio.axhline(TARGET, color="grey", linestyle=":", label=f"target {TARGET}x")
         else:
-            ratio.text(0.5, 0.5, "bare loop only\n(no msllm train run)", transform=ratio.transAxes, ha="center",
-                       va="center", color="grey")
+            ratio.text(
+                0.5,
+                0.5,
+                "bare loop only\n(no msllm train run)",
+                transform=ratio.transAxes,
+                ha="center",
+                va="center",
+                color="grey",
+            )
         for ax in (speed, ratio, memory):
             plotting.length_axis(ax, lengths)
             ax.grid(alpha=0.3)
         memory.set_xlabel("sequence length L (tokens)")
-    for ax, label in zip(axes[:, 0], ("training tokens/s", "msllm train / bare loop\n(tokens/s ratio)",
-                                      "peak memory (GiB)")):
+    for ax, label in zip(
+        axes[:, 0], ("training tokens/s", "msllm train / bare loop\n(tokens/s ratio)", "peak memory (GiB)")
+    ):
         ax.set_ylabel(label)
     for row, key in ((0, "tokens_per_s"), (2, "peak_gib")):  # from 0, to above every model's highest point
         axes[row, 0].set_ylim(0, 1.08 * max(r[key] for r in ok))
@@ -367,8 +471,15 @@ def rows_from_markdown(section: str) -> list[dict]:
         if not cell["batch"]:  # a failed row: its error is in the tokens/s column
             rows.append({**row, "error": cell["tokens/s"]})
             continue
-        rows.append({**row, "batch": int(cell["batch"]), "tokens_per_s": number(cell["tokens/s"]),
-                     "mfu": number(cell["MFU"]), "peak_gib": number(cell["peak GiB"])})
+        rows.append(
+            {
+                **row,
+                "batch": int(cell["batch"]),
+                "tokens_per_s": number(cell["tokens/s"]),
+                "mfu": number(cell["MFU"]),
+                "peak_gib": number(cell["peak GiB"]),
+            }
+        )
     return rows
 
 
@@ -390,6 +501,8 @@ def bench_throughput(args) -> str:
     kernels = loss_rows(setting, cuda)
     device = torch.cuda.get_device_name() if cuda else "CPU"
     plot(rows, Path(args.out) / "throughput.png", title(device))
-    return (table(rows, setting) + "\n\n![throughput](throughput.png)\n\n"
-            f"The loss kernels against each other (bare loop, eager, L={setting.loss_length}; msllm.train.loss):\n\n"
-            + table(kernels, setting))
+    return (
+        table(rows, setting) + "\n\n![throughput](throughput.png)\n\n"
+        f"The loss kernels against each other (bare loop, eager, L={setting.loss_length}; msllm.train.loss):\n\n"
+        + table(kernels, setting)
+    )

@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 
 from msllm.checkpoint.files import (
+    _TAG,
     COMPLETE,
     META,
-    _TAG,
     _first_sentence,
     _weights_finite,
-    describe_write_error,
     _write_synced,
     check_same_model,
     check_same_tokenizer,
+    describe_write_error,
     file_digest,
     is_complete,
     latest_complete,
@@ -44,7 +44,14 @@ from msllm.checkpoint.files import (
     tag_for,
     verify_checkpoint,
 )
-from msllm.checkpoint.reshard import Layout, check_global_batch, convert, load_universal, same_files_layout, universal_folder
+from msllm.checkpoint.reshard import (
+    Layout,
+    check_global_batch,
+    convert,
+    load_universal,
+    same_files_layout,
+    universal_folder,
+)
 from msllm.checkpoint.state import TrainState
 from msllm.distributed import collectives as dist
 from msllm.distributed.env import say
@@ -77,14 +84,17 @@ class Checkpointer:
         bad = torch.tensor([0.0 if _weights_finite(engine) else 1.0])
         dist.all_reduce_max(bad)
         if bad.item() > 0:
-            raise DivergenceError(f"not saving checkpoint {path.name}: the weights hold NaN or inf values; {self.last_good()}")
+            raise DivergenceError(
+                f"not saving checkpoint {path.name}: the weights hold NaN or inf values; {self.last_good()}"
+            )
         # A cheap check first, so that a full disk is usually caught before anything is written.
         failure = dist.on_rank0(self._prepare_folder, path, engine)
         if not failure:
             in_deepspeed = True
             try:
-                engine.save_checkpoint(str(self.root), tag=path.name, client_state={"msllm": self.state.client_state()},
-                                       save_latest=False)
+                engine.save_checkpoint(
+                    str(self.root), tag=path.name, client_state={"msllm": self.state.client_state()}, save_latest=False
+                )
                 in_deepspeed = False
                 torch.save(self.state.rank_state(), path / f"trainer_state_rank{self.rank}.pt")
                 if self.rank == 0:
@@ -180,13 +190,17 @@ class Checkpointer:
         """Set aside the checkpoints that hold the weights which gave the first non-finite gradients
         (the update of step first_bad - 1 made them); return where the run can resume from, in
         words. Collective."""
+
         def aside() -> str:
             for bad in list_complete(self.root):
                 if step_of(bad) >= first_bad - 1:
                     self.set_aside(bad, f"its weights gave NaN or inf gradients at step {first_bad}", suffix="diverged")
             good = list_complete(self.root)
-            return (f"the last good checkpoint is {good[-1]}: rerun with a lower train.lr to resume from it" if good
-                    else "no checkpoint before that is left: rerun with a lower train.lr to start over")
+            return (
+                f"the last good checkpoint is {good[-1]}: rerun with a lower train.lr to resume from it"
+                if good
+                else "no checkpoint before that is left: rerun with a lower train.lr to start over"
+            )
 
         return dist.on_rank0(aside)
 
@@ -237,10 +251,14 @@ class Checkpointer:
         """Every checkpoint was unusable: say so loudly, or stop if the recipe forbids a restart."""
         what = f"all {set_aside} checkpoint{'s' if set_aside > 1 else ''} in {self.root} were unusable and set aside"
         if not self.cfg.restart_if_all_corrupt:
-            raise CheckpointError(f"{what}; checkpoint.restart_if_all_corrupt is false, so the run stops instead of "
-                                  "starting again from step 0: repair or restore a checkpoint, or set it to true")
-        say(f"msllm: WARNING: {what}: training starts again from step 0 from the initial weights "
-            "(set checkpoint.restart_if_all_corrupt: false to stop instead)")
+            raise CheckpointError(
+                f"{what}; checkpoint.restart_if_all_corrupt is false, so the run stops instead of "
+                "starting again from step 0: repair or restore a checkpoint, or set it to true"
+            )
+        say(
+            f"msllm: WARNING: {what}: training starts again from step 0 from the initial weights "
+            "(set checkpoint.restart_if_all_corrupt: false to stop instead)"
+        )
 
     def _load_files(self, ckpt: Path, saved: Layout) -> tuple[dict, dict, dict | None]:
         """Weights, optimizer and scheduler into the engine, directly or through the universal
@@ -260,11 +278,22 @@ class Checkpointer:
                     load_path, client = load_universal(engine, source)
         except CheckpointError:
             raise
-        except (OSError, RuntimeError, KeyError, AssertionError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        except (
+            OSError,
+            RuntimeError,
+            KeyError,
+            AssertionError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+        ) as exc:
             if source != ckpt:
-                raise ReshardError(f"cannot resume {ckpt} (saved on {saved.describe()}) on {now.describe()}: loading "
-                                   f"{source.name} failed ({_first_sentence(exc)}); the checkpoint is kept as it is: "
-                                   "resume it on the ranks and ZeRO stage that saved it") from None
+                raise ReshardError(
+                    f"cannot resume {ckpt} (saved on {saved.describe()}) on {now.describe()}: loading "
+                    f"{source.name} failed ({_first_sentence(exc)}); the checkpoint is kept as it is: "
+                    "resume it on the ranks and ZeRO stage that saved it"
+                ) from None
             raise CheckpointError(f"cannot load {source}: {_first_sentence(exc)}") from None
         if load_path is None:
             raise CheckpointError(f"cannot load {ckpt}: DeepSpeed found no checkpoint files there")
@@ -278,8 +307,10 @@ class Checkpointer:
         if self.rank < saved.world_size:
             own = first if self.rank == 0 else self._rank_file(ckpt, self.rank)
             if "rng" not in own:
-                raise CheckpointError(f"the saved trainer state of rank {self.rank} has no rng entry: the checkpoint is "
-                                      "damaged; resume from an older one or start a new run.output_dir")
+                raise CheckpointError(
+                    f"the saved trainer state of rank {self.rank} has no rng entry: the checkpoint is "
+                    "damaged; resume from an older one or start a new run.output_dir"
+                )
             rng = own["rng"]
         return client["msllm"], first, rng
 
@@ -314,9 +345,16 @@ class Checkpointer:
             saved_world = int(meta.get("world_size", 1))
             saved_stage = int(meta.get("zero_stage", saved_recipe.parallel.zero_stage))
         except (TypeError, ValueError):
-            raise CheckpointError(f"{ckpt}/{META}: world_size is not a number: the file was edited or damaged") from None
-        saved = Layout(saved_world, saved_recipe.parallel.sp, saved_stage, saved_recipe.train.micro_batch_size,
-                       saved_recipe.train.grad_accum_steps)
+            raise CheckpointError(
+                f"{ckpt}/{META}: world_size is not a number: the file was edited or damaged"
+            ) from None
+        saved = Layout(
+            saved_world,
+            saved_recipe.parallel.sp,
+            saved_stage,
+            saved_recipe.train.micro_batch_size,
+            saved_recipe.train.grad_accum_steps,
+        )
         check_global_batch(ckpt, saved, Layout.of(recipe, dims.world_size), recipe.checkpoint.keep_global_batch)
         canonical = meta.get("num_canonical_nodes")
         if isinstance(canonical, int) and canonical > 0:
@@ -329,13 +367,17 @@ def check_canonical_nodes(ckpt: Path, saved: int, wanted: int, world_size: int) 
     elastic determinism); a resume keeps it, on a number of nodes that divides it or that it
     divides (streaming's rule)."""
     if wanted and wanted != saved:
-        raise CheckpointError(f"{ckpt} was trained with data.num_canonical_nodes {saved}, this recipe sets {wanted}: it "
-                              f"fixes the order of the samples for the whole run; set it to {saved} (or 0)")
+        raise CheckpointError(
+            f"{ckpt} was trained with data.num_canonical_nodes {saved}, this recipe sets {wanted}: it "
+            f"fixes the order of the samples for the whole run; set it to {saved} (or 0)"
+        )
     nodes = max(1, world_size // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
     if saved % nodes and nodes % saved:
-        raise CheckpointError(f"{ckpt}'s data order was fixed for {saved} canonical nodes (data.num_canonical_nodes); "
-                              f"{nodes} nodes neither divide it nor are a multiple of it: resume on a divisor or "
-                              f"multiple of {saved} nodes")
+        raise CheckpointError(
+            f"{ckpt}'s data order was fixed for {saved} canonical nodes (data.num_canonical_nodes); "
+            f"{nodes} nodes neither divide it nor are a multiple of it: resume on a divisor or "
+            f"multiple of {saved} nodes"
+        )
 
 
 def _estimate_bytes(engine) -> int:

@@ -50,7 +50,6 @@ def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
 
-
 def step_of(ckpt: Path) -> int:
     return int(_TAG.match(ckpt.name).group(1))
 
@@ -268,7 +267,7 @@ def _weights_finite(engine) -> bool:
 
 
 def file_digest(path: Path) -> str:
-    """"xxh3_128:HEX" of a file's bytes (xxhash, which streaming already depends on: GB/s)."""
+    """ "xxh3_128:HEX" of a file's bytes (xxhash, which streaming already depends on: GB/s)."""
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -277,7 +276,7 @@ def file_digest(path: Path) -> str:
 
 
 def verify_checkpoint(ckpt: Path) -> str:
-    """"" when meta.json has the checksum COMPLETE recorded for it and every file it lists is there
+    """ "" when meta.json has the checksum COMPLETE recorded for it and every file it lists is there
     with its recorded checksum, else the first problem in a few words. Checkpoints written before
     checksums were recorded pass unverified."""
     try:
@@ -314,6 +313,7 @@ def verified(ckpt: Path) -> Path:
 # Consolidated weights (eval, export, generate): no DeepSpeed engine needed
 # ----------------------------------------------------------------------------------------------
 
+
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a complete checkpoint, whatever its ZeRO stage and world size."""
     meta = read_meta(ckpt)
@@ -329,4 +329,3 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read the weights of {ckpt}: {_first_sentence(exc)}") from None
     # fairscale's checkpoint_wrapper patches forward in place, so the names need no stripping.
     return {k: v.detach().to(torch.float32).clone().contiguous() for k, v in sd.items()}
-

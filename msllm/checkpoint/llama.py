@@ -81,7 +81,11 @@ _LAYER = {
     "mlp.w_up.weight": "mlp.up_proj.weight",
     "mlp.w_down.weight": "mlp.down_proj.weight",
 }
-_ENDS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+_ENDS = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 
 
 def _llama_name(name: str) -> str | None:
@@ -141,8 +145,10 @@ def model_section_from_llama(config: dict, where: str) -> dict:
         return config[key]
 
     def malformed(key: str, value, what: str) -> CheckpointError:
-        return CheckpointError(f"{where}: {key} {short_repr(value, 40)} is not {what}: fix it in config.json "
-                               "(the folder's model is not a readable Llama)")
+        return CheckpointError(
+            f"{where}: {key} {short_repr(value, 40)} is not {what}: fix it in config.json "
+            "(the folder's model is not a readable Llama)"
+        )
 
     def size(key: str, optional: bool = False) -> int | None:
         """A positive integer (JSON integers only: "64", 64.0, [64], true are refused)."""
@@ -167,16 +173,21 @@ def model_section_from_llama(config: dict, where: str) -> dict:
     kv_heads, head_dim = size("num_key_value_heads", optional=True), size("head_dim", optional=True)
     vocab, hidden, layers = size("vocab_size"), size("intermediate_size"), size("num_hidden_layers")
     size("max_position_embeddings", optional=True)
-    need((kv_heads or heads) == heads, "grouped-query attention (num_key_value_heads "
-         f"{config.get('num_key_value_heads')} != num_attention_heads {heads})")
+    need(
+        (kv_heads or heads) == heads,
+        "grouped-query attention (num_key_value_heads "
+        f"{config.get('num_key_value_heads')} != num_attention_heads {heads})",
+    )
     need((head_dim or d // heads) == d // heads, f"head_dim {config.get('head_dim')} != hidden_size / heads")
     need(config.get("hidden_act", "silu") == "silu", f"hidden_act {config.get('hidden_act')!r}")
     need(not config.get("attention_bias") and not config.get("mlp_bias"), "biases in attention or MLP")
     rope = config.get("rope_parameters") or {}  # newer transformers keep rope_theta there
     if not isinstance(rope, dict):
         raise malformed("rope_parameters", rope, "a JSON object")
-    need(not config.get("rope_scaling") and rope.get("rope_type", "default") == "default",
-         f"RoPE scaling {short_repr(config.get('rope_scaling') or rope, 60)}")
+    need(
+        not config.get("rope_scaling") and rope.get("rope_type", "default") == "default",
+        f"RoPE scaling {short_repr(config.get('rope_scaling') or rope, 60)}",
+    )
     if "rope_theta" not in config and "rope_theta" in rope:
         config = {**config, "rope_theta": rope["rope_theta"]}
     return {
@@ -193,8 +204,13 @@ def model_section_from_llama(config: dict, where: str) -> dict:
     }
 
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def check_regular(path: Path, what: str) -> None:
@@ -228,8 +244,12 @@ class LlamaFolder:
             try:
                 state.update(load_file(str(file)))
             except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise CheckpointError(f"{file} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
-        return from_llama_names(state, self.model["scales"][0]["layers"], self.model["tie_embeddings"], str(self.folder))
+                raise CheckpointError(
+                    f"{file} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})"
+                ) from None
+        return from_llama_names(
+            state, self.model["scales"][0]["layers"], self.model["tie_embeddings"], str(self.folder)
+        )
 
 
 def read_llama_folder(folder: str | Path) -> LlamaFolder:
@@ -251,14 +271,18 @@ def read_llama_folder(folder: str | Path) -> LlamaFolder:
     model = model_section_from_llama(config, str(config_file))
     tokenizer = folder / "tokenizer.model"
     if not tokenizer.is_file():
-        raise CheckpointError(f"{folder}: no tokenizer.model: msllm needs the model's sentencepiece tokenizer "
-                              "(a tokenizer.json alone cannot be used)")
+        raise CheckpointError(
+            f"{folder}: no tokenizer.model: msllm needs the model's sentencepiece tokenizer "
+            "(a tokenizer.json alone cannot be used)"
+        )
     try:
         pieces = load_sentencepiece(tokenizer).GetPieceSize()
     except MsllmError as exc:
         raise CheckpointError(str(exc)) from None
     if pieces > model["vocab_size"]:
-        raise CheckpointError(f"{tokenizer} has {pieces} pieces, more than the model's vocab_size {model['vocab_size']}")
+        raise CheckpointError(
+            f"{tokenizer} has {pieces} pieces, more than the model's vocab_size {model['vocab_size']}"
+        )
     return LlamaFolder(model, int(config.get("max_position_embeddings") or 0), tokenizer, folder)
 
 
@@ -267,28 +291,39 @@ def read_llama_folder(folder: str | Path) -> LlamaFolder:
 _COMPARED = ("vocab_size", "d_model", "n_heads", "hidden_dim", "rope_theta", "norm_eps", "tie_embeddings")
 
 
-def load_initial_weights(model: torch.nn.Module, model_cfg, init_from: str, shards_tokenizer_sha256: str | None) -> None:
+def load_initial_weights(
+    model: torch.nn.Module, model_cfg, init_from: str, shards_tokenizer_sha256: str | None
+) -> None:
     """train.init_from: load the Llama folder's weights into `model` (the recipe's model_cfg),
     after checking that it is that model and that the shards use its tokenizer."""
     from msllm.data.tokenizer import file_sha256  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
 
     llama = read_llama_folder(init_from)
     theirs = ModelConfig(**{**llama.model, "scales": [ScaleConfig(**llama.model["scales"][0])]})
-    differ = [f"{key} {getattr(model_cfg, key)} vs {getattr(theirs, key)}" for key in _COMPARED
-              if getattr(model_cfg, key) != getattr(theirs, key)]
+    differ = [
+        f"{key} {getattr(model_cfg, key)} vs {getattr(theirs, key)}"
+        for key in _COMPARED
+        if getattr(model_cfg, key) != getattr(theirs, key)
+    ]
     if model_cfg.scales[0].layers != theirs.scales[0].layers:
         differ.append(f"layers {model_cfg.scales[0].layers} vs {theirs.scales[0].layers}")
     if differ:
-        raise CheckpointError(f"train.init_from {init_from}: the recipe's model is not that Llama (recipe vs folder: "
-                              f"{'; '.join(differ)}): `msllm import-hf` writes the matching model section")
+        raise CheckpointError(
+            f"train.init_from {init_from}: the recipe's model is not that Llama (recipe vs folder: "
+            f"{'; '.join(differ)}): `msllm import-hf` writes the matching model section"
+        )
     if shards_tokenizer_sha256 and file_sha256(llama.tokenizer) != shards_tokenizer_sha256:
-        raise CheckpointError(f"train.init_from {init_from}: the shards were written with another tokenizer than "
-                              f"{llama.tokenizer}: set data.tokenizer.model to it (and a new data.shards_dir)")
+        raise CheckpointError(
+            f"train.init_from {init_from}: the shards were written with another tokenizer than "
+            f"{llama.tokenizer}: set data.tokenizer.model to it (and a new data.shards_dir)"
+        )
     weights = llama.weights()
     for name, param in model.named_parameters():
         shape = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition: its full shape
         if name in weights and tuple(weights[name].shape) != shape:
-            raise CheckpointError(f"train.init_from {init_from}: {_llama_name(name)} has shape "
-                                  f"{list(weights[name].shape)}, but its config.json makes it {list(shape)}: "
-                                  "the weights are not those of this config.json")
+            raise CheckpointError(
+                f"train.init_from {init_from}: {_llama_name(name)} has shape "
+                f"{list(weights[name].shape)}, but its config.json makes it {list(shape)}: "
+                "the weights are not those of this config.json"
+            )
     model.load_state_dict(weights, strict=True)

@@ -63,14 +63,21 @@ class Layout:
         return self.micro_batch_size * self.grad_accum_steps * self.dp
 
     def describe(self) -> str:
-        return (f"{self.world_size} rank{'s' if self.world_size > 1 else ''} (dp {self.dp} x sp {self.sp}), ZeRO "
-                f"{self.zero_stage}, global batch {self.global_batch} = micro {self.micro_batch_size} x accum "
-                f"{self.grad_accum_steps} x dp {self.dp}")
+        return (
+            f"{self.world_size} rank{'s' if self.world_size > 1 else ''} (dp {self.dp} x sp {self.sp}), ZeRO "
+            f"{self.zero_stage}, global batch {self.global_batch} = micro {self.micro_batch_size} x accum "
+            f"{self.grad_accum_steps} x dp {self.dp}"
+        )
 
     @classmethod
     def of(cls, recipe, world_size: int) -> Layout:
-        return cls(world_size, recipe.parallel.sp, recipe.parallel.zero_stage, recipe.train.micro_batch_size,
-                   recipe.train.grad_accum_steps)
+        return cls(
+            world_size,
+            recipe.parallel.sp,
+            recipe.parallel.zero_stage,
+            recipe.train.micro_batch_size,
+            recipe.train.grad_accum_steps,
+        )
 
 
 def same_files_layout(saved: Layout, now: Layout) -> bool:
@@ -90,12 +97,16 @@ def check_global_batch(ckpt: Path, saved: Layout, now: Layout, keep: bool) -> No
     if saved.global_batch % per_step == 0:
         fix = f"--set train.grad_accum_steps={saved.global_batch // per_step}"
     else:
-        fix = f"a train.micro_batch_size x train.grad_accum_steps of {saved.global_batch // now.dp} per data-parallel rank" \
-            if saved.global_batch % now.dp == 0 else f"a data-parallel degree that divides {saved.global_batch}"
+        fix = (
+            f"a train.micro_batch_size x train.grad_accum_steps of {saved.global_batch // now.dp} per data-parallel rank"
+            if saved.global_batch % now.dp == 0
+            else f"a data-parallel degree that divides {saved.global_batch}"
+        )
     raise CheckpointError(
         f"{ckpt} was trained with a global batch of {saved.global_batch} ({saved.describe()}); this run has "
         f"{now.global_batch} ({now.describe()}): resume with {fix} to keep it, or set "
-        "checkpoint.keep_global_batch: false to change it")
+        "checkpoint.keep_global_batch: false to change it"
+    )
 
 
 # -- conversion (rank 0) ------------------------------------------------------------------------
@@ -125,10 +136,21 @@ def convert(ckpt: Path, saved_zero_stage: int) -> Path:
             _optimizer_state_for_every_stage(partial, ckpt)
         _seal(partial)
         os.replace(partial, out)
-    except (CheckpointError, OSError, RuntimeError, KeyError, ValueError, TypeError, AssertionError, AttributeError) as exc:
+    except (
+        CheckpointError,
+        OSError,
+        RuntimeError,
+        KeyError,
+        ValueError,
+        TypeError,
+        AssertionError,
+        AttributeError,
+    ) as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        raise ReshardError(f"cannot convert {ckpt} to DeepSpeed's universal format: {_first_sentence(exc)}; the "
-                           "checkpoint is kept as it is: resume it on the ranks and ZeRO stage that saved it") from None
+        raise ReshardError(
+            f"cannot convert {ckpt} to DeepSpeed's universal format: {_first_sentence(exc)}; the "
+            "checkpoint is kept as it is: resume it on the ranks and ZeRO stage that saved it"
+        ) from None
     return out
 
 
@@ -152,8 +174,15 @@ def ds_to_universal(ckpt: Path, out: Path) -> None:
     own (they have no tensor-parallel slices to describe)."""
     from deepspeed.checkpoint import ds_to_universal as converter  # noqa: PLC0415 (heavy: DeepSpeed)
 
-    args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(out), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(ckpt),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         converter.main(args)
 
@@ -170,8 +199,10 @@ def zero0_to_universal(ckpt: Path, out: Path) -> None:
     module, optimizer = states["module"], states.get("optimizer")
     order = (states.get("msllm") or {}).get("param_names")
     if optimizer is None or not isinstance(order, list):
-        raise CheckpointError(f"{ckpt} holds no optimizer state with its parameters' names (saved before msllm 0.2 "
-                              "recorded them): resume it on ZeRO 0")
+        raise CheckpointError(
+            f"{ckpt} holds no optimizer state with its parameters' names (saved before msllm 0.2 "
+            "recorded them): resume it on ZeRO 0"
+        )
     if len(order) != sum(len(g["params"]) for g in optimizer["param_groups"]) or any(n not in module for n in order):
         raise CheckpointError(f"{ckpt}: its optimizer state does not match this model's parameters")
     zero = out / "zero"
@@ -203,7 +234,9 @@ def _optimizer_state_for_every_stage(folder: Path, ckpt: Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     inner = state.get("optimizer_state_dict") or {}
     groups = state.get("param_groups") or inner.get("param_groups")
-    steps = [torch.load(p, map_location="cpu", weights_only=True) for p in sorted((folder / "zero").glob("*/step.pt"))[:1]]
+    steps = [
+        torch.load(p, map_location="cpu", weights_only=True) for p in sorted((folder / "zero").glob("*/step.pt"))[:1]
+    ]
     step = steps[0] if steps else (inner.get("state") or {}).get(0, {}).get("step", torch.tensor(0.0))
     state["param_groups"] = groups
     state["optimizer_state_dict"] = {**inner, "param_groups": groups, "state": {0: {"step": step}}}
@@ -235,7 +268,7 @@ def _seal(folder: Path) -> None:
 
 
 def verify_universal(folder: Path) -> str:
-    """"" when every file recorded in the seal is there with its checksum and nothing else is,
+    """ "" when every file recorded in the seal is there with its checksum and nothing else is,
     else the first problem."""
     try:
         recorded = json.loads((folder / SEAL).read_text())

@@ -25,10 +25,10 @@ import socket
 import time
 from pathlib import Path
 
-from msllm.errors import RunFolderError
-from msllm.safe_files import check_no_outside_links, is_link_error, open_lock_nofollow
 from msllm.distributed import collectives
 from msllm.distributed.env import say
+from msllm.errors import RunFolderError
+from msllm.safe_files import check_no_outside_links, is_link_error, open_lock_nofollow
 
 LOCK = ".lock"
 # What msllm writes in a run folder: none of them may be a link that leads out of it.
@@ -124,7 +124,9 @@ def _lock(out: Path) -> int:
         fd = open_lock_nofollow(out / LOCK)
     except OSError as exc:
         if is_link_error(exc):
-            raise RunFolderError(f"run.output_dir {out}: {LOCK} is a symbolic link: remove it (rm {out / LOCK})") from None
+            raise RunFolderError(
+                f"run.output_dir {out}: {LOCK} is a symbolic link: remove it (rm {out / LOCK})"
+            ) from None
         raise RunFolderError(f"cannot use run.output_dir {out}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -139,7 +141,9 @@ def _lock(out: Path) -> int:
         raise RunFolderError(f"cannot lock run.output_dir {out}: {exc.strerror or exc}") from None
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0
+        )
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)

@@ -45,14 +45,24 @@ class Tokenizer:
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         if sha != expected_sha256:
-            raise DataError(f"{path} changed while the run started (sha256 {sha[:12]}..., the shards were checked "
-                            f"with {expected_sha256[:12]}...): is `msllm prep` writing to this shards folder?")
+            raise DataError(
+                f"{path} changed while the run started (sha256 {sha[:12]}..., the shards were checked "
+                f"with {expected_sha256[:12]}...): is `msllm prep` writing to this shards folder?"
+            )
         return cls(data, sha, str(path.resolve()))
 
 
 class TrainState:
-    def __init__(self, recipe, engine, loader, tokenizer: Tokenizer, world_size: int, run_record: dict,
-                 param_names: list[str] | None = None):
+    def __init__(
+        self,
+        recipe,
+        engine,
+        loader,
+        tokenizer: Tokenizer,
+        world_size: int,
+        run_record: dict,
+        param_names: list[str] | None = None,
+    ):
         self.recipe = recipe
         self.param_names = param_names or []  # the optimizer's order (msllm.checkpoint.reshard needs it)
         self.engine = engine
@@ -94,8 +104,10 @@ class TrainState:
         (run.seed, step, rank) when the saved run had no rank of this number (the engine is loaded
         by the checkpointer, from DeepSpeed's files)."""
         if "dataloader" not in loader_state:
-            raise CheckpointError("the saved trainer state has no dataloader entry: the checkpoint is damaged; "
-                                  "resume from an older one or start a new run.output_dir")
+            raise CheckpointError(
+                "the saved trainer state has no dataloader entry: the checkpoint is damaged; "
+                "resume from an older one or start a new run.output_dir"
+            )
         self.step = int(meta["step"])
         self.tokens = int(meta["tokens"])
         self.loader.load_state_dict(loader_state["dataloader"])

@@ -44,4 +44,12 @@ def __getattr__(name):
     raise AttributeError(f"module 'msllm.data' has no attribute {name!r}")
 
 
-__all__ = ["prepare_dataset", "read_manifest", "check_shards", "Shards", "build_dataloader", "load_tokenizer", "TokenLoader"]
+__all__ = [
+    "prepare_dataset",
+    "read_manifest",
+    "check_shards",
+    "Shards",
+    "build_dataloader",
+    "load_tokenizer",
+    "TokenLoader",
+]

@@ -40,7 +40,9 @@ def check_manifest(manifest: dict, shards_dir: str) -> None:
         for field in ("samples", "tokens", "bytes"):
             value = split.get(field)
             if not isinstance(value, (int, float)) or value <= 0:
-                raise DataError(f"{shards_dir}/manifest.json: the {name} split has {field} {value!r} (empty or edited): {_FIX}")
+                raise DataError(
+                    f"{shards_dir}/manifest.json: the {name} split has {field} {value!r} (empty or edited): {_FIX}"
+                )
 
 
 def check_index(index: Any, where: str) -> None:

@@ -51,6 +51,7 @@ _LOCK_SUFFIX = ".lock"
 ROOT_MARKER = ".msllm-cache"  # in a cache root: its cache id, then what the folder is
 ENTRY_MARKER = ".msllm-cache-entry"  # in each job's folder: the id of the cache that made it
 
+
 class ProcessDataJob:
     """What this process holds of its job's data side, in one place (state that lives as long as the
     process, as streaming's shared memory and the cache locks do; `PROCESS` is the one instance):
@@ -165,8 +166,9 @@ def claim_cache_root(cache_root: Path) -> str:
     root.mkdir(parents=True, exist_ok=True)
     marker = root / ROOT_MARKER
     if not marker.is_file():
-        foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir()
-                         if not (p.name == ROOT_MARKER and p.is_file()))  # another process may claim it now
+        foreign = sorted(
+            p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if not (p.name == ROOT_MARKER and p.is_file())
+        )  # another process may claim it now
         if foreign:
             listing = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise DataError(
@@ -179,8 +181,10 @@ def claim_cache_root(cache_root: Path) -> str:
             pass  # claimed by another process at the same moment: its id is ours
         else:
             with os.fdopen(fd, "w") as f:
-                f.write(f"{uuid.uuid4().hex}\nmsllm's data cache (data.cache_dir): msllm removes only the "
-                        f"job folders here that hold {ENTRY_MARKER} with the id above.\n")
+                f.write(
+                    f"{uuid.uuid4().hex}\nmsllm's data cache (data.cache_dir): msllm removes only the "
+                    f"job folders here that hold {ENTRY_MARKER} with the id above.\n"
+                )
     for _ in range(200):  # a marker just created by another process may not hold its id yet
         cache_id = _first_line(marker)
         if cache_id:
@@ -212,7 +216,9 @@ def start_job_cache(cache_root: Path) -> None:
     PROCESS.job_locks[cache_root] = lock
     if mine.exists() or mine.is_symlink():  # left by an earlier attempt of this job
         if not _is_entry(mine, cache_id):
-            raise DataError(f"{mine} is in the data cache but msllm did not make it: remove it, or set data.cache_dir elsewhere")
+            raise DataError(
+                f"{mine} is in the data cache but msllm did not make it: remove it, or set data.cache_dir elsewhere"
+            )
         shutil.rmtree(mine)
     mine.mkdir()
     (mine / ENTRY_MARKER).write_text(cache_id + "\n")

@@ -23,8 +23,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.util import clean_stale_shared_memory
 
 from msllm.config import DataConfig
+from msllm.data.integrity import check_index
 from msllm.data.jobcache import (
     PROCESS,
     adopt_job_tag,
@@ -42,9 +44,17 @@ from msllm.data.jobcache import (
     shared_memory_needed,
     start_job_cache,
 )
-from msllm.data.integrity import check_index
-from msllm.data.manifest import (DOWNLOAD_RETRIES, DOWNLOAD_TIMEOUT_S, MANIFEST_FILENAME, background_failure, download,
-                                  is_remote, keep_background_failures, remote_cache_root, streaming_remote)
+from msllm.data.manifest import (
+    DOWNLOAD_RETRIES,
+    DOWNLOAD_TIMEOUT_S,
+    MANIFEST_FILENAME,
+    background_failure,
+    download,
+    is_remote,
+    keep_background_failures,
+    remote_cache_root,
+    streaming_remote,
+)
 from msllm.errors import DataError
 
 # LLM Foundry's scripts name the held-out split `val`; ours is `validation`. Either is read.
@@ -175,10 +185,10 @@ def build_dataloader(
     seed: int,
     sp_size: int = 1,
     sp_rank: int = 0,
-    replication: Optional[int] = None,
-    shuffle: Optional[bool] = None,
-    repeat: Optional[bool] = None,
-    num_workers: Optional[int] = None,
+    replication: int | None = None,
+    shuffle: bool | None = None,
+    repeat: bool | None = None,
+    num_workers: int | None = None,
     pin_memory: bool = False,
 ) -> TokenLoader:
     """A loader of `split` ("train" or "validation") of the shards in data.shards_dir.
@@ -230,7 +240,8 @@ def build_dataloader(
         num_canonical_nodes=data_cfg.num_canonical_nodes or None,
         validate_hash=_hash_to_validate(index),
         predownload=None if is_remote(data_cfg.shards_dir) else UNLIMITED_PREDOWNLOAD,
-        download_timeout=DOWNLOAD_TIMEOUT_S, download_retry=DOWNLOAD_RETRIES,  # bounded: msllm.data.manifest
+        download_timeout=DOWNLOAD_TIMEOUT_S,
+        download_retry=DOWNLOAD_RETRIES,  # bounded: msllm.data.manifest
     )
     try:  # fail early and clearly: a sample of the wrong length, a corrupt first shard
         tokens_of(StreamingDataset.__getitem__(dataset, 0), data_cfg.seq_len + 1)
@@ -319,7 +330,7 @@ def _fetch_checked_index(data_cfg: DataConfig, local: str, remote: str) -> dict[
     return index
 
 
-def _hash_to_validate(index: dict[str, Any]) -> Optional[str]:
+def _hash_to_validate(index: dict[str, Any]) -> str | None:
     """xxh64 (else sha1) if every shard records it: streaming checks each shard as it arrives in
     the cache, so a corrupt or changed shard is caught when first read."""
     recorded = [set(shard.get("hashes", [])) for shard in index["shards"]]

@@ -135,9 +135,12 @@ def bound_object_store_waits() -> None:
         from boto3.session import Session  # noqa: PLC0415 (optional: boto3, the [s3] extra)
         from botocore import UNSIGNED  # noqa: PLC0415 (optional: boto3, the [s3] extra)
 
-        config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=timeout,
-                        retries={"mode": "adaptive", "total_max_attempts": CLIENT_ATTEMPTS},
-                        **({"signature_version": UNSIGNED} if unsigned else {}))
+        config = Config(
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=timeout,
+            retries={"mode": "adaptive", "total_max_attempts": CLIENT_ATTEMPTS},
+            **({"signature_version": UNSIGNED} if unsigned else {}),
+        )
         self._s3_client = Session().client("s3", config=config, endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
 
     S3Downloader._create_s3_client = _create_s3_client

@@ -17,9 +17,9 @@ import json
 import os
 import re
 import zlib
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import zstandard
 
@@ -63,9 +63,7 @@ def input_files(data_cfg: DataConfig) -> list[Path]:
                 )
             files.append(Path(expanded))
         elif os.path.isdir(expanded):
-            raise DataError(
-                f"data.paths: {pattern!r} is a folder; give files or a glob such as '{pattern}/*.txt'"
-            )
+            raise DataError(f"data.paths: {pattern!r} is a folder; give files or a glob such as '{pattern}/*.txt'")
         else:
             raise DataError(f"data.paths: no such file: {pattern}")
     # The same file named twice (by two globs) would be read twice: keep the first mention.
@@ -112,9 +110,7 @@ class DecodeErrorCounter:
 
     def bad(self, path: Path, where: str) -> None:
         if self.policy == "fail":
-            raise DataError(
-                f"{where}: bytes that are not UTF-8; fix the file or set data.on_decode_error: skip"
-            )
+            raise DataError(f"{where}: bytes that are not UTF-8; fix the file or set data.on_decode_error: skip")
         self.skipped[path] = self.skipped.get(path, 0) + 1
 
     def report(self) -> None:
@@ -157,7 +153,9 @@ def _jsonl_documents(path: Path, text_field: str, errors: DecodeErrorCounter) ->
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
             except RecursionError:
-                raise DataError(f"{where}: JSON nested too deeply to read (thousands of levels): fix the record") from None
+                raise DataError(
+                    f"{where}: JSON nested too deeply to read (thousands of levels): fix the record"
+                ) from None
             if not isinstance(record, dict) or text_field not in record:
                 keys = ", ".join(list(record)[:5]) if isinstance(record, dict) else type(record).__name__
                 raise DataError(
@@ -233,7 +231,9 @@ def _reading(path: Path) -> Iterator[None]:
     try:
         yield
     except (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as exc:
-        raise DataError(f"{path}: cannot decompress it, it is truncated or corrupt ({exc}): fix or replace the file") from None
+        raise DataError(
+            f"{path}: cannot decompress it, it is truncated or corrupt ({exc}): fix or replace the file"
+        ) from None
     except OSError as exc:  # the disk's own errors
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
@@ -248,8 +248,7 @@ def _wikipedia_sample_path() -> Path:
         import gensim  # noqa: PLC0415 (optional and heavy: gensim, the [corpus] extra)
     except ImportError:
         raise DataError(
-            "data.source wikipedia-sample reads gensim's test data: pip install 'msllm[corpus]' "
-            "(or pip install gensim)"
+            "data.source wikipedia-sample reads gensim's test data: pip install 'msllm[corpus]' (or pip install gensim)"
         ) from None
     path = Path(gensim.__file__).parent / WIKIPEDIA_SAMPLE
     if not path.is_file():

@@ -30,8 +30,10 @@ import types
 from pathlib import Path
 
 _UNUSED = ("text", "vision", "multimodal")
-_TRANSFORMERS_CLASSES = {"transformers.feature_extraction_utils": "BatchFeature",
-                         "transformers.tokenization_utils_base": "BatchEncoding"}
+_TRANSFORMERS_CLASSES = {
+    "transformers.feature_extraction_utils": "BatchFeature",
+    "transformers.tokenization_utils_base": "BatchEncoding",
+}
 
 
 def import_streaming() -> None:

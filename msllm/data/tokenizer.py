@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -32,7 +32,9 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 TOKENIZER_FILENAME = "tokenizer.model"  # the sentencepiece model, or the bytes descriptor
 
 BYTE_OFFSET = 4  # byte b has id BYTE_OFFSET + b: the special ids come first (BYTES_VOCAB_SIZE = 260 ids)
-BYTES_DESCRIPTOR = (json.dumps({"type": "bytes", "byte_offset": BYTE_OFFSET, "vocab_size": BYTES_VOCAB_SIZE}) + "\n").encode()
+BYTES_DESCRIPTOR = (
+    json.dumps({"type": "bytes", "byte_offset": BYTE_OFFSET, "vocab_size": BYTES_VOCAB_SIZE}) + "\n"
+).encode()
 
 # sentencepiece skips training lines longer than this (bytes); Wikipedia paragraphs can be long.
 MAX_SENTENCE_BYTES = 1 << 16
@@ -184,11 +186,15 @@ class ByteTokenizer:
 
     def encode(self, texts: list[str], add_eos: bool = False) -> list[list[int]]:
         tail = [EOS_ID] if add_eos else []
-        return [(np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) + BYTE_OFFSET).tolist() + tail
-                for t in texts]
+        return [
+            (np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) + BYTE_OFFSET).tolist() + tail
+            for t in texts
+        ]
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < BYTES_VOCAB_SIZE).decode("utf-8", errors="replace")
+        return bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < BYTES_VOCAB_SIZE).decode(
+            "utf-8", errors="replace"
+        )
 
     def special_ids(self) -> dict[str, int]:
         return {"pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID}
@@ -209,6 +215,8 @@ def load_tokenizer_file(path: str | Path) -> SentencePieceTokenizer | ByteTokeni
         head = f.read(len(BYTES_DESCRIPTOR) + 1)
     if head.startswith(b"{"):
         if head != BYTES_DESCRIPTOR:
-            raise DataError(f"{path} is neither a sentencepiece model nor msllm's bytes descriptor {BYTES_DESCRIPTOR.decode().strip()}")
+            raise DataError(
+                f"{path} is neither a sentencepiece model nor msllm's bytes descriptor {BYTES_DESCRIPTOR.decode().strip()}"
+            )
         return ByteTokenizer()
     return SentencePieceTokenizer(load_sentencepiece(path))

@@ -191,8 +191,13 @@ def on_rank0(fn, *args, **kwargs):
 
 # What a collective's error says when the process at the other end is gone: gloo's "Read error ...
 # Connection reset by peer" (or closed, or a broken pipe on write), the TCPStore's, NCCL's remote error.
-_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "ncclremoteerror",
-              "remote process exit")
+_PEER_GONE = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "broken pipe",
+    "ncclremoteerror",
+    "remote process exit",
+)
 
 
 def lost_peer(exc: BaseException, last_checkpoint: str) -> PeerLostError | None:

@@ -110,8 +110,10 @@ def check_master_resolves(env=None) -> None:
     try:
         socket.getaddrinfo(addr, None)
     except (OSError, UnicodeError) as exc:
-        raise LauncherError(f"launcher environment: MASTER_ADDR {addr!r} does not resolve to an address "
-                            f"({getattr(exc, 'strerror', None) or exc}): set it to the host of rank 0") from None
+        raise LauncherError(
+            f"launcher environment: MASTER_ADDR {addr!r} does not resolve to an address "
+            f"({getattr(exc, 'strerror', None) or exc}): set it to the host of rank 0"
+        ) from None
 
 
 def say(*args) -> None:

@@ -211,8 +211,10 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None) -
         for name, child in list(parent.named_children()):
             kind = kinds.get(type(child))
             if kind is None:
-                raise TypeError(f"{type(child).__name__} ({name} in {type(parent).__name__}) is declared by no "
-                                "architecture's spec (msllm.models.spec): declare its sequence-parallel kind")
+                raise TypeError(
+                    f"{type(child).__name__} ({name} in {type(parent).__name__}) is declared by no "
+                    "architecture's spec (msllm.models.spec): declare its sequence-parallel kind"
+                )
             if kind in SWAPS:
                 setattr(parent, name, SWAPS[kind](child, group))
             elif kind != LOCAL:

@@ -94,7 +94,6 @@ class DynamicChunking(nn.Module):
         self.stats: dict[str, torch.Tensor] = {}
         self.last_chunks: Chunks | None = None
 
-
     def boundary_probabilities(self, h: torch.Tensor) -> torch.Tensor:
         """p [B, n] in fp32 at least (module docstring: Precision), from h of any dtype."""
         dtype = _at_least_fp32(h)
@@ -105,7 +104,9 @@ class DynamicChunking(nn.Module):
             p = ((1 - (q * k).sum(-1)) / 2).clamp(0.0, 1.0)
         return torch.cat((p.new_ones(p.shape[0], 1), p), dim=1)  # position 0 always starts (ends) a chunk
 
-    def forward(self, h: torch.Tensor, n_real: int | None = None, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Chunks]:
+    def forward(
+        self, h: torch.Tensor, n_real: int | None = None, ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Chunks]:
         """h [B, n, d] -> the states at the boundaries [B, M, d] (M: the most boundaries of any row;
         a row with fewer is padded at the end with states that no real position reads). `n_real`:
         the positions before the model's end padding, the only ones the ratio loss and the stats
@@ -153,7 +154,9 @@ class DynamicChunking(nn.Module):
         positions that are word starts, which is what boundaries placed at random would give."""
         p, boundaries = p[:, 1:].float(), boundaries[:, 1:]
         self.stats["p_std"] = p.std() if p.numel() > 1 else p.new_zeros(())
-        self.stats["p_near_threshold"] = ((p - 0.5).abs() < NEAR_THRESHOLD).float().mean() if p.numel() else p.new_zeros(())
+        self.stats["p_near_threshold"] = (
+            ((p - 0.5).abs() < NEAR_THRESHOLD).float().mean() if p.numel() else p.new_zeros(())
+        )
         if ids is None or not self.whitespace_ids:
             return
         space = torch.zeros_like(ids, dtype=torch.bool)

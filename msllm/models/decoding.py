@@ -63,8 +63,8 @@ class PoolStream:
         first = -(-p // k)  # the first coarse position completed here: the first j with j*k >= p
         count = -(-(p + n) // k) - first
         start = first * k - p  # where fine position first*k - k + 1 (its group's first) is in the stream
-        coarse = self.pool.pool_groups(stream[:, start:start + count * k])
-        self.recent = stream[:, stream.shape[1] - (k - 1):]
+        coarse = self.pool.pool_groups(stream[:, start : start + count * k])
+        self.recent = stream[:, stream.shape[1] - (k - 1) :]
         self.position += n
         return coarse
 
@@ -89,4 +89,4 @@ class UpsampleStream:
         if coarse.shape[1]:
             self.latest = fine[:, -k:]
         self.position += n
-        return fine[:, p % k:p % k + n]
+        return fine[:, p % k : p % k + n]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -81,7 +81,9 @@ def init_parameters(model: nn.Module, seed: int) -> None:
         elif isinstance(module, Mamba2Mixer) and param_name in ("A_log", "D", "dt_bias"):
             value.copy_(_mamba2_value(param_name, shape, generator))
         else:
-            raise TypeError(f"no init rule for parameter {name} of {type(module).__name__}: add one to msllm/models/init.py")
+            raise TypeError(
+                f"no init rule for parameter {name} of {type(module).__name__}: add one to msllm/models/init.py"
+            )
         assign(param, value)
 
 
@@ -148,7 +150,8 @@ def materialise(model: nn.Module, device: torch.device | str) -> nn.Module:
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if id(param) not in made:
-                made[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
-                                               requires_grad=param.requires_grad)
+                made[id(param)] = nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=param.requires_grad
+                )
             setattr(module, name, made[id(param)])
     return model.to(device)

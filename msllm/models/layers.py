@@ -14,7 +14,6 @@ position). Everything that talks to other positions of the sequence goes through
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,9 +48,7 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, first_position: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, first_position: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(q.shape[-2], device=q.device, dtype=torch.float32) + first_position
         freqs = torch.outer(pos, self.inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)

@@ -59,7 +59,7 @@ def _mamba_ssm_scan():
 
 
 def scan_kernel_for(device: torch.device) -> str:
-    """"mamba_ssm" on CUDA where the package imports, else "torch" (or what use_scan_kernel fixed)."""
+    """ "mamba_ssm" on CUDA where the package imports, else "torch" (or what use_scan_kernel fixed)."""
     if _forced_scan_kernel is not None:
         return _forced_scan_kernel
     return "mamba_ssm" if device.type == "cuda" and _mamba_ssm_scan() is not None else "torch"
@@ -84,8 +84,15 @@ def segment_sums(a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=a.device).tril(), float("-inf"))
 
 
-def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk: int,
-             initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk: int,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked SSD scan. x [b, L, H, P], dt [b, L, H] (> 0), A [H] (< 0), B, C [b, L, N];
     initial_state [b, H, P, N] or None (zeros). Returns y [b, L, H, P] (without the D skip) and the
     state after the last position [b, H, P, N]. Computes in x's dtype (the caller's fp32 or fp64)."""
@@ -117,8 +124,14 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     return y.reshape(b, n * chunk, H, P)[:, :L], entering[:, -1]
 
 
-def recurrent_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def recurrent_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same as ssd_scan, one position at a time (the recurrence as written in the module
     docstring): the reference of the tests, and the decoding step."""
     b, L, H, P = x.shape
@@ -196,7 +209,7 @@ class Mamba2Mixer(nn.Module):
             before = cache.conv
         stream = torch.cat((before, xBC), dim=2)
         if cache is not None:
-            cache.conv = stream[:, :, stream.shape[2] - (k - 1):]
+            cache.conv = stream[:, :, stream.shape[2] - (k - 1) :]
         return F.conv1d(stream, self.conv.weight, self.conv.bias, groups=self.channels).transpose(1, 2)
 
     def _scan(self, x, dt, B, C, cache: Mamba2State | None) -> torch.Tensor:
@@ -219,8 +232,17 @@ class Mamba2Mixer(nn.Module):
     def _fused_scan(self, x, dt, B, C) -> torch.Tensor:
         """mamba_ssm's kernel (CUDA): the same recurrence, with the softplus, dt_bias and D inside."""
         scan = _mamba_ssm_scan()
-        y = scan(x, dt, -torch.exp(self.A_log.float()), B.unsqueeze(2), C.unsqueeze(2), self.chunk_size,
-                 D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
+        y = scan(
+            x,
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.unsqueeze(2),
+            C.unsqueeze(2),
+            self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+        )
         return y.to(x.dtype)
 
 

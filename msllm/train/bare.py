@@ -12,9 +12,15 @@ import torch
 from msllm.train.loss import model_loss
 
 
-def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, input_ids: torch.Tensor,
-              labels: torch.Tensor, autocast_dtype: torch.dtype | None = None, loss_kernel: str = "chunked",
-              loss_chunk_size: int = 0) -> torch.Tensor:
+def bare_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+    loss_kernel: str = "chunked",
+    loss_chunk_size: int = 0,
+) -> torch.Tensor:
     """One step on one batch: the summed token cross-entropy of `model` (msllm.train.loss, under
     autocast to `autocast_dtype` when given), backward, then `optimizer.step()` and `zero_grad`
     (without an optimizer the gradients are left for the caller). Returns the loss, detached;

@@ -24,9 +24,9 @@ import json
 import math
 import numbers
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from msllm.checkpoint.runfolder import check_run_folder_held
 from msllm.distributed import collectives
@@ -40,8 +40,14 @@ from msllm.train.evaluate import evaluate
 # The model metrics of dynamic chunking (msllm.models.bottom_up.METRICS, each with _s<scale>): the
 # realised compression, the ratio loss, the spread of p and its share near the 0.5 threshold, the
 # share of boundaries at word starts and the share that random boundaries would give.
-CHUNKING_METRICS = ("compression_s", "ratio_loss_s", "p_std_s", "p_near_threshold_s", "word_start_boundaries_s",
-                    "word_start_rate_s")
+CHUNKING_METRICS = (
+    "compression_s",
+    "ratio_loss_s",
+    "p_std_s",
+    "p_near_threshold_s",
+    "word_start_boundaries_s",
+    "word_start_rate_s",
+)
 
 
 class Callback:
@@ -78,8 +84,9 @@ def _grad(key, value, row) -> str:
 
 
 def _mfu(key, value, row) -> str:
-    return "mfu " + (f"{100 * value:.1f}%" if value is not None else
-                     "n/a (peak unreliable)" if row.get("peak_unreliable") else "n/a")
+    return "mfu " + (
+        f"{100 * value:.1f}%" if value is not None else "n/a (peak unreliable)" if row.get("peak_unreliable") else "n/a"
+    )
 
 
 def _memory(key, value, row) -> str:
@@ -108,8 +115,12 @@ FIELDS: dict[str, tuple[Field, ...]] = {
         Field("peak_rss_bytes", "perf/peak_rss_bytes", _memory),
         Field("accel_max_allocated_bytes", "perf/accel_max_allocated_bytes"),  # printed with the rss
         # dynamic chunking's metrics, whatever its scales are: the compression printed
-        Field("compression_s", "chunking/{key}", lambda k, v, row: f"compression s{k[len('compression_s'):]} {v:.2f}",
-              prefix=True),
+        Field(
+            "compression_s",
+            "chunking/{key}",
+            lambda k, v, row: f"compression s{k[len('compression_s') :]} {v:.2f}",
+            prefix=True,
+        ),
         *(Field(key, "chunking/{key}", prefix=True) for key in CHUNKING_METRICS if key != "compression_s"),
         Field("eta_s", console=lambda k, v, row: f"eta {fmt_duration(v)}"),
         *_hidden("peak_unreliable", "step_time_s", "time", "sample_ids"),
@@ -146,8 +157,11 @@ class ConsoleLogger(Callback):
 
     def on_log(self, row: dict) -> None:
         kind = row.get("kind", "train")
-        head = (f"eval  step {row['step']:>{self.width}}" if kind == "eval" else
-                f"step {row['step']:>{self.width}}/{self.max_steps}")
+        head = (
+            f"eval  step {row['step']:>{self.width}}"
+            if kind == "eval"
+            else f"step {row['step']:>{self.width}}/{self.max_steps}"
+        )
         parts = [head]
         for field in FIELDS.get(kind, ()):  # the known keys in the layout's order
             if field.console is not None:
@@ -167,7 +181,7 @@ class JsonlLogger(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():  # rewritten by rename: a link there is replaced, not followed
             kept = []
-            for line in (path.read_text().splitlines() if resume_step and path.exists() else ()):
+            for line in path.read_text().splitlines() if resume_step and path.exists() else ():
                 try:
                     if json.loads(line).get("step", 0) <= resume_step:
                         kept.append(line)
@@ -237,15 +251,29 @@ class EvalCallback(Callback):
         r, dims = self.recipe, self.dims
         if self.loader is None:
             self.loader = build_dataloader(
-                r.data, "validation", self.batch_size, r.run.seed, sp_size=dims.sp, sp_rank=dims.sp_rank,
-                replication=dims.replication, shuffle=False,
+                r.data,
+                "validation",
+                self.batch_size,
+                r.run.seed,
+                sp_size=dims.sp,
+                sp_rank=dims.sp_rank,
+                replication=dims.replication,
+                shuffle=False,
             )
         engine = self.engine
         engine.eval()
         try:
-            row = evaluate(engine, self.loader, self.manifest, self.batch_size, r.eval.max_batches,
-                           self.device, dp_size=dims.dp, loss_kernel=self.loss_kernel,
-                           loss_chunk_size=r.train.loss_chunk_size)
+            row = evaluate(
+                engine,
+                self.loader,
+                self.manifest,
+                self.batch_size,
+                r.eval.max_batches,
+                self.device,
+                dp_size=dims.dp,
+                loss_kernel=self.loss_kernel,
+                loss_chunk_size=r.train.loss_chunk_size,
+            )
         finally:
             engine.train()
         row.update(step=metrics["step"], tokens=metrics["tokens"], time=time.time())
@@ -279,8 +307,10 @@ class ShardsWatch:
             return plan
         gone = collectives.on_rank0(self._gone)
         if gone and not self.gone:
-            say(f"msllm: WARNING: the shards folder {self.data_cfg.shards_dir} is gone: training goes on from this "
-                "job's local copy of the shards; evaluation is skipped until the folder is back")
+            say(
+                f"msllm: WARNING: the shards folder {self.data_cfg.shards_dir} is gone: training goes on from this "
+                "job's local copy of the shards; evaluation is skipped until the folder is back"
+            )
         self.gone = gone
         return dataclasses.replace(plan, eval=False) if gone else plan
 

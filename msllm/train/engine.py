@@ -13,8 +13,9 @@ from msllm.models.init import init_parameters
 from msllm.train.nonfinite import GuardedAdamW
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
-                 lr_multipliers: list[float] | None = None) -> list[dict]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float | None = None, lr_multipliers: list[float] | None = None
+) -> list[dict]:
     """AdamW groups: weight matrices and embeddings decay; norms, biases and Mamba-2's per-head
     parameters (ndim < 2) do not. Without `lr_multipliers`: two groups, decay then no decay. With
     them (one per scale, train.lr_multipliers): one group per (decay, scale) that has parameters,

@@ -31,13 +31,21 @@ def pad_batch(ids: torch.Tensor, labels: torch.Tensor, rows: int, length: int | 
     if not (extra_rows or extra_positions):
         return ids, labels
     pad = (0, extra_positions, 0, extra_rows)
-    return (torch.nn.functional.pad(ids, pad, value=0),
-            torch.nn.functional.pad(labels, pad, value=IGNORE_INDEX))
+    return (torch.nn.functional.pad(ids, pad, value=0), torch.nn.functional.pad(labels, pad, value=IGNORE_INDEX))
 
 
 @torch.no_grad()
-def evaluate(model, loader, manifest: dict, batch_size: int, max_batches: int, device, dp_size: int = 1,
-             loss_kernel: str = "chunked", loss_chunk_size: int = 0) -> dict:
+def evaluate(
+    model,
+    loader,
+    manifest: dict,
+    batch_size: int,
+    max_batches: int,
+    device,
+    dp_size: int = 1,
+    loss_kernel: str = "chunked",
+    loss_chunk_size: int = 0,
+) -> dict:
     """The summed loss of `model` (msllm.train.loss) over one pass of the validation `loader` (at
     most eval.max_batches batches); every rank calls this and gets the same result."""
     t0 = time.perf_counter()

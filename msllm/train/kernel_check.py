@@ -26,8 +26,8 @@ and the record that run.json keeps under `kernels`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
@@ -90,23 +90,46 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 def _run(what: str, kernel: str, device: torch.device, dtype: torch.dtype, backward: bool, compare) -> KernelCheck:
     """`compare()` -> ({name: largest relative difference}, {name: tolerance}, what was compared);
     an exception fails the check."""
-    common = dict(what=what, kernel=kernel, reference=REFERENCES[kernel], device=str(device),
-                  dtype=str(dtype).removeprefix("torch."), backward=backward)
+    common = dict(
+        what=what,
+        kernel=kernel,
+        reference=REFERENCES[kernel],
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        backward=backward,
+    )
     try:
         differences, tolerances, compared = compare()
     except Exception as exc:  # any failure of the kernel is the check's finding, not a crash
         text = str(exc).strip()
         message = f": {text.splitlines()[0]}" if text else ""
-        return KernelCheck(**common, passed=False, differences={}, tolerances={},
-                           detail=clip(f"raised {type(exc).__name__}{message}", 300))
+        return KernelCheck(
+            **common,
+            passed=False,
+            differences={},
+            tolerances={},
+            detail=clip(f"raised {type(exc).__name__}{message}", 300),
+        )
     passed = all(differences[name] <= tolerances[name] for name in differences)
     shown = ", ".join(f"{name} {differences[name]:.2g} (tolerance {tolerances[name]:g})" for name in differences)
-    return KernelCheck(**common, passed=passed, differences=differences, tolerances=tolerances,
-                       detail=f"{compared}; largest relative differences: {shown}")
+    return KernelCheck(
+        **common,
+        passed=passed,
+        differences=differences,
+        tolerances=tolerances,
+        detail=f"{compared}; largest relative differences: {shown}",
+    )
 
 
-def check_loss(kernel: str, device: torch.device, dtype: torch.dtype, d_model: int, vocab_size: int,
-               positions: int = LOSS_POSITIONS, seed: int = 0) -> KernelCheck:
+def check_loss(
+    kernel: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    d_model: int,
+    vocab_size: int,
+    positions: int = LOSS_POSITIONS,
+    seed: int = 0,
+) -> KernelCheck:
     """`kernel` ("liger" or "cce") against the chunked loss on `positions` random hidden states of
     width `d_model`, a head of `vocab_size` rows and labels with every 7th ignored, in `dtype` on
     `device`: the summed loss and both gradients."""
@@ -127,8 +150,10 @@ def check_loss(kernel: str, device: torch.device, dtype: torch.dtype, d_model: i
         (loss, *grads), (ref_loss, *ref_grads) = results
         if any(g is None for g in grads):
             raise RuntimeError("no gradient reached the hidden states or the weight")
-        differences = {"loss": _relative(loss, ref_loss),
-                       "gradients": max(_relative(g, r) for g, r in zip(grads, ref_grads))}
+        differences = {
+            "loss": _relative(loss, ref_loss),
+            "gradients": max(_relative(g, r) for g, r in zip(grads, ref_grads)),
+        }
         tolerances = {"loss": tolerance["loss"], "gradients": tolerance["gradient"]}
         return differences, tolerances, f"loss and gradients at N={positions}, d={d_model}, vocab={vocab_size}"
 
@@ -140,8 +165,9 @@ def attention_backward_runs(kernel: str, device: torch.device) -> bool:
     return not (kernel == "flex" and device.type != "cuda")
 
 
-def check_attention(kernel: str, device: torch.device, dtype: torch.dtype, patterns, head_dim: int = 32,
-                    seed: int = 0) -> KernelCheck:
+def check_attention(
+    kernel: str, device: torch.device, dtype: torch.dtype, patterns, head_dim: int = 32, seed: int = 0
+) -> KernelCheck:
     """`kernel` ("flex") against the blocks kernel for each of `patterns` (SlidingWindow or
     RetinaPattern) on one sequence of 2 heads, long enough for three blocks of queries and a
     partial one (at least 300 positions), in `dtype` on `device`: the output, and the gradients of
@@ -167,18 +193,34 @@ def check_attention(kernel: str, device: torch.device, dtype: torch.dtype, patte
                 grads = torch.autograd.grad((out * grad_out).sum(), (q, k, v)) if backward else ()
                 results.append((out.detach(), *grads))
             worst = max([worst] + [_relative(a, b) for a, b in zip(*results)])
-        compared = ("output and gradients" if backward else
-                    "output only (FlexAttention has no backward on the CPU: gradients not checked)")
-        return {"attention": worst}, {"attention": tolerance}, \
-            f"{compared} of {len(patterns)} pattern(s) at L={','.join(map(str, lengths))}"
+        compared = (
+            "output and gradients"
+            if backward
+            else "output only (FlexAttention has no backward on the CPU: gradients not checked)"
+        )
+        return (
+            {"attention": worst},
+            {"attention": tolerance},
+            f"{compared} of {len(patterns)} pattern(s) at L={','.join(map(str, lengths))}",
+        )
 
     return _run("attention", kernel, device, dtype, backward, compare)
 
 
-def check_kernels(loss_kernel: str, attention_kernel: str | None, device: torch.device, dtype: torch.dtype,
-                  mode: str, *, d_model: int = 64, vocab_size: int = 512, patterns=(), head_dim: int = 32,
-                  agree: Callable[[bool], bool] = lambda failed: failed,
-                  say: Callable[[str], None] = print) -> tuple[str, str | None, dict]:
+def check_kernels(
+    loss_kernel: str,
+    attention_kernel: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    mode: str,
+    *,
+    d_model: int = 64,
+    vocab_size: int = 512,
+    patterns=(),
+    head_dim: int = 32,
+    agree: Callable[[bool], bool] = lambda failed: failed,
+    say: Callable[[str], None] = print,
+) -> tuple[str, str | None, dict]:
     """Check the chosen non-reference kernels (`attention_kernel` None: the model has no local or
     retina attention) -> (loss kernel, attention kernel, record). `agree(failed)` -> whether the
     kernel failed on any rank (collectives.any_rank in a distributed run). In fallback mode a
@@ -205,8 +247,10 @@ def check_kernels(loss_kernel: str, attention_kernel: str | None, device: torch.
         result.used = kernel if result.passed else REFERENCES[kernel]
         entry.update(used=result.used, check=asdict(result))
         if not result.passed and mode == "strict":
-            raise KernelError(f"{result.line()} (train.kernel_check: strict; set it to fallback to train on "
-                              f"{REFERENCES[kernel]} instead)")
+            raise KernelError(
+                f"{result.line()} (train.kernel_check: strict; set it to fallback to train on "
+                f"{REFERENCES[kernel]} instead)"
+            )
         say(result.line())
         if not result.passed:
             if what == "attention":
@@ -230,16 +274,25 @@ def attention_patterns(model: torch.nn.Module) -> list:
     return patterns
 
 
-def at_start(train_config, model_config, model: torch.nn.Module, device: torch.device, loss_kernel: str) -> tuple[str, dict]:
+def at_start(
+    train_config, model_config, model: torch.nn.Module, device: torch.device, loss_kernel: str
+) -> tuple[str, dict]:
     """The trainer's call, before the first step: check `loss_kernel` and, if `model` has local or
     retina attention, the attention kernel chosen for `device`, as `train_config.kernel_check` says,
     in the training precision; every rank agrees. -> (the loss kernel to train with, the record for
     run.json)."""
     patterns = attention_patterns(model)
     loss_kernel, _, record = check_kernels(
-        loss_kernel, kernel_for(device) if patterns else None, device, PRECISIONS[train_config.precision],
-        train_config.kernel_check, d_model=model_config.d_model, vocab_size=model_config.vocab_size,
-        patterns=patterns, head_dim=model_config.head_dim,
-        agree=collectives.any_rank, say=say,
+        loss_kernel,
+        kernel_for(device) if patterns else None,
+        device,
+        PRECISIONS[train_config.precision],
+        train_config.kernel_check,
+        d_model=model_config.d_model,
+        vocab_size=model_config.vocab_size,
+        patterns=patterns,
+        head_dim=model_config.head_dim,
+        agree=collectives.any_rank,
+        say=say,
     )
     return loss_kernel, record

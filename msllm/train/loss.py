@@ -45,7 +45,7 @@ import functools
 import importlib.util
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -76,9 +76,11 @@ def enable_cpu_kernels() -> None:
     standard library's included) is defined, so this must run before triton and liger_kernel are
     imported; raises a one-line error if they were already, for a GPU."""
     if _triton_compiled_for_a_gpu(sys.modules):
-        raise KernelError("triton or liger_kernel was imported before TRITON_INTERPRET=1 was set: Liger's kernels "
-                          "cannot run on a CPU in this process; set TRITON_INTERPRET=1 in the environment before "
-                          "starting python")
+        raise KernelError(
+            "triton or liger_kernel was imported before TRITON_INTERPRET=1 was set: Liger's kernels "
+            "cannot run on a CPU in this process; set TRITON_INTERPRET=1 in the environment before "
+            "starting python"
+        )
     os.environ[ALLOW_CPU_KERNELS] = "1"
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -92,8 +94,12 @@ def _triton_compiled_for_a_gpu(modules: dict) -> bool:
         return False
     from triton.runtime.jit import JITFunction  # noqa: PLC0415 (optional: triton, with the [gpu] extra)
 
-    return any(isinstance(value, JITFunction) for name, module in list(modules.items())
-               if name.startswith(prefixes) and module is not None for value in list(vars(module).values()))
+    return any(
+        isinstance(value, JITFunction)
+        for name, module in list(modules.items())
+        if name.startswith(prefixes) and module is not None
+        for value in list(vars(module).values())
+    )
 
 
 def choose_kernel(requested: str, device_type: str, allow_cpu: bool | None = None) -> str:
@@ -112,8 +118,10 @@ def choose_kernel(requested: str, device_type: str, allow_cpu: bool | None = Non
         return "chunked"
     if requested in _FUSED:
         if device_type != "cuda" and not allow_cpu:
-            raise RecipeError(f"train.loss_kernel: {requested} needs a CUDA GPU (this run is on {device_type}); use auto or "
-                              f"chunked (tests: {ALLOW_CPU_KERNELS}=1 runs it on the CPU)")
+            raise RecipeError(
+                f"train.loss_kernel: {requested} needs a CUDA GPU (this run is on {device_type}); use auto or "
+                f"chunked (tests: {ALLOW_CPU_KERNELS}=1 runs it on the CPU)"
+            )
         if not installed(requested):
             raise RecipeError(
                 f"train.loss_kernel: {requested} is not installed: pip install {_FUSED[requested].replace('_', '-')} "
@@ -128,8 +136,9 @@ def chunk_rows(vocab_size: int, chunk_size: int = 0) -> int:
     return chunk_size if chunk_size > 0 else max(16, CHUNK_LOGIT_BYTES // (4 * vocab_size))
 
 
-def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, kernel: str = "chunked",
-            chunk_size: int = 0) -> torch.Tensor:
+def lm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, kernel: str = "chunked", chunk_size: int = 0
+) -> torch.Tensor:
     """Summed token cross-entropy (fp32 scalar) of `hidden` [.., d] under the head `weight`
     [vocab, d] against `labels` [..] (IGNORE_INDEX: no loss, no gradient). `kernel` is a resolved
     kernel (not "auto"); `chunk_size` is the chunked kernel's positions per chunk (0: automatic)."""
@@ -166,12 +175,19 @@ def _cce_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) 
 # The fused kernels, (hidden [N, d], weight [vocab, d], labels [N]) -> summed loss. A table, so that
 # the tests can put a broken kernel in (msllm.train.kernel_check must catch it).
 FUSED_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "liger": _liger_loss, "cce": _cce_loss,
+    "liger": _liger_loss,
+    "cce": _cce_loss,
 }
 
 
-def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, kernel: str = "chunked",
-               chunk_size: int = 0, auxiliary: bool = True) -> torch.Tensor:
+def model_loss(
+    model,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    kernel: str = "chunked",
+    chunk_size: int = 0,
+    auxiliary: bool = True,
+) -> torch.Tensor:
     """`lm_loss` of `model` (an msllm model, or a DeepSpeed engine around one) on one batch,
     computed inside the model's forward from its final hidden states and its head's weight, plus
     the model's auxiliary loss (dynamic chunking's ratio loss, summed over positions as the LM
@@ -180,8 +196,9 @@ def model_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, kernel: str
     return model(input_ids, loss=loss, auxiliary=auxiliary)
 
 
-def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int,
-                     need_hidden: bool, need_weight: bool):
+def _chunked_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int, need_hidden: bool, need_weight: bool
+):
     """(summed loss, d loss / d hidden or None, d loss / d weight or None), `rows` positions at a
     time. The gradient of the summed cross-entropy with respect to one position's logits is
     softmax - one-hot (zero where the label is ignored); the chunk's logits buffer becomes it in
@@ -191,8 +208,8 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     # fp32, accumulated over the chunks by fp32 matmuls (the softmax gradient is fp32 already).
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
     for start in range(0, hidden.shape[0], rows):
-        h = hidden[start:start + rows]
-        y = labels[start:start + rows]
+        h = hidden[start : start + rows]
+        y = labels[start : start + rows]
         valid = y != IGNORE_INDEX
         target = torch.where(valid, y, torch.zeros_like(y)).unsqueeze(1)
         # The one [rows, vocab] buffer (computed under autocast as dense's), worked on in place:
@@ -209,7 +226,7 @@ def _chunked_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
             grad_logits.scatter_add_(1, target, torch.full(target.shape, -1.0, device=target.device))
             grad_logits.mul_(valid.unsqueeze(1))
             if need_hidden:
-                grad_hidden[start:start + rows] = grad_logits.to(weight.dtype) @ weight
+                grad_hidden[start : start + rows] = grad_logits.to(weight.dtype) @ weight
             if need_weight:
                 grad_weight.addmm_(grad_logits.t(), h.float())
     return total, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
@@ -234,8 +251,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return scale(grad_hidden), scale(grad_weight), None, None
 
 
-def loss_workspace_bytes(kernel: str, positions: int, vocab_size: int, d_model: int, dtype: torch.dtype,
-                         chunk_size: int = 0) -> int:
+def loss_workspace_bytes(
+    kernel: str, positions: int, vocab_size: int, d_model: int, dtype: torch.dtype, chunk_size: int = 0
+) -> int:
     """Bytes the loss holds for a while beyond what it saves for backward (msllm.train.memory adds them to
     the loss's activations). dense: the two fp32 buffers of the logits' size that its backward makes
     (the gradients of the log-probabilities and of the logits) while everything saved is alive.

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -69,9 +69,11 @@ class StepMemory:
 
     def format(self) -> str:
         mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
-        return (f"total {mib(self.total)} = parameters {mib(self.parameters)} + gradients {mib(self.gradients)}"
-                f" + optimizer {mib(self.optimizer)} + activations {mib(self.activations)} (body "
-                f"{mib(self.body_activations)} + loss {mib(self.loss_activations)}, {self.loss_kernel})")
+        return (
+            f"total {mib(self.total)} = parameters {mib(self.parameters)} + gradients {mib(self.gradients)}"
+            f" + optimizer {mib(self.optimizer)} + activations {mib(self.activations)} (body "
+            f"{mib(self.body_activations)} + loss {mib(self.loss_activations)}, {self.loss_kernel})"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -88,8 +90,9 @@ def activation_bytes(model: nn.Module, input_ids: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def loss_activation_bytes(model: nn.Module, tokens: torch.Tensor, positions: int, kernel: str = "chunked",
-                          chunk_size: int = 0) -> int:
+def loss_activation_bytes(
+    model: nn.Module, tokens: torch.Tensor, positions: int, kernel: str = "chunked", chunk_size: int = 0
+) -> int:
     """Bytes the loss holds for a micro-batch of `positions` positions (micro-batch x L on this
     rank), measured on samples like `tokens` [1, n + 1] (inputs and labels): what it saves for
     backward, measured on one and on two such samples and extended linearly to `positions` (exact:
@@ -110,7 +113,8 @@ def loss_activation_bytes(model: nn.Module, tokens: torch.Tensor, positions: int
     per_position = (saved[1] - saved[0]) / hidden.shape[1]
     fixed = saved[0] - per_position * hidden.shape[1]
     return round(fixed + per_position * positions) + loss_workspace_bytes(
-        kernel, positions, weight.shape[0], hidden.shape[-1], hidden.dtype, chunk_size)
+        kernel, positions, weight.shape[0], hidden.shape[-1], hidden.dtype, chunk_size
+    )
 
 
 def sample_tokens(model: nn.Module, vocab_size: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -137,10 +141,16 @@ def saved_for_backward(exclude: Iterable[torch.Tensor] = ()) -> Iterator[dict[in
         yield storages
 
 
-def parameter_state_bytes(n_parameters: int, precision: str = "fp32", zero_stage: int = 0, dp: int = 1) -> tuple[int, int, int]:
+def parameter_state_bytes(
+    n_parameters: int, precision: str = "fp32", zero_stage: int = 0, dp: int = 1
+) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer state) bytes on one rank, as far as ZeRO shards them."""
     weight_bytes, grad_bytes, optim_bytes = BYTES_PER_PARAMETER[precision]
-    parameters, gradients, optimizer = n_parameters * weight_bytes, n_parameters * grad_bytes, n_parameters * optim_bytes
+    parameters, gradients, optimizer = (
+        n_parameters * weight_bytes,
+        n_parameters * grad_bytes,
+        n_parameters * optim_bytes,
+    )
     if zero_stage >= 1:
         optimizer //= dp
     if zero_stage >= 2:
@@ -161,8 +171,9 @@ class StartupPeak:
     total: int  # the estimated peak: max over the phases of what they hold at once
 
 
-def startup_peak_bytes(n_parameters: int, largest_module: int, precision: str = "fp32", zero_stage: int = 0,
-                       dp: int = 1) -> StartupPeak:
+def startup_peak_bytes(
+    n_parameters: int, largest_module: int, precision: str = "fp32", zero_stage: int = 0, dp: int = 1
+) -> StartupPeak:
     """Estimated peak bytes one rank adds from just before the model is built to its first training
     step (msllm.train.engine.build_model_for_training, then deepspeed.initialize; no gradients or
     optimizer moments yet: torch's AdamW makes its moments in the first step). `largest_module`:
@@ -218,9 +229,19 @@ def largest_module_parameters(model: nn.Module) -> int:
     return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
 
 
-def step_memory(model: nn.Module, vocab_size: int, micro_batch: int, seq_len: int, precision: str = "fp32",
-                zero_stage: int = 0, dp: int = 1, seed: int = 0, loss_kernel: str = "chunked",
-                loss_chunk_size: int = 0, measure_len: int = 0) -> StepMemory:
+def step_memory(
+    model: nn.Module,
+    vocab_size: int,
+    micro_batch: int,
+    seq_len: int,
+    precision: str = "fp32",
+    zero_stage: int = 0,
+    dp: int = 1,
+    seed: int = 0,
+    loss_kernel: str = "chunked",
+    loss_chunk_size: int = 0,
+    measure_len: int = 0,
+) -> StepMemory:
     """The memory split of a training step of `model` (as built, with activation checkpointing
     applied if wanted; parameters on the device where the forward pass should run) on
     `micro_batch` x `seq_len` tokens per rank, at `precision`, with ZeRO `zero_stage` over `dp`
@@ -264,7 +285,9 @@ def measure_step_peak(model_cfg, micro_batch: int, seq_len: int, steps: int = 2,
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    changes = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
     live = peak = 0
     for _, nbytes in changes:
         live += nbytes
@@ -287,8 +310,15 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_fits(model_cfg, device: torch.device, precision: str = "fp32", zero_stage: int = 0, dp: int = 1,
-               processes: int = 1, what: str = "train") -> None:
+def check_fits(
+    model_cfg,
+    device: torch.device,
+    precision: str = "fp32",
+    zero_stage: int = 0,
+    dp: int = 1,
+    processes: int = 1,
+    what: str = "train",
+) -> None:
     """Refuse, before anything is allocated, a model whose weights, gradients and optimizer state
     alone (ZeRO-sharded as the recipe says; counted on the meta device, nothing allocated) do not
     fit in the memory `device` has free, shared by `processes` ranks on one host: a one-line
@@ -301,11 +331,16 @@ def check_fits(model_cfg, device: torch.device, precision: str = "fp32", zero_st
     per_rank = sum(parameter_state_bytes(n, precision, zero_stage, dp)) if what == "train" else n * 4
     need = per_rank * (processes if device.type == "cpu" else 1)
     if need > free:
-        held = ("weights, gradients and optimizer state" if what == "train" else "fp32 weights")
+        held = "weights, gradients and optimizer state" if what == "train" else "fp32 weights"
         raise RecipeError(
             f"the model does not fit: {n / 1e6:,.1f}M parameters need {need / 2**30:,.1f} GiB for their {held}"
-            + (f" ({precision}, ZeRO {zero_stage} over dp {dp}" + (f", {processes} ranks on this host" if processes > 1 else "") + ")"
-               if what == "train" else "")
+            + (
+                f" ({precision}, ZeRO {zero_stage} over dp {dp}"
+                + (f", {processes} ranks on this host" if processes > 1 else "")
+                + ")"
+                if what == "train"
+                else ""
+            )
             + f", and {device.type} has {free / 2**30:,.1f} GiB free: use a smaller model.d_model or fewer layers"
             + (", more data-parallel ranks with ZeRO 3, or parallel.offload_optimizer" if what == "train" else "")
         )
@@ -322,13 +357,14 @@ def micro_batch_bytes(model_cfg, seq_len: int, batch: int, precision: str = "fp3
     if not training:
         return batch * seq_len * model_cfg.d_model * width
     factors = model_cfg.cumulative_factors()
-    positions = sum(seq_len // f * scale.layers for f, scale in zip(factors, model_cfg.scales)
-                    if scale.pool == "fixed") + seq_len * model_cfg.arch_config.extra_layers()
+    positions = (
+        sum(seq_len // f * scale.layers for f, scale in zip(factors, model_cfg.scales) if scale.pool == "fixed")
+        + seq_len * model_cfg.arch_config.extra_layers()
+    )
     return batch * positions * model_cfg.d_model * width
 
 
-def check_micro_batch_fits(recipe, device: torch.device, sp: int = 1, processes: int = 1,
-                           what: str = "train") -> None:
+def check_micro_batch_fits(recipe, device: torch.device, sp: int = 1, processes: int = 1, what: str = "train") -> None:
     """Refuse, before a batch is drawn, a micro-batch whose activations alone (the lower bound of
     `micro_batch_bytes`) exceed the memory `device` has free, shared by `processes` ranks on one
     host: a one-line RecipeError naming the value to lower. `what`: "train" checks
@@ -338,13 +374,19 @@ def check_micro_batch_fits(recipe, device: torch.device, sp: int = 1, processes:
     if free is None:
         return
     seq_len = recipe.data.seq_len // sp
-    checks = [("eval.micro_batch_size" if recipe.eval.micro_batch_size else "train.micro_batch_size",
-               recipe.eval.micro_batch_size or recipe.train.micro_batch_size, False)]
+    checks = [
+        (
+            "eval.micro_batch_size" if recipe.eval.micro_batch_size else "train.micro_batch_size",
+            recipe.eval.micro_batch_size or recipe.train.micro_batch_size,
+            False,
+        )
+    ]
     if what == "train":
         checks.insert(0, ("train.micro_batch_size", recipe.train.micro_batch_size, True))
     for key, batch, training in checks:
-        need = micro_batch_bytes(recipe.model, seq_len, batch, recipe.train.precision if what == "train" else "fp32",
-                                 training) * (processes if device.type == "cpu" else 1)
+        need = micro_batch_bytes(
+            recipe.model, seq_len, batch, recipe.train.precision if what == "train" else "fp32", training
+        ) * (processes if device.type == "cpu" else 1)
         if need > free:
             raise RecipeError(
                 f"{key} {batch:,} does not fit: one micro-batch's activations need at least {need / 2**30:,.1f} GiB "
@@ -352,7 +394,11 @@ def check_micro_batch_fits(recipe, device: torch.device, sp: int = 1, processes:
                 f"{recipe.model.d_model}{' x the layers' if training else ''}, a lower bound"
                 + (f", {processes} ranks on this host" if processes > 1 and device.type == "cpu" else "")
                 + f"), and {device.type} has {free / 2**30:,.1f} GiB free: lower {key}"
-                + (" (raise train.grad_accum_steps to keep the global batch)" if key == "train.micro_batch_size" and training else "")
+                + (
+                    " (raise train.grad_accum_steps to keep the global batch)"
+                    if key == "train.micro_batch_size" and training
+                    else ""
+                )
             )
 
 
@@ -365,8 +411,9 @@ def check_precision_supported(precision: str) -> None:
     accel = get_accelerator()
     supported = {"fp32": True, "fp16": accel.is_fp16_supported(), "bf16": accel.is_bf16_supported()}[precision]
     if not supported:
-        others = " or ".join(p for p in ("fp32", "bf16") if p != precision and
-                             (p == "fp32" or accel.is_bf16_supported()))
+        others = " or ".join(
+            p for p in ("fp32", "bf16") if p != precision and (p == "fp32" or accel.is_bf16_supported())
+        )
         raise RecipeError(
             f"train.precision {precision} is not supported on this {accel.device_name()} (DeepSpeed: "
             f"{'fp16 needs a GPU, or a CPU with AVX512-FP16 or AMX-FP16' if precision == 'fp16' else 'bf16 needs a GPU of compute capability 8.0 or newer'}): "

@@ -73,10 +73,17 @@ class NonFiniteGuard:
         first_bad = plan.step - self.in_a_row + 1
         where = self.checkpointer.set_aside_diverged(first_bad)
         if first_bad == 1:  # the gradients of the run's first weights, before any update: lr made none of them
-            where = ("the first step's gradients, from the weights the run started with, were already not finite, "
-                     "so a lower train.lr cannot help: look at the model's numerics and initial weights (does it "
-                     "train with train.precision fp32?)")
-        return plan.stopped(StopRequest("divergence", DivergenceError(
-            f"training diverged: {self.in_a_row} updates in a row (steps {first_bad}-{plan.step}) had NaN or "
-            f"inf gradients and were skipped; {where}"
-        )))
+            where = (
+                "the first step's gradients, from the weights the run started with, were already not finite, "
+                "so a lower train.lr cannot help: look at the model's numerics and initial weights (does it "
+                "train with train.precision fp32?)"
+            )
+        return plan.stopped(
+            StopRequest(
+                "divergence",
+                DivergenceError(
+                    f"training diverged: {self.in_a_row} updates in a row (steps {first_bad}-{plan.step}) had NaN or "
+                    f"inf gradients and were skipped; {where}"
+                ),
+            )
+        )

@@ -91,8 +91,9 @@ class Trainer:
 
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         self.build_device = torch.device(self.accel.device_name(denv.local_rank))
-        check_fits(recipe.model, self.build_device, t.precision,
-                   recipe.parallel.zero_stage, dims.dp, processes=local_ranks)  # before anything is allocated
+        check_fits(
+            recipe.model, self.build_device, t.precision, recipe.parallel.zero_stage, dims.dp, processes=local_ranks
+        )  # before anything is allocated
         check_can_train(recipe, self.build_device, dims.sp, local_ranks)  # the precision, the micro-batches
         engine = self.make_engine()
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -102,8 +103,13 @@ class Trainer:
         self.loss_kernel, record["kernels"] = at_start(t, recipe.model, engine.module, self.device, self.loss_kernel)
         self.per_rank_streams()
         loader = build_dataloader(
-            recipe.data, "train", t.micro_batch_size, recipe.run.seed,
-            sp_size=dims.sp, sp_rank=dims.sp_rank, replication=dims.replication,
+            recipe.data,
+            "train",
+            t.micro_batch_size,
+            recipe.run.seed,
+            sp_size=dims.sp,
+            sp_rank=dims.sp_rank,
+            replication=dims.replication,
             pin_memory=self.device.type != "cpu",
         )
         tokenizer = Tokenizer.read(self.shards.tokenizer_path, self.shards.tokenizer_sha256)
@@ -337,8 +343,10 @@ def train(recipe, overwrite: bool = False) -> None:
     dims = ParallelDims.from_recipe(recipe, denv.world_size, denv.rank)  # fails before any rank waits
     done = None if overwrite else finished_checkpoint(recipe)  # --overwrite starts afresh, whatever is there
     if done is not None:  # a finished run: no DeepSpeed, no peak measurement, no second eval row
-        say(f"nothing to do: the latest checkpoint {done} is at step {read_meta(done)['step']} >= "
-            f"train.max_steps {recipe.train.max_steps}")
+        say(
+            f"nothing to do: the latest checkpoint {done} is at step {read_meta(done)['step']} >= "
+            f"train.max_steps {recipe.train.max_steps}"
+        )
         return
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     if "OMP_NUM_THREADS" not in os.environ and local_world > 1:

@@ -48,14 +48,26 @@ def evaluate_checkpoint(recipe, source: str) -> dict:
     model = loaded.model.to(device)
     batch = recipe.eval.micro_batch_size or recipe.train.micro_batch_size
     loader = build_dataloader(recipe.data, "validation", batch, recipe.run.seed, shuffle=False)
-    row = evaluate(model, loader, shards.manifest, batch, recipe.eval.max_batches, device, dp_size=denv.world_size,
-                   loss_kernel=choose_kernel(recipe.train.loss_kernel, device.type),
-                   loss_chunk_size=recipe.train.loss_chunk_size)
+    row = evaluate(
+        model,
+        loader,
+        shards.manifest,
+        batch,
+        recipe.eval.max_batches,
+        device,
+        dp_size=denv.world_size,
+        loss_kernel=choose_kernel(recipe.train.loss_kernel, device.type),
+        loss_chunk_size=recipe.train.loss_chunk_size,
+    )
     row["step"] = loaded.step
     row["checkpoint"] = str(loaded.path)
     if denv.is_main:
         record = loaded.meta.get("run_record")
-        print(f"trained with: {describe(record)}" if record else "trained with: (no run record: a checkpoint from before msllm recorded runs)")
+        print(
+            f"trained with: {describe(record)}"
+            if record
+            else "trained with: (no run record: a checkpoint from before msllm recorded runs)"
+        )
         print(
             f"eval {loaded.path} (step {row['step']}): loss {row['loss']:.4f} | ppl {row['perplexity']:.2f} | "
             f"bpb {row['bits_per_byte']:.4f} | {row['eval_tokens']:,} tokens"
@@ -88,7 +100,7 @@ def continuation_loglikelihoods(model, tokenizer, requests: list[tuple[str, str]
         if not continuation_ids:
             raise ValueError(f"the continuation {continuation!r} of {context!r} has no tokens of its own")
         ids = torch.tensor([context_ids + continuation_ids])
-        log_probs = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0, len(context_ids) - 1:]
+        log_probs = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0, len(context_ids) - 1 :]
         target = torch.tensor(continuation_ids)
         total = log_probs.gather(1, target.view(-1, 1)).sum().item()
         results.append((total, bool((log_probs.argmax(dim=-1) == target).all())))

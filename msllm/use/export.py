@@ -60,7 +60,9 @@ def refuse_foreign_export(out_dir: Path) -> None:
         entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir())
         if not entries:
             return
-        what = f"holds files that msllm did not put there ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
+        what = (
+            f"holds files that msllm did not put there ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
+        )
     else:
         what = "is a link" if out_dir.is_symlink() else "is a file"
     raise CheckpointError(
@@ -97,7 +99,9 @@ def write_export(loaded, out_dir: Path) -> Path:
         if loaded.tokenizer.kind == "bytes":
             hf_note = "(no hf/: byte-level models are not exported to Hugging Face)"
         else:
-            hf_note = "and hf/ (" + write_hf_folder(tmp / "hf", recipe.model, state, recipe.data.seq_len, tokenizer) + ")"
+            hf_note = (
+                "and hf/ (" + write_hf_folder(tmp / "hf", recipe.model, state, recipe.data.seq_len, tokenizer) + ")"
+            )
         _match_modes(tmp)
         if out_dir.exists() or out_dir.is_symlink():
             refuse_foreign_export(out_dir)  # checked again: it may have changed while the export was written
@@ -113,9 +117,13 @@ def write_export(loaded, out_dir: Path) -> Path:
     except BaseException as exc:  # a full disk, an interrupt, a library's own error: no half export stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OSError, SafetensorError)):  # safetensors reports a failed write as its own error
-            raise CheckpointError(f"could not write the export {out_dir}: {describe_write_error(exc, out_dir.parent)}") from None
+            raise CheckpointError(
+                f"could not write the export {out_dir}: {describe_write_error(exc, out_dir.parent)}"
+            ) from None
         raise
-    print(f"exported {loaded.path} (step {meta.get('step')}) to {out_dir}: model.safetensors, config.json, recipe.yaml, tokenizer.model {hf_note}")
+    print(
+        f"exported {loaded.path} (step {meta.get('step')}) to {out_dir}: model.safetensors, config.json, recipe.yaml, tokenizer.model {hf_note}"
+    )
     return out_dir
 
 

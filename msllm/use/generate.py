@@ -24,7 +24,9 @@ from msllm.errors import MsllmError
 from msllm.use.load import load_model
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator
+) -> torch.Tensor:
     """One token per row [B] from the last position's logits [B, vocab]; temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -42,8 +44,17 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, stop_id: int | None = None, vocab_limit: int = 0) -> list[list[int]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_id: int | None = None,
+    vocab_limit: int = 0,
+) -> list[list[int]]:
     """The new tokens of each prompt (a list of token ids, at least one), at most max_new_tokens,
     ending before `stop_id` (not included) if the row samples it. `vocab_limit` (0: none): only ids
     below it are sampled (a model whose vocabulary is padded beyond its tokenizer's)."""
@@ -99,15 +110,26 @@ def _decoder(model):
 MIN_TEMPERATURE = 1e-3  # below it (but for 0, greedy), logits / temperature overflows fp32
 
 
-def generate_cli(source: str, prompts: list[str] | str, max_new_tokens: int = 100, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+def generate_cli(
+    source: str,
+    prompts: list[str] | str,
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
     """`msllm generate`: sample from the model in `source` (msllm.use.load) for each prompt; print
     and return the texts (prompt and continuation), one per prompt, blank-line separated."""
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     for name, value, ok, why in (
         ("--max-new-tokens", max_new_tokens, max_new_tokens >= 0, "at least 0"),
-        ("--temperature", temperature, temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf"),
-         f"0 (greedy) or at least {MIN_TEMPERATURE:g}"),
+        (
+            "--temperature",
+            temperature,
+            temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf"),
+            f"0 (greedy) or at least {MIN_TEMPERATURE:g}",
+        ),
         ("--top-k", top_k, top_k >= 0, "at least 0"),
         ("--top-p", top_p, 0.0 < top_p <= 1.0, "in (0, 1]"),
         ("--seed", seed, 0 <= seed < 2**63, "in [0, 2^63)"),
@@ -118,7 +140,9 @@ def generate_cli(source: str, prompts: list[str] | str, max_new_tokens: int = 10
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise MsllmError("--prompt: not valid UTF-8 text (pass the prompt in your terminal's UTF-8 encoding)") from None
+            raise MsllmError(
+                "--prompt: not valid UTF-8 text (pass the prompt in your terminal's UTF-8 encoding)"
+            ) from None
     torch.manual_seed(seed)
     loaded = load_model(source)
     tokenizer, seq_len = loaded.tokenizer, loaded.recipe.data.seq_len
@@ -127,10 +151,22 @@ def generate_cli(source: str, prompts: list[str] | str, max_new_tokens: int = 10
     encoded = [start + ids for ids in tokenizer.encode(texts)]
     longest = max(len(p) for p in encoded) + max_new_tokens
     if seq_len and longest > seq_len:
-        print(f"note: up to {longest} positions, beyond the {seq_len} the model was trained on; positions keep "
-              "counting (RoPE extrapolates)", file=sys.stderr)
-    new = generate(loaded.model, encoded, max_new_tokens, temperature, top_k, top_p, seed,
-                   stop_id=eos if eos >= 0 else None, vocab_limit=tokenizer.vocab_size)
+        print(
+            f"note: up to {longest} positions, beyond the {seq_len} the model was trained on; positions keep "
+            "counting (RoPE extrapolates)",
+            file=sys.stderr,
+        )
+    new = generate(
+        loaded.model,
+        encoded,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        stop_id=eos if eos >= 0 else None,
+        vocab_limit=tokenizer.vocab_size,
+    )
     out = [tokenizer.decode(ids + tokens) for ids, tokens in zip(tokenizer.encode(texts), new)]
     print("\n\n".join(out))
     return out

@@ -57,16 +57,22 @@ def write_import_recipe(folder: str, out: str, force: bool = False) -> Path:
         raw["data"]["seq_len"] = min(raw["data"]["seq_len"], llama.max_position_embeddings)
     raw["train"]["init_from"] = str(llama.folder)
     validate(from_dict(raw, source=str(out_path)), source=str(out_path))
-    text = (f"{_HEADER}{llama.folder} (msllm import-hf): its model, tokenizer\n"
-            "# and weights (train.init_from). Point the data section at your corpus before `msllm train`.\n"
-            + yaml.safe_dump(raw, sort_keys=False))
+    text = (
+        f"{_HEADER}{llama.folder} (msllm import-hf): its model, tokenizer\n"
+        "# and weights (train.init_from). Point the data section at your corpus before `msllm train`.\n"
+        + yaml.safe_dump(raw, sort_keys=False)
+    )
     existed = out_path.exists()
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         write_new(out_path, text)  # by rename: a link at --out is replaced, never written through
     except OSError as exc:
-        raise CheckpointError(f"cannot write --out {out_path}: {exc.strerror or exc}"
-                              + ("; the recipe there is unchanged" if existed else "")) from None
-    print(f"wrote {out_path}: vanilla, {llama.model['scales'][0]['layers']} layers, d_model {llama.model['d_model']}, "
-          f"vocab {llama.model['vocab_size']}, starting from {llama.folder}")
+        raise CheckpointError(
+            f"cannot write --out {out_path}: {exc.strerror or exc}"
+            + ("; the recipe there is unchanged" if existed else "")
+        ) from None
+    print(
+        f"wrote {out_path}: vanilla, {llama.model['scales'][0]['layers']} layers, d_model {llama.model['d_model']}, "
+        f"vocab {llama.model['vocab_size']}, starting from {llama.folder}"
+    )
     return out_path

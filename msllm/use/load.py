@@ -66,20 +66,26 @@ def _load_checkpoint(source: Path) -> LoadedModel:
 def _load_export(folder: Path) -> LoadedModel:
     missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
     if missing:
-        raise CheckpointError(f"{folder} is not a complete msllm export: {', '.join(missing)} missing (export it again)")
+        raise CheckpointError(
+            f"{folder} is not a complete msllm export: {', '.join(missing)} missing (export it again)"
+        )
     try:
         meta = json.loads((folder / "export.json").read_text())
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{folder}/export.json cannot be read ({_first_line(exc)}): export the checkpoint again") from None
+        raise CheckpointError(
+            f"{folder}/export.json cannot be read ({_first_line(exc)}): export the checkpoint again"
+        ) from None
     recipe = read_recipe(folder)
     tokenizer = _tokenizer(folder / "tokenizer.model", meta.get("tokenizer_sha256"), recipe.model.vocab_size)
     try:
         state = load_file(str(folder / "model.safetensors"))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{folder}/model.safetensors is not a readable safetensors file ({_first_line(exc)}): "
-                              "export the checkpoint again") from None
+        raise CheckpointError(
+            f"{folder}/model.safetensors is not a readable safetensors file ({_first_line(exc)}): "
+            "export the checkpoint again"
+        ) from None
     return LoadedModel(_build(recipe, state, folder), recipe, meta, tokenizer, folder, "export")
 
 
@@ -100,15 +106,19 @@ def _tokenizer(path: Path, expected_sha256: str | None, vocab_size: int):
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no tokenizer.model (the tokenizer the model was trained with)")
     if expected_sha256 and file_sha256(path) != expected_sha256:
-        raise CheckpointError(f"{path} is not the tokenizer the model was trained with (its sha256 differs from the "
-                              "recorded one): put the original tokenizer.model back, or export the checkpoint again")
+        raise CheckpointError(
+            f"{path} is not the tokenizer the model was trained with (its sha256 differs from the "
+            "recorded one): put the original tokenizer.model back, or export the checkpoint again"
+        )
     try:
         tokenizer = load_tokenizer_file(path)
     except MsllmError as exc:
         raise CheckpointError(str(exc)) from None
     if tokenizer.vocab_size > vocab_size:
-        raise CheckpointError(f"{path} has {tokenizer.vocab_size} tokens, more than the model's {vocab_size}: "
-                              "not the tokenizer this model was trained with")
+        raise CheckpointError(
+            f"{path} has {tokenizer.vocab_size} tokens, more than the model's {vocab_size}: "
+            "not the tokenizer this model was trained with"
+        )
     return tokenizer
 
 

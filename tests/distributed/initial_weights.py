@@ -16,9 +16,18 @@ from msllm.config import from_dict
 from msllm.models import build_model
 from msllm.train.engine import build_model_for_training
 
-MODEL = {"arch": "bottom_up", "d_model": 66, "n_heads": 3, "vocab_size": 301, "tie_embeddings": True,
-         "final_layers": 1, "scales": [{"factor": 1, "layers": 1, "attention": "local", "window": 8},
-                                       {"factor": 1, "layers": 1, "pool": "dynamic", "target_ratio": 3}]}
+MODEL = {
+    "arch": "bottom_up",
+    "d_model": 66,
+    "n_heads": 3,
+    "vocab_size": 301,
+    "tie_embeddings": True,
+    "final_layers": 1,
+    "scales": [
+        {"factor": 1, "layers": 1, "attention": "local", "window": 8},
+        {"factor": 1, "layers": 1, "pool": "dynamic", "target_ratio": 3},
+    ],
+}
 
 
 def main(tmp: str) -> None:

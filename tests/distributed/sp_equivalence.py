@@ -19,9 +19,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from msllm.config import ModelConfig, ScaleConfig
-from msllm.models import build_model
-from msllm.models.attention import FullCausalAttention, local_attention
-from msllm.models.registry import ARCHS, spec
 from msllm.distributed.dims import ParallelDims
 from msllm.distributed.sequence import (
     HaloLocalAttention,
@@ -29,6 +26,9 @@ from msllm.distributed.sequence import (
     apply_sequence_parallel,
     previous_rank_tail,
 )
+from msllm.models import build_model
+from msllm.models.attention import FullCausalAttention, local_attention
+from msllm.models.registry import ARCHS, spec
 
 TOL = 1e-10
 
@@ -79,18 +79,37 @@ def main() -> None:
         "halo-shift",
         shift,
         lambda t: torch.cat((previous_rank_tail(t, 3, 1, group), t[:, :-3]), dim=1),
-        x, 1, sp_rank, sp_size,
+        x,
+        1,
+        sp_rank,
+        sp_size,
     )
     # Local attention with the halo of keys/values.
     qkv = torch.randn(3, 2, 4, 24, 8, dtype=torch.float64)
     halo = HaloLocalAttention(5, group)
-    check_op("halo-local-attention", lambda t: local_attention(t[0], t[1], t[2], 5),
-             lambda t: halo(t[0], t[1], t[2]), qkv, 3, sp_rank, sp_size, out_dim=2)
+    check_op(
+        "halo-local-attention",
+        lambda t: local_attention(t[0], t[1], t[2], 5),
+        lambda t: halo(t[0], t[1], t[2]),
+        qkv,
+        3,
+        sp_rank,
+        sp_size,
+        out_dim=2,
+    )
     # Ulysses all-to-all attention.
     ulysses = UlyssesAttention(group)
     full = FullCausalAttention()
-    check_op("ulysses-attention", lambda t: full(t[0], t[1], t[2]),
-             lambda t: ulysses(t[0], t[1], t[2]), qkv, 3, sp_rank, sp_size, out_dim=2)
+    check_op(
+        "ulysses-attention",
+        lambda t: full(t[0], t[1], t[2]),
+        lambda t: ulysses(t[0], t[1], t[2]),
+        qkv,
+        3,
+        sp_rank,
+        sp_size,
+        out_dim=2,
+    )
 
     archs = {
         "vanilla": ([ScaleConfig(1, 2, "full")], {}),
@@ -110,8 +129,9 @@ def main() -> None:
     L = 32 * sp_size
     for name, (scales, fields) in archs.items():
         arch = name.split("-")[0]
-        cfg = ModelConfig(arch=arch, vocab_size=50, d_model=16, n_heads=4, scales=scales, pooling="linear",
-                          **own.get(arch, {}))
+        cfg = ModelConfig(
+            arch=arch, vocab_size=50, d_model=16, n_heads=4, scales=scales, pooling="linear", **own.get(arch, {})
+        )
         cfg = dataclasses.replace(cfg, **fields)
         torch.manual_seed(1)
         reference = build_model(cfg).double()

@@ -9,16 +9,30 @@ import pytest
 from msllm.bench.model_startup import MMAP, RECIPE, measure, startup_bytes, to_markdown
 
 TINY = ("model.d_model=64", "model.n_heads=4", "model.scales=[{factor: 1, layers: 2, attention: full}]")
-FIELDS = ("base_rss", "built_peak", "engine_peak", "startup_peak", "step_peak", "startup_rss", "startup_rss_trimmed",
-          "build_s", "engine_s", "to_first_step_s", "first_step_s", "parameters")
+FIELDS = (
+    "base_rss",
+    "built_peak",
+    "engine_peak",
+    "startup_peak",
+    "step_peak",
+    "startup_rss",
+    "startup_rss_trimmed",
+    "build_s",
+    "engine_s",
+    "to_first_step_s",
+    "first_step_s",
+    "parameters",
+)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_each_rank_records_its_startup_memory_and_times(tmp_path):
     # through the first step here (the benchmark itself stops where the step starts)
-    runs = [measure(RECIPE, 1, 0, tmp_path, TINY, timeout=300, run_step=True),
-            measure(RECIPE, 2, 3, tmp_path, TINY, timeout=300, run_step=True, extra_env=MMAP)]
+    runs = [
+        measure(RECIPE, 1, 0, tmp_path, TINY, timeout=300, run_step=True),
+        measure(RECIPE, 2, 3, tmp_path, TINY, timeout=300, run_step=True, extra_env=MMAP),
+    ]
     for run, (ranks, zero) in zip(runs, ((1, 0), (2, 3))):
         assert [r["rank"] for r in run["records"]] == list(range(ranks))
         for record in run["records"]:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fixtures.launch import clean_env, torchrun_command
 from fixtures.train import losses, make_recipe
 
@@ -39,8 +40,14 @@ def _shared_memory(tag: str) -> set[str]:
 def test_a_job_starting_leaves_the_shared_memory_of_a_running_job_alone(data_small_corpus, tmp_path):
     cfg, _ = data_small_corpus
     args = [cfg.shards_dir, str(cfg.seq_len), str(tmp_path / "cache")]
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, *args], env=clean_env(), stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, *args],
+        env=clean_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         tag = holder.stdout.readline().strip()
         assert tag, holder.stderr.read()
@@ -48,8 +55,14 @@ def test_a_job_starting_leaves_the_shared_memory_of_a_running_job_alone(data_sma
         assert blocks  # streaming's blocks of the running job, named after it
 
         # Another job on the host starts (and cleans what crashed attempts of itself left).
-        other = subprocess.run([sys.executable, "-c", _HOLDER, *args], env=clean_env(), input="\n",
-                               capture_output=True, text=True, timeout=300)
+        other = subprocess.run(
+            [sys.executable, "-c", _HOLDER, *args],
+            env=clean_env(),
+            input="\n",
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert other.returncode == 0 and "read 50" in other.stdout, other.stderr
         assert _shared_memory(tag) == blocks
 
@@ -73,8 +86,14 @@ def test_two_trainings_started_at_once_on_one_read_only_shards_folder_both_compl
     for name in ("a", "b"):
         recipe, out = make_recipe(tmp_path, (corpus, fresh), name=f"{name}.yaml", train={"max_steps": 4})
         command = torchrun_command(2, "-m", "msllm.cli", "train", recipe)
-        jobs.append((subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, cwd=tmp_path), out))
+        jobs.append(
+            (
+                subprocess.Popen(
+                    command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+                ),
+                out,
+            )
+        )
     results = [(proc.communicate(timeout=600), proc.returncode, out) for proc, out in jobs]
     for (stdout, stderr), returncode, _ in results:
         assert returncode == 0, f"STDOUT\n{stdout[-3000:]}\nSTDERR\n{stderr[-3000:]}"
@@ -97,11 +116,15 @@ def test_two_nodes_first_read_one_shards_folder_at_the_same_moment(data_small_co
     procs = []
     for name, shards_dir in (("node0", fresh), ("node1", fresh), ("other", other)):
         command = torchrun_command(2, script, shards_dir, cfg.seq_len, tmp_path / name)
-        procs.append(subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(command, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"STDOUT\n{stdout[-3000:]}\nSTDERR\n{stderr[-3000:]}"
-    results = {name: [json.loads((tmp_path / f"{name}.{rank}.json").read_text()) for rank in (0, 1)]
-               for name in ("node0", "node1", "other")}
+    results = {
+        name: [json.loads((tmp_path / f"{name}.{rank}.json").read_text()) for rank in (0, 1)]
+        for name in ("node0", "node1", "other")
+    }
     assert results["node0"] == results["node1"] == results["other"]  # same shards content, same batches
     assert _tree(fresh) == before

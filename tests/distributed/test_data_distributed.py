@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.launch import torchrun
 
+from fixtures.launch import torchrun
 from msllm.data import build_dataloader
 
 SCRIPT = Path(__file__).parent / "data_torchrun_script.py"
@@ -28,10 +28,16 @@ def test_two_ranks_data_parallel_and_sequence_parallel(data_small_corpus, tmp_pa
     ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in range(2)]
 
     # Every train and validation sample, read in this single process without any env.
-    all_train = {w for b in build_dataloader(cfg, "train", batch_size=8, seed=0, shuffle=False, repeat=False)
-                 for w in _windows({k: v.tolist() for k, v in b.items()})}
-    all_validation = [w for b in build_dataloader(cfg, "validation", batch_size=8, seed=0)
-                      for w in _windows({k: v.tolist() for k, v in b.items()})]
+    all_train = {
+        w
+        for b in build_dataloader(cfg, "train", batch_size=8, seed=0, shuffle=False, repeat=False)
+        for w in _windows({k: v.tolist() for k, v in b.items()})
+    }
+    all_validation = [
+        w
+        for b in build_dataloader(cfg, "validation", batch_size=8, seed=0)
+        for w in _windows({k: v.tolist() for k, v in b.items()})
+    ]
 
     # Data parallel: disjoint samples, all of them real train samples; exact resume on each rank.
     dp = [{w for b in r["dp"] for w in _windows(b)} for r in ranks]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fixtures.launch import clean_env, free_port, wait_for_port
 from fixtures.train import base_recipe, check, corpus_text, losses, msllm, msllm_torchrun, write_recipe
 
@@ -25,6 +26,7 @@ _REGION = "us-east-1"
 def s3_server(tmp_path_factory):
     """Environment variables for a running moto server with one bucket and a signed-in user."""
     import boto3
+
     if shutil.which("moto_server", path=str(Path(sys.executable).parent)) is None:
         pytest.fail("moto_server is not installed: pip install 'msllm[dev]' (it brings moto[server])")
     port = free_port()
@@ -32,13 +34,15 @@ def s3_server(tmp_path_factory):
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},  # user, key, policy; then signed only
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
     try:
         endpoint = f"http://127.0.0.1:{port}"
         wait_for_port(port, server, log.read_text() if log.exists() else "")
-        iam = boto3.client("iam", endpoint_url=endpoint, region_name=_REGION,
-                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam = boto3.client(
+            "iam", endpoint_url=endpoint, region_name=_REGION, aws_access_key_id="setup", aws_secret_access_key="setup"
+        )
         iam.create_user(UserName="msllm")
         key = iam.create_access_key(UserName="msllm")["AccessKey"]
         policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
@@ -49,8 +53,13 @@ def s3_server(tmp_path_factory):
             "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
             "AWS_DEFAULT_REGION": _REGION,
         }
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=_REGION,
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=_REGION,
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
         s3.create_bucket(Bucket=BUCKET)
         yield env, s3
     finally:
@@ -125,7 +134,9 @@ def test_missing_bucket_bad_credentials_and_unreachable_endpoint_are_one_line_er
         return write_recipe(tmp_path / "recipe.yaml", values)
 
     line = _one_line_error(_cli(_s3_env(env), "prep", recipe("s3://no-such-bucket/x")))
-    assert line == "msllm prep: error: cannot write to s3://no-such-bucket/x: the bucket does not exist (create it first)"
+    assert (
+        line == "msllm prep: error: cannot write to s3://no-such-bucket/x: the bucket does not exist (create it first)"
+    )
     line = _one_line_error(_cli(_s3_env(env), "prep", recipe("s3://no-such-bucket/x", source="shards")))
     assert line == (
         "msllm prep: error: s3://no-such-bucket/x/manifest.json does not exist (check the bucket and the path in "

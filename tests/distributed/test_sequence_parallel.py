@@ -11,14 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.launch import clean_env, torchrun
 
+from fixtures.launch import clean_env, torchrun
 from msllm.models.registry import ARCHS, SPECS
 from msllm.models.spec import LOCAL, UNSUPPORTED
 
 SCRIPT = Path(__file__).parent / "sp_equivalence.py"
-CHECKS = ["halo-shift", "halo-local-attention", "ulysses-attention", "vanilla", "vanilla-local", "bottom_up",
-          "top_down", "retina", "retina-k4"]
+CHECKS = [
+    "halo-shift",
+    "halo-local-attention",
+    "ulysses-attention",
+    "vanilla",
+    "vanilla-local",
+    "bottom_up",
+    "top_down",
+    "retina",
+    "retina-k4",
+]
 CHECKS += [arch for arch in ARCHS if arch not in CHECKS]  # every registered architecture (sp_equivalence adds it)
 
 
@@ -47,9 +56,13 @@ def _module_classes(arch: str) -> set[type]:
         variants.append(tiny_config(arch, pooling="linear", upsampling="linear"))
     if "mamba2" in base.arch_config.mixers:
         mamba = MambaConfig(d_state=8, head_dim=16, chunk_size=8)
-        variants.append(tiny_config(arch, mamba=mamba, scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(2, 1, "full")]))
+        variants.append(
+            tiny_config(arch, mamba=mamba, scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(2, 1, "full")])
+        )
     if base.arch_config.dynamic_pool:
-        variants.append(tiny_config(arch, scales=[ScaleConfig(1, 1, "local", 8), ScaleConfig(1, 1, "full", pool="dynamic")]))
+        variants.append(
+            tiny_config(arch, scales=[ScaleConfig(1, 1, "local", 8), ScaleConfig(1, 1, "full", pool="dynamic")])
+        )
     variants += [tiny_config(arch, **overrides) for overrides in SPECS[arch].tiny_variants]  # its own options
     with torch.device("meta"):
         return {type(m) for cfg in variants for m in build_model(cfg, device="meta").modules()}

@@ -18,8 +18,13 @@ def zero_runs(tmp_path_factory, tiny_data):
     outs = {}
     for stage in (0, 1, 2, 3):
         recipe, out = make_recipe(
-            tmp, tiny_data, name=f"zero{stage}.yaml", parallel={"zero_stage": stage},
-            train={"max_steps": STEPS}, eval={"every": 0}, checkpoint={"every": 3},
+            tmp,
+            tiny_data,
+            name=f"zero{stage}.yaml",
+            parallel={"zero_stage": stage},
+            train={"max_steps": STEPS},
+            eval={"every": 0},
+            checkpoint={"every": 3},
         )
         proc = check(msllm_torchrun(2, "train", recipe, cwd=tmp))
         assert "world 2 (dp 2 x sp 1" in proc.stdout and "512 tokens/step" in proc.stdout
@@ -75,9 +80,19 @@ def test_srun_environment_without_torchrun(tmp_path, tiny_data):
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 2}, eval={"every": 0}, checkpoint={"every": 0})
     port = str(free_port())
     procs = [
-        start_msllm("train", recipe, env=clean_env(
-            SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_JOB_ID="7",
-            SLURM_STEP_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE="2", MASTER_PORT=port))
+        start_msllm(
+            "train",
+            recipe,
+            env=clean_env(
+                SLURM_PROCID=str(r),
+                SLURM_NTASKS="2",
+                SLURM_LOCALID=str(r),
+                SLURM_JOB_ID="7",
+                SLURM_STEP_NODELIST="localhost",
+                SLURM_STEP_TASKS_PER_NODE="2",
+                MASTER_PORT=port,
+            ),
+        )
         for r in (0, 1)
     ]
     results = [p.communicate(timeout=300) for p in procs]
@@ -90,7 +105,10 @@ def test_two_ranks_equal_one_rank_with_two_accumulation_steps(zero_runs, tmp_pat
     """The loss is over the global batch: 2 ranks x 1 micro-batch = 1 rank x 2 accumulated ones."""
     _, outs = zero_runs
     recipe, out = make_recipe(
-        tmp_path, tiny_data, train={"max_steps": STEPS, "grad_accum_steps": 2}, eval={"every": 0},
+        tmp_path,
+        tiny_data,
+        train={"max_steps": STEPS, "grad_accum_steps": 2},
+        eval={"every": 0},
         checkpoint={"every": 0},
     )
     check(msllm("train", recipe))

@@ -33,9 +33,12 @@ REFERENCES = {  # name: (ranks, parallel section, micro-batch): global batch 4 i
 
 def recipe_sections(parallel: dict, micro: int, accum: int = 1) -> dict:
     return dict(
-        model=MODEL, parallel={"sp": 1, **parallel},
+        model=MODEL,
+        parallel={"sp": 1, **parallel},
         train={"max_steps": STEPS, "micro_batch_size": micro, "grad_accum_steps": accum},
-        eval={"every": 0}, checkpoint={"every": SAVED, "keep_last": 0}, log={"every": 1, "tensorboard": False, "sample_ids": True},
+        eval={"every": 0},
+        checkpoint={"every": SAVED, "keep_last": 0},
+        log={"every": 1, "tensorboard": False, "sample_ids": True},
     )
 
 
@@ -48,21 +51,32 @@ def references(made_once, tiny_data):
             nproc, parallel, micro = REFERENCES[name]
             recipe, _ = make_recipe(tmp, tiny_data, name=f"{name}.yaml", **recipe_sections(parallel, micro))
             check(msllm_torchrun(nproc, "train", recipe, cwd=tmp))
+
         return run
 
     return {name: recipe_paths(made_once(f"elastic-{name}", make(name)), f"{name}.yaml") for name in REFERENCES}
 
 
-def resume(tmp: Path, tiny_data, reference_out: Path, nproc: int, parallel: dict, micro: int, accum: int,
-           step: int = SAVED, *extra: str):
+def resume(
+    tmp: Path,
+    tiny_data,
+    reference_out: Path,
+    nproc: int,
+    parallel: dict,
+    micro: int,
+    accum: int,
+    step: int = SAVED,
+    *extra: str,
+):
     """A new run folder holding only checkpoint `step` of `reference_out` (and its log rows up to
     it), trained to the end on `nproc` ranks with `parallel`, micro x accum: -> (proc, output_dir)."""
     tmp.mkdir(parents=True, exist_ok=True)
     recipe, out = make_recipe(tmp, tiny_data, name=f"resumed-{nproc}.yaml", **recipe_sections(parallel, micro, accum))
     ckpt = reference_out / "checkpoints" / f"step_{step:07d}"
     shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
-    (out / "metrics.jsonl").write_text("".join(
-        line + "\n" for line in (reference_out / "metrics.jsonl").read_text().splitlines()[:step]))
+    (out / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (reference_out / "metrics.jsonl").read_text().splitlines()[:step])
+    )
     args = ("train", recipe, *extra)
     proc = msllm_torchrun(nproc, *args, cwd=tmp) if nproc > 1 else msllm(*args, cwd=tmp)
     return check(proc), out
@@ -90,7 +104,9 @@ def test_zero1_on_4_ranks_continues_on_1_rank_at_zero0_then_grows_to_2_ranks_at_
     """4 ranks ZeRO 1 -> 1 rank ZeRO 0 (accumulation 4), stopped at step 5; that ZeRO-0
     checkpoint -> 2 ranks ZeRO 2 (accumulation 2)."""
     _, ref = references["z1"]
-    _, out = resume(tmp_path / "one", tiny_data, ref, 1, {"zero_stage": 0}, 1, 4, SAVED, "--set", "train.stop_at_step=5")
+    _, out = resume(
+        tmp_path / "one", tiny_data, ref, 1, {"zero_stage": 0}, 1, 4, SAVED, "--set", "train.stop_at_step=5"
+    )
     assert max(r["step"] for r in rows(out)) == 5
     _, grown = resume(tmp_path / "two", tiny_data, out, 2, {"zero_stage": 2}, 1, 2, 5)
     want = {r["step"]: r for r in rows(ref)}
@@ -134,10 +150,11 @@ def test_a_resume_that_would_change_the_global_batch_names_the_set_that_keeps_it
 
 def test_conversion_is_made_once_beside_the_original_which_it_never_changes(references, tmp_path):
     """msllm.checkpoint.reshard.convert (rank 0's part) on a copy of the ZeRO-1 checkpoint."""
+    from reliability.helpers import tree_digest
+
     from msllm.checkpoint.files import verify_checkpoint
     from msllm.checkpoint.reshard import SEAL, convert, verify_universal
     from msllm.errors import ReshardError
-    from reliability.helpers import tree_digest
 
     _, ref = references["z1"]
     ckpt = tmp_path / "checkpoints" / "step_0000003"

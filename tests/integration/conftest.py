@@ -54,9 +54,22 @@ def shards_dir(made_once, tmp_path_factory, trainer) -> Path:
         # "nodes" share the folder: first use by two nodes at once raced here (FileNotFoundError
         # on train/shard.00000.mds), a data-loader matter that these launcher tests sidestep.
         proc = run(
-            [sys.executable, "-m", "msllm.cli", "train", str(TINY_RECIPE), "--set", f"data.shards_dir={path}",
-             "--set", f"run.output_dir={folder / 'warmup'}", "--set", "train.max_steps=1"],
-            check=False, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"},
+            [
+                sys.executable,
+                "-m",
+                "msllm.cli",
+                "train",
+                str(TINY_RECIPE),
+                "--set",
+                f"data.shards_dir={path}",
+                "--set",
+                f"run.output_dir={folder / 'warmup'}",
+                "--set",
+                "train.max_steps=1",
+            ],
+            check=False,
+            timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "2"},
         )
         assert proc.returncode == 0, f"a one-step `msllm train` of the tiny recipe failed:\n{proc.stdout[-3000:]}"
 

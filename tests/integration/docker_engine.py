@@ -39,7 +39,10 @@ def base_image_key() -> str:
     path, so a fresh clone's venv with the same packages reuses the tarball."""
     from importlib import metadata
 
-    packages = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()} - {f"msllm=={metadata.version('msllm')}"})
+    packages = sorted(
+        {f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()}
+        - {f"msllm=={metadata.version('msllm')}"}
+    )
     h = hashlib.sha256()
     h.update((HERE / "make_base_image.sh").read_bytes())
     h.update(f"{sys.version}|{'|'.join(packages)}".encode())
@@ -70,13 +73,17 @@ class DockerEngine:
         self.env = dict(os.environ, DOCKER_HOST=f"unix://{self.sock}", DOCKER_BUILDKIT="1")
         self.env.pop("DOCKER_CONTEXT", None)
 
-    def start(self) -> "DockerEngine":
+    def start(self) -> DockerEngine:
         need(shutil.which("dockerd") is not None, "dockerd is missing: run .ci/install-system.sh (docker.io)")
         need(self.client is not None, "the docker client is missing: run .ci/install-system.sh (docker.io)")
         cmd = [
-            "dockerd", f"--data-root={self.root / 'data'}", f"--exec-root={self.root / 'x'}",
-            f"--pidfile={self.root / 'dockerd.pid'}", f"--host=unix://{self.sock}",
-            "--bridge=none", "--iptables=false",
+            "dockerd",
+            f"--data-root={self.root / 'data'}",
+            f"--exec-root={self.root / 'x'}",
+            f"--pidfile={self.root / 'dockerd.pid'}",
+            f"--host=unix://{self.sock}",
+            "--bridge=none",
+            "--iptables=false",
         ]
         proc = self.procs.start("dockerd", cmd, self.root / "dockerd.log")
 

@@ -46,17 +46,27 @@ class SlurmCluster:
         key.chmod(0o400)
         self.munge_socket = mdir / "munge.socket"
         cmd = [
-            "setpriv", f"--reuid={munge.pw_uid}", f"--regid={munge.pw_gid}", "--clear-groups",
-            "munged", "--foreground", f"--socket={self.munge_socket}", f"--key-file={key}",
-            f"--pid-file={mdir / 'munged.pid'}", f"--seed-file={mdir / 'munged.seed'}",
+            "setpriv",
+            f"--reuid={munge.pw_uid}",
+            f"--regid={munge.pw_gid}",
+            "--clear-groups",
+            "munged",
+            "--foreground",
+            f"--socket={self.munge_socket}",
+            f"--key-file={key}",
+            f"--pid-file={mdir / 'munged.pid'}",
+            f"--seed-file={mdir / 'munged.seed'}",
             f"--log-file={mdir / 'munged.log'}",
         ]
         proc = self.procs.start("munged", cmd, self.root / "munged.out")
         wait_for(
             lambda: self.munge_socket.exists() or proc.poll() is not None,
-            20, "munged's socket",
+            20,
+            "munged's socket",
         )
-        need(proc.poll() is None, f"munged did not start:\n{tail(self.root / 'munged.out')}\n{tail(mdir / 'munged.log')}")
+        need(
+            proc.poll() is None, f"munged did not start:\n{tail(self.root / 'munged.out')}\n{tail(mdir / 'munged.log')}"
+        )
 
     def _write_conf(self) -> None:
         ctld_port, *node_ports = free_ports(1 + len(self.names))
@@ -100,9 +110,7 @@ class SlurmCluster:
             "InactiveLimit=0",
         ]
         for name, addr, port in zip(self.names, self.addrs, node_ports):
-            lines.append(
-                f"NodeName={name} NodeAddr={addr} Port={port} CPUs={self.cpus} RealMemory=4000 State=UNKNOWN"
-            )
+            lines.append(f"NodeName={name} NodeAddr={addr} Port={port} CPUs={self.cpus} RealMemory=4000 State=UNKNOWN")
         lines.append(f"PartitionName=test Nodes={','.join(self.names)} Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
         hosts = ["127.0.0.1 localhost", f"127.0.0.1 {host}"]
@@ -110,7 +118,7 @@ class SlurmCluster:
         self.hosts_file = self.root / "hosts"
         self.hosts_file.write_text("\n".join(hosts) + "\n")
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         for tool in ("munged", "slurmctld", "slurmd", "sbatch", "unshare", "setpriv"):
             need(shutil.which(tool) is not None, f"{tool} is missing: run .ci/install-system.sh")
         self._munge()
@@ -127,8 +135,10 @@ class SlurmCluster:
                 f"exec slurmd -D -N {name} -f {self.conf}"
             )
             self.procs.start(
-                f"slurmd-{name}", ["unshare", "--uts", "--mount", "sh", "-c", script],
-                self.root / f"slurmd-{name}.out", env=self.env,
+                f"slurmd-{name}",
+                ["unshare", "--uts", "--mount", "sh", "-c", script],
+                self.root / f"slurmd-{name}.out",
+                env=self.env,
             )
 
         def idle() -> bool:
@@ -168,6 +178,11 @@ class SlurmCluster:
             info = self.job_state(job_id)
             return info.get("JobState") in states
 
-        wait_for(check, timeout, f"job {job_id} to reach {states}", interval=1,
-                 diagnostics=lambda: f"job: {info}\n{self.diagnostics()}")
+        wait_for(
+            check,
+            timeout,
+            f"job {job_id} to reach {states}",
+            interval=1,
+            diagnostics=lambda: f"job: {info}\n{self.diagnostics()}",
+        )
         return info

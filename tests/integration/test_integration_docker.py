@@ -11,7 +11,6 @@ import json
 import os
 
 import pytest
-
 from integ_helpers import REPO, TINY_RECIPE, need, need_root_and_tools
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -31,11 +30,22 @@ def engine():
         proc = eng.docker("import", "--change", f"ENV PATH={IMAGE_PATH}", str(tar), BASE_TAG, check=False, timeout=900)
         need(proc.returncode == 0, f"docker import of {tar} failed:\n{proc.stdout[-3000:]}")
         proc = eng.docker(
-            "build", "--network", "none", "-f", str(REPO / "docker" / "Dockerfile"),
-            "--build-arg", f"BASE_IMAGE={BASE_TAG}",
-            "--build-arg", "PIP_FLAGS=--no-build-isolation --no-index",
-            "--build-arg", "PREBUILD_DS_CPU_OPS=1",
-            "-t", IMAGE, str(REPO), check=False, timeout=900,
+            "build",
+            "--network",
+            "none",
+            "-f",
+            str(REPO / "docker" / "Dockerfile"),
+            "--build-arg",
+            f"BASE_IMAGE={BASE_TAG}",
+            "--build-arg",
+            "PIP_FLAGS=--no-build-isolation --no-index",
+            "--build-arg",
+            "PREBUILD_DS_CPU_OPS=1",
+            "-t",
+            IMAGE,
+            str(REPO),
+            check=False,
+            timeout=900,
         )
         assert proc.returncode == 0, f"docker build failed:\n{proc.stdout[-5000:]}"
         yield eng
@@ -68,9 +78,12 @@ def host_shards(tmp_path_factory):
 def _volumes(tmp_path, shards, out=None):
     out = out or _writable(tmp_path / "out")
     return out, [
-        "-v", f"{TINY_RECIPE}:/recipes/tiny.yaml:ro",
-        "-v", f"{shards}:/data/tiny:ro",
-        "-v", f"{out}:/out",
+        "-v",
+        f"{TINY_RECIPE}:/recipes/tiny.yaml:ro",
+        "-v",
+        f"{shards}:/data/tiny:ro",
+        "-v",
+        f"{out}:/out",
     ]
 
 
@@ -80,7 +93,9 @@ def test_image_metadata(engine):
     assert cfg["User"] not in ("", "0", "root"), cfg["User"]
     assert engine.docker("run", "--rm", "--network", "none", "--entrypoint", "id", IMAGE, "-u").stdout.strip() == "1000"
     # Only what the image needs is in it: no tests, no .git, no runs.
-    listing = engine.docker("run", "--rm", "--network", "none", "--entrypoint", "ls", IMAGE, "-A", "/opt/msllm").stdout.split()
+    listing = engine.docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "ls", IMAGE, "-A", "/opt/msllm"
+    ).stdout.split()
     assert {"msllm", "recipes", "launchers", "pyproject.toml"} <= set(listing), listing
     assert not {"tests", ".git", "runs", "data"} & set(listing), listing
 
@@ -88,9 +103,22 @@ def test_image_metadata(engine):
 def test_tiny_recipe_in_a_container_without_network(engine, trainer, host_shards, tmp_path):
     out, vols = _volumes(tmp_path, host_shards)
     proc = engine.docker(
-        "run", "--rm", "--network", "none", "-e", "OMP_NUM_THREADS=2", *vols, IMAGE,
-        "train", "/recipes/tiny.yaml", "--set", "run.output_dir=/out/run", "--set", "data.shards_dir=/data/tiny",
-        check=False, timeout=600,
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-e",
+        "OMP_NUM_THREADS=2",
+        *vols,
+        IMAGE,
+        "train",
+        "/recipes/tiny.yaml",
+        "--set",
+        "run.output_dir=/out/run",
+        "--set",
+        "data.shards_dir=/data/tiny",
+        check=False,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-5000:]
     # The host's shards are taken as they are, not prepared again.
@@ -108,11 +136,31 @@ def test_two_containers_one_rank_each(engine, trainer, host_shards, tmp_path):
     for rank, name in enumerate(names):
         _, vols = _volumes(tmp_path, host_shards, out=out)
         net = "none" if rank == 0 else f"container:{names[0]}"
-        env = [f"RANK={rank}", "WORLD_SIZE=2", "LOCAL_RANK=0", "LOCAL_WORLD_SIZE=1",
-               "MASTER_ADDR=127.0.0.1", "MASTER_PORT=29610", "OMP_NUM_THREADS=1"]
+        env = [
+            f"RANK={rank}",
+            "WORLD_SIZE=2",
+            "LOCAL_RANK=0",
+            "LOCAL_WORLD_SIZE=1",
+            "MASTER_ADDR=127.0.0.1",
+            "MASTER_PORT=29610",
+            "OMP_NUM_THREADS=1",
+        ]
         engine.docker(
-            "run", "-d", "--name", name, "--network", net, *[a for e in env for a in ("-e", e)], *vols, IMAGE,
-            "train", "/recipes/tiny.yaml", "--set", "run.output_dir=/out/run", "--set", "data.shards_dir=/data/tiny",
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            net,
+            *[a for e in env for a in ("-e", e)],
+            *vols,
+            IMAGE,
+            "train",
+            "/recipes/tiny.yaml",
+            "--set",
+            "run.output_dir=/out/run",
+            "--set",
+            "data.shards_dir=/data/tiny",
         )
     codes, logs = [], []
     for name in names:

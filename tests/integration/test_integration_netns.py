@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from integ_helpers import REPO, Procs, base_env, need, need_root_and_tools, run, tail
 
 LOCAL_SH = REPO / "launchers" / "local.sh"
@@ -62,16 +61,39 @@ def _launch(two_hosts, trainer, shards_dir, out, tmp_path, static: bool):
     try:
         for rank, host in enumerate(("hosta", "hostb")):
             extra = ["--node-rank", str(rank)] if static else []
-            launcher = [str(LOCAL_SH), "--nnodes", "2", "--nproc", "1", "--head", f"hosta:{port}",
-                        "--rdzv-id", "netns-test", *extra, *trainer.recipe_args(out, shards_dir)]
+            launcher = [
+                str(LOCAL_SH),
+                "--nnodes",
+                "2",
+                "--nproc",
+                "1",
+                "--head",
+                f"hosta:{port}",
+                "--rdzv-id",
+                "netns-test",
+                *extra,
+                *trainer.recipe_args(out, shards_dir),
+            ]
             # Its own /dev/shm too, as a real host has: mosaicml-streaming names its shared memory
             # by the local rank, and two "hosts" sharing /dev/shm would collide.
             script = (
-                f'hostname {host} && mount --bind {two_hosts["hosts"]} /etc/hosts && '
+                f"hostname {host} && mount --bind {two_hosts['hosts']} /etc/hosts && "
                 f'mount -t tmpfs -o size=512m tmpfs /dev/shm && exec "$@"'
             )
-            cmd = ["ip", "netns", "exec", two_hosts["ns"][host], "unshare", "--uts", "--mount",
-                   "sh", "-c", script, "sh", *launcher]
+            cmd = [
+                "ip",
+                "netns",
+                "exec",
+                two_hosts["ns"][host],
+                "unshare",
+                "--uts",
+                "--mount",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                *launcher,
+            ]
             results[host] = (procs.start(host, cmd, tmp_path / f"{host}.log", env=env), tmp_path / f"{host}.log")
         for host, (proc, log) in results.items():
             try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from integ_helpers import REPO, base_env, free_ports, run, tail, wait_for
 
 SBATCH = REPO / "launchers" / "slurm" / "train.sbatch"
@@ -71,8 +70,12 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, trainer, shards_dir, tmp
 
     # Then what slurm sends before the time limit (#SBATCH --signal=B:USR1@120): USR1 to the batch
     # shell only.
-    wait_for(lambda: log.is_file() and "WAITING FOR A SIGNAL" in log.read_text(), 240, f"the ranks to wait at step {held}",
-             diagnostics=lambda: tail(log, 60) + "\n" + cluster.diagnostics())
+    wait_for(
+        lambda: log.is_file() and "WAITING FOR A SIGNAL" in log.read_text(),
+        240,
+        f"the ranks to wait at step {held}",
+        diagnostics=lambda: tail(log, 60) + "\n" + cluster.diagnostics(),
+    )
     assert trainer.checkpoint_steps(out) == [4]
     run(["scancel", "--signal=USR1", "--batch", job_id], env=cluster.env)
 

@@ -34,8 +34,15 @@ def test_the_verdict_weighs_dynamic_against_fixed_by_the_seed_spread():
 @pytest.mark.slow
 def test_bench_bytes_trains_every_model_and_seed_and_skips_finished_runs(tmp_path, monkeypatch):
     # The recipes' shards folders are relative to `root`: they are written here.
-    args = argparse.Namespace(recipes=str(RECIPES), seeds=(1, 2), runs=str(tmp_path / "runs"), out=str(tmp_path / "out"),
-                              root=str(tmp_path), jobs=2, set=["train.max_steps=4", "eval.every=2", "eval.max_batches=1", "log.every=1"])
+    args = argparse.Namespace(
+        recipes=str(RECIPES),
+        seeds=(1, 2),
+        runs=str(tmp_path / "runs"),
+        out=str(tmp_path / "out"),
+        root=str(tmp_path),
+        jobs=2,
+        set=["train.max_steps=4", "eval.every=2", "eval.max_batches=1", "log.every=1"],
+    )
     text = bench.bench_bytes(args)
     results = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")}
     assert sorted(results) == sorted(f"{m}-seed{s}" for m in bench.MODELS for s in (1, 2))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lab import paper, scaling
 from fixtures.plots import check_png, legend_labels, lines
+from lab import paper, scaling
 
 LAB = Path(__file__).resolve().parents[2] / "lab"
 
@@ -17,8 +17,12 @@ LAB = Path(__file__).resolve().parents[2] / "lab"
 def summary(bpb: list[float], total: int) -> dict:
     import statistics
 
-    return {"bpb_mean": statistics.mean(bpb), "bpb_sd": statistics.stdev(bpb), "seeds": len(bpb),
-            "memory": {"total": total}}
+    return {
+        "bpb_mean": statistics.mean(bpb),
+        "bpb_sd": statistics.stdev(bpb),
+        "seeds": len(bpb),
+        "memory": {"total": total},
+    }
 
 
 def test_the_table_names_one_thread_and_one_run_in_the_singular():
@@ -30,12 +34,17 @@ def test_the_lab_runs_from_any_folder_and_names_a_missing_recipe_in_one_line(tmp
     listed = subprocess.run([sys.executable, str(LAB), "--list"], cwd=tmp_path, capture_output=True, text=True)
     assert listed.returncode == 0, listed.stderr
     assert [line.split()[0] for line in listed.stdout.splitlines()] == ["paper", "bytes", "scaling", "train-quickstart"]
-    missing = subprocess.run([sys.executable, str(LAB), "paper", "--recipes", str(tmp_path / "none"),
-                              "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, str(LAB), "paper", "--recipes", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         f"lab paper: error: no recipe {tmp_path / 'none'}/vanilla-3.yaml (pass --recipes DIR, a folder of the "
-        "models' recipes)"]
+        "models' recipes)"
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -51,9 +60,14 @@ def test_the_verdict_weighs_the_effect_against_the_seed_spread():
 
 @pytest.mark.slow
 def test_bench_paper_trains_every_model_and_seed_and_skips_finished_runs(tmp_path, monkeypatch, saved_plots):
-    args = argparse.Namespace(models=("vanilla-3", "bottom_up-6"), seeds=(1, 2), runs=str(tmp_path / "runs"),
-                              out=str(tmp_path / "out"), jobs=2,
-                              set=["train.max_steps=4", "eval.every=2", "eval.max_batches=1", "log.every=1"])
+    args = argparse.Namespace(
+        models=("vanilla-3", "bottom_up-6"),
+        seeds=(1, 2),
+        runs=str(tmp_path / "runs"),
+        out=str(tmp_path / "out"),
+        jobs=2,
+        set=["train.max_steps=4", "eval.every=2", "eval.max_batches=1", "log.every=1"],
+    )
     text = paper.bench_paper(args)
     results = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/result.json")}
     assert sorted(results) == ["bottom_up-6-seed1", "bottom_up-6-seed2", "vanilla-3-seed1", "vanilla-3-seed2"]
@@ -83,7 +97,9 @@ def test_bench_paper_trains_every_model_and_seed_and_skips_finished_runs(tmp_pat
 
 
 def test_bench_scaling_fits_exponents_and_plots(tmp_path, saved_plots):
-    text = scaling.bench_scaling(argparse.Namespace(lengths=(128, 256), models=("vanilla", "bottom_up"), out=str(tmp_path)))
+    text = scaling.bench_scaling(
+        argparse.Namespace(lengths=(128, 256), models=("vanilla", "bottom_up"), out=str(tmp_path))
+    )
     assert text.count("| vanilla |") == 1 and text.count("| bottom_up |") == 1
     fig, path = saved_plots["scaling.png"]
     assert path == tmp_path / "scaling.png"

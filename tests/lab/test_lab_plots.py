@@ -9,9 +9,8 @@ import shutil
 import matplotlib.image
 import pytest
 
-from lab import RESULTS, paper, scaling
 from fixtures.plots import check_readable, check_saved_png, lines
-
+from lab import RESULTS, paper, scaling
 
 # ------------------------------------------------------------------------------------------------
 # paper
@@ -21,12 +20,24 @@ from fixtures.plots import check_readable, check_saved_png, lines
 def test_paper_memory_chart_stacks_the_parts_of_each_step(tmp_path):
     mib = 2**20
     memory = {
-        "vanilla-3": {"parameters": 10 * mib, "gradients": 10 * mib, "optimizer": 20 * mib,
-                      "body_activations": 200 * mib, "loss_activations": 60 * mib, "activations": 260 * mib,
-                      "total": 300 * mib},
-        "retina-6": {"parameters": 12 * mib, "gradients": 12 * mib, "optimizer": 24 * mib,
-                     "body_activations": 320 * mib, "loss_activations": 60 * mib, "activations": 380 * mib,
-                     "total": 428 * mib},
+        "vanilla-3": {
+            "parameters": 10 * mib,
+            "gradients": 10 * mib,
+            "optimizer": 20 * mib,
+            "body_activations": 200 * mib,
+            "loss_activations": 60 * mib,
+            "activations": 260 * mib,
+            "total": 300 * mib,
+        },
+        "retina-6": {
+            "parameters": 12 * mib,
+            "gradients": 12 * mib,
+            "optimizer": 24 * mib,
+            "body_activations": 320 * mib,
+            "loss_activations": 60 * mib,
+            "activations": 380 * mib,
+            "total": 428 * mib,
+        },
     }
     fig = paper.memory_figure(memory)
     ax = fig.axes[0]
@@ -42,8 +53,11 @@ def test_paper_memory_chart_stacks_the_parts_of_each_step(tmp_path):
 
 
 def test_paper_bpb_plot_draws_each_model_with_its_seed_band(tmp_path):
-    results = [{"model": m, "seed": s, "curve": [[t * 1000, 2.5 - 0.05 * t + 0.01 * s + 0.02 * i] for t in (1, 2, 3)]}
-               for i, m in enumerate(("vanilla-3", "top_down-6")) for s in (1, 2, 3)]
+    results = [
+        {"model": m, "seed": s, "curve": [[t * 1000, 2.5 - 0.05 * t + 0.01 * s + 0.02 * i] for t in (1, 2, 3)]}
+        for i, m in enumerate(("vanilla-3", "top_down-6"))
+        for s in (1, 2, 3)
+    ]
     fig = paper.bpb_figure(results)
     ax = fig.axes[0]
     assert check_readable(fig) == ["vanilla-3", "top_down-6"]
@@ -61,8 +75,10 @@ def test_paper_bpb_plot_draws_each_model_with_its_seed_band(tmp_path):
 
 
 def test_scaling_plot_draws_time_and_memory_per_architecture(tmp_path):
-    results = {arch: [{"L": L, "step_s": 0.01 * (i + 1) * L / 1024, "memory": (i + 1) * L * 2**14} for L in (1024, 2048, 4096)]
-               for i, arch in enumerate(("vanilla", "bottom_up"))}
+    results = {
+        arch: [{"L": L, "step_s": 0.01 * (i + 1) * L / 1024, "memory": (i + 1) * L * 2**14} for L in (1024, 2048, 4096)]
+        for i, arch in enumerate(("vanilla", "bottom_up"))
+    }
     fig = scaling.figure(results)
     time_ax, memory_ax = fig.axes
     assert check_readable(fig) == ["vanilla", "bottom_up"]
@@ -78,15 +94,20 @@ def test_scaling_plot_draws_time_and_memory_per_architecture(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,replot,pngs", [
-    ("paper", paper.replot, ["paper-memory.png"]),
-    ("scaling", scaling.replot, ["scaling.png"]),
-])
+@pytest.mark.parametrize(
+    "name,replot,pngs",
+    [
+        ("paper", paper.replot, ["paper-memory.png"]),
+        ("scaling", scaling.replot, ["scaling.png"]),
+    ],
+)
 def test_the_committed_plots_are_drawn_from_the_committed_tables(name, replot, pngs, tmp_path):
     shutil.copy(RESULTS / f"{name}.md", tmp_path)
     replot(tmp_path)
     for png in pngs:
         redrawn = matplotlib.image.imread(tmp_path / png)
         committed = matplotlib.image.imread(RESULTS / png)
-        assert committed.shape == redrawn.shape, f"lab/results/{png} is not what the plot code draws now: " \
+        assert committed.shape == redrawn.shape, (
+            f"lab/results/{png} is not what the plot code draws now: "
             f"python -c 'from lab import RESULTS; from lab.{name} import replot; replot(RESULTS)'"
+        )

@@ -9,8 +9,11 @@ from lab.quickstart import run_quickstart, to_markdown
 
 @pytest.mark.slow
 def test_the_quickstart_experiment_splits_the_wall_time_into_phases(tmp_path):
-    r = run_quickstart("recipes/models/vanilla-tiny.yaml", tmp_path,
-                       ("train.max_steps=4", "eval.every=2", "eval.max_batches=1", "checkpoint.every=0", "log.every=2"))
+    r = run_quickstart(
+        "recipes/models/vanilla-tiny.yaml",
+        tmp_path,
+        ("train.max_steps=4", "eval.every=2", "eval.max_batches=1", "checkpoint.every=0", "log.every=2"),
+    )
     assert r["steps"] == 4 and r["tokens"] == 4 * 8 * 256
     assert 0 < r["prep_s"] < r["ready_s"] < r["wall_s"] and r["train_s"] > 0 and r["eval_s"] > 0
     assert abs(r["ready_s"] + r["train_s"] + r["eval_s"] + r["other_s"] - r["wall_s"]) < 1e-6

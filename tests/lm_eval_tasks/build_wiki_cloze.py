@@ -52,11 +52,13 @@ def build(seed: int = 0) -> list[dict]:
         distractors = []
         for other in rng.sample(others, SPAN):
             start = rng.randint(1, len(other) - SPAN)
-            distractors.append(" ".join(other[start:start + SPAN]))
-        choices = [" ".join(words[cut:cut + SPAN])] + distractors
+            distractors.append(" ".join(other[start : start + SPAN]))
+        choices = [" ".join(words[cut : cut + SPAN])] + distractors
         order = list(range(len(choices)))
         rng.shuffle(order)
-        records.append({"context": " ".join(words[:cut]), "choices": [choices[k] for k in order], "answer": order.index(0)})
+        records.append(
+            {"context": " ".join(words[:cut]), "choices": [choices[k] for k in order], "answer": order.index(0)}
+        )
     return records
 
 

@@ -124,8 +124,13 @@ def test_nan_update_never_applied_nor_saved(tmp_path, tiny_data):
     """lr=1e6: the first updates blow the weights up and the gradients turn NaN; those updates are
     skipped, no checkpoint is saved during the streak, the checkpoints holding the blown-up weights
     are set aside, the run stops with one line; a rerun with a sane lr trains to a finite loss."""
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 12, "lr": 1.0e6, "max_skipped_steps": 3},
-                              checkpoint={"every": 2, "keep_last": 0}, eval={"every": 0, "max_batches": 2})
+    recipe, out = make_recipe(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 12, "lr": 1.0e6, "max_skipped_steps": 3},
+        checkpoint={"every": 2, "keep_last": 0},
+        eval={"every": 0, "max_batches": 2},
+    )
     line = one_line_error(msllm("train", recipe), "train")
     assert "training diverged: 3 updates in a row" in line and "NaN or inf gradients and were skipped" in line
     assert "no checkpoint before that is left: rerun with a lower train.lr" in line
@@ -155,7 +160,9 @@ def test_divergence_names_the_last_good_checkpoint_and_rerun_resumes_it(tmp_path
     """NaN gradients from step 5 on: step_0000004 holds the weights that gave them and is set
     aside; step_0000002 is named; the rerun resumes it and matches an uninterrupted run exactly."""
     _, ref_out, _ = reference_run
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_skipped_steps": 2}, checkpoint={"every": 2, "keep_last": 0})
+    recipe, out = make_recipe(
+        tmp_path, tiny_data, train={"max_skipped_steps": 2}, checkpoint={"every": 2, "keep_last": 0}
+    )
     line = one_line_error(msllm("train", recipe, python_code=_NAN_FROM_STEP_5), "train")
     assert "2 updates in a row (steps 5-6)" in line
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step_0000002'}" in line
@@ -177,8 +184,9 @@ Checkpointer.save = save
 
 
 def test_checkpoint_with_nan_weights_is_never_written(tmp_path, tiny_data):
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 6}, checkpoint={"every": 3},
-                              eval={"every": 0, "max_batches": 1})
+    recipe, out = make_recipe(
+        tmp_path, tiny_data, train={"max_steps": 6}, checkpoint={"every": 3}, eval={"every": 0, "max_batches": 1}
+    )
     line = one_line_error(msllm("train", recipe, python_code=_POISON_AT_STEP_6), "train")
     assert "not saving checkpoint step_0000006: the weights hold NaN or inf values" in line
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step_0000003'}" in line
@@ -196,8 +204,14 @@ def test_really_full_disk_keeps_the_previous_checkpoint(tmp_path, tiny_data):
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, "3500k")
     try:
-        recipe, _ = make_recipe(tmp_path, tiny_data, train={"max_steps": 6}, checkpoint={"every": 3},
-                                eval={"every": 0, "max_batches": 1}, log={"every": 1, "tensorboard": False})
+        recipe, _ = make_recipe(
+            tmp_path,
+            tiny_data,
+            train={"max_steps": 6},
+            checkpoint={"every": 3},
+            eval={"every": 0, "max_batches": 1},
+            log={"every": 1, "tensorboard": False},
+        )
         out = disk / "run"
         proc = msllm("train", recipe, "--set", f"run.output_dir={out}")
         line = one_line_error(proc, "train")
@@ -216,8 +230,14 @@ def _file_size_limit():
 
 def test_write_error_inside_torch_save_is_one_line(tmp_path, tiny_data):
     """A 1 MiB file size limit: torch.save's writer fails mid-file (a RuntimeError, not an OSError)."""
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 3}, checkpoint={"every": 3},
-                              eval={"every": 0, "max_batches": 1}, log={"every": 1, "tensorboard": False})
+    recipe, out = make_recipe(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 3},
+        checkpoint={"every": 3},
+        eval={"every": 0, "max_batches": 1},
+        log={"every": 1, "tensorboard": False},
+    )
     proc = msllm("train", recipe, preexec_fn=_file_size_limit)
     line = one_line_error(proc, "train")
     assert "could not save checkpoint" in line and "step_0000003" in line and "there is no earlier checkpoint" in line

@@ -11,9 +11,8 @@ import socket
 import subprocess
 import sys
 
-from fixtures.reliability import cli, one_line, tree_digest
 from fixtures.launch import clean_env
-
+from fixtures.reliability import cli, one_line, tree_digest
 from msllm.data.jobcache import ENTRY_MARKER, ROOT_MARKER
 
 

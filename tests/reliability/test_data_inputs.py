@@ -26,11 +26,15 @@ def test_jsonl_record_nested_100000_deep(tmp_path, tiny_data, capsys):
     corpus = tmp_path / "deep.jsonl"
     corpus.write_text('{"text": "fine"}\n{"text": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     recipe, _ = make_recipe(tmp_path, tiny_data)
-    code, _, err = _prep(capsys, recipe, "data.source=jsonl", f"data.paths=[{corpus}]", f"data.shards_dir={tmp_path / 's'}")
+    code, _, err = _prep(
+        capsys, recipe, "data.source=jsonl", f"data.paths=[{corpus}]", f"data.shards_dir={tmp_path / 's'}"
+    )
     assert f"{corpus}:2: JSON nested too deeply to read" in one_line(code, err, "prep")
 
 
-@pytest.mark.parametrize("source, name", [("jsonl", "corpus.jsonl.gz"), ("text", "corpus.txt.gz"), ("jsonl", "corpus.jsonl.zst")])
+@pytest.mark.parametrize(
+    "source, name", [("jsonl", "corpus.jsonl.gz"), ("text", "corpus.txt.gz"), ("jsonl", "corpus.jsonl.zst")]
+)
 def test_truncated_compressed_corpus_names_the_file(tmp_path, tiny_data, capsys, source, name):
     text = corpus_text()
     raw = ("".join(json.dumps({"text": t}) + "\n" for t in text.split("\n\n")) if source == "jsonl" else text).encode()
@@ -43,7 +47,9 @@ def test_truncated_compressed_corpus_names_the_file(tmp_path, tiny_data, capsys,
     corpus = tmp_path / name
     corpus.write_bytes(packed[: len(packed) // 2])
     recipe, _ = make_recipe(tmp_path, tiny_data)
-    code, _, err = _prep(capsys, recipe, f"data.source={source}", f"data.paths=[{corpus}]", f"data.shards_dir={tmp_path / 's'}")
+    code, _, err = _prep(
+        capsys, recipe, f"data.source={source}", f"data.paths=[{corpus}]", f"data.shards_dir={tmp_path / 's'}"
+    )
     line = one_line(code, err, "prep")
     assert f"{corpus}: cannot decompress it, it is truncated or corrupt (" in line and "fix or replace the file" in line
     assert not (tmp_path / "s").exists()
@@ -60,7 +66,9 @@ def test_gzip_text_corpus_is_read_decompressed(tmp_path, tiny_data, capsys):
         code, _, err = _prep(capsys, recipe, f"data.paths=[{corpus}]", f"data.shards_dir={tmp_path / shards}")
         assert code == 0, err
     digest_a, digest_b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
-    assert {k: v for k, v in digest_a.items() if k != "manifest.json"} == {k: v for k, v in digest_b.items() if k != "manifest.json"}
+    assert {k: v for k, v in digest_a.items() if k != "manifest.json"} == {
+        k: v for k, v in digest_b.items() if k != "manifest.json"
+    }
 
 
 def test_corpus_glob_over_the_shards_folder_reruns_and_forces(tmp_path, tiny_data, capsys):
@@ -70,8 +78,11 @@ def test_corpus_glob_over_the_shards_folder_reruns_and_forces(tmp_path, tiny_dat
     (project / "text").mkdir(parents=True)
     (project / "text" / "corpus.txt").write_text(corpus_text())
     recipe, _ = make_recipe(tmp_path, tiny_data)
-    overrides = (f"data.paths=['{project}/**']", f"data.shards_dir={project / 'shards'}",
-                 f"data.cache_dir={project / 'cache'}")
+    overrides = (
+        f"data.paths=['{project}/**']",
+        f"data.shards_dir={project / 'shards'}",
+        f"data.cache_dir={project / 'cache'}",
+    )
     code, _, err = _prep(capsys, recipe, *overrides)
     assert code == 0, err
     first = tree_digest(project / "shards")
@@ -85,7 +96,8 @@ def test_corpus_glob_over_the_shards_folder_reruns_and_forces(tmp_path, tiny_dat
     code, _, err = cli(capsys, "prep", recipe, "--force", *[a for o in overrides for a in ("--set", o)])
     assert code == 0, err
     assert {k: v for k, v in tree_digest(project / "shards").items() if k != "manifest.json"} == {
-        k: v for k, v in first.items() if k != "manifest.json"}
+        k: v for k, v in first.items() if k != "manifest.json"
+    }
 
 
 def test_a_corpus_path_inside_the_shards_folder_is_refused(tmp_path, tiny_data, capsys):
@@ -94,8 +106,16 @@ def test_a_corpus_path_inside_the_shards_folder_is_refused(tmp_path, tiny_data, 
     shutil.copytree(shards, copy)
     before = tree_digest(copy)
     recipe, _ = make_recipe(tmp_path, tiny_data)
-    code, _, err = cli(capsys, "prep", recipe, "--force", "--set", f"data.paths=[{copy / 'tokenizer.model'}]",
-                       "--set", f"data.shards_dir={copy}")
+    code, _, err = cli(
+        capsys,
+        "prep",
+        recipe,
+        "--force",
+        "--set",
+        f"data.paths=[{copy / 'tokenizer.model'}]",
+        "--set",
+        f"data.shards_dir={copy}",
+    )
     line = one_line(code, err, "prep")
     assert f"data.paths: {copy / 'tokenizer.model'} is inside {copy}, which msllm writes" in line
     assert tree_digest(copy) == before
@@ -116,8 +136,16 @@ def test_full_disk_during_prep_names_the_folder_and_keeps_the_old_dataset(tmp_pa
             filler.write(b"\0" * (free - (16 << 10)))
         before = tree_digest(shards)
         recipe, _ = make_recipe(tmp_path, tiny_data)
-        code, _, err = cli(capsys, "prep", recipe, "--force", "--set", f"data.shards_dir={shards}",
-                           "--set", "data.tokenizer.vocab_size=300")
+        code, _, err = cli(
+            capsys,
+            "prep",
+            recipe,
+            "--force",
+            "--set",
+            f"data.shards_dir={shards}",
+            "--set",
+            "data.tokenizer.vocab_size=300",
+        )
         line = one_line(code, err, "prep")
         assert f"cannot write the dataset in {disk / '.shards.partial'}: No space left on device" in line
         assert "free space there or set data.shards_dir elsewhere" in line
@@ -139,7 +167,10 @@ def test_manifest_that_disagrees_with_its_tokenizer(tmp_path, tiny_data, trained
     recipe, run = trained_run
     code, _, err = cli(capsys, "eval", recipe, "--checkpoint", run, "--set", f"data.shards_dir={shards}")
     line = one_line(code, err, "eval")
-    assert f"{shards}/manifest.json says {field} {value} but its tokenizer.model has {actual} (the manifest was edited)" in line
+    assert (
+        f"{shards}/manifest.json says {field} {value} but its tokenizer.model has {actual} (the manifest was edited)"
+        in line
+    )
     assert tree_digest(shards) == before
 
 

@@ -27,11 +27,18 @@ def test_corrupt_decompressed_copy_beside_the_shards_is_never_read(tmp_path, tin
 
     shards = _shards_copy(tmp_path, tiny_data)
     raw = shards / "train" / "part-00000" / "shard.00000.mds"
-    raw.write_bytes(zstandard.ZstdDecompressor().decompress((shards / "train" / "part-00000" / "shard.00000.mds.zstd").read_bytes()))
+    raw.write_bytes(
+        zstandard.ZstdDecompressor().decompress((shards / "train" / "part-00000" / "shard.00000.mds.zstd").read_bytes())
+    )
     flip_bytes(raw, 256)
     stray = raw.read_bytes()
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 6}, eval={"every": 0, "max_batches": 2},
-                              checkpoint={"every": 3, "keep_last": 2})
+    recipe, out = make_recipe(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 6},
+        eval={"every": 0, "max_batches": 2},
+        checkpoint={"every": 3, "keep_last": 2},
+    )
     check(msllm("train", recipe, "--set", f"data.shards_dir={shards}"))
     assert losses(out) == losses(trained_run[1])
     assert raw.read_bytes() == stray

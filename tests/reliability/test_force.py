@@ -105,8 +105,9 @@ def test_import_hf_force_failure_names_out_not_a_temporary_file(tmp_path, tiny_d
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         code, _, err = cli(capsys, "import-hf", folder, "--out", out, "--force")
         line = one_line(code, err, "import-hf")
-        assert line == (f"msllm import-hf: error: cannot write --out {out}: Read-only file system; the recipe there "
-                        "is unchanged"), line
+        assert line == (
+            f"msllm import-hf: error: cannot write --out {out}: Read-only file system; the recipe there is unchanged"
+        ), line
         assert ".tmp-" not in line and out.read_bytes() == before
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -20,8 +20,14 @@ def _run_on_small_shards(tmp_path, tiny_data):
     from msllm.data import prepare_dataset
 
     shards = tmp_path / "shards"
-    recipe, out = make_recipe(tmp_path, tiny_data, data={"shards_dir": str(shards), "shard_size_limit": 4096},
-                              train={"max_steps": 2}, checkpoint={"every": 2}, eval={"every": 0, "max_batches": 1})
+    recipe, out = make_recipe(
+        tmp_path,
+        tiny_data,
+        data={"shards_dir": str(shards), "shard_size_limit": 4096},
+        train={"max_steps": 2},
+        checkpoint={"every": 2},
+        eval={"every": 0, "max_batches": 1},
+    )
     prepare_dataset(load_recipe(recipe).data)
     check(msllm("train", recipe))
     assert checkpoints(out) == ["step_0000002"]
@@ -48,8 +54,9 @@ def test_a_full_cache_dir_is_one_line(tmp_path, tiny_data):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=True)
     try:
         before = tree_digest(out / "checkpoints")
-        line = one_line_error(msllm("train", recipe, "--set", "train.max_steps=6", "--set",
-                                    f"data.cache_dir={disk / 'cache'}"), "train")
+        line = one_line_error(
+            msllm("train", recipe, "--set", "train.max_steps=6", "--set", f"data.cache_dir={disk / 'cache'}"), "train"
+        )
         assert f"data.cache_dir {disk / 'cache'} is full (No space left on device" in line, line
         assert "set data.cache_dir to a larger disk, then rerun the same command: training resumes" in line
         assert tree_digest(out / "checkpoints") == before  # what a rerun resumes from

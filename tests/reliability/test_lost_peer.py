@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from fixtures.launch import clean_env, torchrun_command
-from msllm.checkpoint.files import latest_complete, step_of
 from fixtures.train import check, make_recipe, msllm_torchrun, wait_for_line
+from msllm.checkpoint.files import latest_complete, step_of
 
 
 def rank_pids(launcher: int) -> dict[int, int]:
@@ -38,10 +38,16 @@ def rank_pids(launcher: int) -> dict[int, int]:
 @pytest.mark.parametrize("killed", [1, 0])
 def test_a_rank_killed_mid_run_is_one_line_on_the_survivor(tmp_path, tiny_data, killed):
     """Probe class: a lost peer (kill -9 of one rank of two, gloo under torchrun)."""
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 2},
-                              eval={"every": 0, "max_batches": 1})
-    proc = subprocess.Popen(torchrun_command(2, "-m", "msllm.cli", "train", recipe), env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    recipe, out = make_recipe(
+        tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 2}, eval={"every": 0, "max_batches": 1}
+    )
+    proc = subprocess.Popen(
+        torchrun_command(2, "-m", "msllm.cli", "train", recipe),
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_line(proc, " 3/100000 |")  # step 2's checkpoint is complete
         ranks = rank_pids(proc.pid)
@@ -56,9 +62,14 @@ def test_a_rank_killed_mid_run_is_one_line_on_the_survivor(tmp_path, tiny_data, 
     lines = [line for line in stderr.splitlines() if line.startswith("msllm train: ")]
     assert len(lines) == 1, stderr[-4000:]
     assert lines[0].startswith(f"msllm train: error: lost rank {killed} of the job (its connection was reset"), lines[0]
-    assert f"so rank {1 - killed} stops too: rerun the same command: training resumes from the last checkpoint (" in lines[0]
+    assert (
+        f"so rank {1 - killed} stops too: rerun the same command: training resumes from the last checkpoint ("
+        in lines[0]
+    )
     # torchrun prints its own ChildFailedError traceback; the survivor prints none ("[rank0]: Traceback").
-    assert not [l for l in stderr.splitlines() if l.startswith("[rank") or ("File " in l and "/msllm/" in l)], stderr[-4000:]
+    assert not [l for l in stderr.splitlines() if l.startswith("[rank") or ("File " in l and "/msllm/" in l)], stderr[
+        -4000:
+    ]
     saved = latest_complete(out / "checkpoints")
     assert saved is not None and step_of(saved) >= 2 and str(saved) in lines[0]
     if killed == 1:

@@ -9,7 +9,6 @@ import pytest
 
 from fixtures.reliability import cli, one_line
 from fixtures.train import check, make_recipe, msllm, rows
-
 from msllm.config import MAX_RECIPE_DEPTH, MAX_RECIPE_VALUES
 
 
@@ -50,7 +49,10 @@ def test_a_bad_value_is_shown_in_one_short_line(tmp_path, tiny_data, capsys):
     "yaml_text, message",
     [
         ("[" * 20000 + "]" * 20000, f"YAML nested more than {MAX_RECIPE_DEPTH} levels deep"),
-        ("train:\n  max_steps: " + "{a: " * 20000 + "1" + "}" * 20000, f"YAML nested more than {MAX_RECIPE_DEPTH} levels"),
+        (
+            "train:\n  max_steps: " + "{a: " * 20000 + "1" + "}" * 20000,
+            f"YAML nested more than {MAX_RECIPE_DEPTH} levels",
+        ),
         ("a: &a [1, *a]\n", "a YAML anchor contains an alias of itself"),
         ("train:\n  max_steps: " + "9" * 5000 + "\n", "a YAML value that cannot be read: Exceeds the limit"),
     ],
@@ -89,9 +91,14 @@ def test_recipe_that_is_not_utf8_is_one_line(tmp_path, tiny_data, capsys, which)
 
 
 @pytest.mark.parametrize("command", ["show-config", "train"])
-@pytest.mark.parametrize("seed, message", [(2**64 + 1, "run.seed: int 18446744073709551617 is out of range"),
-                                          (2**63, "run.seed: int 9223372036854775808 is out of range (at most 2**63-1"),
-                                          (-1, "run.seed: must be in [0, 2**63), got -1")])
+@pytest.mark.parametrize(
+    "seed, message",
+    [
+        (2**64 + 1, "run.seed: int 18446744073709551617 is out of range"),
+        (2**63, "run.seed: int 9223372036854775808 is out of range (at most 2**63-1"),
+        (-1, "run.seed: must be in [0, 2**63), got -1"),
+    ],
+)
 def test_seed_out_of_range_is_refused_by_every_command(tmp_path, tiny_data, capsys, command, seed, message):
     recipe, out = make_recipe(tmp_path, tiny_data)
     code, _, err = cli(capsys, command, recipe, "--set", f"run.seed={seed}")
@@ -101,8 +108,9 @@ def test_seed_out_of_range_is_refused_by_every_command(tmp_path, tiny_data, caps
 
 def test_the_largest_seed_trains(tmp_path, tiny_data):
     """2**63 - 1 is accepted because torch, numpy and streaming all take it (with the per-rank offset)."""
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 2}, eval={"every": 0, "max_batches": 1},
-                              checkpoint={"every": 0})
+    recipe, out = make_recipe(
+        tmp_path, tiny_data, train={"max_steps": 2}, eval={"every": 0, "max_batches": 1}, checkpoint={"every": 0}
+    )
     check(msllm("train", recipe, "--set", f"run.seed={2**63 - 1}"))
     assert [r["step"] for r in rows(out)] == [1, 2]
 
@@ -110,14 +118,23 @@ def test_the_largest_seed_trains(tmp_path, tiny_data):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("data.shard_size_limit=-5", "data.shard_size_limit: must hold one sample of seq_len+1 int32 tokens (260 bytes)"),
+        (
+            "data.shard_size_limit=-5",
+            "data.shard_size_limit: must hold one sample of seq_len+1 int32 tokens (260 bytes)",
+        ),
         ("data.shard_size_limit=0", "and stay below 2**32 (mosaicml-streaming's limit), got 0"),
         ("data.shard_size_limit=4294967296", "got 4,294,967,296"),
-        ("data.tokenizer.vocab_size=1", "data.tokenizer.vocab_size: 1 is too small: a tokenizer needs its 4 special pieces "
-                                        "and 256 byte pieces (byte_fallback) plus one piece per character of the corpus; "
-                                        "set data.tokenizer.vocab_size to 260 or more"),
+        (
+            "data.tokenizer.vocab_size=1",
+            "data.tokenizer.vocab_size: 1 is too small: a tokenizer needs its 4 special pieces "
+            "and 256 byte pieces (byte_fallback) plus one piece per character of the corpus; "
+            "set data.tokenizer.vocab_size to 260 or more",
+        ),
         ("data.seq_len=1000000000000", "data.seq_len: at most 16,777,216 (2**24) tokens, got 1,000,000,000,000"),
-        ("data.tokenizer.character_coverage=0.5", "data.tokenizer.character_coverage: must be between 0.98 and 1, got 0.5"),
+        (
+            "data.tokenizer.character_coverage=0.5",
+            "data.tokenizer.character_coverage: must be between 0.98 and 1, got 0.5",
+        ),
         ("data.tokenizer.input_sentence_size=-5", "data.tokenizer.input_sentence_size: must not be negative, got -5"),
     ],
 )
@@ -136,10 +153,19 @@ def test_sentencepiece_errors_past_validation_are_one_line(tmp_path, tiny_data):
     from msllm.data import prepare_dataset
     from msllm.errors import DataError
 
-    for tokenizer, message in ((TokenizerConfig(vocab_size=320, input_sentence_size=-5), "cannot parse"),
-                               (TokenizerConfig(vocab_size=2), "INTERNAL")):
-        cfg = DataConfig(source="text", paths=[str(tiny_data[0])], split_on_blank_lines=True, seq_len=64, workers=1,
-                         shards_dir=str(tmp_path / "s"), tokenizer=tokenizer)
+    for tokenizer, message in (
+        (TokenizerConfig(vocab_size=320, input_sentence_size=-5), "cannot parse"),
+        (TokenizerConfig(vocab_size=2), "INTERNAL"),
+    ):
+        cfg = DataConfig(
+            source="text",
+            paths=[str(tiny_data[0])],
+            split_on_blank_lines=True,
+            seq_len=64,
+            workers=1,
+            shards_dir=str(tmp_path / "s"),
+            tokenizer=tokenizer,
+        )
         with pytest.raises(DataError) as caught:
             prepare_dataset(cfg, quiet=True)
         line = str(caught.value)
@@ -149,12 +175,14 @@ def test_sentencepiece_errors_past_validation_are_one_line(tmp_path, tiny_data):
 def test_vocab_size_above_the_floor_names_the_corpus_minimum(tmp_path, tiny_data, capsys):
     """The floor (260) is what any corpus needs; prep then names this corpus's exact minimum."""
     recipe, _ = make_recipe(tmp_path, tiny_data)
-    code, _, err = cli(capsys, "prep", recipe, "--set", f"data.shards_dir={tmp_path / 's'}",
-                       "--set", "data.tokenizer.vocab_size=260")
+    code, _, err = cli(
+        capsys, "prep", recipe, "--set", f"data.shards_dir={tmp_path / 's'}", "--set", "data.tokenizer.vocab_size=260"
+    )
     line = one_line(code, err, "prep")
     assert "data.tokenizer.vocab_size 260 is too small: this corpus needs at least 286 pieces" in line
-    code, _, _ = cli(capsys, "prep", recipe, "--set", f"data.shards_dir={tmp_path / 's'}",
-                     "--set", "data.tokenizer.vocab_size=286")
+    code, _, _ = cli(
+        capsys, "prep", recipe, "--set", f"data.shards_dir={tmp_path / 's'}", "--set", "data.tokenizer.vocab_size=286"
+    )
     assert code == 0
 
 
@@ -164,7 +192,10 @@ def test_vocab_size_above_the_floor_names_the_corpus_minimum(tmp_path, tiny_data
         (["--seq-len", "1000000000000"], "--seq-len: must be between 1 and 16,777,216 (2**24), got 1,000,000,000,000"),
         (["--set", "data.seq_len=1000000000000"], "data.seq_len: at most 16,777,216 (2**24) tokens"),
         (["--seq-len", str(2**24)], "measuring on samples of 16,777,216 tokens needs about "),
-        (["--seq-len", str(2**24), "--measure-len", str(2**22)], "measuring on samples of 4,194,304 tokens needs about "),
+        (
+            ["--seq-len", str(2**24), "--measure-len", str(2**22)],
+            "measuring on samples of 4,194,304 tokens needs about ",
+        ),
     ],
 )
 def test_inspect_at_an_impossible_length_is_one_line(tmp_path, tiny_data, capsys, monkeypatch, args, message):

@@ -8,13 +8,14 @@ import subprocess
 import pytest
 
 from fixtures.reliability import checkpoints, one_line_error, tree_digest
-from msllm.checkpoint.files import latest_complete, step_of
 from fixtures.train import check, make_recipe, msllm, rows, start_msllm, wait_for_line
+from msllm.checkpoint.files import latest_complete, step_of
 
 
 def test_second_training_refused_and_lock_stale_after_kill_9(tmp_path, tiny_data):
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 2},
-                              eval={"every": 0, "max_batches": 1})
+    recipe, out = make_recipe(
+        tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 2}, eval={"every": 0, "max_batches": 1}
+    )
     first = start_msllm("train", recipe)
     try:
         wait_for_line(first, " 3/100000 |")  # step 2's checkpoint is complete: it is saved before step 3 runs
@@ -46,7 +47,9 @@ def test_fresh_start_into_a_finished_run_refused(run_copy):
 def test_overwrite_moves_the_old_run_aside(run_copy, trained_run):
     recipe, out = run_copy
     before = tree_digest(out)
-    proc = check(msllm("train", recipe, "--overwrite", "--set", "checkpoint.resume=false", "--set", "train.max_steps=2"))
+    proc = check(
+        msllm("train", recipe, "--overwrite", "--set", "checkpoint.resume=false", "--set", "train.max_steps=2")
+    )
     (aside,) = [p for p in out.parent.iterdir() if p.name.startswith(out.name + ".replaced-")]
     assert f"moved the previous run in {out} aside to {aside}" in proc.stdout
     assert tree_digest(aside) == before
@@ -150,8 +153,9 @@ def test_run_folder_deleted_during_training_stops_with_one_line(tmp_path, tiny_d
 
     from fixtures.launch import clean_env
 
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 8}, checkpoint={"every": 2},
-                              eval={"every": 0, "max_batches": 1})
+    recipe, out = make_recipe(
+        tmp_path, tiny_data, train={"max_steps": 8}, checkpoint={"every": 2}, eval={"every": 0, "max_batches": 1}
+    )
     proc = start_msllm("train", recipe, python_code=_WAIT_FOR_THE_FOLDER_TO_GO, env=clean_env(MSLLM_TEST_RUN=str(out)))
     try:
         wait_for_line(proc, "WAITING FOR THE RUN FOLDER TO GO")  # steps 2 and 4 saved

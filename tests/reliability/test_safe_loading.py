@@ -73,8 +73,12 @@ def test_zero3_checkpoint_resumes_and_exports_weights_only(tmp_path, tiny_data):
     from fixtures.train import make_recipe
 
     recipe, out = make_recipe(
-        tmp_path, tiny_data, parallel={"zero_stage": 3}, train={"max_steps": 3, "stop_at_step": 2},
-        eval={"every": 0, "max_batches": 1}, checkpoint={"every": 0},
+        tmp_path,
+        tiny_data,
+        parallel={"zero_stage": 3},
+        train={"max_steps": 3, "stop_at_step": 2},
+        eval={"every": 0, "max_batches": 1},
+        checkpoint={"every": 0},
     )
     check(msllm("train", recipe))
     proc = check(msllm("train", recipe, "--set", "train.stop_at_step=0"))

@@ -54,8 +54,17 @@ def test_names_that_leave_the_split_are_refused(tmp_path, tiny_data, trained_run
     shards = _shards_with(tmp_path, tiny_data, "validation", key, name)
     before = tree_digest(tmp_path)
     recipe, run = trained_run
-    code, _, err = cli(capsys, "eval", recipe, "--checkpoint", run, "--set", f"data.shards_dir={shards}",
-                       "--set", f"data.cache_dir={tmp_path / 'cache'}")
+    code, _, err = cli(
+        capsys,
+        "eval",
+        recipe,
+        "--checkpoint",
+        run,
+        "--set",
+        f"data.shards_dir={shards}",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
     line = one_line(code, err, "eval")
     assert f"{shards / 'validation' / 'index.json'}: shard 0 names its {key} file {name!r}" in line
     assert not (tmp_path / "escaped.mds").exists() and not (tmp_path / "x.zstd").exists()
@@ -71,8 +80,17 @@ def test_an_existing_file_named_by_the_index_is_not_read(tmp_path, tiny_data, tr
     shards = _shards_with(tmp_path, tiny_data, "validation", "zip_data", str(secret))
     recipe, run = trained_run
     cache = tmp_path / "cache"
-    code, _, err = cli(capsys, "eval", recipe, "--checkpoint", run, "--set", f"data.shards_dir={shards}",
-                       "--set", f"data.cache_dir={cache}")
+    code, _, err = cli(
+        capsys,
+        "eval",
+        recipe,
+        "--checkpoint",
+        run,
+        "--set",
+        f"data.shards_dir={shards}",
+        "--set",
+        f"data.cache_dir={cache}",
+    )
     assert f"names its zip_data file '{secret}'" in one_line(code, err, "eval")
     assert not [p for p in cache.rglob("*") if p.is_file() and b"private bytes" in p.read_bytes()]
 

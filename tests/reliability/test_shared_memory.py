@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from fixtures.reliability import checkpoints, one_line_error, tree_digest
 from fixtures.launch import clean_env
+from fixtures.reliability import checkpoints, one_line_error, tree_digest
 from fixtures.train import msllm_command
 
 # Runs "$@" in a mount namespace of its own, on an 8 KiB tmpfs at /dev/shm (the host's is untouched).
@@ -21,9 +21,21 @@ def test_full_dev_shm_is_one_line_and_keeps_the_run(run_copy):
     """Probe class: a full /dev/shm (an 8 KiB tmpfs), on a resumed run."""
     recipe, out = run_copy
     before = tree_digest(out)
-    proc = subprocess.run(["unshare", "--mount", "sh", "-c", TINY_SHM, "sh",
-                           *msllm_command("train", recipe, "--set", "train.max_steps=8")],
-                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            TINY_SHM,
+            "sh",
+            *msllm_command("train", recipe, "--set", "train.max_steps=8"),
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = one_line_error(proc, "train")
     assert "/dev/shm has 8 KiB free of 8 KiB, and reading the train split needs at least " in line, line
     assert "docker run --shm-size=1g" in line and "free /dev/shm" in line

@@ -7,8 +7,8 @@ import signal
 import time
 
 from fixtures.reliability import checkpoints
-from msllm.train.schedule import StopSignals
 from fixtures.train import check, losses, make_recipe, msllm, start_msllm, wait_for_a_signal_before_step, wait_for_line
+from msllm.train.schedule import StopSignals
 
 
 def test_ctrl_c_checkpoints_and_the_rerun_is_exact(tmp_path, tiny_data, reference_run):
@@ -96,8 +96,13 @@ engine.TorchCheckpointEngine.save = save
 def test_kill_9_during_a_save_resumes_exactly(tmp_path, tiny_data, trained_run):
     """Killed while step 6 is half written: the rerun ignores it, resumes step 3 and logs the same
     losses as the uninterrupted run."""
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 6}, eval={"every": 0, "max_batches": 2},
-                              checkpoint={"every": 3, "keep_last": 2})
+    recipe, out = make_recipe(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 6},
+        eval={"every": 0, "max_batches": 2},
+        checkpoint={"every": 3, "keep_last": 2},
+    )
     proc = start_msllm("train", recipe, python_code=_SLOW_SAVE_AT_STEP_6)
     try:
         wait_for_line(proc, "SAVING step 6")

@@ -32,10 +32,16 @@ def test_fp16_on_a_cpu_without_fp16_is_one_line(tmp_path, tiny_data):
     assert not (out / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("key, shown", [
-    ("train.micro_batch_size", "lower train.micro_batch_size (raise train.grad_accum_steps to keep the global batch)"),
-    ("eval.micro_batch_size", "lower eval.micro_batch_size"),
-])
+@pytest.mark.parametrize(
+    "key, shown",
+    [
+        (
+            "train.micro_batch_size",
+            "lower train.micro_batch_size (raise train.grad_accum_steps to keep the global batch)",
+        ),
+        ("eval.micro_batch_size", "lower eval.micro_batch_size"),
+    ],
+)
 def test_a_micro_batch_that_cannot_fit_is_one_line(tmp_path, tiny_data, key, shown):
     """Probe class: a micro-batch of 2**40 samples (its activations checked before any batch is drawn)."""
     recipe, out = make_recipe(tmp_path, tiny_data)
@@ -75,8 +81,13 @@ def _llama_with_weights(tmp_path, tiny_data, wrong_shape: str | None = None):
 
 
 def _init_from_recipe(tmp_path, tiny_data, folder, section):
-    return make_recipe(tmp_path, tiny_data, model=section, train={"init_from": str(folder), "max_steps": 1},
-                       eval={"every": 0, "max_batches": 1})
+    return make_recipe(
+        tmp_path,
+        tiny_data,
+        model=section,
+        train={"init_from": str(folder), "max_steps": 1},
+        eval={"every": 0, "max_batches": 1},
+    )
 
 
 @pytest.mark.parametrize("kind", ["fifo", "device"])
@@ -101,8 +112,10 @@ def test_init_from_weights_of_another_shape_are_one_line(tmp_path, tiny_data):
     folder, section = _llama_with_weights(tmp_path, tiny_data, wrong_shape="model.layers.1.mlp.up_proj.weight")
     recipe, out = _init_from_recipe(tmp_path, tiny_data, folder, section)
     line = one_line_error(msllm("train", recipe), "train")
-    assert (f"train.init_from {folder}: model.layers.1.mlp.up_proj.weight has shape [161, 64], but its config.json "
-            "makes it [160, 64]: the weights are not those of this config.json") in line, line
+    assert (
+        f"train.init_from {folder}: model.layers.1.mlp.up_proj.weight has shape [161, 64], but its config.json "
+        "makes it [160, 64]: the weights are not those of this config.json"
+    ) in line, line
     assert not (out / "checkpoints").exists()
 
 
@@ -116,14 +129,17 @@ def test_init_from_a_malformed_config_is_one_line(tmp_path, tiny_data):
     assert not (out / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("key, value, what", [
-    ("hidden_size", "sixty-four", "'sixty-four' is not a positive integer"),
-    ("num_attention_heads", 0, "0 is not a positive integer"),
-    ("num_hidden_layers", [2], "[2] is not a positive integer"),
-    ("vocab_size", True, "True is not a positive integer"),
-    ("rms_norm_eps", "small", "'small' is not a positive number"),
-    ("rope_theta", -1.0, "-1.0 is not a positive number"),
-])
+@pytest.mark.parametrize(
+    "key, value, what",
+    [
+        ("hidden_size", "sixty-four", "'sixty-four' is not a positive integer"),
+        ("num_attention_heads", 0, "0 is not a positive integer"),
+        ("num_hidden_layers", [2], "[2] is not a positive integer"),
+        ("vocab_size", True, "True is not a positive integer"),
+        ("rms_norm_eps", "small", "'small' is not a positive number"),
+        ("rope_theta", -1.0, "-1.0 is not a positive number"),
+    ],
+)
 def test_import_hf_malformed_config_value_is_one_line(tmp_path, tiny_data, capsys, key, value, what):
     """Probe class: a malformed config.json value given to `msllm import-hf`."""
     folder = write_llama_folder(tmp_path / "llama", tiny_data[1] / "tokenizer.model", **{key: value})

@@ -49,8 +49,11 @@ def test_a_link_inside_the_run_folder_is_replaced_not_followed(tmp_path, tiny_da
     assert (out / "notes.txt").read_text() == "kept\n"
     assert not (out / "recipe.yaml").is_symlink() and "max_steps: 2" in (out / "recipe.yaml").read_text()
     assert not (out / "metrics.jsonl").is_symlink()
-    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()
-            if json.loads(r)["kind"] == "train"] == [1, 2]
+    assert [
+        json.loads(r)["step"]
+        for r in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(r)["kind"] == "train"
+    ] == [1, 2]
 
 
 def test_the_writers_replace_a_link_planted_after_the_start(tmp_path):

@@ -45,8 +45,13 @@ def _private_shards(tmp_path, tiny_data):
 def test_shards_swapped_under_a_run_stop_it_and_its_checkpoints_keep_the_old_tokenizer(tmp_path, tiny_data):
     data = _private_shards(tmp_path, tiny_data)
     tokenizer = (data[1] / "tokenizer.model").read_bytes()
-    recipe, out = make_recipe(tmp_path, data, train={"max_steps": 9}, checkpoint={"every": 3, "keep_last": 0},
-                              eval={"every": 0, "max_batches": 2})
+    recipe, out = make_recipe(
+        tmp_path,
+        data,
+        train={"max_steps": 9},
+        checkpoint={"every": 3, "keep_last": 0},
+        eval={"every": 0, "max_batches": 2},
+    )
     line = one_line_error(msllm("train", recipe, python_code=_AT_STEP_4.replace("ACTION", _SWAP)), "train")
     assert "the shards in" in line and "changed while this run trained" in line and "prep --force" in line
     assert checkpoints(out) == ["step_0000003"]  # no checkpoint of the new data's step
@@ -56,8 +61,13 @@ def test_shards_swapped_under_a_run_stop_it_and_its_checkpoints_keep_the_old_tok
 def test_shards_deleted_under_a_run_keep_it_training_and_it_says_so(tmp_path, tiny_data):
     data = _private_shards(tmp_path, tiny_data)
     tokenizer = (data[1] / "tokenizer.model").read_bytes()
-    recipe, out = make_recipe(tmp_path, data, train={"max_steps": 9}, checkpoint={"every": 3, "keep_last": 0},
-                              eval={"every": 0, "max_batches": 2})
+    recipe, out = make_recipe(
+        tmp_path,
+        data,
+        train={"max_steps": 9},
+        checkpoint={"every": 3, "keep_last": 0},
+        eval={"every": 0, "max_batches": 2},
+    )
     proc = check(msllm("train", recipe, python_code=_AT_STEP_4.replace("ACTION", _DELETE)))
     notes = [line for line in proc.stdout.splitlines() if "is gone" in line]
     assert len(notes) == 1 and "training goes on" in notes[0]  # said once, though checkpoints 6 and 9 came after
@@ -76,7 +86,9 @@ def test_an_edited_meta_json_fails_its_checksum(capsys, run_copy):
     before = tree_digest(out)
     code, _, err = cli(capsys, "export", out, "--out", out.parent / "export")
     line = one_line(code, err, "export")
-    assert "step_0000006 is corrupt (meta.json fails its checksum (edited or damaged))" in line and "step_0000003" in line
+    assert (
+        "step_0000006 is corrupt (meta.json fails its checksum (edited or damaged))" in line and "step_0000003" in line
+    )
     assert tree_digest(out) == before
     proc = check(msllm("train", recipe, "--set", "train.max_steps=7"))  # resume sets it aside, keeps it
     assert "meta.json fails its checksum" in proc.stdout and "step_0000003 at step 3" in proc.stdout
@@ -139,8 +151,7 @@ def test_mfu_above_100_percent_is_never_given():
     from msllm.metrics import MfuMeter
 
     remeasured = []
-    monitor = MfuMeter(flops_per_token=1e6, peak_flops=1e9, world_size=1,
-                           remeasure=lambda: remeasured.append(1) or 4e9)
+    monitor = MfuMeter(flops_per_token=1e6, peak_flops=1e9, world_size=1, remeasure=lambda: remeasured.append(1) or 4e9)
     assert monitor.mfu(2000) == pytest.approx(0.5)  # 2e9 of 4e9 after the re-measurement
     assert remeasured == [1] and monitor.peak_flops == 4e9
     assert monitor.mfu(8000) is None and monitor.peak_unreliable  # still above the peak: unreliable
@@ -153,17 +164,30 @@ def test_an_unreliable_peak_is_shown_as_such_in_the_log_line():
     from msllm.train.callbacks import ConsoleLogger
 
     printed = []
-    row = {"kind": "train", "step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": None, "tokens_per_s": 1.0, "mfu": None,
-           "peak_unreliable": True, "peak_rss_bytes": 2**30, "eta_s": 1.0}
+    row = {
+        "kind": "train",
+        "step": 1,
+        "loss": 1.0,
+        "lr": 1e-3,
+        "grad_norm": None,
+        "tokens_per_s": 1.0,
+        "mfu": None,
+        "peak_unreliable": True,
+        "peak_rss_bytes": 2**30,
+        "eta_s": 1.0,
+    }
     ConsoleLogger(10, printer=printed.append).on_log(row)
     assert "mfu n/a (peak unreliable)" in printed[0]
 
 
-@pytest.mark.parametrize("flag, value, expected", [
-    ("--temperature", "1e-45", "--temperature: 1e-45 is out of range: it must be 0 (greedy) or at least 0.001"),
-    ("--seed", str(2**64 + 1), "--seed: 18446744073709551617 is out of range: it must be in [0, 2^63)"),
-    ("--top-p", "0", "--top-p: 0.0 is out of range"),
-])
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--temperature", "1e-45", "--temperature: 1e-45 is out of range: it must be 0 (greedy) or at least 0.001"),
+        ("--seed", str(2**64 + 1), "--seed: 18446744073709551617 is out of range: it must be in [0, 2^63)"),
+        ("--top-p", "0", "--top-p: 0.0 is out of range"),
+    ],
+)
 def test_generate_flags_out_of_range_are_one_line(capsys, trained_run, flag, value, expected):
     _, out = trained_run
     code, _, err = cli(capsys, "generate", out, "--prompt", "The", flag, value)
@@ -208,21 +232,29 @@ def _spoil_safetensors_header(path):
 
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     name = next(k for k in header if k != "__metadata__")
     begin, end = header[name]["data_offsets"]
     header[name]["data_offsets"] = [begin, end + (end - begin)]
     text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (lambda d: (d / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes()[:-1] + b"x"),
-     "is not the tokenizer the model was trained with"),
-    (lambda d: (d / "export.json").write_text("{not json"), "export.json cannot be read"),
-    (lambda d: _spoil_safetensors_header(d / "model.safetensors"), "model.safetensors is not a readable safetensors file"),
-    (lambda d: (d / "recipe.yaml").unlink(), "is not a complete msllm export: recipe.yaml missing"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (
+            lambda d: (d / "tokenizer.model").write_bytes((d / "tokenizer.model").read_bytes()[:-1] + b"x"),
+            "is not the tokenizer the model was trained with",
+        ),
+        (lambda d: (d / "export.json").write_text("{not json"), "export.json cannot be read"),
+        (
+            lambda d: _spoil_safetensors_header(d / "model.safetensors"),
+            "model.safetensors is not a readable safetensors file",
+        ),
+        (lambda d: (d / "recipe.yaml").unlink(), "is not a complete msllm export: recipe.yaml missing"),
+    ],
+)
 def test_a_damaged_export_is_one_line_for_generate_and_eval(exported, trained_run, capsys, damage, expected):
     recipe, _ = trained_run
     damage(exported)
@@ -239,8 +271,9 @@ def test_an_export_tokenizer_with_more_tokens_than_the_model_is_refused(exported
 
     corpus, _ = tiny_data
     with open(tmp_path / "big.model", "wb") as f:  # another tokenizer, bigger than the model's 320
-        spm.SentencePieceTrainer.train(input=str(corpus), model_writer=f, vocab_size=330, minloglevel=2,
-                                       byte_fallback=True)
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_writer=f, vocab_size=330, minloglevel=2, byte_fallback=True
+        )
     (exported / "tokenizer.model").write_bytes((tmp_path / "big.model").read_bytes())
     info = json.loads((exported / "export.json").read_text())
     info["tokenizer_sha256"] = None  # as an export edited by hand would leave it

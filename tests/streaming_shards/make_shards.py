@@ -47,8 +47,9 @@ def write(out: Path) -> None:
     parts = []
     for part in range(PARTS):
         folder = out / f"part-{part:05}"
-        with MDSWriter(out=str(folder), columns=COLUMNS, compression=COMPRESSION, hashes=HASHES,
-                       size_limit=SIZE_LIMIT) as writer:
+        with MDSWriter(
+            out=str(folder), columns=COLUMNS, compression=COMPRESSION, hashes=HASHES, size_limit=SIZE_LIMIT
+        ) as writer:
             for i in range(part * SAMPLES_PER_PART, (part + 1) * SAMPLES_PER_PART):
                 writer.write({"tokens": sample(i)})
         parts.append(folder)
@@ -66,8 +67,15 @@ def read(remote: Path, state: dict | None = None) -> tuple[list[int], dict]:
     from streaming import StreamingDataset
 
     with tempfile.TemporaryDirectory() as local:
-        dataset = StreamingDataset(remote=str(remote), local=local, shuffle=True, shuffle_seed=SEED,
-                                   num_canonical_nodes=CANONICAL_NODES, batch_size=1, validate_hash="xxh64")
+        dataset = StreamingDataset(
+            remote=str(remote),
+            local=local,
+            shuffle=True,
+            shuffle_seed=SEED,
+            num_canonical_nodes=CANONICAL_NODES,
+            batch_size=1,
+            validate_hash="xxh64",
+        )
         if state is not None:
             dataset.load_state_dict(state)
         order = []

@@ -221,8 +221,11 @@ def test_retina_query_10_sees_token_6_with_window_4_factor_2_and_3_levels():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention backward)")
 
 
-CUDA_PATTERNS = {"window-300": SlidingWindow(300), "retina-w4-k2-3": RetinaPattern(4, 2, 3),
-                 "retina-w64-k4-3": RetinaPattern(64, 4, 3)}
+CUDA_PATTERNS = {
+    "window-300": SlidingWindow(300),
+    "retina-w4-k2-3": RetinaPattern(4, 2, 3),
+    "retina-w64-k4-3": RetinaPattern(64, 4, 3),
+}
 
 
 @needs_cuda

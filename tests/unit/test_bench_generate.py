@@ -10,8 +10,16 @@ import numpy as np
 
 from msllm.bench.generate import COLORS, MODELS, Setting, measure_all, plot, to_markdown
 
-TOY = Setting(prompt=48, new_tokens=6, uncached_tokens=2, sweep=((16, 4), (48, 6)), rounds=2,
-              d_model=32, n_heads=2, vocab_size=256)
+TOY = Setting(
+    prompt=48,
+    new_tokens=6,
+    uncached_tokens=2,
+    sweep=((16, 4), (48, 6)),
+    rounds=2,
+    d_model=32,
+    n_heads=2,
+    vocab_size=256,
+)
 
 
 def series_in(path) -> int:
@@ -21,7 +29,7 @@ def series_in(path) -> int:
     rgb = matplotlib.image.imread(str(path))[..., :3]
     shown = 0
     for color in COLORS:
-        target = np.array([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        target = np.array([int(color[i : i + 2], 16) / 255 for i in (1, 3, 5)])
         shown += int((np.abs(rgb - target).max(axis=-1) < 0.02).sum() >= 50)
     return shown
 

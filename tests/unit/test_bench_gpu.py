@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from msllm.bench.gpu import cuda_tests
 from fixtures.train import msllm
+from msllm.bench.gpu import cuda_tests
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,7 +16,8 @@ def test_bench_gpu_refuses_without_a_gpu_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "msllm bench: error: msllm bench gpu needs a CUDA GPU and this machine has none; run it on a GPU node "
-        "(from the repository root), or run the CPU benchmarks (msllm bench --list)"]
+        "(from the repository root), or run the CPU benchmarks (msllm bench --list)"
+    ]
     assert not list(tmp_path.iterdir())
 
 

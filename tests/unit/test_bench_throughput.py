@@ -5,11 +5,10 @@ benchmark, not asserted.)"""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
-
-from pathlib import Path
 
 from fixtures.plots import check_png, legend_labels, lines
 from msllm.bench.throughput import CPU, loss_rows, measure, measure_trainer, plot, rows_for, table
@@ -64,7 +63,9 @@ def test_the_benchmark_writes_its_table_and_plot(tmp_path, saved_plots):
 def test_the_trainer_is_measured_on_its_own_shards_and_compared_with_the_bare_loop(tmp_path, monkeypatch):
     recipe = str(Path("recipes/models/vanilla-tiny.yaml").resolve())
     monkeypatch.chdir(tmp_path)  # the trainer's shards go to ./data/throughput-V-L
-    kwargs = dict(name="vanilla", recipe_path=recipe, vocab_size=0, seq_len=64, tokens_per_step=128, steps=2, compiled=False)
+    kwargs = dict(
+        name="vanilla", recipe_path=recipe, vocab_size=0, seq_len=64, tokens_per_step=128, steps=2, compiled=False
+    )
     trained = measure_trainer(**kwargs)
     assert "error" not in trained, trained
     assert trained["loop"] == "msllm train" and trained["batch"] == 2
@@ -74,14 +75,17 @@ def test_the_trainer_is_measured_on_its_own_shards_and_compared_with_the_bare_lo
     text = table([bare, trained], dataclasses.replace(CPU, tokens_per_step=128, steps=2))
     ratio = trained["tokens_per_s"] / bare["tokens_per_s"]
     assert trained["loss"] == bare["loss"] == "chunked"  # what auto chooses on the CPU, in both loops
-    assert f"| vanilla | eager | msllm train | chunked | 64 | 2 | {trained['tokens_per_s']:,.0f} | {ratio:.2f}x |" in text
+    assert (
+        f"| vanilla | eager | msllm train | chunked | 64 | 2 | {trained['tokens_per_s']:,.0f} | {ratio:.2f}x |" in text
+    )
 
 
 def test_the_loss_kernels_are_timed_against_each_other():
     setting = dataclasses.replace(CPU, tokens_per_step=64, steps=1, rounds=1, loss_length=32)
     rows = loss_rows(setting, cuda=False)
     assert [(r["model"], r["loss"], r["L"]) for r in rows] == [
-        (m, k, 32) for m in ("vanilla", "bottom_up") for k in ("dense", "chunked")]
+        (m, k, 32) for m in ("vanilla", "bottom_up") for k in ("dense", "chunked")
+    ]
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert table(rows, setting).count("| bare | dense | 32 |") == 2
 
@@ -95,7 +99,8 @@ def test_the_sequence_parallel_bench_splits_memory_and_sends_halos(tmp_path):
         (tmp_path / shipped.name).write_text(f"base: {shipped}\ndata: {{seq_len: 2048}}\n")
     results = sequence_parallel.run(str(tmp_path), sps=(1, 2))
     assert [(r["arch"], r["sp"], r["seq_len"]) for r in results] == [
-        (arch, sp, 2048) for arch in sequence_parallel.ARCHS for sp in (1, 2)]
+        (arch, sp, 2048) for arch in sequence_parallel.ARCHS for sp in (1, 2)
+    ]
     by = {(r["arch"], r["sp"]): r for r in results}
     for arch in sequence_parallel.ARCHS:
         one, two = by[arch, 1], by[arch, 2]
@@ -137,6 +142,9 @@ def test_the_loss_bench_alternates_the_kernels_in_msllm_train_and_measures_their
     text = loss.to_markdown(speed, rows)
     ratios = [speed[i + 1]["tokens_per_s"] / speed[i]["tokens_per_s"] for i in (0, 2)]
     for i, ratio in enumerate(ratios):
-        assert f"| {i + 1} | {speed[2 * i]['tokens_per_s']:,.0f} | {speed[2 * i + 1]['tokens_per_s']:,.0f} | {ratio:.3f}x |" in text
+        assert (
+            f"| {i + 1} | {speed[2 * i]['tokens_per_s']:,.0f} | {speed[2 * i + 1]['tokens_per_s']:,.0f} | {ratio:.3f}x |"
+            in text
+        )
     assert f"Median chunked / dense over the rounds: **{(ratios[0] + ratios[1]) / 2:.3f}x**" in text
     assert f"| chunked | {memory['chunked'] / 2**20:,.1f} |" in text

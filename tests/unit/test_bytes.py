@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from fixtures.train import base_recipe, check, error_lines, msllm, rows, write_recipe
 from msllm.data.tokenizer import BYTES_DESCRIPTOR, EOS_ID, ByteTokenizer, load_tokenizer_file
 from msllm.errors import DataError
-from fixtures.train import base_recipe, check, error_lines, msllm, rows, write_recipe
 
 
 def test_bytes_round_trip_non_ascii_text_exactly():
@@ -66,7 +66,9 @@ def test_bytes_prep_train_eval_generate_export_and_no_resume_with_another_tokeni
     last_eval = rows(tmp_path / "run", "eval")[-1]
     split = manifest["splits"]["validation"]
     # Bits per byte from the byte counts: the loss per token times tokens per byte.
-    assert last_eval["bits_per_byte"] == pytest.approx(last_eval["loss"] * split["tokens"] / split["bytes"] / 0.6931471805599453)
+    assert last_eval["bits_per_byte"] == pytest.approx(
+        last_eval["loss"] * split["tokens"] / split["bytes"] / 0.6931471805599453
+    )
     ckpt = tmp_path / "run"
     evaluated = check(msllm("eval", path, "--checkpoint", ckpt))
     assert f"bpb {last_eval['bits_per_byte']:.4f}" in evaluated.stdout
@@ -76,7 +78,9 @@ def test_bytes_prep_train_eval_generate_export_and_no_resume_with_another_tokeni
     exported = check(msllm("export", ckpt, "--out", tmp_path / "export"))
     assert "no hf/: byte-level" in exported.stdout and not (tmp_path / "export" / "hf").exists()
     assert (tmp_path / "export" / "tokenizer.model").read_bytes() == BYTES_DESCRIPTOR
-    again = check(msllm("generate", tmp_path / "export", "--prompt", "The old cät", "--max-new-tokens", "12", "--seed", "3"))
+    again = check(
+        msllm("generate", tmp_path / "export", "--prompt", "The old cät", "--max-new-tokens", "12", "--seed", "3")
+    )
     assert again.stdout == generated.stdout
 
     # The same run folder and model, now on sentencepiece shards: resuming refuses in one line.

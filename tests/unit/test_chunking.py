@@ -33,7 +33,9 @@ def test_routing_and_chunks_follow_their_definition():
     coarse, chunks = chunking(h)
     q, k = chunking.wq(h), chunking.wk(h)
     for b in range(2):
-        expected_p = [1.0] + [0.5 * (1 - torch.cosine_similarity(q[b, t], k[b, t - 1], dim=0).item()) for t in range(1, 20)]
+        expected_p = [1.0] + [
+            0.5 * (1 - torch.cosine_similarity(q[b, t], k[b, t - 1], dim=0).item()) for t in range(1, 20)
+        ]
         torch.testing.assert_close(chunks.p[b], torch.tensor(expected_p, dtype=torch.float64))
         starts = [t for t in range(20) if expected_p[t] >= 0.5]
         assert chunks.boundaries[b].nonzero()[:, 0].tolist() == starts
@@ -49,7 +51,7 @@ def test_the_ema_dechunking_matches_its_recurrence_and_serves_each_chunk_from_it
     z, expected = ema(y, p), []
     previous = torch.zeros(2, 4, dtype=torch.float64)
     for j in range(7):
-        previous = p[:, j:j + 1] * y[:, j] + (1 - p[:, j:j + 1]) * previous
+        previous = p[:, j : j + 1] * y[:, j] + (1 - p[:, j : j + 1]) * previous
         expected.append(previous)
     torch.testing.assert_close(z, torch.stack(expected, dim=1))
 
@@ -87,7 +89,7 @@ def test_routing_and_dechunking_compute_in_fp32_under_bf16(precision):
     assert chunks.p.dtype == torch.float32 and out.dtype == model_dtype
     assert torch.equal(chunks.boundaries, chunks64.boundaries)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), expected, rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(out.double(), expected, rtol=2**-7, atol=1e-2)
 
 
 def test_the_ratio_loss_is_h_nets_and_is_lowest_at_the_target():
@@ -120,9 +122,15 @@ def test_the_ratio_loss_joins_the_training_loss_summed_over_positions_and_eval_l
 
 def test_flops_count_the_coarse_scale_at_the_target_ratio():
     """On the meta device there are no boundaries: the coarse scale counts ceil(n / target_ratio)."""
-    low, high = (flops_per_token(dynamic_cfg(scales=[ScaleConfig(1, 1, "local", 8),
-                                                     ScaleConfig(1, 2, "full", pool="dynamic", target_ratio=r)]), 64)
-                 for r in (8.0, 2.0))
+    low, high = (
+        flops_per_token(
+            dynamic_cfg(
+                scales=[ScaleConfig(1, 1, "local", 8), ScaleConfig(1, 2, "full", pool="dynamic", target_ratio=r)]
+            ),
+            64,
+        )
+        for r in (8.0, 2.0)
+    )
     assert high > low
 
 
@@ -145,14 +153,17 @@ def recipe_with(scales: list[dict], arch: str = "bottom_up", sp: int = 1):
     return from_dict({"model": {"arch": arch, "scales": scales}, "data": {"seq_len": 64}, "parallel": {"sp": sp}})
 
 
-@pytest.mark.parametrize("scales,arch,sp,message", [
-    ([{"attention": "local"}, {"pool": "dynamic"}], "top_down", 1, "bottom_up only"),
-    ([{"attention": "local"}, {"pool": "dynamic"}, {"factor": 2}], "bottom_up", 1, "only the coarsest"),
-    ([{"attention": "local"}, {"pool": "dynamic", "factor": 4}], "bottom_up", 1, "leave it at 1"),
-    ([{"attention": "local"}, {"pool": "dynamic", "target_ratio": 1.0}], "bottom_up", 1, "above 1"),
-    ([{"attention": "local"}, {"pool": "dynamic", "ratio_loss_weight": -1}], "bottom_up", 1, "negative"),
-    ([{"attention": "local", "window": 8}, {"pool": "dynamic"}], "bottom_up", 2, "sequence parallelism"),
-])
+@pytest.mark.parametrize(
+    "scales,arch,sp,message",
+    [
+        ([{"attention": "local"}, {"pool": "dynamic"}], "top_down", 1, "bottom_up only"),
+        ([{"attention": "local"}, {"pool": "dynamic"}, {"factor": 2}], "bottom_up", 1, "only the coarsest"),
+        ([{"attention": "local"}, {"pool": "dynamic", "factor": 4}], "bottom_up", 1, "leave it at 1"),
+        ([{"attention": "local"}, {"pool": "dynamic", "target_ratio": 1.0}], "bottom_up", 1, "above 1"),
+        ([{"attention": "local"}, {"pool": "dynamic", "ratio_loss_weight": -1}], "bottom_up", 1, "negative"),
+        ([{"attention": "local", "window": 8}, {"pool": "dynamic"}], "bottom_up", 2, "sequence parallelism"),
+    ],
+)
 def test_bad_dynamic_settings_fail_with_one_line(scales, arch, sp, message):
     with pytest.raises(RecipeError, match=message) as info:
         validate(recipe_with(scales, arch, sp))
@@ -196,8 +207,10 @@ def test_a_byte_model_logs_the_word_start_diagnostics_of_its_batch():
     ids = torch.tensor(ByteTokenizer().encode(["the cat sat on the mat and then it ran off"]))
     model(ids)
     metrics = {k: v.item() for k, v in model.log_metrics().items()}
-    assert set(metrics) == {f"{k}_s1" for k in ("compression", "ratio_loss", "p_std", "p_near_threshold",
-                                                "word_start_boundaries", "word_start_rate")}
+    assert set(metrics) == {
+        f"{k}_s1"
+        for k in ("compression", "ratio_loss", "p_std", "p_near_threshold", "word_start_boundaries", "word_start_rate")
+    }
     assert metrics["word_start_rate_s1"] == pytest.approx(10 / (ids.shape[1] - 1))  # 10 words after the first
     boundaries = model.pools[-1].last_chunks.boundaries[0, 1:]
     starts = {t for t in range(1, ids.shape[1]) if ids[0, t - 1] == 4 + 32 and ids[0, t] != 4 + 32}

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fixtures.train import msllm
 from msllm.cli import DESCRIPTION, build_parser
 from msllm.config import from_dict, load_recipe
-from fixtures.train import msllm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,7 +66,8 @@ def test_bench_outside_a_checkout_names_the_missing_recipes_and_the_lab_in_one_l
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "msllm bench: error: no recipe recipes/models: this benchmark measures the recipes shipped in the msllm "
-        "repository; pass --recipes DIR (the recipes/ folder of a checkout)"]
+        "repository; pass --recipes DIR (the recipes/ folder of a checkout)"
+    ]
     assert not (tmp_path / "out").exists()
     done = msllm("bench", "models", "--out", tmp_path / "out", "--recipes", REPO / "recipes", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -75,21 +76,32 @@ def test_bench_outside_a_checkout_names_the_missing_recipes_and_the_lab_in_one_l
     assert moved.returncode == 2
     assert moved.stderr.strip().splitlines() == [
         "msllm bench: error: paper is an experiment of the msllm repository, no longer a benchmark of the package: "
-        "from a checkout, run python -m lab paper"]
+        "from a checkout, run python -m lab paper"
+    ]
 
 
 def test_show_config_omits_the_window_where_no_scale_reads_it(tmp_path):
     path = tmp_path / "bottom_up.yaml"
-    path.write_text(yaml.safe_dump({
-        "base": str(REPO / "recipes/quickstart.yaml"),
-        "model": {"scales": [{"factor": 1, "layers": 2, "attention": "local", "window": 64},
-                             {"factor": 4, "layers": 3, "attention": "full", "window": 32}]},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "recipes/quickstart.yaml"),
+                "model": {
+                    "scales": [
+                        {"factor": 1, "layers": 2, "attention": "local", "window": 64},
+                        {"factor": 4, "layers": 3, "attention": "full", "window": 32},
+                    ]
+                },
+            }
+        )
+    )
     proc = msllm("show-config", str(path))
     assert proc.returncode == 0, proc.stderr
     shown = yaml.safe_load(proc.stdout)["model"]["scales"]
-    assert shown == [{"factor": 1, "layers": 2, "attention": "local", "window": 64},
-                     {"factor": 4, "layers": 3, "attention": "full"}]
+    assert shown == [
+        {"factor": 1, "layers": 2, "attention": "local", "window": 64},
+        {"factor": 4, "layers": 3, "attention": "full"},
+    ]
 
     recipe = load_recipe(path)
     # What run folders and checkpoints save keeps every field, and loads back to the same recipe.
@@ -105,10 +117,14 @@ def test_show_config_omits_the_window_where_no_scale_reads_it(tmp_path):
 
 def test_show_config_keeps_retinas_window_whatever_its_attention(tmp_path):
     path = tmp_path / "retina-full.yaml"
-    path.write_text(yaml.safe_dump({
-        "base": str(REPO / "recipes/models/retina-tiny.yaml"),
-        "model": {"scales": [{"factor": 1, "layers": 2, "attention": "full", "window": 48}]},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "recipes/models/retina-tiny.yaml"),
+                "model": {"scales": [{"factor": 1, "layers": 2, "attention": "full", "window": 48}]},
+            }
+        )
+    )
     proc = msllm("show-config", str(path))
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["model"]["scales"][0]["window"] == 48

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from msllm.config import field_docs, load_recipe, validate, with_vocab_size
-from msllm.inspect import inspect_recipe, parameters_by_part
-from msllm.train.memory import count_parameters, parameter_state_bytes
-from msllm.models import build_model
-from msllm.errors import RecipeError
 from fixtures.train import check, msllm
+from msllm.config import field_docs, load_recipe, validate, with_vocab_size
+from msllm.errors import RecipeError
+from msllm.inspect import inspect_recipe, parameters_by_part
+from msllm.models import build_model
+from msllm.train.memory import count_parameters, parameter_state_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 # The recipes users start from and the lab's experiments' own (lab/recipes): every one must load.
@@ -47,7 +47,9 @@ def test_every_shipped_recipe_loads_and_builds_its_model(path):
     """Each shipped recipe validates with its vocabulary filled in, builds its model on the meta
     device (no memory), and counts the parameters that `msllm inspect` counts and its header says."""
     recipe = load_recipe(path)  # type-checked and validated
-    recipe = with_vocab_size(recipe, recipe.data.tokenizer.data_vocab_size())  # what training does once the tokenizer exists
+    recipe = with_vocab_size(
+        recipe, recipe.data.tokenizer.data_vocab_size()
+    )  # what training does once the tokenizer exists
     validate(recipe, source=str(path))
     with torch.device("meta"):
         model = build_model(recipe.model)
@@ -83,32 +85,100 @@ def test_resolved_recipe_round_trips_through_yaml(tmp_path):
 
 
 BAD = [
-    ("unknown key with suggestion", GOOD + "train: {learning_rate: 0.1}\n", "unknown key train.learning_rate (did you mean train.lr"),
+    (
+        "unknown key with suggestion",
+        GOOD + "train: {learning_rate: 0.1}\n",
+        "unknown key train.learning_rate (did you mean train.lr",
+    ),
     ("unknown section", GOOD + "trian: {lr: 0.1}\n", "unknown key trian (did you mean train?)"),
-    ("wrong type", GOOD.replace("d_model: 64", "d_model: sixty-four"), "model.d_model: expected an integer, got str 'sixty-four'"),
+    (
+        "wrong type",
+        GOOD.replace("d_model: 64", "d_model: sixty-four"),
+        "model.d_model: expected an integer, got str 'sixty-four'",
+    ),
     ("bool for int", GOOD + "train: {max_steps: true}\n", "train.max_steps: expected an integer, got bool True"),
-    ("bad choice", GOOD.replace("arch: bottom_up", "arch: sideways"), "model.arch: 'sideways' is not one of 'vanilla', 'bottom_up', 'top_down', 'retina'"),
+    (
+        "bad choice",
+        GOOD.replace("arch: bottom_up", "arch: sideways"),
+        "model.arch: 'sideways' is not one of 'vanilla', 'bottom_up', 'top_down', 'retina'",
+    ),
     ("missing arch", "model: {d_model: 64}\n", "missing required value model.arch"),
-    ("heads do not divide", GOOD.replace("n_heads: 4", "n_heads: 3"), "model.n_heads: d_model 64 is not divisible by n_heads 3"),
-    ("seq_len not a multiple", GOOD.replace("seq_len: 128", "seq_len: 130"), "data.seq_len: 130 is not a multiple of the cumulative pooling factor 4"),
-    ("factor 1 at a coarse scale", GOOD.replace("{factor: 4, layers: 1}", "{factor: 1, layers: 1}"), "model.scales[1].factor: a coarser scale needs a pooling factor >= 2, got 1"),
-    ("one scale for bottom-up", GOOD.replace("    - {factor: 4, layers: 1}\n", ""), "model.scales: bottom_up needs at least two scales"),
-    ("two scales for vanilla", GOOD.replace("arch: bottom_up", "arch: vanilla"), "model.scales: vanilla has a single stack: give exactly one scale, got 2"),
+    (
+        "heads do not divide",
+        GOOD.replace("n_heads: 4", "n_heads: 3"),
+        "model.n_heads: d_model 64 is not divisible by n_heads 3",
+    ),
+    (
+        "seq_len not a multiple",
+        GOOD.replace("seq_len: 128", "seq_len: 130"),
+        "data.seq_len: 130 is not a multiple of the cumulative pooling factor 4",
+    ),
+    (
+        "factor 1 at a coarse scale",
+        GOOD.replace("{factor: 4, layers: 1}", "{factor: 1, layers: 1}"),
+        "model.scales[1].factor: a coarser scale needs a pooling factor >= 2, got 1",
+    ),
+    (
+        "one scale for bottom-up",
+        GOOD.replace("    - {factor: 4, layers: 1}\n", ""),
+        "model.scales: bottom_up needs at least two scales",
+    ),
+    (
+        "two scales for vanilla",
+        GOOD.replace("arch: bottom_up", "arch: vanilla"),
+        "model.scales: vanilla has a single stack: give exactly one scale, got 2",
+    ),
     ("negative steps", GOOD + "train: {max_steps: -5}\n", "train.max_steps: must be at least 1, got -5"),
-    ("text source without paths", GOOD + "data: {source: text, seq_len: 128}\n", "data.paths: source 'text' needs at least one file"),
+    (
+        "text source without paths",
+        GOOD + "data: {source: text, seq_len: 128}\n",
+        "data.paths: source 'text' needs at least one file",
+    ),
     ("sp does not divide heads", GOOD + "parallel: {sp: 3}\n", "parallel.sp: n_heads 4 is not divisible by sp 3"),
-    ("sp does not split a scale", GOOD.replace("seq_len: 128", "seq_len: 4") + "parallel: {sp: 2}\n", "parallel.sp: scale 1 has L/f_s = 4/4 positions, which do not split evenly over sp=2 ranks"),
-    ("window longer than a rank's slice", GOOD.replace("window: 16", "window: 128") + "parallel: {sp: 2}\n", "model.scales[0].window: window 128 is longer than the 64 positions each of the sp=2 ranks holds at scale 0"),
-    ("retina blocks straddle ranks", "model: {arch: retina, n_heads: 4, retina_factor: 4, retina_levels: 3, scales: [{window: 8}]}\ndata: {seq_len: 72}\nparallel: {sp: 2}\n", "parallel.sp: retina's coarsest blocks of 16 tokens must not straddle ranks: data.seq_len/sp = 36"),
+    (
+        "sp does not split a scale",
+        GOOD.replace("seq_len: 128", "seq_len: 4") + "parallel: {sp: 2}\n",
+        "parallel.sp: scale 1 has L/f_s = 4/4 positions, which do not split evenly over sp=2 ranks",
+    ),
+    (
+        "window longer than a rank's slice",
+        GOOD.replace("window: 16", "window: 128") + "parallel: {sp: 2}\n",
+        "model.scales[0].window: window 128 is longer than the 64 positions each of the sp=2 ranks holds at scale 0",
+    ),
+    (
+        "retina blocks straddle ranks",
+        "model: {arch: retina, n_heads: 4, retina_factor: 4, retina_levels: 3, scales: [{window: 8}]}\ndata: {seq_len: 72}\nparallel: {sp: 2}\n",
+        "parallel.sp: retina's coarsest blocks of 16 tokens must not straddle ranks: data.seq_len/sp = 36",
+    ),
     ("list expected", GOOD + "train: {betas: 0.9}\n", "train.betas: expected a list, got float 0.9"),
     ("section not a mapping", GOOD + "eval: 5\n", "eval: expected a mapping, got int 5"),
     ("not yaml", "model: {arch: [vanilla\n", "is not valid YAML"),
-    ("offload without checkpointing", GOOD + "parallel: {offload_activations: true}\n", "parallel.offload_activations: needs parallel.activation_checkpointing: true"),
+    (
+        "offload without checkpointing",
+        GOOD + "parallel: {offload_activations: true}\n",
+        "parallel.offload_activations: needs parallel.activation_checkpointing: true",
+    ),
     # Each architecture's own fields (msllm/models/<arch>/config.py) belong to it alone.
-    ("another arch's field", GOOD.replace("n_heads: 4", "n_heads: 4\n  retina_levels: 2"), "model.retina_levels is for retina only, not bottom_up (bottom_up's own fields: final_layers, aggregation, residual_proj, stage_norms)"),
-    ("unknown model key names the arch", GOOD.replace("n_heads: 4", "n_heads: 4\n  final_layer: 2"), "unknown key model.final_layer for arch bottom_up (did you mean model.final_layers?)"),
-    ("own field checked", GOOD.replace("n_heads: 4", "n_heads: 4\n  final_layers: -1"), "model.final_layers: must not be negative, got -1"),
-    ("retina factor", "model: {arch: retina, n_heads: 4, retina_factor: 1, scales: [{window: 8}]}\ndata: {seq_len: 72}\n", "model.retina_factor: must be at least 2, got 1"),
+    (
+        "another arch's field",
+        GOOD.replace("n_heads: 4", "n_heads: 4\n  retina_levels: 2"),
+        "model.retina_levels is for retina only, not bottom_up (bottom_up's own fields: final_layers, aggregation, residual_proj, stage_norms)",
+    ),
+    (
+        "unknown model key names the arch",
+        GOOD.replace("n_heads: 4", "n_heads: 4\n  final_layer: 2"),
+        "unknown key model.final_layer for arch bottom_up (did you mean model.final_layers?)",
+    ),
+    (
+        "own field checked",
+        GOOD.replace("n_heads: 4", "n_heads: 4\n  final_layers: -1"),
+        "model.final_layers: must not be negative, got -1",
+    ),
+    (
+        "retina factor",
+        "model: {arch: retina, n_heads: 4, retina_factor: 1, scales: [{window: 8}]}\ndata: {seq_len: 72}\n",
+        "model.retina_factor: must be at least 2, got 1",
+    ),
 ]
 
 

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fixtures.data import make_documents, write_text_files
 from streaming import MDSWriter, StreamingDataset
 
+from fixtures.data import make_documents, write_text_files
 from msllm.config import DataConfig, TokenizerConfig
 from msllm.data import build_dataloader, check_shards, prepare_dataset, read_manifest
 from msllm.errors import DataError
@@ -93,8 +93,7 @@ def test_sequence_parallel_slices_are_complementary(data_small_corpus):
     cfg, _ = data_small_corpus
     whole = next(iter(build_dataloader(cfg, "validation", batch_size=4, seed=0)))
     parts = [
-        next(iter(build_dataloader(cfg, "validation", batch_size=4, seed=0, sp_size=4, sp_rank=r)))
-        for r in range(4)
+        next(iter(build_dataloader(cfg, "validation", batch_size=4, seed=0, sp_size=4, sp_rank=r))) for r in range(4)
     ]
     assert all(p["input_ids"].shape == (4, 16) for p in parts)
     for key in ("input_ids", "labels"):
@@ -152,8 +151,14 @@ def test_check_shards_seq_len_differs(data_small_corpus):
 def test_check_shards_tokenizer_differs(data_small_corpus, tmp_path):
     cfg, _ = data_small_corpus
     write_text_files(tmp_path / "text", make_documents(20, seed=9, words=60))
-    other = DataConfig(source="text", paths=[str(tmp_path / "text" / "*.txt")], shards_dir=str(tmp_path / "o"),
-                       seq_len=32, workers=1, tokenizer=TokenizerConfig(vocab_size=360))
+    other = DataConfig(
+        source="text",
+        paths=[str(tmp_path / "text" / "*.txt")],
+        shards_dir=str(tmp_path / "o"),
+        seq_len=32,
+        workers=1,
+        tokenizer=TokenizerConfig(vocab_size=360),
+    )
     prepare_dataset(other, quiet=True)
     named = dataclasses.replace(cfg, tokenizer=TokenizerConfig(model=str(tmp_path / "o" / "tokenizer.model")))
     with pytest.raises(DataError, match=r"is not the tokenizer the shards in .* were written with .*--force"):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fixtures.data import make_documents, text_config, write_text_files
 from fixtures.train import msllm, start_msllm, wait_for_line
-
 from msllm.config import TokenizerConfig
 from msllm.data import build_dataloader, prepare_dataset, read_manifest
 
@@ -111,7 +111,11 @@ def test_killed_prep_continues_where_it_stopped_and_gives_the_same_shards(tmp_pa
 
     # The same samples as one uninterrupted prep (1 worker, one part: the layout does not matter).
     whole = text_config(
-        tmp_path / "corpus", tmp_path / "whole", seq_len=64, workers=1, prep_checkpoint_bytes=1 << 40,
+        tmp_path / "corpus",
+        tmp_path / "whole",
+        seq_len=64,
+        workers=1,
+        prep_checkpoint_bytes=1 << 40,
         tokenizer=TokenizerConfig(model=str(tokenizer)),
     )
     expected = prepare_dataset(whole, quiet=True)

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import zstandard
-from fixtures.data import make_documents, text_config, write_text_files
 
+from fixtures.data import make_documents, text_config, write_text_files
 from msllm.config import DataConfig, TokenizerConfig
 from msllm.data import build_dataloader, load_tokenizer, prepare_dataset, read_manifest
 from msllm.data.prepare.split import document_hash_fraction
@@ -68,8 +68,11 @@ def test_train_and_validation_share_no_document(data_small_corpus):
     # And the token streams: decode every validation sample; none contains a train document.
     tokenizer = load_tokenizer(cfg.shards_dir)
     loader = build_dataloader(cfg, "validation", batch_size=4, seed=0)
-    text = "".join(tokenizer.decode(torch_cat({k: v[i : i + 1] for k, v in b.items()}).tolist())
-                   for b in loader for i in range(len(b["input_ids"])))
+    text = "".join(
+        tokenizer.decode(torch_cat({k: v[i : i + 1] for k, v in b.items()}).tolist())
+        for b in loader
+        for i in range(len(b["input_ids"]))
+    )
     for document in train:
         assert document.split("\n")[0] + "\n" not in text  # "Document N.\n" heads every document
 
@@ -169,8 +172,13 @@ def test_jsonl_plain_gz_and_zst_with_a_text_field(tmp_path):
         f.write("".join(lines[15:30]))
     (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(lines[30:]).encode()))
     cfg = DataConfig(
-        source="jsonl", paths=[str(tmp_path / "*.jsonl*")], text_field="body", shards_dir=str(tmp_path / "shards"),
-        seq_len=32, workers=1, tokenizer=TokenizerConfig(vocab_size=360),
+        source="jsonl",
+        paths=[str(tmp_path / "*.jsonl*")],
+        text_field="body",
+        shards_dir=str(tmp_path / "shards"),
+        seq_len=32,
+        workers=1,
+        tokenizer=TokenizerConfig(vocab_size=360),
     )
     manifest = prepare_dataset(cfg, quiet=True)
     splits = manifest["splits"]
@@ -185,8 +193,13 @@ def test_text_split_on_blank_lines_and_reused_tokenizer(tmp_path, data_small_cor
     given = str(tmp_path / "given.model")
     shutil.copyfile(f"{small_cfg.shards_dir}/tokenizer.model", given)
     cfg = DataConfig(
-        source="text", paths=[str(tmp_path / "all.txt")], split_on_blank_lines=True, shards_dir=str(tmp_path / "s"),
-        seq_len=32, workers=1, tokenizer=TokenizerConfig(model=given),
+        source="text",
+        paths=[str(tmp_path / "all.txt")],
+        split_on_blank_lines=True,
+        shards_dir=str(tmp_path / "s"),
+        seq_len=32,
+        workers=1,
+        tokenizer=TokenizerConfig(model=given),
     )
     manifest = prepare_dataset(cfg, quiet=True)
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["validation"]["documents"] == 30
@@ -197,7 +210,9 @@ def test_text_split_on_blank_lines_and_reused_tokenizer(tmp_path, data_small_cor
 @pytest.mark.slow
 def test_builtin_wikipedia_sample_prepares_with_sane_counts(tmp_path):
     cfg = DataConfig(
-        source="wikipedia-sample", shards_dir=str(tmp_path / "wiki"), seq_len=256,
+        source="wikipedia-sample",
+        shards_dir=str(tmp_path / "wiki"),
+        seq_len=256,
         tokenizer=TokenizerConfig(vocab_size=1000, input_sentence_size=20000),
     )
     manifest = prepare_dataset(cfg, quiet=True)
@@ -219,8 +234,13 @@ def test_builtin_wikipedia_sample_prepares_with_sane_counts(tmp_path):
 
 
 def _cfg(tmp_path, **kw) -> DataConfig:
-    settings = dict(source="text", shards_dir=str(tmp_path / "shards"), seq_len=32, workers=1,
-                    tokenizer=TokenizerConfig(vocab_size=360))
+    settings = dict(
+        source="text",
+        shards_dir=str(tmp_path / "shards"),
+        seq_len=32,
+        workers=1,
+        tokenizer=TokenizerConfig(vocab_size=360),
+    )
     settings.update(kw)
     return DataConfig(**settings)
 

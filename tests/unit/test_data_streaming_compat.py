@@ -33,14 +33,19 @@ def test_the_fixture_is_in_msllms_shard_format(make_shards):
     from msllm.data.prepare.write import SHARD_COMPRESSION, SHARD_HASHES, TOKENS_COLUMN
 
     assert (make_shards.COLUMNS, make_shards.COMPRESSION, make_shards.HASHES) == (
-        TOKENS_COLUMN, SHARD_COMPRESSION, SHARD_HASHES)
+        TOKENS_COLUMN,
+        SHARD_COMPRESSION,
+        SHARD_HASHES,
+    )
     reading = json.loads((WRITTEN_BY_0_13 / "reading.json").read_text())
     assert reading["written_by"] == "mosaicml-streaming 0.13.0"
     files = _files(WRITTEN_BY_0_13 / "shards")
     assert sum(map(len, files.values())) < 20_000 and len(files) >= 8  # tiny, several shards per part
     index = json.loads(files["index.json"])
     assert index["version"] == 2 and {s["raw_data"]["basename"].split("/")[0] for s in index["shards"]} == {
-        "part-00000", "part-00001"}
+        "part-00000",
+        "part-00001",
+    }
 
 
 def test_shards_written_by_0_13_read_with_the_installed_streaming_in_the_same_order(make_shards, tmp_path):
@@ -55,7 +60,7 @@ def test_shards_written_by_0_13_read_with_the_installed_streaming_in_the_same_or
     assert state == reading["state"]
     assert set(state) == {"epoch", "sample_in_epoch", "num_canonical_nodes", "shuffle_seed", "initial_physical_nodes"}
     resumed, _ = make_shards.read(tmp_path / "shards", reading["state"])
-    assert resumed == reading["resumed_order"] == order[make_shards.RESUME_AFTER:]
+    assert resumed == reading["resumed_order"] == order[make_shards.RESUME_AFTER :]
 
 
 def test_the_installed_streaming_writes_what_0_13_wrote(make_shards, tmp_path):
@@ -71,8 +76,9 @@ def test_msllms_loader_reads_shards_written_by_0_13(make_shards, tmp_path):
     from msllm.data import build_dataloader
 
     shutil.copytree(WRITTEN_BY_0_13 / "shards", tmp_path / "train")
-    cfg = DataConfig(source="shards", shards_dir=str(tmp_path), seq_len=make_shards.SAMPLE_LEN - 1,
-                     cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(
+        source="shards", shards_dir=str(tmp_path), seq_len=make_shards.SAMPLE_LEN - 1, cache_dir=str(tmp_path / "cache")
+    )
     batches = list(build_dataloader(cfg, "train", batch_size=4, seed=0, shuffle=False, repeat=False))
     rows = torch.cat([torch.cat([b["input_ids"], b["labels"][:, -1:]], dim=1) for b in batches])
     assert [row.tolist() for row in rows] == [make_shards.sample(i).tolist() for i in range(len(rows))]

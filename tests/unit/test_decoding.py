@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixtures.models import tiny_fields
 from msllm.config import MambaConfig, ModelConfig, ScaleConfig
 from msllm.models import build_model
 from msllm.models.attention import FullCausalAttention, LocalCausalAttention
 from msllm.models.registry import ARCHS
 from msllm.models.retina import RetinaAttention, RetinaPattern
-from fixtures.models import tiny_fields
 
 VOCAB = 61
 LENGTH = 44  # crosses every block boundary of the configurations below (coarsest cumulative factor 8) 5 times
@@ -28,22 +28,44 @@ CONFIGS = {
     # bottom-up: two scales by 4 (window 3 < block 4); three scales by 2 then 4 (f = 2, 8; window 11 > 8),
     # linear pooling and upsampling, attention aggregation; a local coarse scale
     "bottom_up-2": dict(arch="bottom_up", scales=[local(1, 3), full(4, 1)], final_layers=1),
-    "bottom_up-3": dict(arch="bottom_up", scales=[local(1, 11), full(2, 1), full(4, 1)], final_layers=2,
-                        pooling="linear", upsampling="linear", aggregation="attention"),
-    "bottom_up-local-coarse": dict(arch="bottom_up", scales=[local(1, 2), full(2, 1), ScaleConfig(factor=2, layers=1, attention="local", window=3)],
-                                   final_layers=1),
+    "bottom_up-3": dict(
+        arch="bottom_up",
+        scales=[local(1, 11), full(2, 1), full(4, 1)],
+        final_layers=2,
+        pooling="linear",
+        upsampling="linear",
+        aggregation="attention",
+    ),
+    "bottom_up-local-coarse": dict(
+        arch="bottom_up",
+        scales=[local(1, 2), full(2, 1), ScaleConfig(factor=2, layers=1, attention="local", window=3)],
+        final_layers=1,
+    ),
     # Mamba-2 layers (a recurrent state and a convolution stream per layer; chunks of 8 in the
     # full pass, so that prefills cross chunk boundaries), with H-Net's stage norms and residual
     # projection (given random weights by make: it starts at zero)
-    "bottom_up-mamba2": dict(arch="bottom_up", scales=[ScaleConfig(layers=1, mixer="mamba2"), full(4, 1)], final_layers=1,
-                             mamba=MAMBA, residual_proj=True, stage_norms=True),
-    "bottom_up-mamba2-3": dict(arch="bottom_up", scales=[ScaleConfig(layers=1, mixer="mamba2"), full(2, 1),
-                                                         ScaleConfig(factor=2, layers=1, mixer="mamba2")],
-                               final_layers=1, mamba=MAMBA, residual_proj=True, aggregation="attention"),
+    "bottom_up-mamba2": dict(
+        arch="bottom_up",
+        scales=[ScaleConfig(layers=1, mixer="mamba2"), full(4, 1)],
+        final_layers=1,
+        mamba=MAMBA,
+        residual_proj=True,
+        stage_norms=True,
+    ),
+    "bottom_up-mamba2-3": dict(
+        arch="bottom_up",
+        scales=[ScaleConfig(layers=1, mixer="mamba2"), full(2, 1), ScaleConfig(factor=2, layers=1, mixer="mamba2")],
+        final_layers=1,
+        mamba=MAMBA,
+        residual_proj=True,
+        aggregation="attention",
+    ),
     "top_down-mamba2": dict(arch="top_down", scales=[ScaleConfig(layers=2, mixer="mamba2"), full(2, 1)], mamba=MAMBA),
     # top-down: two scales by 2 (window 3); three scales by 4 then 2 (f = 4, 8; window 9), linear
     "top_down-2": dict(arch="top_down", scales=[local(1, 3), full(2, 1)]),
-    "top_down-3": dict(arch="top_down", scales=[local(2, 9), full(4, 1), full(2, 1)], pooling="linear", upsampling="linear"),
+    "top_down-3": dict(
+        arch="top_down", scales=[local(2, 9), full(4, 1), full(2, 1)], pooling="linear", upsampling="linear"
+    ),
     # retina: 3 levels by 2 (window 3 < k^2 = 4), 3 levels by 4 (window 5), 2 levels by 3, 1 level
     "retina-3x2": dict(arch="retina", scales=[local(2, 3)], retina_levels=3, retina_factor=2),
     "retina-3x4": dict(arch="retina", scales=[local(1, 5)], retina_levels=3, retina_factor=4),
@@ -51,7 +73,9 @@ CONFIGS = {
     "retina-1": dict(arch="retina", scales=[local(1, 4)], retina_levels=1, retina_factor=2),
 }
 # Every registered architecture (msllm.models.registry) is covered: one not named above with its spec's tiny model.
-CONFIGS.update({f"{arch}-tiny": tiny_fields(arch) for arch in ARCHS if arch not in {c["arch"] for c in CONFIGS.values()}})
+CONFIGS.update(
+    {f"{arch}-tiny": tiny_fields(arch) for arch in ARCHS if arch not in {c["arch"] for c in CONFIGS.values()}}
+)
 
 # How the tokens reach decode: token by token; a prompt of 13 then steps; chunks of several sizes
 # (smaller and larger than windows and blocks, boundaries inside blocks); the whole sequence at once.
@@ -79,7 +103,7 @@ def decode_in(model, ids: torch.Tensor, split: list[int]):
     assert sum(split) == ids.shape[1]
     cache, out, at = model.new_cache(), [], 0
     for n in split:
-        out.append(model.decode(ids[:, at:at + n], cache))
+        out.append(model.decode(ids[:, at : at + n], cache))
         at += n
     assert cache.position == ids.shape[1]
     return torch.cat(out, dim=1), cache
@@ -141,7 +165,9 @@ def layer_caches(model, cache):
     return pairs
 
 
-@pytest.mark.parametrize("name", ["vanilla-local", "bottom_up-3", "bottom_up-local-coarse", "top_down-3", "retina-3x2", "retina-3x4"])
+@pytest.mark.parametrize(
+    "name", ["vanilla-local", "bottom_up-3", "bottom_up-local-coarse", "top_down-3", "retina-3x2", "retina-3x4"]
+)
 def test_local_and_retina_layers_keep_a_bounded_window(name):
     """After a long prompt and at every step after it: local layers keep window - 1 positions (and
     storage for a few dozen), retina's fine level w - 1 to w + k - 2 positions and each pooled level
@@ -152,10 +178,12 @@ def test_local_and_retina_layers_keep_a_bounded_window(name):
     cache = model.new_cache()
     model.decode(ids[:, :300], cache)
     pairs = layer_caches(model, cache)
-    assert len(pairs) == sum(1 for m in model.modules() if isinstance(m, (FullCausalAttention, LocalCausalAttention, RetinaAttention)))
+    assert len(pairs) == sum(
+        1 for m in model.modules() if isinstance(m, (FullCausalAttention, LocalCausalAttention, RetinaAttention))
+    )
     row_bytes = 2 * 2 * 16 * 4  # keys and values of one position: 2 heads of 16, fp32
     for step in range(300, 340):
-        logits = model.decode(ids[:, step:step + 1], cache)
+        logits = model.decode(ids[:, step : step + 1], cache)
         for core, layer in pairs:
             kept = [s.length for s in layer.segments]
             if isinstance(core, RetinaAttention):
@@ -185,11 +213,11 @@ def test_retina_pooled_levels_hold_the_means_the_full_pass_uses():
     k, v = torch.randn(2, 1, 2, 37, 4)
     cache = core.new_cache()
     for at, n in ((0, 10), (10, 1), (11, 7), (18, 19)):
-        core.decode(torch.randn(1, 2, n, 4), k[:, :, at:at + n], v[:, :, at:at + n], cache)
+        core.decode(torch.randn(1, 2, n, 4), k[:, :, at : at + n], v[:, :, at : at + n], cache)
     for level, (pk, pv) in enumerate(pool_levels(k, v, 2, 3), start=1):
         keys, values, first = cache.segments[level].segment()
-        torch.testing.assert_close(keys, pk[:, :, first:first + keys.shape[2]], rtol=0, atol=1e-6)
-        torch.testing.assert_close(values, pv[:, :, first:first + keys.shape[2]], rtol=0, atol=1e-6)
+        torch.testing.assert_close(keys, pk[:, :, first : first + keys.shape[2]], rtol=0, atol=1e-6)
+        torch.testing.assert_close(values, pv[:, :, first : first + keys.shape[2]], rtol=0, atol=1e-6)
         assert first + keys.shape[2] == pk.shape[2]  # every complete block, and no incomplete one
     assert RetinaPattern(3, 2, 3).ranges(37)[2][0] == cache.segments[2].first
 

@@ -30,8 +30,12 @@ UPPER = ("<", "<=", "==", "===", "~=")
 
 
 def _pip(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_pip_check_passes():
@@ -51,8 +55,9 @@ def test_every_upper_bound_says_why():
             if spec.operator in UPPER:
                 bound = f"{requirement.name}{spec.operator}{spec.version}"
                 bounds.append(bound)
-                assert re.search(re.escape(bound) + r"\b\s*:\s*\S", comments), \
+                assert re.search(re.escape(bound) + r"\b\s*:\s*\S", comments), (
                     f"pyproject.toml: the upper bound {bound} needs a comment `{bound}: why (issue or release note)`"
+                )
     assert "pytest<9.2" in bounds
 
 
@@ -65,7 +70,10 @@ def test_the_core_and_each_extra_are_satisfied_together(extra, tmp_path):
     report = tmp_path / "report.json"
     proc = _pip("install", "--dry-run", "--quiet", "--report", str(report), *requirements)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    changes = [f"{item['metadata']['name']} {item['metadata']['version']}" for item in json.loads(report.read_text())["install"]]
+    changes = [
+        f"{item['metadata']['name']} {item['metadata']['version']}"
+        for item in json.loads(report.read_text())["install"]
+    ]
     assert changes == [], f"[{extra}] is not satisfied by the installed packages: pip would install {changes}"
 
 

@@ -53,10 +53,19 @@ def _text(page: Path) -> str:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("site")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"),
-                           "-d", str(out)], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "NO_MKDOCS_2_WARNING": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"), "-d", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     return out
 
@@ -98,7 +107,7 @@ def test_config_reference_gives_each_field_its_type_default_and_doc():
     assert set(rows) == set(_all_field_keys())
     seq_len = rows["data.seq_len"]
     assert (seq_len.type, seq_len.default) == ("int", "1024") and seq_len.help
-    assert f"- **`data.seq_len`** (`int`, default `1024`): " in page
+    assert "- **`data.seq_len`** (`int`, default `1024`): " in page
     assert "`model.scales[].factor`" in page and rows["model.scales[].factor"].help
     assert rows["model.arch"].required and "- **`model.arch`** (" in page and "required" in page
     assert rows["model.mamba"].section and "### `model.mamba`" in page
@@ -110,8 +119,18 @@ def test_cli_reference_lists_every_subcommand_with_its_help():
     page = cli_reference()
     names = subcommand_names()
     assert names == list(_subparsers(build_parser())), names
-    assert {"show-config", "inspect", "prep", "train", "eval", "generate", "export", "import-hf", "doctor",
-            "bench"} <= set(names)
+    assert {
+        "show-config",
+        "inspect",
+        "prep",
+        "train",
+        "eval",
+        "generate",
+        "export",
+        "import-hf",
+        "doctor",
+        "bench",
+    } <= set(names)
     for name in names:
         assert f"## `msllm {name}`" in page
         assert f"usage: msllm {name}" in page
@@ -121,8 +140,10 @@ def test_cli_reference_lists_every_subcommand_with_its_help():
 def test_the_reference_text_is_escaped_for_markdown():
     from msllm.reference import _prose
 
-    assert _prose("k*d and 2**63, a_b, <unk>, [0, 1) but `x*y [z]`") == \
-        "k\\*d and 2\\*\\*63, a\\_b, &lt;unk>, \\[0, 1) but `x*y [z]`"
+    assert (
+        _prose("k*d and 2**63, a_b, <unk>, [0, 1) but `x*y [z]`")
+        == "k\\*d and 2\\*\\*63, a\\_b, &lt;unk>, \\[0, 1) but `x*y [z]`"
+    )
 
 
 def test_the_readme_is_a_short_front_page():
@@ -143,7 +164,11 @@ def test_the_docs_name_no_readme_section():
     found = []
     for root in roots:
         for path in (REPO / root).rglob("*"):
-            if path.is_file() and path.suffix in (".py", ".md", ".yaml", ".sh", ".sbatch", "") and path != Path(__file__):
+            if (
+                path.is_file()
+                and path.suffix in (".py", ".md", ".yaml", ".sh", ".sbatch", "")
+                and path != Path(__file__)
+            ):
                 try:
                     text = path.read_text()
                 except UnicodeDecodeError:

@@ -10,8 +10,8 @@ import torch
 
 import msllm.models.attention.kernels as attention
 import msllm.train.loss as loss_module
-from msllm.doctor import format_report, kernels
 from fixtures.train import msllm
+from msllm.doctor import format_report, kernels
 
 PARTS = {"versions", "devices", "distributed", "kernels", "matmul", "disk", "seconds"}
 
@@ -22,7 +22,15 @@ def test_doctor_json_has_every_part(tmp_path):
     report = json.loads(done.stdout)  # nothing but the JSON on stdout
     assert PARTS <= set(report)
     assert report["versions"]["torch"] == torch.__version__.split("+")[0]
-    assert {"python", "deepspeed", "triton", "mosaicml-streaming", "streaming-community", "liger-kernel", "cut-cross-entropy"} <= set(report["versions"])
+    assert {
+        "python",
+        "deepspeed",
+        "triton",
+        "mosaicml-streaming",
+        "streaming-community",
+        "liger-kernel",
+        "cut-cross-entropy",
+    } <= set(report["versions"])
     assert report["devices"][0]["device"] == "cpu" and report["devices"][0]["cores"] >= 1
     assert report["distributed"]["backends"]["gloo"] is True
     assert isinstance(report["distributed"]["deepspeed_ops"]["compatible"], dict)
@@ -42,8 +50,11 @@ def test_doctor_text_runs():
 
 def test_doctor_checks_the_non_reference_kernels_a_device_would_use(monkeypatch):
     monkeypatch.setattr(attention, "_forced_kernel", "flex")  # as on CUDA
-    monkeypatch.setattr(attention, "_flex", lambda q, segments, pattern, first, layout:
-                        attention._blocks(q, segments, pattern, first, layout))
+    monkeypatch.setattr(
+        attention,
+        "_flex",
+        lambda q, segments, pattern, first, layout: attention._blocks(q, segments, pattern, first, layout),
+    )
     monkeypatch.setattr("msllm.doctor.choose_kernel", lambda requested, device_type: "liger")
 
     def raises(*args):
@@ -54,7 +65,16 @@ def test_doctor_checks_the_non_reference_kernels_a_device_would_use(monkeypatch)
     assert row["attention"]["kernel"] == "flex" and row["attention"]["check"]["passed"] is True
     assert row["attention"]["check"]["backward"] is False  # FlexAttention has no CPU backward
     assert row["loss"]["kernel"] == "liger" and row["loss"]["check"]["passed"] is False
-    text = format_report({"versions": {}, "devices": [], "distributed": {"error": "x"}, "kernels": [row],
-                          "matmul": [], "disk": [], "seconds": 0})
+    text = format_report(
+        {
+            "versions": {},
+            "devices": [],
+            "distributed": {"error": "x"},
+            "kernels": [row],
+            "matmul": [],
+            "disk": [],
+            "seconds": 0,
+        }
+    )
     assert "cpu attention: flex (float32): PASSES its check against blocks" in text
     assert "cpu loss: liger (float32): FAILS its check against chunked: raised RuntimeError: no kernel image" in text

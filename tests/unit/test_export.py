@@ -23,9 +23,18 @@ def exported(tmp_path_factory, reference_run):
 
 def test_export_folder(exported):
     _, dest = exported
-    for name in ("model.safetensors", "config.json", "recipe.yaml", "tokenizer.model", "export.json",
-                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.model", "hf/tokenizer_config.json",
-                 "hf/generation_config.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "recipe.yaml",
+        "tokenizer.model",
+        "export.json",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/tokenizer.model",
+        "hf/tokenizer_config.json",
+        "hf/generation_config.json",
+    ):
         assert (dest / name).is_file(), name
     assert json.loads((dest / "config.json").read_text())["arch"] == "vanilla"
     assert json.loads((dest / "export.json").read_text())["step"] == 12
@@ -63,8 +72,20 @@ def test_export_refuses_to_overwrite_without_force(exported):
 
 def test_generate_from_export_and_checkpoint(exported):
     out, dest = exported
-    args = ["--prompt", "The old cat", "--max-new-tokens", "12", "--temperature", "0.8", "--top-k", "20",
-            "--top-p", "0.9", "--seed", "3"]
+    args = [
+        "--prompt",
+        "The old cat",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "3",
+    ]
     a = check(msllm("generate", dest, *args)).stdout
     b = check(msllm("generate", dest, *args)).stdout
     assert a == b and a.startswith("The old cat")

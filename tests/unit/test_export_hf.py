@@ -17,10 +17,17 @@ import sys
 import pytest
 import torch
 
-from fixtures.hf import (ARCHS, SEQ_LEN, TRANSFORMERS_4, export_random_model, run_isolated, transformers_4_python,
-                        wiki_tokenizer)
-from msllm.config import ModelConfig
+from fixtures.hf import (
+    ARCHS,
+    SEQ_LEN,
+    TRANSFORMERS_4,
+    export_random_model,
+    run_isolated,
+    transformers_4_python,
+    wiki_tokenizer,
+)
 from fixtures.train import check, msllm
+from msllm.config import ModelConfig
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +36,7 @@ PROMPTS = ["The history of the city", "In 1850 the river"]
 NEW_TOKENS = 24
 
 # Runs in the isolated process: every export through transformers alone.
-TRANSFORMERS_SIDE = r'''
+TRANSFORMERS_SIDE = r"""
 import json, sys
 from pathlib import Path
 import torch
@@ -73,7 +80,7 @@ for name in inputs["names"]:
         out["left_padding"] = str(exc)
     results[name] = out
 torch.save(results, root / "results.pt")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +112,16 @@ def transformers_side(request, exports, prompts, sp):
     root, _, _, validation = exports
     n = min(len(p) for p in prompts)
     ids = torch.randint(0, sp.GetPieceSize(), (2, 45), generator=torch.Generator().manual_seed(0))
-    torch.save({"names": NAMES, "ids": ids, "prompts": prompts, "same_length_prompts": [p[:n] for p in prompts],
-                "new_tokens": NEW_TOKENS}, root / "inputs.pt")
+    torch.save(
+        {
+            "names": NAMES,
+            "ids": ids,
+            "prompts": prompts,
+            "same_length_prompts": [p[:n] for p in prompts],
+            "new_tokens": NEW_TOKENS,
+        },
+        root / "inputs.pt",
+    )
     (root / "validation.json").write_text(json.dumps(validation))
     python = sys.executable if request.param == "5" else transformers_4_python()
     check(run_isolated(TRANSFORMERS_SIDE, root, cwd=root, python=python))
@@ -141,8 +156,10 @@ def test_hf_folder(exports, sp, name):
         assert config["architectures"] == ["LlamaForCausalLM"] and code == []
     else:
         assert config["model_type"] == "msllm" and config["architectures"] == ["MsllmForCausalLM"]
-        assert config["auto_map"] == {"AutoConfig": "configuration_msllm.MsllmConfig",
-                                      "AutoModelForCausalLM": "modeling_msllm.MsllmForCausalLM"}
+        assert config["auto_map"] == {
+            "AutoConfig": "configuration_msllm.MsllmConfig",
+            "AutoModelForCausalLM": "modeling_msllm.MsllmForCausalLM",
+        }
         assert code == ["configuration_msllm.py", "modeling_msllm.py"]
         assert config["msllm"]["arch"] == ARCHS[name]["arch"] and config["max_position_embeddings"] == SEQ_LEN
     files = [p for p in (root / name).rglob("*") if p.is_file()]
@@ -171,8 +188,9 @@ def test_transformers_generate_gives_msllm_generates_greedy_tokens(exports, tran
     _, models, _, _ = exports
     out = transformers_side[1][name]
     ours = [generate(models[name], [p], NEW_TOKENS, temperature=0.0, stop_id=sp.eos_id())[0] for p in prompts]
+
     def until_eos(row):  # transformers keeps the EOS it stops at (and pads a batch's finished rows after it)
-        return row[:row.index(sp.eos_id())] if sp.eos_id() in row else row
+        return row[: row.index(sp.eos_id())] if sp.eos_id() in row else row
 
     for cache in (True, False):
         assert [until_eos(row) for row in out[f"generate_cache_{cache}"]] == ours, f"use_cache={cache}"
@@ -213,7 +231,13 @@ def test_msllm_export_of_an_export(exports, tmp_path):
     root = exports[0]
     proc = check(msllm("export", root / "retina", "--out", tmp_path / "again"))
     assert "and hf/ (MsllmForCausalLM, trust_remote_code)" in proc.stdout
-    for file in ("config.json", "modeling_msllm.py", "configuration_msllm.py", "model.safetensors", "tokenizer_config.json"):
+    for file in (
+        "config.json",
+        "modeling_msllm.py",
+        "configuration_msllm.py",
+        "model.safetensors",
+        "tokenizer_config.json",
+    ):
         assert (tmp_path / "again" / "hf" / file).read_bytes() == (root / "retina" / "hf" / file).read_bytes(), file
 
 
@@ -223,12 +247,16 @@ def test_the_modeling_file_is_msllms_own_source(exports):
 
     import msllm.models
     from msllm.models import attention, decoding, layers, registry, spec
-    from msllm.models.attention import cache, kernels, modules as cores, patterns
+    from msllm.models.attention import cache, kernels, patterns
+    from msllm.models.attention import modules as cores
 
     text = (exports[0] / "retina" / "hf" / "modeling_msllm.py").read_text()
     # The shared blocks, and each registered architecture's folder: its spec, its model, its config.
-    archs = [importlib.import_module(f"{s.model.__module__.rsplit('.', 1)[0]}{part}")
-             for s in registry.SPECS.values() for part in ("", ".model", ".config")]
+    archs = [
+        importlib.import_module(f"{s.model.__module__.rsplit('.', 1)[0]}{part}")
+        for s in registry.SPECS.values()
+        for part in ("", ".model", ".config")
+    ]
     modules = [msllm.models, attention, cache, kernels, cores, patterns, decoding, layers, registry, spec, *archs]
     count = 0
     for module in modules:
@@ -249,7 +277,8 @@ def test_an_unknown_key_in_the_msllm_config_is_named(exports, tmp_path):
     config["msllm"]["n_layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "configuration_msllm.py").write_bytes((folder / "configuration_msllm.py").read_bytes())
-    proc = run_isolated("from transformers import AutoConfig\nAutoConfig.from_pretrained('.', trust_remote_code=True)",
-                        cwd=tmp_path)
+    proc = run_isolated(
+        "from transformers import AutoConfig\nAutoConfig.from_pretrained('.', trust_remote_code=True)", cwd=tmp_path
+    )
     assert proc.returncode == 1
     assert "ValueError: config.json: msllm: unknown keys ['n_layers']" in proc.stderr

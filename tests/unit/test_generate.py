@@ -13,6 +13,7 @@ import torch
 from fixtures.models import ARCHS, tiny_config, tiny_model
 from msllm.config import DataConfig, Recipe
 
+
 def test_sampling_filters():
     from msllm.use.generate import sample_next
 
@@ -95,7 +96,9 @@ def test_generate_every_architecture(tmp_path, tiny_data, arch, capsys):
     (tmp_path / "recipe.yaml").write_text(Recipe(model=cfg, data=DataConfig(seq_len=16)).to_yaml())
     (tmp_path / "export.json").write_text(json.dumps({"seq_len": 16}))
     (tmp_path / "tokenizer.model").write_bytes((shards / "tokenizer.model").read_bytes())
-    args = dict(source=str(tmp_path), prompts=["The cat"], max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, seed=1)
+    args = dict(
+        source=str(tmp_path), prompts=["The cat"], max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.95, seed=1
+    )
     [text] = generate_cli(**args)
     assert text.startswith("The cat") and len(text) > len("The cat")
     assert generate_cli(**args) == [text]  # same seed, same text

@@ -20,7 +20,9 @@ FIXED = [ScaleConfig(1, 1, "local", 8), ScaleConfig(4, 1, "full")]
 
 
 def cfg(scales, **overrides) -> ModelConfig:
-    return ModelConfig(arch="bottom_up", vocab_size=97, d_model=32, n_heads=2, scales=scales, final_layers=1, **overrides)
+    return ModelConfig(
+        arch="bottom_up", vocab_size=97, d_model=32, n_heads=2, scales=scales, final_layers=1, **overrides
+    )
 
 
 def test_the_ingredients_are_on_with_a_dynamic_scale_and_off_otherwise():
@@ -67,7 +69,9 @@ def test_the_residual_projection_starts_at_zero_learns_and_computes_in_fp32():
     # in a bf16 model the projection and the sum run in fp32; only the result is rounded to bf16
     low = model.bfloat16()
     inputs = [x.bfloat16() for x in per_scale]
-    precise = inputs[0].float() @ low.residual_proj.weight.float().T + low.residual_proj.bias.float() + inputs[1].float()
+    precise = (
+        inputs[0].float() @ low.residual_proj.weight.float().T + low.residual_proj.bias.float() + inputs[1].float()
+    )
     out = low.combine(inputs)
     assert out.dtype == torch.bfloat16 and torch.equal(out, precise.bfloat16())
 
@@ -94,8 +98,12 @@ def test_without_multipliers_the_groups_are_the_two_of_before():
 
 
 def test_multipliers_make_a_group_per_decay_and_scale_with_its_rate():
-    recipe = from_dict({"model": dataclasses.asdict(cfg(DYNAMIC)), "train": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2,
-                                                                            "max_steps": 10}})
+    recipe = from_dict(
+        {
+            "model": dataclasses.asdict(cfg(DYNAMIC)),
+            "train": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "max_steps": 10},
+        }
+    )
     model = build_model(recipe.model, seed=0)
     assert lr_multipliers(recipe) == [2.0, 1.0]  # H-Net's rule at target_ratio 4: sqrt(4), 1
     optimizer = build_optimizer(model, recipe, "cpu")
@@ -107,12 +115,20 @@ def test_multipliers_make_a_group_per_decay_and_scale_with_its_rate():
     assert [id(p) for g in groups for p in g["params"]] == [id(named[n]) for n in param_names(model)]
     assert sorted(param_names(model)) == sorted(named)
     where = {n: g["scale"] for g in groups for n in named if any(p is named[n] for p in g["params"])}
-    assert where["scales.1.0.attn.wq.weight"] == 1 and where["scale_norms.1.weight"] == 1 and where["scale_norms.0.weight"] == 0
-    assert where["pools.0.wq.weight"] == 0 and where["residual_proj.weight"] == 0  # H-Net: the router and the residual in the outer stage
+    assert (
+        where["scales.1.0.attn.wq.weight"] == 1
+        and where["scale_norms.1.weight"] == 1
+        and where["scale_norms.0.weight"] == 0
+    )
+    assert (
+        where["pools.0.wq.weight"] == 0 and where["residual_proj.weight"] == 0
+    )  # H-Net: the router and the residual in the outer stage
     assert where["embed.weight"] == 0 and where["lm_head.weight"] == 0 and where["final.0.attn.wq.weight"] == 0
     # the schedule scales each group's own rate: warmup, then down to min_lr times the multiplier
     scheduler = build_scheduler(optimizer, recipe.train)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 5e-4, 1e-3, 5e-4])  # step 0 of 2 warmup steps
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(
+        [1e-3, 5e-4, 1e-3, 5e-4]
+    )  # step 0 of 2 warmup steps
     for _ in range(10):
         optimizer.step()
         scheduler.step()
@@ -120,8 +136,12 @@ def test_multipliers_make_a_group_per_decay_and_scale_with_its_rate():
 
 
 def test_given_multipliers_override_h_nets_and_a_fixed_model_has_none():
-    r = from_dict({"model": {"arch": "bottom_up", "scales": [{"attention": "local"}, {"factor": 4}]},
-                   "train": {"lr_multipliers": [3.0, 0.5]}})
+    r = from_dict(
+        {
+            "model": {"arch": "bottom_up", "scales": [{"attention": "local"}, {"factor": 4}]},
+            "train": {"lr_multipliers": [3.0, 0.5]},
+        }
+    )
     validate(r)
     assert lr_multipliers(r) == [3.0, 0.5]
     plain = from_dict({"model": {"arch": "bottom_up", "scales": [{"attention": "local"}, {"factor": 4}]}})
@@ -132,13 +152,16 @@ def test_given_multipliers_override_h_nets_and_a_fixed_model_has_none():
     assert three.default_lr_multipliers() == pytest.approx([math.sqrt(6), math.sqrt(3), 1.0])
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({"train": {"lr_multipliers": [1.0]}}, "one multiplier per scale"),
-    ({"train": {"lr_multipliers": [1.0, 0.0]}}, "must be positive"),
-    ({"model": {"arch": "top_down", "residual_proj": True}}, "bottom_up only"),
-    ({"model": {"arch": "top_down", "stage_norms": True}}, "bottom_up only"),
-    ({"model": {"embed_init_std": 0.0}}, "must be positive"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"train": {"lr_multipliers": [1.0]}}, "one multiplier per scale"),
+        ({"train": {"lr_multipliers": [1.0, 0.0]}}, "must be positive"),
+        ({"model": {"arch": "top_down", "residual_proj": True}}, "bottom_up only"),
+        ({"model": {"arch": "top_down", "stage_norms": True}}, "bottom_up only"),
+        ({"model": {"embed_init_std": 0.0}}, "must be positive"),
+    ],
+)
 def test_bad_ingredient_settings_fail_with_one_line(raw, message):
     base = {"model": {"arch": "bottom_up", "scales": [{"attention": "local"}, {"factor": 4}]}, "data": {"seq_len": 64}}
     for section, values in raw.items():

@@ -24,10 +24,21 @@ def llama_folder(tmp_path_factory, tiny_data):
 
     _, shards = tiny_data
     folder = tmp_path_factory.mktemp("hf_llama") / "tiny-llama"
-    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # weights big enough that a wrong constant shows in the logits
@@ -39,9 +50,9 @@ def llama_folder(tmp_path_factory, tiny_data):
 
 
 def test_imported_weights_give_transformers_logits(llama_folder):
+    from msllm.checkpoint.llama import read_llama_folder
     from msllm.config import ModelConfig, ScaleConfig
     from msllm.models import build_model
-    from msllm.checkpoint.llama import read_llama_folder
 
     folder, hf = llama_folder
     llama = read_llama_folder(folder)
@@ -65,7 +76,9 @@ def test_a_run_starts_from_the_llama_folder(llama_folder, tiny_data, tmp_path):
     proc = check(msllm("import-hf", folder, "--out", tmp_path / "imported.yaml"))
     assert "vanilla, 2 layers, d_model 64, vocab 320" in proc.stdout
     recipe = yaml.safe_load((tmp_path / "imported.yaml").read_text())
-    assert recipe["train"]["init_from"] == str(folder) and recipe["data"]["tokenizer"]["model"] == str(folder / "tokenizer.model")
+    assert recipe["train"]["init_from"] == str(folder) and recipe["data"]["tokenizer"]["model"] == str(
+        folder / "tokenizer.model"
+    )
     load_recipe(tmp_path / "imported.yaml")  # a valid recipe as written
     tiny = base_recipe(tmp_path / "shards", corpus, tmp_path / "run")
     recipe["data"] = {**tiny["data"], "tokenizer": {"model": str(folder / "tokenizer.model")}}
@@ -88,8 +101,10 @@ def test_import_refuses_what_msllm_cannot_represent(llama_folder, tmp_path):
     (gqa / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
     proc = msllm("import-hf", gqa, "--out", tmp_path / "r.yaml")
     assert proc.returncode == 2 and not (tmp_path / "r.yaml").exists()
-    assert error_lines(proc) == [f"msllm import-hf: error: {gqa}/config.json: grouped-query attention "
-                                 "(num_key_value_heads 2 != num_attention_heads 4): msllm's vanilla model cannot represent it"]
+    assert error_lines(proc) == [
+        f"msllm import-hf: error: {gqa}/config.json: grouped-query attention "
+        "(num_key_value_heads 2 != num_attention_heads 4): msllm's vanilla model cannot represent it"
+    ]
     (gqa / "tokenizer.model").unlink()
     (gqa / "config.json").write_text(json.dumps(config))
     proc = msllm("import-hf", gqa, "--out", tmp_path / "r.yaml")

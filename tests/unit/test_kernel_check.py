@@ -17,13 +17,12 @@ import json
 import pytest
 import torch
 
-from fixtures.kernels import cpu_kernels  # noqa: F401 (a fixture)
-from fixtures.models import tiny_model
-from fixtures.train import make_recipe, msllm
-from fixtures.launch import clean_env
-
 import msllm.models.attention.kernels as attention
 import msllm.train.loss as loss_module
+from fixtures.kernels import cpu_kernels  # noqa: F401 (a fixture)
+from fixtures.launch import clean_env
+from fixtures.models import tiny_model
+from fixtures.train import make_recipe, msllm
 from msllm.errors import KernelError
 from msllm.models.attention import SlidingWindow, kernel_for
 from msllm.models.retina import RetinaPattern
@@ -63,14 +62,26 @@ def attention_exact(q, segments, pattern, first_position, layout):
 
 def check(mode, loss_kernel="chunked", attention_kernel=None):
     lines = []
-    result = check_kernels(loss_kernel, attention_kernel, CPU, torch.float32, mode, d_model=32, vocab_size=300,
-                           patterns=PATTERNS, head_dim=16, say=lines.append)
+    result = check_kernels(
+        loss_kernel,
+        attention_kernel,
+        CPU,
+        torch.float32,
+        mode,
+        d_model=32,
+        vocab_size=300,
+        patterns=PATTERNS,
+        head_dim=16,
+        say=lines.append,
+    )
     return result, lines
 
 
-BROKEN_LOSSES = {"raises": (raises, "raised RuntimeError: kernel launch failed"),
-                 "loss 1% high": (loss_one_percent_high, "loss 0.01"),
-                 "gradient 5% high": (gradient_five_percent_high, "gradients 0.05")}
+BROKEN_LOSSES = {
+    "raises": (raises, "raised RuntimeError: kernel launch failed"),
+    "loss 1% high": (loss_one_percent_high, "loss 0.01"),
+    "gradient 5% high": (gradient_five_percent_high, "gradients 0.05"),
+}
 
 
 @pytest.mark.parametrize("broken", list(BROKEN_LOSSES))
@@ -90,13 +101,17 @@ def test_a_broken_loss_kernel_falls_back_to_chunked(monkeypatch, broken):
 def test_a_broken_loss_kernel_stops_a_strict_run(monkeypatch, broken):
     kernel, said = BROKEN_LOSSES[broken]
     monkeypatch.setitem(loss_module.FUSED_LOSSES, "cce", kernel)
-    with pytest.raises(KernelError, match="loss kernel cce .* FAILED against chunked.*train.kernel_check: strict") as error:
+    with pytest.raises(
+        KernelError, match="loss kernel cce .* FAILED against chunked.*train.kernel_check: strict"
+    ) as error:
         check("strict", "cce")
     assert said in str(error.value) and "\n" not in str(error.value)
 
 
-BROKEN_ATTENTION = {"raises": (raises, "raised RuntimeError: kernel launch failed"),
-                    "output 1% high": (attention_one_percent_high, "attention 0.01")}
+BROKEN_ATTENTION = {
+    "raises": (raises, "raised RuntimeError: kernel launch failed"),
+    "output 1% high": (attention_one_percent_high, "attention 0.01"),
+}
 
 
 @pytest.mark.parametrize("broken", list(BROKEN_ATTENTION))
@@ -138,8 +153,17 @@ def test_off_checks_nothing_and_a_failing_check_on_another_rank_fails_here_too(m
     assert loss_kernel == "liger" and record["loss"]["check"] is None and not lines
     monkeypatch.setitem(loss_module.FUSED_LOSSES, "liger", lambda h, w, y: lm_loss(h, w, y, "chunked"))
     lines = []
-    loss_kernel, _, record = check_kernels("liger", None, CPU, torch.float32, "fallback", d_model=32, vocab_size=300,
-                                           agree=lambda failed: True, say=lines.append)
+    loss_kernel, _, record = check_kernels(
+        "liger",
+        None,
+        CPU,
+        torch.float32,
+        "fallback",
+        d_model=32,
+        vocab_size=300,
+        agree=lambda failed: True,
+        say=lines.append,
+    )
     assert loss_kernel == "chunked" and "failed on another rank" in lines[0]
 
 
@@ -185,8 +209,13 @@ def test_msllm_train_checks_liger_on_the_cpu_and_records_it(tmp_path, tiny_data,
     check either way."""
     if not installed("liger"):
         pytest.skip("liger-kernel is not installed (pip install -e '.[dev]')")
-    recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 3, "loss_kernel": "liger"},
-                              eval={"every": 0, "max_batches": 1}, checkpoint={"every": 0})
+    recipe, out = make_recipe(
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 3, "loss_kernel": "liger"},
+        eval={"every": 0, "max_batches": 1},
+        checkpoint={"every": 0},
+    )
     env = clean_env(MSLLM_ALLOW_CPU_KERNELS="1", TRITON_INTERPRET="1")
     done = msllm("train", recipe, env=env, python_code=LIGER_ONE_PERCENT_HIGH if made_wrong else None)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -18,7 +18,11 @@ RECIPE = REPO / "recipes" / "quickstart.yaml"
 
 
 def local_sh(*args, env=None):
-    e = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "NNODES", "HEAD_ADDR", "NODE_RANK", "OMP_NUM_THREADS")}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NPROC_PER_NODE", "NNODES", "HEAD_ADDR", "NODE_RANK", "OMP_NUM_THREADS")
+    }
     e.update(env or {})
     return subprocess.run(["bash", str(LOCAL), "--dry-run", *args], capture_output=True, text=True, env=e, timeout=60)
 
@@ -41,7 +45,10 @@ def test_local_default_nproc_without_gpus_is_one():
 def test_local_multi_node_c10d_and_static():
     p = local_sh("--nproc", "1", "--nnodes", "2", "--head", "10.0.0.1:29400", "--local-addr", "10.0.0.2", str(RECIPE))
     assert p.returncode == 0, p.stderr
-    assert "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --rdzv-id=msllm --local-addr=10.0.0.2" in p.stderr
+    assert (
+        "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --rdzv-id=msllm --local-addr=10.0.0.2"
+        in p.stderr
+    )
     p = local_sh(str(RECIPE), env={"NPROC_PER_NODE": "4", "NNODES": "3", "HEAD_ADDR": "h0", "NODE_RANK": "2"})
     assert p.returncode == 0, p.stderr
     assert "--nnodes=3 --node-rank=2 --master-addr=h0 --master-port=29500" in p.stderr
@@ -70,7 +77,9 @@ def test_sbatch_headers(script):
 
 def test_sbatch_outside_slurm_fails_clearly():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    p = subprocess.run(["bash", str(REPO / "launchers/slurm/train.sbatch"), str(RECIPE)], capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        ["bash", str(REPO / "launchers/slurm/train.sbatch"), str(RECIPE)], capture_output=True, text=True, env=env
+    )
     assert p.returncode != 0 and "must run under slurm" in p.stderr
 
 
@@ -83,8 +92,14 @@ def _slurm_rank():
 
 def test_deepspeed_rank_mapping():
     mod = _slurm_rank()
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
-           "MASTER_ADDR": "node7", "MASTER_PORT": "23456"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_TASKS_PER_NODE": "4(x2)",
+        "MASTER_ADDR": "node7",
+        "MASTER_PORT": "23456",
+    }
     assert mod.map_slurm_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
     with pytest.raises(SystemExit, match="not started by srun"):
         mod.map_slurm_env({})

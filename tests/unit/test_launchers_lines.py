@@ -76,14 +76,19 @@ def _code_lines(path: Path) -> list[tuple[int, str, bool]]:
 
 def launch_lines() -> list[tuple[str, str]]:
     """(where, command) of every launch line, continuation lines joined, shell comments dropped."""
-    files = [p for d in DOCS for p in sorted(REPO.glob(d))] + sorted({p for pattern in HEADERS for p in REPO.glob(pattern)})
+    files = [p for d in DOCS for p in sorted(REPO.glob(d))] + sorted(
+        {p for pattern in HEADERS for p in REPO.glob(pattern)}
+    )
     found = []
     for path in files:
         lines = iter(_code_lines(path))
         for n, text, code in lines:
             if not code:
-                found += [(f"{path.relative_to(REPO)}:{n}", span) for span in re.findall(r"`([^`]+)`", text)
-                          if COMMAND.match(span) and NAMES_A_RECIPE.search(span)]
+                found += [
+                    (f"{path.relative_to(REPO)}:{n}", span)
+                    for span in re.findall(r"`([^`]+)`", text)
+                    if COMMAND.match(span) and NAMES_A_RECIPE.search(span)
+                ]
                 continue
             command = re.sub(r"\s+#\s.*$", "", text).strip()
             while command.endswith("\\"):
@@ -91,8 +96,11 @@ def launch_lines() -> list[tuple[str, str]]:
             if COMMAND.match(command):
                 found.append((f"{path.relative_to(REPO)}:{n}", command))
             else:  # a comment line of a header, say: its `code` spans
-                found += [(f"{path.relative_to(REPO)}:{n}", span) for span in re.findall(r"`([^`]+)`", text)
-                          if COMMAND.match(span) and NAMES_A_RECIPE.search(span)]
+                found += [
+                    (f"{path.relative_to(REPO)}:{n}", span)
+                    for span in re.findall(r"`([^`]+)`", text)
+                    if COMMAND.match(span) and NAMES_A_RECIPE.search(span)
+                ]
     return found
 
 
@@ -102,12 +110,22 @@ LINES = launch_lines()
 def test_the_lines_are_found():
     """The extraction finds the lines it is meant to (so that the checks below check something)."""
     where = {w.split(":")[0] for w, _ in LINES}
-    assert {"docs/launching.md", "docs/sequence-parallel.md", "launchers/slurm/README.md", "docker/compose.yaml",
-            "launchers/local.sh", "recipes/long_context/bottom_up-256k-multinode.yaml"} <= where, where
+    assert {
+        "docs/launching.md",
+        "docs/sequence-parallel.md",
+        "launchers/slurm/README.md",
+        "docker/compose.yaml",
+        "launchers/local.sh",
+        "recipes/long_context/bottom_up-256k-multinode.yaml",
+    } <= where, where
     # Every launch path the launching page describes has its lines there.
     launching = [c for w, c in LINES if w.startswith("docs/launching.md:")]
-    for start in ("launchers/local.sh --nnodes", "launchers/local.sh --nproc", "sbatch --nodes",
-                  "docker compose -f docker/compose.yaml"):
+    for start in (
+        "launchers/local.sh --nnodes",
+        "launchers/local.sh --nproc",
+        "sbatch --nodes",
+        "docker compose -f docker/compose.yaml",
+    ):
         assert any(start in c for c in launching), (start, launching)
     assert any("launchers/deepspeed/train.sbatch" in c for c in launching), launching
     commands = [c for _, c in LINES]
@@ -149,8 +167,20 @@ def _words(command: str) -> tuple[dict, list[str]]:
 
 def _base_env(**extra: str) -> dict:
     """This environment without any launcher's or scheduler's variables."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "NNODES",
-            "HEAD_ADDR", "NODE_RANK", "OMP_NUM_THREADS", "MSLLM_MODULE", "MSLLM_HOME")
+    drop = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "NPROC_PER_NODE",
+        "NNODES",
+        "HEAD_ADDR",
+        "NODE_RANK",
+        "OMP_NUM_THREADS",
+        "MSLLM_MODULE",
+        "MSLLM_HOME",
+    )
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
     env.update(PYTHON=sys.executable, **extra)
     return env
@@ -160,7 +190,7 @@ def _after_train(words: list[str], what: str) -> tuple[Path, list[str]]:
     """The recipe and the rest of `... train RECIPE REST` in a printed command."""
     assert "train" in words, f"{what}: no `train` in {words}"
     i = words.index("train")
-    return REPO / words[i + 1], words[i + 2:]
+    return REPO / words[i + 1], words[i + 2 :]
 
 
 def _option(words: list[str], name: str, default: str | None = None) -> str:
@@ -173,8 +203,14 @@ def _option(words: list[str], name: str, default: str | None = None) -> str:
 
 def dry_run_local(env_prefix: dict, args: list[str]) -> Launch | None:
     env = _base_env(CUDA_VISIBLE_DEVICES="", **env_prefix)
-    proc = subprocess.run(["bash", "launchers/local.sh", "--dry-run", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=120)
+    proc = subprocess.run(
+        ["bash", "launchers/local.sh", "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"local.sh --dry-run failed ({proc.returncode}): {proc.stderr.strip()}"
     if "--help" in args or "-h" in args:
         assert "--nproc" in proc.stdout, proc.stdout
@@ -186,11 +222,30 @@ def dry_run_local(env_prefix: dict, args: list[str]) -> Launch | None:
 
 
 # sbatch's options the lines use: those that set what the scripts read, and those that do not.
-SBATCH_SHORT = {"-N": "nodes", "-c": "cpus-per-task", "-J": "job-name", "-t": "time", "-p": "partition",
-                "-A": "account", "-o": "output"}
+SBATCH_SHORT = {
+    "-N": "nodes",
+    "-c": "cpus-per-task",
+    "-J": "job-name",
+    "-t": "time",
+    "-p": "partition",
+    "-A": "account",
+    "-o": "output",
+}
 SBATCH_READ = ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task")
-SBATCH_IGNORED = ("job-name", "time", "partition", "account", "output", "open-mode", "requeue", "signal", "wait",
-                  "mem", "exclusive", "export")
+SBATCH_IGNORED = (
+    "job-name",
+    "time",
+    "partition",
+    "account",
+    "output",
+    "open-mode",
+    "requeue",
+    "signal",
+    "wait",
+    "mem",
+    "exclusive",
+    "export",
+)
 SBATCH_FLAGS = ("requeue", "wait", "exclusive")
 
 
@@ -219,10 +274,13 @@ def sbatch_environment(options: dict) -> dict:
     environment of sbatch), on nodes named node1..nodeN."""
     nodes, tasks = int(options.get("nodes", "1")), int(options.get("ntasks-per-node", "1"))
     env = {
-        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": options.get("job-name", "msllm"),
-        "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": options.get("job-name", "msllm"),
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_NNODES": str(nodes),
         "SLURM_JOB_NODELIST": f"node[1-{nodes}]" if nodes > 1 else "node1",
-        "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_NTASKS": str(nodes * tasks),
+        "SLURM_NTASKS_PER_NODE": str(tasks),
+        "SLURM_NTASKS": str(nodes * tasks),
         "SLURM_TASKS_PER_NODE": f"{tasks}(x{nodes})" if nodes > 1 else str(tasks),
         "SLURM_SUBMIT_DIR": str(REPO),
     }
@@ -260,8 +318,9 @@ def dry_run_sbatch(words: list[str], tmp: Path) -> Launch:
     options, (script, *args) = sbatch_options(words)
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", (REPO / script).read_text(), flags=re.M))
     env = _base_env(**sbatch_environment({**directives, **options}), **_scontrol_env(tmp))
-    proc = subprocess.run(["bash", script, "--dry-run", *args], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=60)
+    proc = subprocess.run(
+        ["bash", script, "--dry-run", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=60
+    )
     assert proc.returncode == 0, f"{script} --dry-run failed ({proc.returncode}): {proc.stderr.strip()}"
     printed = [line.split(": dry run: ", 1)[1] for line in proc.stdout.splitlines() if ": dry run: " in line]
     command = next(c for c in printed if c.split()[0] != "hostfile:")
@@ -302,17 +361,32 @@ def compose_config(compose_file: Path, env_prefix: dict) -> dict:
     """{service: {command, environment, volumes [{source, target, read_only}]}} as compose resolves
     them: `docker compose config` where the client has compose, else the file read here."""
     env = {**_base_env(), **env_prefix}
-    have_compose = shutil.which("docker") and subprocess.run(
-        ["docker", "compose", "version"], capture_output=True, timeout=60).returncode == 0
+    have_compose = (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=60).returncode == 0
+    )
     if have_compose:
-        proc = subprocess.run(["docker", "compose", "-f", str(compose_file), "config", "--format", "json"],
-                              capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+        proc = subprocess.run(
+            ["docker", "compose", "-f", str(compose_file), "config", "--format", "json"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=60,
+        )
         assert proc.returncode == 0, f"docker compose config: {proc.stderr.strip()}"
         services = json.loads(proc.stdout)["services"]
-        return {name: {"command": s["command"], "environment": s.get("environment", {}),
-                       "volumes": [{"source": Path(v["source"]), "target": v["target"],
-                                    "read_only": bool(v.get("read_only"))} for v in s.get("volumes", [])]}
-                for name, s in services.items()}
+        return {
+            name: {
+                "command": s["command"],
+                "environment": s.get("environment", {}),
+                "volumes": [
+                    {"source": Path(v["source"]), "target": v["target"], "read_only": bool(v.get("read_only"))}
+                    for v in s.get("volumes", [])
+                ],
+            }
+            for name, s in services.items()
+        }
     warnings.warn("docker compose is not installed: compose.yaml is read and its variables substituted here")
     raw = _interpolate(yaml.safe_load(compose_file.read_text()), env)
     out = {}
@@ -320,8 +394,9 @@ def compose_config(compose_file: Path, env_prefix: dict) -> dict:
         volumes = []
         for v in s.get("volumes", []):
             source, target, *mode = v.split(":")
-            volumes.append({"source": (compose_file.parent / source).resolve(), "target": target,
-                            "read_only": "ro" in mode})
+            volumes.append(
+                {"source": (compose_file.parent / source).resolve(), "target": target, "read_only": "ro" in mode}
+            )
         out[name] = {"command": s["command"], "environment": s.get("environment", {}), "volumes": volumes}
     return out
 
@@ -390,12 +465,16 @@ def test_a_missing_gpus_per_node_is_caught(tmp_path):
     from msllm.errors import RecipeError
 
     launch = what_it_starts(
-        "sbatch --nodes=4 launchers/slurm/train.sbatch recipes/long_context/bottom_up-256k-multinode.yaml", tmp_path)
+        "sbatch --nodes=4 launchers/slurm/train.sbatch recipes/long_context/bottom_up-256k-multinode.yaml", tmp_path
+    )
     assert (launch.nodes, launch.ranks_per_node) == (4, 1)
     with pytest.raises(RecipeError, match="does not divide the world size 4"):
         ParallelDims(world_size=launch.world_size, rank=0, sp=load_recipe(launch.recipe).parallel.sp)
-    launch = what_it_starts("sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 launchers/deepspeed/train.sbatch "
-                            "recipes/quickstart.yaml --set train.max_steps=3", tmp_path)
+    launch = what_it_starts(
+        "sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 launchers/deepspeed/train.sbatch "
+        "recipes/quickstart.yaml --set train.max_steps=3",
+        tmp_path,
+    )
     assert (launch.nodes, launch.ranks_per_node, launch.train_args) == (2, 8, ["--set", "train.max_steps=3"])
 
 

@@ -42,7 +42,9 @@ def shell_scripts() -> list[Path]:
     for d in SHELL_DIRS:
         root = REPO / d
         if root.is_dir():
-            found += [p for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts and _is_shell(p)]
+            found += [
+                p for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts and _is_shell(p)
+            ]
     return found
 
 
@@ -60,7 +62,10 @@ def test_there_is_something_to_check():
 def test_shellcheck(script):
     proc = subprocess.run(
         [_tool("shellcheck"), "--shell=bash", "--severity=style", "--external-sources", str(script)],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert proc.returncode == 0, f"shellcheck {script.relative_to(REPO)}:\n{proc.stdout}{proc.stderr}"
 
@@ -74,6 +79,11 @@ def test_scripts_are_executable(script):
 def test_hadolint(dockerfile):
     proc = subprocess.run(
         [_tool("hadolint"), "--no-color", "--failure-threshold", "info", str(dockerfile)],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
-    assert proc.returncode == 0 and not proc.stdout.strip(), f"hadolint {dockerfile.relative_to(REPO)}:\n{proc.stdout}{proc.stderr}"
+    assert proc.returncode == 0 and not proc.stdout.strip(), (
+        f"hadolint {dockerfile.relative_to(REPO)}:\n{proc.stdout}{proc.stderr}"
+    )

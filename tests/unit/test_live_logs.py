@@ -16,7 +16,11 @@ STEP_LINE = re.compile(r"^step +\d+/", flags=re.M)
 
 def test_step_lines_reach_a_file_while_the_run_goes_on(tmp_path, tiny_data):
     recipe, out = make_recipe(
-        tmp_path, tiny_data, train={"max_steps": 100_000}, eval={"every": 0}, checkpoint={"every": 0},
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 100_000},
+        eval={"every": 0},
+        checkpoint={"every": 0},
         log={"every": 1, "tensorboard": False},
     )
     env = clean_env()

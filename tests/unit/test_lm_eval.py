@@ -65,10 +65,25 @@ def lm_eval_runs(tokenizer, tmp_path_factory) -> dict[str, tuple[torch.nn.Module
     for name in sorted(ARCHS):
         model = export_random_model(name, tokenizer, base / name / "export")
         runs[name] = (model, base / name / "results")
-        commands.append([
-            "--model", "hf", "--model_args", f"pretrained={base / name / 'export' / 'hf'},trust_remote_code=True",
-            "--tasks", TASK, "--include_path", str(work), "--device", "cpu", "--batch_size", "4",  # batches are right-padded
-            "--log_samples", "--output_path", str(runs[name][1])])
+        commands.append(
+            [
+                "--model",
+                "hf",
+                "--model_args",
+                f"pretrained={base / name / 'export' / 'hf'},trust_remote_code=True",
+                "--tasks",
+                TASK,
+                "--include_path",
+                str(work),
+                "--device",
+                "cpu",
+                "--batch_size",
+                "4",  # batches are right-padded
+                "--log_samples",
+                "--output_path",
+                str(runs[name][1]),
+            ]
+        )
     proc = run_isolated(LM_EVAL, json.dumps(commands), cwd=work, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs

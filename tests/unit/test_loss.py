@@ -17,11 +17,11 @@ import os
 import pytest
 import torch
 
-from msllm.errors import RecipeError
-from msllm.train.memory import saved_for_backward
 from fixtures.kernels import cpu_kernels  # noqa: F401 (a fixture)
 from fixtures.models import ARCHS, tiny_model
+from msllm.errors import RecipeError
 from msllm.train.loss import IGNORE_INDEX, choose_kernel, chunk_rows, installed, lm_loss, model_loss
+from msllm.train.memory import saved_for_backward
 
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 3e-2)}  # (loss rtol, gradient atol)
 

@@ -14,7 +14,7 @@ import torch
 from msllm.config import MambaConfig, ModelConfig, ScaleConfig, from_dict, validate
 from msllm.errors import RecipeError
 from msllm.models import build_model, flops_per_token
-from msllm.models.mamba2 import Mamba2Mixer, Mamba2State, recurrent_scan, ssd_scan, use_scan_kernel
+from msllm.models.mamba2 import Mamba2State, recurrent_scan, ssd_scan, use_scan_kernel
 
 # fp64: the chunked scan and the recurrence add the same terms in another order; 1e-12 is ~1e4
 # times fp64's rounding at these magnitudes (outputs up to ~10) and far below any real difference.
@@ -37,7 +37,9 @@ def test_the_chunked_scan_is_the_sequential_recurrence(L, chunk, initial):
     """Lengths inside one chunk, across several, ending inside one and on a boundary, chunks of 1;
     from zeros or from a given state: the same outputs and the same final state."""
     x, dt, A, B, C = scan_inputs(L=L)
-    state = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) if initial else None
+    state = (
+        torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) if initial else None
+    )
     y, final = ssd_scan(x, dt, A, B, C, chunk, state)
     y_ref, final_ref = recurrent_scan(x, dt, A, B, C, state)
     torch.testing.assert_close(y, y_ref, **SCAN_TOLERANCE)
@@ -57,9 +59,14 @@ def test_the_recurrence_is_the_definition_written_out():
 
 def mixer(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch="bottom_up", vocab_size=11, d_model=16, init_std=0.2,
-                      mamba=MambaConfig(d_state=6, head_dim=8, chunk_size=8, d_conv=4),
-                      scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(4, 1)])
+    cfg = ModelConfig(
+        arch="bottom_up",
+        vocab_size=11,
+        d_model=16,
+        init_std=0.2,
+        mamba=MambaConfig(d_state=6, head_dim=8, chunk_size=8, d_conv=4),
+        scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(4, 1)],
+    )
     model = build_model(cfg)
     return model.scales[0][0].mixer.to(dtype), cfg
 
@@ -71,7 +78,7 @@ def test_mixer_decoding_by_steps_and_pieces_gives_the_full_pass():
     for pieces in ([1] * 29, [3, 1, 10, 2, 13], [29]):
         cache, out, at = Mamba2State(), [], 0
         for n in pieces:
-            out.append(m(u[:, at:at + n], cache))
+            out.append(m(u[:, at : at + n], cache))
             at += n
         torch.testing.assert_close(torch.cat(out, dim=1), full, rtol=0, atol=1e-12)
         assert cache.position == 29 and cache.conv.shape == (2, m.channels, 3)
@@ -102,14 +109,24 @@ def test_the_mixer_in_bf16_follows_fp64():
 def test_flops_count_the_mamba2_layers():
     """FlopCounterMode counts the projections, the convolution and the scan's einsums: more layers,
     more FLOPs; the scan's share grows with the chunk size (its [Q, Q] products)."""
-    base = dict(arch="bottom_up", vocab_size=260, d_model=64, n_heads=2, mamba=MambaConfig(d_state=16, head_dim=16, chunk_size=16))
-    one, two = (flops_per_token(ModelConfig(**base, scales=[ScaleConfig(1, n, mixer="mamba2"), ScaleConfig(4, 1)]), 256)
-                for n in (1, 2))
+    base = dict(
+        arch="bottom_up",
+        vocab_size=260,
+        d_model=64,
+        n_heads=2,
+        mamba=MambaConfig(d_state=16, head_dim=16, chunk_size=16),
+    )
+    one, two = (
+        flops_per_token(ModelConfig(**base, scales=[ScaleConfig(1, n, mixer="mamba2"), ScaleConfig(4, 1)]), 256)
+        for n in (1, 2)
+    )
     per_layer = two - one
     projections = 3 * 2 * (64 * (2 * 128 + 2 * 16 + 8) + 128 * 64)  # w_in and wo, forward + backward
     assert projections < per_layer < 2 * projections
     longer = dict(base, mamba=MambaConfig(d_state=16, head_dim=16, chunk_size=64))
-    assert flops_per_token(ModelConfig(**longer, scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(4, 1)]), 256) > one
+    assert (
+        flops_per_token(ModelConfig(**longer, scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(4, 1)]), 256) > one
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel needs CUDA")
@@ -134,16 +151,21 @@ def test_the_mamba_ssm_kernel_matches_the_pytorch_scan_on_cuda():
 
 
 def recipe(scales, arch="bottom_up", sp=1, **model):
-    return from_dict({"model": {"arch": arch, "scales": scales, **model}, "data": {"seq_len": 64}, "parallel": {"sp": sp}})
+    return from_dict(
+        {"model": {"arch": arch, "scales": scales, **model}, "data": {"seq_len": 64}, "parallel": {"sp": sp}}
+    )
 
 
-@pytest.mark.parametrize("scales,arch,sp,model,message", [
-    ([{"mixer": "mamba2"}, {"factor": 4}], "bottom_up", 2, {}, "sequence parallelism"),
-    ([{"mixer": "mamba2"}], "vanilla", 1, {}, "bottom_up and top_down"),
-    ([{"mixer": "mamba2", "attention": "local"}], "retina", 1, {}, "bottom_up and top_down"),
-    ([{"mixer": "mamba2"}, {"factor": 4}], "bottom_up", 1, {"mamba": {"head_dim": 48}}, "does not divide"),
-    ([{"mixer": "mamba2"}, {"factor": 4}], "bottom_up", 1, {"mamba": {"chunk_size": 0}}, "at least 1"),
-])
+@pytest.mark.parametrize(
+    "scales,arch,sp,model,message",
+    [
+        ([{"mixer": "mamba2"}, {"factor": 4}], "bottom_up", 2, {}, "sequence parallelism"),
+        ([{"mixer": "mamba2"}], "vanilla", 1, {}, "bottom_up and top_down"),
+        ([{"mixer": "mamba2", "attention": "local"}], "retina", 1, {}, "bottom_up and top_down"),
+        ([{"mixer": "mamba2"}, {"factor": 4}], "bottom_up", 1, {"mamba": {"head_dim": 48}}, "does not divide"),
+        ([{"mixer": "mamba2"}, {"factor": 4}], "bottom_up", 1, {"mamba": {"chunk_size": 0}}, "at least 1"),
+    ],
+)
 def test_bad_mamba2_settings_fail_with_one_line(scales, arch, sp, model, message):
     with pytest.raises(RecipeError, match=message) as info:
         validate(recipe(scales, arch, sp, **model))

@@ -5,10 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from msllm.train.memory import (BYTES_PER_PARAMETER, largest_module_parameters, measure_step_peak, startup_peak_bytes,
-                                step_memory)
-from msllm.models import build_model
 from fixtures.models import ARCHS, tiny_config
+from msllm.models import build_model
+from msllm.train.memory import (
+    BYTES_PER_PARAMETER,
+    largest_module_parameters,
+    measure_step_peak,
+    startup_peak_bytes,
+    step_memory,
+)
 
 VOCAB = 512
 SIZE = dict(d_model=64, n_heads=4, vocab_size=VOCAB)  # the tiny models of fixtures.models, at this size
@@ -32,8 +37,11 @@ def test_the_computed_split_matches_the_measured_peak_of_real_steps(arch, kernel
 def test_the_loss_is_counted_in_the_activations_and_chunking_removes_its_vocabulary_term():
     cfg, L, d = tiny_config("vanilla", **SIZE), 128, SIZE["d_model"]
     small, large = (dataclasses.replace(cfg, vocab_size=v) for v in (256, 4096))
-    memory = {(v, k): step_memory(build_model(c), v, 1, L, loss_kernel=k)
-              for v, c in ((256, small), (4096, large)) for k in ("dense", "chunked")}
+    memory = {
+        (v, k): step_memory(build_model(c), v, 1, L, loss_kernel=k)
+        for v, c in ((256, small), (4096, large))
+        for k in ("dense", "chunked")
+    }
     # The body does not depend on the vocabulary or on how the loss is computed.
     assert len({m.body_activations for m in memory.values()}) == 1
     # dense: the saved log-probabilities and the two gradients of the loss, 3 fp32 L x vocab buffers.
@@ -51,8 +59,12 @@ def test_zero_stages_shard_states_over_data_parallel_ranks():
     model = build_model(tiny_config("vanilla", **SIZE))
     n = sum(p.numel() for p in model.parameters())
     w, g, o = BYTES_PER_PARAMETER["bf16"]
-    expected = {0: (w * n, g * n, o * n), 1: (w * n, g * n, o * n // 4), 2: (w * n, g * n // 4, o * n // 4),
-                3: (w * n // 4, g * n // 4, o * n // 4)}
+    expected = {
+        0: (w * n, g * n, o * n),
+        1: (w * n, g * n, o * n // 4),
+        2: (w * n, g * n // 4, o * n // 4),
+        3: (w * n // 4, g * n // 4, o * n // 4),
+    }
     for stage, (params, grads, optim) in expected.items():
         m = step_memory(build_model(tiny_config("vanilla", **SIZE)), VOCAB, 1, 64, "bf16", zero_stage=stage, dp=4)
         assert (m.parameters, m.gradients, m.optimizer) == (params, grads, optim), stage

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fixtures.models import ARCHS, tiny_config
 from msllm.config import MambaConfig, ModelConfig, ScaleConfig
-from msllm.train.memory import activation_bytes
+from msllm.distributed.parallelize import apply_activation_checkpointing
 from msllm.models import build_model
 from msllm.models.attention import local_attention
 from msllm.models.layers import Attention, CausalPool, Upsample
 from msllm.models.retina import RetinaPattern, retina_attention
-from msllm.distributed.parallelize import apply_activation_checkpointing
-from fixtures.models import ARCHS, tiny_config
+from msllm.train.memory import activation_bytes
 
 VOCAB = tiny_config("vanilla").vocab_size  # 97
 MAMBA = MambaConfig(d_state=8, head_dim=16, chunk_size=8)
@@ -31,7 +31,9 @@ CONFIGS = {
     "bottom_up-k2-3scales-attnagg-linear": tiny_config(
         "bottom_up",
         scales=[ScaleConfig(1, 1, "local", 3), ScaleConfig(2, 1, "full"), ScaleConfig(2, 1, "full")],
-        aggregation="attention", pooling="linear", upsampling="linear",
+        aggregation="attention",
+        pooling="linear",
+        upsampling="linear",
     ),
     "bottom_up-window-smaller-than-block": tiny_config(
         "bottom_up", scales=[ScaleConfig(1, 1, "local", 2), ScaleConfig(4, 1, "local", 3), ScaleConfig(4, 1, "full")]
@@ -42,28 +44,40 @@ CONFIGS = {
     ),
     "bottom_up-k2-then-dynamic-attnagg-linear": tiny_config(
         "bottom_up",
-        scales=[ScaleConfig(1, 1, "local", 3), ScaleConfig(2, 1, "full"), ScaleConfig(1, 1, "local", 4, pool="dynamic")],
-        aggregation="attention", pooling="linear", upsampling="linear",
+        scales=[
+            ScaleConfig(1, 1, "local", 3),
+            ScaleConfig(2, 1, "full"),
+            ScaleConfig(1, 1, "local", 4, pool="dynamic"),
+        ],
+        aggregation="attention",
+        pooling="linear",
+        upsampling="linear",
     ),
     # Mamba-2 layers (mixer: mamba2, msllm.models.mamba2); chunks of 8 positions, so that a
     # sequence of 45 crosses 5 chunk boundaries and ends inside a chunk. The H-Net shape: Mamba-2
     # over the tokens (and the final layers, which take scale 0's mixer), attention over learned chunks.
     "bottom_up-mamba2-dynamic": tiny_config(
-        "bottom_up", mamba=MAMBA,
+        "bottom_up",
+        mamba=MAMBA,
         scales=[ScaleConfig(1, 2, mixer="mamba2"), ScaleConfig(1, 1, "full", pool="dynamic", target_ratio=3.0)],
     ),
     "bottom_up-mamba2-k4-stage-norms": tiny_config(
-        "bottom_up", mamba=MAMBA, stage_norms=True,
+        "bottom_up",
+        mamba=MAMBA,
+        stage_norms=True,
         scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(4, 1, mixer="mamba2")],
     ),
     "top_down-k4": tiny_config("top_down"),
     "top_down-mamba2-k2": tiny_config(
-        "top_down", mamba=MAMBA, scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(2, 1, "full")],
+        "top_down",
+        mamba=MAMBA,
+        scales=[ScaleConfig(1, 1, mixer="mamba2"), ScaleConfig(2, 1, "full")],
     ),
     "top_down-k2-3scales-linear": tiny_config(
         "top_down",
         scales=[ScaleConfig(1, 1, "local", 16), ScaleConfig(2, 1, "full"), ScaleConfig(2, 1, "full")],
-        pooling="linear", upsampling="linear",
+        pooling="linear",
+        upsampling="linear",
     ),
     "top_down-window-smaller-than-block": tiny_config(
         "top_down", scales=[ScaleConfig(1, 1, "local", 3), ScaleConfig(4, 1, "full"), ScaleConfig(2, 1, "full")]
@@ -130,8 +144,14 @@ def test_changing_a_token_at_or_next_to_a_chunk_boundary_changes_no_earlier_logi
     chunking = model.pools[-1]
     base_boundaries = chunking.last_chunks.boundaries.clone()
     f = model.upsamples[-1].k  # tokens per position of the scale that is chunked
-    near = sorted({t for s in torch.nonzero(base_boundaries[0])[:, 0].tolist() for t in (s * f - 1, s * f, s * f + 1, s * f + f)
-                   if 0 <= t < L})
+    near = sorted(
+        {
+            t
+            for s in torch.nonzero(base_boundaries[0])[:, 0].tolist()
+            for t in (s * f - 1, s * f, s * f + 1, s * f + f)
+            if 0 <= t < L
+        }
+    )
     assert len(near) >= 10, f"{name}: too few boundaries to test ({near})"
     moved = 0
     for p in near:
@@ -251,7 +271,9 @@ def test_retina_attention_matches_its_definition(L, window, factor, levels, kern
 
 MEMORY_CONFIGS = {
     "vanilla": tiny_config("vanilla", d_model=64),
-    "bottom_up": tiny_config("bottom_up", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
+    "bottom_up": tiny_config(
+        "bottom_up", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]
+    ),
     "top_down": tiny_config("top_down", d_model=64, scales=[ScaleConfig(1, 1, "local", 64), ScaleConfig(4, 1, "full")]),
     "retina": tiny_config("retina", d_model=64, scales=[ScaleConfig(1, 1, "local", 64)], retina_factor=4),
 }
@@ -278,8 +300,12 @@ def test_forward_and_backward_at_16k_tokens_and_d256(arch):
     scales = {
         "vanilla": [ScaleConfig(1, 1, "full")],
         "retina": [ScaleConfig(1, 1, "local", 128)],
-    }.get(arch, [ScaleConfig(1, 1, "local", 128), ScaleConfig(4, 1, "full"), ScaleConfig(4, 1, "full")]
-          if multi else [ScaleConfig(1, 1, "local", 128)])
+    }.get(
+        arch,
+        [ScaleConfig(1, 1, "local", 128), ScaleConfig(4, 1, "full"), ScaleConfig(4, 1, "full")]
+        if multi
+        else [ScaleConfig(1, 1, "local", 128)],
+    )
     # Retina's one layer reaches back w * (1 + k + ... + k^(S-1)) tokens: 5 levels of factor 4 make
     # that 128 * 341 = 43,648, the whole sequence.
     levels = {"retina": dict(retina_levels=5, retina_factor=4)}.get(arch, {})
@@ -293,7 +319,9 @@ def test_forward_and_backward_at_16k_tokens_and_d256(arch):
     logits = model(ids)
     # Long-range flow: the loss of the last position reaches the embedding of the first token.
     (grad,) = torch.autograd.grad(F.cross_entropy(logits[0, -2], ids[0, -1]), embeddings[0], retain_graph=True)
-    assert torch.isfinite(grad).all() and torch.count_nonzero(grad[0, 0]) > 0, f"{arch}: position {L - 2} does not see token 0"
+    assert torch.isfinite(grad).all() and torch.count_nonzero(grad[0, 0]) > 0, (
+        f"{arch}: position {L - 2} does not see token 0"
+    )
     loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
     loss.backward()
     assert torch.isfinite(loss)
@@ -492,7 +520,9 @@ def test_each_architecture_is_one_consistent_spec(arch):
 def test_an_unknown_architecture_is_named_with_the_known_ones():
     from msllm.models.registry import spec
 
-    with pytest.raises(ValueError, match=r"unknown architecture 'sideways' \(known: vanilla, bottom_up, top_down, retina"):
+    with pytest.raises(
+        ValueError, match=r"unknown architecture 'sideways' \(known: vanilla, bottom_up, top_down, retina"
+    ):
         spec("sideways")
     with pytest.raises(ValueError, match="unknown architecture 'sideways'"):
         ModelConfig(arch="sideways")

@@ -45,8 +45,12 @@ def step(model, batch, length, seed=0):
 
 def chunking_model():
     torch.manual_seed(0)
-    return build_model(tiny_config("bottom_up", scales=[ScaleConfig(1, 1, "local", 8),
-                                                        ScaleConfig(1, 1, "full", pool="dynamic", target_ratio=4.0)]))
+    return build_model(
+        tiny_config(
+            "bottom_up",
+            scales=[ScaleConfig(1, 1, "local", 8), ScaleConfig(1, 1, "full", pool="dynamic", target_ratio=4.0)],
+        )
+    )
 
 
 @pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "retina"])
@@ -91,7 +95,7 @@ def test_eval_pads_its_short_last_batch_and_compiles_nothing_for_it():
     model = compiled(tiny_model("bottom_up", vocab_size=VOCAB))
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (7, 65), generator=g)
-    batches = [{"input_ids": tokens[i:i + 4, :-1], "labels": tokens[i:i + 4, 1:]} for i in (0, 4)]
+    batches = [{"input_ids": tokens[i : i + 4, :-1], "labels": tokens[i : i + 4, 1:]} for i in (0, 4)]
     manifest = {"splits": {"validation": {"samples": 7, "tokens": 7 * 64, "bytes": 7 * 64 * 4}}}
     with torch.no_grad():
         model_loss(model, batches[0]["input_ids"], batches[0]["labels"], auxiliary=False)

@@ -17,13 +17,19 @@ atexit.register(lambda: print("IMPORTED " + json.dumps({m: m in sys.modules for 
 
 def imported(proc) -> dict:
     check(proc)
-    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("IMPORTED "))[len("IMPORTED "):])
+    return json.loads(
+        next(line for line in proc.stdout.splitlines() if line.startswith("IMPORTED "))[len("IMPORTED ") :]
+    )
 
 
 def test_commands_over_a_trained_model_import_neither_deepspeed_nor_transformers(tmp_path, reference_run):
     recipe, out, _ = reference_run
-    for args in (("eval", recipe, "--checkpoint", out), ("generate", out, "--prompt", "The", "--max-new-tokens", "2"),
-                 ("export", out, "--out", tmp_path / "export"), ("inspect", recipe)):
+    for args in (
+        ("eval", recipe, "--checkpoint", out),
+        ("generate", out, "--prompt", "The", "--max-new-tokens", "2"),
+        ("export", out, "--out", tmp_path / "export"),
+        ("inspect", recipe),
+    ):
         modules = imported(msllm(*args, python_code=_REPORT_IMPORTS))
         assert modules == {"deepspeed": False, "transformers": False, "torchvision": False}, args
 
@@ -44,11 +50,13 @@ def test_streaming_imports_without_transformers_and_its_unused_parts_load_on_use
     import subprocess
     import sys
 
-    code = ("import sys, msllm.data.loader\n"
-            "assert 'transformers' not in sys.modules and 'torchvision' not in sys.modules\n"
-            "from streaming.text import StreamingC4\n"  # the deferred subpackage loads, whole
-            "from transformers.tokenization_utils_base import BatchEncoding\n"  # the real one
-            "assert BatchEncoding.__module__ == 'transformers.tokenization_utils_base' and hasattr(BatchEncoding, 'char_to_token')\n"
-            "print('ok')\n")
+    code = (
+        "import sys, msllm.data.loader\n"
+        "assert 'transformers' not in sys.modules and 'torchvision' not in sys.modules\n"
+        "from streaming.text import StreamingC4\n"  # the deferred subpackage loads, whole
+        "from transformers.tokenization_utils_base import BatchEncoding\n"  # the real one
+        "assert BatchEncoding.__module__ == 'transformers.tokenization_utils_base' and hasattr(BatchEncoding, 'char_to_token')\n"
+        "print('ok')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "ok", proc.stderr[-2000:]

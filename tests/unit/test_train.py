@@ -11,10 +11,19 @@ import signal
 
 import pytest
 
+from fixtures.train import (
+    check,
+    error_lines,
+    losses,
+    make_recipe,
+    msllm,
+    rows,
+    start_msllm,
+    wait_for_a_signal_before_step,
+    wait_for_line,
+)
 from msllm.config import from_dict
 from msllm.errors import RecipeError
-from fixtures.train import (check, error_lines, losses, make_recipe, msllm, rows, start_msllm, wait_for_a_signal_before_step,
-                           wait_for_line)
 
 # ----------------------------------------------------------------------------------------------
 # Pieces
@@ -76,11 +85,13 @@ def test_adamw_is_fused_on_cuda_and_foreach_elsewhere():
 def test_deepspeed_config_from_recipe():
     from msllm.train.engine import deepspeed_config
 
-    r = from_dict({
-        "model": {"arch": "vanilla"},
-        "parallel": {"zero_stage": 2, "offload_optimizer": True},
-        "train": {"micro_batch_size": 3, "grad_accum_steps": 5, "grad_clip": 0.5, "precision": "fp16"},
-    })
+    r = from_dict(
+        {
+            "model": {"arch": "vanilla"},
+            "parallel": {"zero_stage": 2, "offload_optimizer": True},
+            "train": {"micro_batch_size": 3, "grad_accum_steps": 5, "grad_clip": 0.5, "precision": "fp16"},
+        }
+    )
     cfg = deepspeed_config(r)
     assert cfg["train_micro_batch_size_per_gpu"] == 3 and cfg["gradient_accumulation_steps"] == 5
     assert cfg["gradient_clipping"] == 0.5
@@ -98,8 +109,14 @@ def test_launcher_environments():
     env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     d = read_env(env)
     assert (d.rank, d.world_size, d.local_rank) == (1, 4, 1)
-    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77",
-           "SLURM_STEP_NODELIST": "nodeA", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "77",
+        "SLURM_STEP_NODELIST": "nodeA",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2)",
+    }
     d = read_env(env)
     assert (d.rank, d.world_size, d.local_rank, d.launcher) == (3, 4, 1, "srun")
     assert env["RANK"] == "3" and env["WORLD_SIZE"] == "4" and env["MASTER_PORT"] == "20077"
@@ -143,8 +160,9 @@ def test_divergence_blames_the_lr_only_when_an_update_came_before_the_first_bad_
     from msllm.train.nonfinite import NonFiniteGuard
     from msllm.train.schedule import StepPlan
 
-    checkpointer = SimpleNamespace(set_aside_diverged=lambda first: "no checkpoint before that is left: rerun with "
-                                                                     "a lower train.lr to start over")
+    checkpointer = SimpleNamespace(
+        set_aside_diverged=lambda first: "no checkpoint before that is left: rerun with a lower train.lr to start over"
+    )
     guard = NonFiniteGuard(max_in_a_row=2, checkpointer=checkpointer)
     engine = SimpleNamespace(was_step_applied=lambda: False)
     for step in (first_bad, first_bad + 1):
@@ -205,8 +223,16 @@ def test_run_logs_console_metrics_tensorboard(reference_run):
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "eval/loss",
-            "eval/bits_per_byte", "eval/perplexity"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/mfu",
+        "eval/loss",
+        "eval/bits_per_byte",
+        "eval/perplexity",
+    } <= tags
     tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert tb_loss.keys() == losses(out).keys()
     for step, loss in losses(out).items():
@@ -220,8 +246,14 @@ def test_checkpoints_complete_and_pruned(reference_run):
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert ckpts == ["step_0000006", "step_0000012"]
     last = out / "checkpoints" / "step_0000012"
-    for name in ("COMPLETE", "meta.json", "recipe.yaml", "tokenizer.model", "trainer_state_rank0.pt",
-                 "mp_rank_00_model_states.pt"):
+    for name in (
+        "COMPLETE",
+        "meta.json",
+        "recipe.yaml",
+        "tokenizer.model",
+        "trainer_state_rank0.pt",
+        "mp_rank_00_model_states.pt",
+    ):
         assert (last / name).is_file(), name
     import json
 

@@ -43,9 +43,7 @@ def test_eager_checkpoint_resumes_compiled_with_activation_checkpointing(tmp_pat
     """The eager run's step-6 checkpoint continues compiled (blocks' parts compiled inside
     fairscale's checkpointing) to the eager run's losses."""
     _, ref_out, _ = reference_run
-    recipe, out = make_recipe(
-        tmp_path, tiny_data, train={"compile": True}, parallel={"activation_checkpointing": True}
-    )
+    recipe, out = make_recipe(tmp_path, tiny_data, train={"compile": True}, parallel={"activation_checkpointing": True})
     shutil.copytree(ref_out / "checkpoints" / "step_0000006", out / "checkpoints" / "step_0000006")
     proc = check(msllm("train", recipe))
     assert "resumed from" in proc.stdout and "at step 6" in proc.stdout
@@ -95,12 +93,19 @@ def test_steps_that_do_not_log_never_read_device_tensors(tmp_path, tiny_data):
     no norm); on steps 4 and 8 it also reads the loss and the gradient norm. A single rank
     all-reduces no gradients."""
     recipe, _ = make_recipe(
-        tmp_path, tiny_data, train={"max_steps": 8}, log={"every": 4, "tensorboard": False},
-        eval={"every": 0, "max_batches": 1}, checkpoint={"every": 0},
+        tmp_path,
+        tiny_data,
+        train={"max_steps": 8},
+        log={"every": 4, "tensorboard": False},
+        eval={"every": 0, "max_batches": 1},
+        checkpoint={"every": 0},
     )
     proc = check(msllm("train", recipe, python_code=_COUNT_HOST_READS))
-    reads = {int(line.split()[3][:-1]): int(line.split()[4]) for line in proc.stdout.splitlines()
-             if line.startswith("HOST READS")}
+    reads = {
+        int(line.split()[3][:-1]): int(line.split()[4])
+        for line in proc.stdout.splitlines()
+        if line.startswith("HOST READS")
+    }
     assert sorted(reads) == list(range(1, 9))
     assert all(reads[step] == 1 for step in (1, 2, 3, 5, 6, 7)), reads
     assert reads[4] > 1 and reads[8] > 1, reads

@@ -71,18 +71,27 @@ from msllm.data.prepare.staging import (
     write_json,
     writing,
 )
-from msllm.data.prepare.tokenize import make_tokenizer
-from msllm.data.prepare.upload import check_writable_remote, upload_finished
-from msllm.data.prepare.write import SHARD_COMPRESSION, SHARD_HASHES, TOKENS_COLUMN, write_shards
-from msllm.data.sources import input_files
-from msllm.data.tokenizer import TOKENIZER_FILENAME, file_sha256, load_tokenizer_file
-from msllm.errors import DataError
-from msllm.safe_files import write_new
 
 # What msllm.bench.data times of the stages, by these names (it imports this package as `prep`).
-from msllm.data.prepare.tokenize import _batches, _encode_batch, _init_worker  # noqa: E402, F401
-from msllm.data.prepare.write import WindowWriter  # noqa: E402, F401
-from msllm.data.tokenizer import bytes_per_token, load_sentencepiece  # noqa: E402, F401
+from msllm.data.prepare.tokenize import _batches, _encode_batch, _init_worker, make_tokenizer  # noqa: E402, F401
+from msllm.data.prepare.upload import check_writable_remote, upload_finished
+from msllm.data.prepare.write import (
+    SHARD_COMPRESSION,
+    SHARD_HASHES,
+    TOKENS_COLUMN,
+    WindowWriter,  # noqa: E402, F401
+    write_shards,
+)
+from msllm.data.sources import input_files
+from msllm.data.tokenizer import (  # noqa: E402, F401
+    TOKENIZER_FILENAME,
+    bytes_per_token,
+    file_sha256,
+    load_sentencepiece,
+    load_tokenizer_file,
+)
+from msllm.errors import DataError
+from msllm.safe_files import write_new
 
 __all__ = ["prepare_dataset"]
 
@@ -223,5 +232,3 @@ def write_dataset(data_cfg: DataConfig, out: Path, fingerprint: str, quiet: bool
 def say(quiet: bool, message: str) -> None:
     if not quiet:
         print(message, flush=True)
-
-

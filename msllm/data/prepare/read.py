@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from msllm.config import DataConfig
 from msllm.data.manifest import MANIFEST_FORMAT
@@ -16,11 +17,17 @@ from msllm.data.sources import iter_documents
 from msllm.data.tokenizer import file_sha256
 from msllm.errors import DataError
 
-
 # Data fields that change nothing in the written samples; they stay out of the fingerprint.
 # (`paths` and tokenizer.model are there by content: the inputs' sha256.)
 _FIELDS_NOT_IN_FINGERPRINT = (
-    "workers", "shuffle", "num_workers", "num_canonical_nodes", "cache_dir", "shards_dir", "paths", "prep_checkpoint_bytes"
+    "workers",
+    "shuffle",
+    "num_workers",
+    "num_canonical_nodes",
+    "cache_dir",
+    "shards_dir",
+    "paths",
+    "prep_checkpoint_bytes",
 )
 
 
@@ -46,7 +53,9 @@ def input_fingerprint(
         sha256 = recorded.get(key) or file_sha256(path)
         inputs.append({"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256})
     settings = data_settings(dataclasses.asdict(data_cfg))
-    blob = json.dumps({"format": MANIFEST_FORMAT, "data": settings, "inputs": [i["sha256"] for i in inputs]}, sort_keys=True)
+    blob = json.dumps(
+        {"format": MANIFEST_FORMAT, "data": settings, "inputs": [i["sha256"] for i in inputs]}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest(), inputs
 
 

@@ -10,19 +10,19 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from msllm.config import DataConfig
 from msllm.data.manifest import MANIFEST_FILENAME, MANIFEST_FORMAT, is_remote, read_manifest
 from msllm.errors import DataError
 from msllm.safe_files import is_link_error, open_lock_nofollow, write_new
 
-
 PROGRESS_FILENAME = "progress.json"
 
 
-def existing_manifest(data_cfg: DataConfig) -> Optional[dict[str, Any]]:
+def existing_manifest(data_cfg: DataConfig) -> dict[str, Any] | None:
     """The manifest already in data.shards_dir, or None if it has none."""
     target = data_cfg.shards_dir
     if is_remote(target):
@@ -61,10 +61,18 @@ class StagingLock:
         staging = self.staging
         if staging.is_symlink() or (staging.exists() and not staging.is_dir()):  # never written through or removed
             self.handle.close()
-            what, fix = ((f"a symbolic link to {os.readlink(staging)}", f"remove the link (rm {staging}: what it "
-                          "points to stays)") if staging.is_symlink() else ("a file", f"move it away (mv {staging} ...)"))
-            raise DataError(f"{staging} is {what}, where msllm prep keeps its unfinished dataset, and msllm neither "
-                            f"writes through it nor removes it: {fix}, then rerun")
+            what, fix = (
+                (
+                    f"a symbolic link to {os.readlink(staging)}",
+                    f"remove the link (rm {staging}: what it points to stays)",
+                )
+                if staging.is_symlink()
+                else ("a file", f"move it away (mv {staging} ...)")
+            )
+            raise DataError(
+                f"{staging} is {what}, where msllm prep keeps its unfinished dataset, and msllm neither "
+                f"writes through it nor removes it: {fix}, then rerun"
+            )
         return self
 
     def __exit__(self, *exc_info):
@@ -83,7 +91,9 @@ def writing(staging: Path) -> Iterator[None]:
         if exc.errno is None:  # not the disk's: a library's own error, shown as it is
             raise
         name = exc.filename
-        inside = isinstance(name, (str, bytes)) and Path(os.fsdecode(name)).absolute().is_relative_to(staging.absolute())
+        inside = isinstance(name, (str, bytes)) and Path(os.fsdecode(name)).absolute().is_relative_to(
+            staging.absolute()
+        )
         file = f" ({exc.filename})" if inside else ""
         raise DataError(
             f"cannot write the dataset in {staging}: {exc.strerror}{file}: free space there or set "

@@ -9,8 +9,8 @@ import itertools
 import multiprocessing
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -27,7 +27,6 @@ from msllm.data.tokenizer import (
 )
 from msllm.errors import DataError
 from msllm.safe_files import write_new
-
 
 # Documents are sent to the tokenizer processes in batches of about this many characters.
 _BATCH_CHARS = 1 << 18
@@ -117,8 +116,12 @@ def train_while_splitting(data_cfg: DataConfig, out_path: Path) -> SplitRule:
     guess = SplitRule(data_cfg.validation_fraction)
     failed = None
     try:
-        train_tokenizer((text for text in scan.documents() if guess.split_of(text) == "train"), data_cfg.tokenizer,
-                        out_path, num_threads=data_cfg.workers)
+        train_tokenizer(
+            (text for text in scan.documents() if guess.split_of(text) == "train"),
+            data_cfg.tokenizer,
+            out_path,
+            num_threads=data_cfg.workers,
+        )
     except DataError as exc:  # sentencepiece's, or the corpus's own, which sentencepiece wraps
         failed = exc
     if scan.error is not None:
@@ -132,8 +135,9 @@ def train_while_splitting(data_cfg: DataConfig, out_path: Path) -> SplitRule:
 
 
 @contextlib.contextmanager
-def encoded_batches(documents: Iterable[tuple[int, str, str]], tokenizer_file: Path,
-                    workers: int) -> Iterator[Iterator[tuple[int, str, np.ndarray, int, int]]]:
+def encoded_batches(
+    documents: Iterable[tuple[int, str, str]], tokenizer_file: Path, workers: int
+) -> Iterator[Iterator[tuple[int, str, np.ndarray, int, int]]]:
     """(part, split, tokens, documents, text bytes) of the (part, split, text) documents, batch by
     batch and in order, encoded in `workers` processes (1: in this one). The pool is made before a
     progress bar starts its thread; each worker loads its own tokenizer; it ends with the block."""

@@ -5,8 +5,9 @@ progress is saved), then one merged index per split."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import numpy as np
 from streaming import MDSWriter
@@ -39,8 +40,8 @@ class WindowWriter:
         window: int,
         shard_size_limit: int,
         byte_table: np.ndarray,
-        remote: Optional[str] = None,
-        state: Optional[dict[str, Any]] = None,
+        remote: str | None = None,
+        state: dict[str, Any] | None = None,
     ):
         self.writer = MDSWriter(
             out=str(out) if remote is None else (str(out), remote),
@@ -104,9 +105,9 @@ def write_shards(
     shard_size_limit: int,
     byte_table: np.ndarray,
     quiet: bool = False,
-    checkpoint_bytes: Optional[int] = None,
-    total_bytes: Optional[int] = None,
-    remote: Optional[str] = None,
+    checkpoint_bytes: int | None = None,
+    total_bytes: int | None = None,
+    remote: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Tokenize (split, text) pairs in `workers` processes and write out/<split>/ MDS shards.
 
@@ -132,7 +133,10 @@ def write_shards(
     def open_part(part: int) -> dict[str, WindowWriter]:
         return {
             split: WindowWriter(
-                part_folder(split, part), window, shard_size_limit, byte_table,
+                part_folder(split, part),
+                window,
+                shard_size_limit,
+                byte_table,
                 remote=None if remote is None else f"{remote}/{split}/{part_folder(split, part).name}",
                 state=states.get(split),
             )
@@ -162,7 +166,7 @@ def write_shards(
     return counts
 
 
-def _part_numbers(checkpoint_bytes: Optional[int]):
+def _part_numbers(checkpoint_bytes: int | None):
     """A function that numbers documents, in order, by the part they fall in: a part ends after
     the document that brings it to `checkpoint_bytes` of text. Depends on the order only, so a
     rerun numbers the same documents the same way."""

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -52,11 +52,11 @@ class CachedSegment:
             storage = [k.new_empty(*k.shape[:2], new_capacity, k.shape[3]) for _ in range(2)]
             if live:
                 for new, old in zip(storage, (self._keys, self._values)):
-                    new[:, :, :live] = old[:, :, self._start:self._stop]
+                    new[:, :, :live] = old[:, :, self._start : self._stop]
             self._keys, self._values = storage
             self._start, self._stop = 0, live
-        self._keys[:, :, self._stop:self._stop + n] = k
-        self._values[:, :, self._stop:self._stop + n] = v
+        self._keys[:, :, self._stop : self._stop + n] = k
+        self._values[:, :, self._stop : self._stop + n] = v
         self._stop += n
 
     def drop_before(self, index: int) -> None:
@@ -79,8 +79,14 @@ class LayerCache:
         return self.segments[0].end
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache, pattern,
-                     complete: Callable[[list[CachedSegment]], None] | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: LayerCache,
+    pattern,
+    complete: Callable[[list[CachedSegment]], None] | None = None,
+) -> torch.Tensor:
     """A pattern's attention for new queries q [B, H, n, D] at positions cache.position ..
     cache.position + n - 1, with their keys and values k, v: the new keys join segment 0,
     `complete(segments)` appends what they complete (retina's pooled blocks), the queries attend

@@ -7,7 +7,7 @@ shapes, device) and cached (traced inside torch.compile).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,10 @@ def dense_mask(pattern, first_position: int, q_len: int, layout, device) -> torc
     """[L, total keys] bool: the whole definition, evaluated for every (query, key) pair."""
     t = first_position + torch.arange(q_len, device=device).view(-1, 1)
     return torch.cat(
-        [visible(pattern, t, s, first + torch.arange(n, device=device).view(1, -1)) for s, (n, first) in enumerate(layout)],
+        [
+            visible(pattern, t, s, first + torch.arange(n, device=device).view(1, -1))
+            for s, (n, first) in enumerate(layout)
+        ],
         dim=1,
     )
 
@@ -220,8 +223,11 @@ def flex_block_mask(pattern, first_position: int, q_len: int, layout, device):
         return chosen.sum(1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
 
     return BlockMask.from_kv_blocks(
-        *table(partial), *table(every), BLOCK_SIZE=FLEX_BLOCK,
-        mask_mod=flex_mask_mod(pattern, first_position, layout), seq_lengths=(n_q * FLEX_BLOCK, n_kv * FLEX_BLOCK),
+        *table(partial),
+        *table(every),
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=flex_mask_mod(pattern, first_position, layout),
+        seq_lengths=(n_q * FLEX_BLOCK, n_kv * FLEX_BLOCK),
     )
 
 
@@ -260,6 +266,6 @@ def _slices(q, segments, pattern, first_position):
     for (lo, hi), segment in zip(pattern.ranges(first_position), segments):
         end = segment.first + segment.keys.shape[2]
         lo, hi = max(lo, 0, segment.first) - segment.first, min(hi, end) - segment.first
-        keys.append(segment.keys[:, :, lo:max(lo, hi)])
-        values.append(segment.values[:, :, lo:max(lo, hi)])
+        keys.append(segment.keys[:, :, lo : max(lo, hi)])
+        values.append(segment.values[:, :, lo : max(lo, hi)])
     return F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2))

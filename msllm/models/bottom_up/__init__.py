@@ -12,7 +12,12 @@ BOTTOM_UP = ArchSpec(
     config=BottomUpConfig,
     model=BottomUpLM,
     modules={BottomUpLM: LOCAL, ScaleAttention: LOCAL},  # ScaleAttention mixes the scales of one position
-    tiny={"scales": [{"factor": 1, "layers": 1, "attention": "local", "window": 8},
-                     {"factor": 4, "layers": 1, "attention": "full"}], "final_layers": 1},
+    tiny={
+        "scales": [
+            {"factor": 1, "layers": 1, "attention": "local", "window": 8},
+            {"factor": 4, "layers": 1, "attention": "full"},
+        ],
+        "final_layers": 1,
+    },
     tiny_variants=({"aggregation": "attention", "residual_proj": True, "stage_norms": True},),
 )

@@ -4,7 +4,7 @@ their checks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from msllm.config import ArchConfig, doc
 
@@ -16,13 +16,11 @@ class BottomUpConfig(ArchConfig):
     mixers = ("attention", "mamba2")
     dynamic_pool = True
 
-    final_layers: int = doc(
-        1, "Bottom-up: local-attention layers at token resolution after the scales are combined."
-    )
+    final_layers: int = doc(1, "Bottom-up: local-attention layers at token resolution after the scales are combined.")
     aggregation: Literal["sum", "attention"] = doc(
         "sum", "Bottom-up: combine the scales at each position by a sum or a small attention."
     )
-    residual_proj: Optional[bool] = doc(
+    residual_proj: bool | None = doc(
         None,
         "Bottom-up: pass the output of the coarsest scale's finer scale (H-Net's encoder output) "
         "through a linear map (weight and bias zero-initialised, computed in fp32) where it joins the "
@@ -30,7 +28,7 @@ class BottomUpConfig(ArchConfig):
         "(goombalab/hnet hnet/models/hnet.py; its bias keeps torch's default init there, ours starts at "
         "zero). null: on when a scale is dynamic, off otherwise (the scales are summed as they are).",
     )
-    stage_norms: Optional[bool] = doc(
+    stage_norms: bool | None = doc(
         None,
         "Bottom-up: an RMSNorm at the end of each scale's layers, as H-Net ends each stage network "
         "(encoder, main network, decoder) with one (goombalab/hnet hnet/modules/isotropic.py); the "

@@ -43,7 +43,6 @@ from msllm.models.decoding import DecodeCache, PoolStream, UpsampleStream
 from msllm.models.layers import CausalLM, CausalPool, RMSNorm, Upsample, decode_blocks, make_core
 from msllm.models.mamba2 import make_layers
 
-
 # What log_metrics reports of each dynamic scale (msllm.train.callbacks.CHUNKING_METRICS lists the same prefixes).
 METRICS = ("compression", "ratio_loss", "p_std", "p_near_threshold", "word_start_boundaries", "word_start_rate")
 
@@ -81,7 +80,11 @@ class BottomUpLM(CausalLM):
         # H-Net's training ingredients (BottomUpConfig.stage_norms, residual_proj; on with a dynamic scale):
         # a norm at the end of each scale's layers, and a zero-initialised projection of the coarsest
         # scale's finer scale (H-Net's encoder output) where it joins the sum.
-        self.scale_norms = nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in cfg.scales) if cfg.arch_config.uses_stage_norms(cfg) else None
+        self.scale_norms = (
+            nn.ModuleList(RMSNorm(d, cfg.norm_eps) for _ in cfg.scales)
+            if cfg.arch_config.uses_stage_norms(cfg)
+            else None
+        )
         self.residual_proj = nn.Linear(d, d, bias=True) if cfg.arch_config.uses_residual_proj(cfg) else None
         if self.residual_proj is not None:
             self.residual_proj.init = "zeros"  # msllm.models.init
@@ -96,11 +99,16 @@ class BottomUpLM(CausalLM):
         self.upsamples = nn.ModuleList(Upsample(d, f, cfg.upsampling) for f in factors[1:])
         self.aggregate = ScaleAttention(d, cfg.norm_eps) if cfg.arch_config.aggregation == "attention" else None
         fine = cfg.scales[0]
-        self.final = make_layers(cfg, cfg.arch_config.final_layers, fine.mixer, lambda: make_core(fine.attention, fine.window))
+        self.final = make_layers(
+            cfg, cfg.arch_config.final_layers, fine.mixer, lambda: make_core(fine.attention, fine.window)
+        )
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         # msllm.models.init initialises the weights (build_model)
-        self.init_std, self.residual_layers = cfg.init_std, sum(s.layers for s in cfg.scales) + cfg.arch_config.final_layers
+        self.init_std, self.residual_layers = (
+            cfg.init_std,
+            sum(s.layers for s in cfg.scales) + cfg.arch_config.final_layers,
+        )
         self.embed_init_std = cfg.embedding_init_std()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -142,8 +150,9 @@ class BottomUpLM(CausalLM):
             x = per_scale[skip]
             precise = _at_least_fp32(x)
             with _no_autocast(x):
-                per_scale[skip] = F.linear(x.to(precise), self.residual_proj.weight.to(precise),
-                                           self.residual_proj.bias.to(precise))
+                per_scale[skip] = F.linear(
+                    x.to(precise), self.residual_proj.weight.to(precise), self.residual_proj.bias.to(precise)
+                )
         if self.aggregate is not None:
             return self.aggregate([x.to(dtype) for x in per_scale])
         return sum(per_scale).to(dtype)
@@ -196,6 +205,8 @@ class BottomUpLM(CausalLM):
         h = norms[0](decode_blocks(self.scales[0], self.embed(new_ids), cache.scales[0]))
         per_scale = [h]
         for s in range(1, len(self.scales)):
-            h = norms[s](decode_blocks(self.scales[s], cache.pools[s - 1](h), cache.scales[s]))  # the positions completed
+            h = norms[s](
+                decode_blocks(self.scales[s], cache.pools[s - 1](h), cache.scales[s])
+            )  # the positions completed
             per_scale.append(cache.upsamples[s - 1](h, new_ids.shape[1]))
         return self.norm(decode_blocks(self.final, self.combine(per_scale), cache.final))

@@ -13,6 +13,9 @@ RETINA = ArchSpec(
     config=RetinaConfig,
     model=RetinaLM,
     modules={RetinaLM: LOCAL, RetinaAttention: "retina"},
-    tiny={"scales": [{"factor": 1, "layers": 2, "attention": "local", "window": 8}],
-          "retina_levels": 3, "retina_factor": 2},
+    tiny={
+        "scales": [{"factor": 1, "layers": 2, "attention": "local", "window": 8}],
+        "retina_levels": 3,
+        "retina_factor": 2,
+    },
 )

@@ -136,4 +136,7 @@ class RetinaAttention(nn.Module):
 class RetinaLM(VanillaLM):
     def __init__(self, cfg):
         window = cfg.scales[0].window
-        super().__init__(cfg, core_factory=lambda: RetinaAttention(window, cfg.arch_config.retina_factor, cfg.arch_config.retina_levels))
+        super().__init__(
+            cfg,
+            core_factory=lambda: RetinaAttention(window, cfg.arch_config.retina_factor, cfg.arch_config.retina_levels),
+        )

@@ -12,6 +12,10 @@ TOP_DOWN = ArchSpec(
     config=TopDownConfig,
     model=TopDownLM,
     modules={TopDownLM: LOCAL},
-    tiny={"scales": [{"factor": 1, "layers": 1, "attention": "local", "window": 8},
-                     {"factor": 4, "layers": 1, "attention": "full"}]},
+    tiny={
+        "scales": [
+            {"factor": 1, "layers": 1, "attention": "local", "window": 8},
+            {"factor": 4, "layers": 1, "attention": "full"},
+        ]
+    },
 )

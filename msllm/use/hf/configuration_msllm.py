@@ -34,7 +34,9 @@ class MsllmConfig(PretrainedConfig):
     # Fields derived from `msllm` on every load; the values saved in config.json are not read back.
     DERIVED = ("vocab_size", "hidden_size", "num_attention_heads", "tie_word_embeddings")
 
-    def __init__(self, msllm: dict | None = None, max_position_embeddings: int = 1024, use_cache: bool = True, **kwargs):
+    def __init__(
+        self, msllm: dict | None = None, max_position_embeddings: int = 1024, use_cache: bool = True, **kwargs
+    ):
         for key in self.DERIVED:
             kwargs.pop(key, None)
         self.msllm = ModelConfig().to_dict() if msllm is None else dict(msllm)
@@ -60,17 +62,23 @@ class MsllmConfig(PretrainedConfig):
                     fields.pop(f.name, None)
         unknown = sorted(set(fields) - known - own)
         if unknown:
-            raise ValueError(f"config.json: msllm: unknown keys {unknown} for arch {arch} (known: {sorted(known | own)})")
+            raise ValueError(
+                f"config.json: msllm: unknown keys {unknown} for arch {arch} (known: {sorted(known | own)})"
+            )
         scale_keys = {f.name for f in dataclasses.fields(ScaleConfig)}
         scales = []
         for i, scale in enumerate(fields.get("scales", [{}])):
             if not isinstance(scale, dict) or set(scale) - scale_keys:
-                raise ValueError(f"config.json: msllm.scales[{i}]: expected keys among {sorted(scale_keys)}, got {scale!r}")
+                raise ValueError(
+                    f"config.json: msllm.scales[{i}]: expected keys among {sorted(scale_keys)}, got {scale!r}"
+                )
             scales.append(ScaleConfig(**scale))
         fields["scales"] = scales
         if isinstance(fields.get("mamba"), dict):
             mamba_keys = {f.name for f in dataclasses.fields(MambaConfig)}
             if set(fields["mamba"]) - mamba_keys:
-                raise ValueError(f"config.json: msllm.mamba: expected keys among {sorted(mamba_keys)}, got {fields['mamba']!r}")
+                raise ValueError(
+                    f"config.json: msllm.mamba: expected keys among {sorted(mamba_keys)}, got {fields['mamba']!r}"
+                )
             fields["mamba"] = MambaConfig(**fields["mamba"])
         return ModelConfig(**fields)

@@ -48,8 +48,9 @@ def special_token_ids(tokenizer_path: Path) -> dict:
 
 def tokenizer_config(tokenizer_path: Path, seq_len: int) -> dict:
     sp = load_sentencepiece(tokenizer_path)
-    pieces = {kind: sp.IdToPiece(i) for kind, i in
-              ((k.removesuffix("_id"), v) for k, v in special_ids(sp).items()) if i >= 0}
+    pieces = {
+        kind: sp.IdToPiece(i) for kind, i in ((k.removesuffix("_id"), v) for k, v in special_ids(sp).items()) if i >= 0
+    }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",  # transformers 5: TokenizersBackend (its alias)
         "add_bos_token": False,
@@ -71,46 +72,85 @@ def tokenizer_json(tokenizer_path: Path) -> dict:
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(tokenizer_path).read_bytes())
     spec, normalizer = proto.trainer_spec, proto.normalizer_spec
-    if normalizer.name not in ("identity", "") or normalizer.remove_extra_whitespaces or spec.treat_whitespace_as_suffix:
-        raise ValueError(f"{tokenizer_path}: only sentencepiece models that normalize nothing (as msllm trains them) "
-                         f"can be exported for transformers (normalization {normalizer.name!r})")
+    if (
+        normalizer.name not in ("identity", "")
+        or normalizer.remove_extra_whitespaces
+        or spec.treat_whitespace_as_suffix
+    ):
+        raise ValueError(
+            f"{tokenizer_path}: only sentencepiece models that normalize nothing (as msllm trains them) "
+            f"can be exported for transformers (normalization {normalizer.name!r})"
+        )
     kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
     special = [(i, p.piece) for i, p in enumerate(proto.pieces) if p.type in (kinds.CONTROL, kinds.UNKNOWN)]
     if spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
-        model = {"type": "Unigram", "unk_id": spec.unk_id,
-                 "vocab": [[p.piece, 0.0 if p.type in (kinds.CONTROL, kinds.UNKNOWN) else p.score] for p in proto.pieces],
-                 "byte_fallback": spec.byte_fallback}
+        model = {
+            "type": "Unigram",
+            "unk_id": spec.unk_id,
+            "vocab": [[p.piece, 0.0 if p.type in (kinds.CONTROL, kinds.UNKNOWN) else p.score] for p in proto.pieces],
+            "byte_fallback": spec.byte_fallback,
+        }
     elif spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
         vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
         merges = []
         for merged, i in vocab.items():  # as transformers' SentencePieceExtractor orders them
-            pairs = [(merged[:k], merged[k:]) for k in range(1, len(merged)) if merged[:k] in vocab and merged[k:] in vocab]
-            merges += [(left, right, proto.pieces[i].score) for left, right in sorted(pairs, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))]
+            pairs = [
+                (merged[:k], merged[k:]) for k in range(1, len(merged)) if merged[:k] in vocab and merged[k:] in vocab
+            ]
+            merges += [
+                (left, right, proto.pieces[i].score)
+                for left, right in sorted(pairs, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+            ]
         merges.sort(key=lambda m: m[2], reverse=True)
-        model = {"type": "BPE", "dropout": None, "unk_token": proto.pieces[spec.unk_id].piece,
-                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
-                 "byte_fallback": spec.byte_fallback, "ignore_merges": False, "vocab": vocab,
-                 "merges": [[left, right] for left, right, _ in merges]}
+        model = {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": proto.pieces[spec.unk_id].piece,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": spec.byte_fallback,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[left, right] for left, right, _ in merges],
+        }
     else:
-        raise ValueError(f"{tokenizer_path}: a sentencepiece model of type {spec.model_type} (only unigram and bpe "
-                         "can be exported for transformers)")
+        raise ValueError(
+            f"{tokenizer_path}: a sentencepiece model of type {spec.model_type} (only unigram and bpe "
+            "can be exported for transformers)"
+        )
     prefix = [{"type": "Prepend", "prepend": "\u2581"}] if normalizer.add_dummy_prefix else []
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": [{"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, piece in special],
-        "normalizer": {"type": "Sequence", "normalizers": [
-            *prefix, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "added_tokens": [
+            {
+                "id": i,
+                "content": piece,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, piece in special
+        ],
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [*prefix, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}],
+        },
         "pre_tokenizer": None,
         "post_processor": None,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if normalizer.add_dummy_prefix else []),
-        ]},
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if normalizer.add_dummy_prefix else []),
+            ],
+        },
         "model": model,
     }
 

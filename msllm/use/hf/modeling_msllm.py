@@ -34,7 +34,6 @@ from msllm.models.layers import Rotary
 
 from .configuration_msllm import MsllmConfig
 
-
 # The name of the cache in a model's inputs and outputs: transformers 5 renamed past_key_values.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -130,12 +129,13 @@ class MsllmForCausalLM(PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: past})
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=None,
-                                      cache=None, **unused):
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, use_cache=None, cache=None, **unused
+    ):
         """The tokens the cache has not seen yet (all of them on the first step, or without a cache)."""
         past = _msllm_cache(cache if cache is not None else past_key_values)
         if past is not None:
-            input_ids = input_ids[:, past.position:]
+            input_ids = input_ids[:, past.position :]
         return {"input_ids": input_ids, CACHE_NAME: past, "attention_mask": attention_mask, "use_cache": use_cache}
 
     def _reorder_cache(self, past_key_values, beam_idx):
@@ -152,7 +152,9 @@ def _msllm_cache(cache) -> MsllmCache | None:
         return MsllmCache(cache)
     if hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0:
         return None
-    raise ValueError(f"msllm models keep their own cache: pass back the one their forward returned, not a {type(cache).__name__}")
+    raise ValueError(
+        f"msllm models keep their own cache: pass back the one their forward returned, not a {type(cache).__name__}"
+    )
 
 
 def _check_right_padded(attention_mask: torch.Tensor | None) -> None:
@@ -161,5 +163,6 @@ def _check_right_padded(attention_mask: torch.Tensor | None) -> None:
         return
     padding = attention_mask == 0
     if (padding[:, :-1] & ~padding[:, 1:]).any():
-        raise ValueError("msllm models take no padding mask: pad on the right (padding_side='right'), or pass "
-                         "one prompt at a time")
+        raise ValueError(
+            "msllm models take no padding mask: pad on the right (padding_side='right'), or pass one prompt at a time"
+        )
