@@ -46,12 +46,14 @@ EXPERIMENTS: dict[str, Callable[[argparse.Namespace], str]] = {
     "paper": _lazy(
         "paper",
         "bench_paper",
-        "The paper's comparison trained on the built-in corpus: bits per byte over seeds, memory split, verdict, plots.",
+        "The paper's comparison trained on the built-in corpus: bits per byte over seeds, memory split, verdict, "
+        "plots.",
     ),
     "bytes": _lazy(
         "bytes",
         "bench_bytes",
-        "BPE vanilla vs byte-level vanilla, fixed-pooling and dynamic-chunking bottom-up at equal FLOPs/byte, seeds, verdict.",
+        "BPE vanilla vs byte-level vanilla, fixed-pooling and dynamic-chunking bottom-up at equal FLOPs/byte, "
+        "seeds, verdict.",
     ),
     "scaling": _lazy(
         "scaling",

@@ -274,7 +274,8 @@ def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: lis
         f"Recipes: lab/recipes/bytes/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
         f"time, {threads} thread{'s' if threads != 1 else ''} each). FLOPs/byte: training FLOPs per token "
         "(msllm.models.flops_per_token) times the shards' tokens per byte; for the dynamic model at its realised "
-        "compression (nominal: at its target ratio). Memory: one training step on one rank (msllm.train.memory.step_memory; "
+        "compression (nominal: at its target ratio). Memory: one training step on one rank "
+        "(msllm.train.memory.step_memory; "
         "for the dynamic model at its untrained boundaries on random bytes).",
         "",
         "| model | parameters | val bits/byte (mean ± sd) | range | tokens/byte | MFLOP/byte | nominal MFLOP/byte | "

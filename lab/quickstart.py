@@ -100,7 +100,8 @@ def to_markdown(results: list[dict]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['recipe']} | {r['params']} | {r['steps']} | {r['tokens']:,} | {minutes(r['wall_s'])} | {r['prep_s']:.0f} s "
+            f"| {r['recipe']} | {r['params']} | {r['steps']} | {r['tokens']:,} | {minutes(r['wall_s'])} "
+            f"| {r['prep_s']:.0f} s "
             f"| {r['ready_s']:.0f} s | {minutes(r['train_s'])} | {r['eval_s']:.0f} s | {r['other_s']:.0f} s "
             f"| {r['tokens_per_s']:,.0f} | {r['eval_loss']:.4f} | {r['bits_per_byte']:.4f} "
             f"| {r['load_before']:.1f} / {r['load_after']:.1f} |"

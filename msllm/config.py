@@ -292,7 +292,8 @@ class ModelConfig:
         unknown = sorted(set(own) - mine)
         if unknown:
             raise TypeError(
-                f"model.{unknown[0]} is not a field of {self.arch} (its own fields: {', '.join(sorted(mine)) or 'none'})"
+                f"model.{unknown[0]} is not a field of {self.arch} "
+                f"(its own fields: {', '.join(sorted(mine)) or 'none'})"
             )
         if isinstance(arch_config, cls):
             base = arch_config
@@ -594,7 +595,8 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> dict:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise RecipeError(
-            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): save the recipe as UTF-8"
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+            "save the recipe as UTF-8"
         ) from None
     try:
         data = load_yaml(text, source=str(path))

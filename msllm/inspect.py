@@ -2,10 +2,10 @@
 
 Parameters per scale, training FLOPs per token (the figure MFU is computed from), the estimated
 start-up peak per rank (building the model and DeepSpeed's engine, before the first step:
-msllm.train.memory.startup_peak_bytes), and the memory of one training step on one rank, split into parameters, gradients, optimizer state and
-activations with the loss (msllm.train.memory): the activations are measured on a real forward pass at
-the recipe's sequence length and precision, so the figure compares architectures on a CPU as it
-would on a GPU.
+msllm.train.memory.startup_peak_bytes), and the memory of one training step on one rank, split into
+parameters, gradients, optimizer state and activations with the loss (msllm.train.memory): the
+activations are measured on a real forward pass at the recipe's sequence length and precision, so the
+figure compares architectures on a CPU as it would on a GPU.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def inspect_recipe(
         how = f"measured at {measured:,} tokens and extended linearly" if measured != per_rank else "measured"
         print(
             f"training step  {recipe.train.micro_batch_size} x {seq_len} tokens, {recipe.train.precision}, "
-            f"ZeRO {recipe.parallel.zero_stage}, {layout}, loss {kernel} ({how} in {time.perf_counter() - start:.1f} s):"
+            f"ZeRO {recipe.parallel.zero_stage}, {layout}, loss {kernel} "
+            f"({how} in {time.perf_counter() - start:.1f} s):"
         )
         for part, nbytes in memory.as_dict().items():
             print(f"  {part:<22} {nbytes / 2**20:>12,.1f} MiB")
@@ -208,10 +209,11 @@ def compare_recipes(paths: list[str], seq_len: int = 0, vocab_size: int = 0) -> 
         first, first_dense = first or mem.total, first_dense or dense_total
         layers = m.layer_count()
         mib = lambda *ns: " | ".join(f"{n / 2**20:,.0f}" for n in ns)  # noqa: E731
+        parts = mib(mem.parameters, mem.gradients, mem.optimizer, mem.body_activations, mem.loss_activations, mem.total)
         rows.append(
             f"| {path} | {m.arch} | {layers} | {report['parameters'] / 1e6:.1f} M | "
             f"{report['train_flops_per_token'] / 1e9:.2f} | "
-            f"{mib(mem.parameters, mem.gradients, mem.optimizer, mem.body_activations, mem.loss_activations, mem.total)} | "
+            f"{parts} | "
             f"{mem.total / first:.2f}x | {mib(dense_loss, dense_total)} | {dense_total / first_dense:.2f}x |"
         )
     return "\n".join(rows)

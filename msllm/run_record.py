@@ -1,7 +1,8 @@
 """What made a run: written as `run.json` into every run folder and checkpoint, printed by `msllm eval`.
 
 The trainer writes it into output_dir and into every checkpoint's meta.json (key `run_record`);
-the resolved recipe is saved beside it (recipe.yaml). The record adds what the recipe does not say: msllm's version and git commit (and whether the tree had uncommitted changes), the versions of
+the resolved recipe is saved beside it (recipe.yaml). The record adds what the recipe does not say:
+msllm's version and git commit (and whether the tree had uncommitted changes), the versions of
 the libraries that change numbers (python, torch, deepspeed, streaming-community or
 mosaicml-streaming: whichever provides `streaming`, sentencepiece),
 the hash of the data manifest, the world size and parallel degrees, and the device. The trainer

@@ -73,7 +73,8 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "throughput": _lazy(
         "throughput",
         "bench_throughput",
-        "msllm train against a bare loop: tokens/s, MFU, peak memory per arch and HF Llama, eager and compiled, against L.",
+        "msllm train against a bare loop: tokens/s, MFU, peak memory per arch and HF Llama, eager and compiled, "
+        "against L.",
     ),
     "attention": _lazy(
         "attention",
@@ -83,7 +84,8 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
     "loss": _lazy(
         "loss",
         "bench_loss",
-        "The loss kernels: quickstart tokens/s with dense and chunked alternating; the loss's memory at BookCorpus sizes.",
+        "The loss kernels: quickstart tokens/s with dense and chunked alternating; the loss's memory at BookCorpus "
+        "sizes.",
     ),
     "startup": _lazy(
         "startup",

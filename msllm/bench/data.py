@@ -155,7 +155,8 @@ def bench_data_prep(args) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {workers} | {files} | {mb:.1f} | {seconds:.2f} | {mb / seconds:.2f} | {_rate(tokens, seconds)} | {cpu:.2f} |"
+        f"| {workers} | {files} | {mb:.1f} | {seconds:.2f} | {mb / seconds:.2f} | {_rate(tokens, seconds)} "
+        f"| {cpu:.2f} |"
         for workers, files, mb, seconds, tokens, cpu in files_rows
     ]
     return "\n".join(lines)
@@ -236,7 +237,8 @@ def bench_data_loader(args) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {name} | {tokens:,} | {seconds:.2f} | {tokens / seconds:,.0f} tokens/s | {tokens / seconds / training:,.0f}x |"
+        f"| {name} | {tokens:,} | {seconds:.2f} | {tokens / seconds:,.0f} tokens/s "
+        f"| {tokens / seconds / training:,.0f}x |"
         for name, tokens, seconds in rows
     ]
     lines += [

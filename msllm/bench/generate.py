@@ -255,12 +255,15 @@ def to_markdown(results: dict, setting: Setting) -> str:
     vanilla = main["vanilla"]["decode_tokens_per_s"]
     lines = [
         f"Prompt of {setting.prompt:,} random tokens, then {setting.new_tokens} new tokens, batch 1, greedy, fp32, "
-        f"{results['threads']} torch thread{'s' if results['threads'] > 1 else ''}, random weights; the quickstart pair's sizes with data.seq_len={SEQ_LEN} (msllm/bench/generate.py lists the models). "
+        f"{results['threads']} torch thread{'s' if results['threads'] > 1 else ''}, random weights; the quickstart "
+        f"pair's sizes with data.seq_len={SEQ_LEN} (msllm/bench/generate.py lists the models). "
         f"The models took turns {setting.rounds} times; each row is its best round (decode tokens/s after the prefill, "
-        f"prefill, training forward pass with autograd and the chunked loss); the uncached loop (every token reruns the last {SEQ_LEN:,} tokens) timed over "
+        f"prefill, training forward pass with autograd and the chunked loss); the uncached loop (every token reruns "
+        f"the last {SEQ_LEN:,} tokens) timed over "
         f"{setting.uncached_tokens} tokens.",
         "",
-        "| model | parameters | prefill s | training forward s | prefill / forward | decode tokens/s | vs vanilla cached "
+        "| model | parameters | prefill s | training forward s | prefill / forward | decode tokens/s "
+        "| vs vanilla cached "
         "| uncached tokens/s | cached / uncached | cache MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -283,12 +286,14 @@ def to_markdown(results: dict, setting: Setting) -> str:
     }
     lines += [
         "",
-        f"HF Llama (vanilla's weights) greedily picks the same first {agree} of {setting.new_tokens} tokens as vanilla's cached decoding.",
+        f"HF Llama (vanilla's weights) greedily picks the same first {agree} of {setting.new_tokens} tokens as "
+        "vanilla's cached decoding.",
         "",
         "Against the issue's targets (measured, not tuned for):",
         "- cached >= 20x uncached for every architecture: " + ", ".join(f"{n} {v:,.0f}x" for n, v in ratio.items()),
         f"- bottom-up and top-down >= 1.5x vanilla's cached decoding: bottom_up "
-        f"{main['bottom_up']['decode_tokens_per_s'] / vanilla:.2f}x, top_down {main['top_down']['decode_tokens_per_s'] / vanilla:.2f}x",
+        f"{main['bottom_up']['decode_tokens_per_s'] / vanilla:.2f}x, "
+        f"top_down {main['top_down']['decode_tokens_per_s'] / vanilla:.2f}x",
         f"- vanilla >= 0.9x HF Llama generate: {vanilla / main['hf_llama']['decode_tokens_per_s']:.2f}x",
         "- prefill <= 1.2x one training forward pass: "
         + ", ".join(f"{n} {r['prefill_s'] / r['forward_s']:.2f}x" for n, r in main.items() if n != "hf_llama"),

@@ -120,8 +120,9 @@ def to_markdown(speed: list[dict], memory: list[dict]) -> str:
     m = memory[0]
     lines += [
         "",
-        f"Memory: what the loss holds per micro-batch ({m['positions']:,} positions, d_model {m['d_model']}, vocabulary "
-        f"{m['vocab']:,}, {m['precision']}; msllm.train.memory.loss_activation_bytes: saved for backward plus workspace):",
+        f"Memory: what the loss holds per micro-batch ({m['positions']:,} positions, d_model {m['d_model']}, "
+        f"vocabulary {m['vocab']:,}, {m['precision']}; msllm.train.memory.loss_activation_bytes: saved for backward "
+        "plus workspace):",
         "",
         "| kernel | loss MiB per micro-batch |",
         "|---|---|",

@@ -69,7 +69,8 @@ def corpus_text(documents: int = 300, seed: int = 0) -> str:
     for _ in range(documents):
         docs.append(
             " ".join(
-                f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the {rng.choice(_ADJS)} {rng.choice(_NOUNS)}."
+                f"The {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} "
+                f"the {rng.choice(_ADJS)} {rng.choice(_NOUNS)}."
                 for _ in range(rng.randint(3, 8))
             )
         )
@@ -323,7 +324,8 @@ def to_markdown(runs: list[dict], recipe: str) -> str:
         )
         verdict = "meets" if worst / base <= TARGET else "misses"
         lines.append(
-            f"**{run['ranks']} ranks, ZeRO {run['zero_stage']}: the largest rank's start-up memory is {mib(worst)} MiB = "
+            f"**{run['ranks']} ranks, ZeRO {run['zero_stage']}: the largest rank's start-up memory is "
+            f"{mib(worst)} MiB = "
             f"{worst / base:.2f}x the whole-model build on one rank ({mib(base)} MiB): {verdict} the target of "
             f"{TARGET}x (issue 30).** Time to the first step (median rank): {time_ratio:.2f}x the baseline's; "
             f"whole command {run['wall_s']:.0f} s against {baseline['wall_s']:.0f} s."

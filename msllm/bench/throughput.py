@@ -13,9 +13,9 @@ reference. Compiled means each transformer block compiled, as `train.compile` do
 
 On the CPU each (model, L, mode) is measured in two rounds, bare loop and trainer alternately, and
 each loop's faster round is kept: a shared machine's speed drifts by a third over minutes, more than
-the difference being measured. Each (model, L, mode, loop) runs in a fresh process: its peak memory (CUDA max_memory_allocated,
-or the process's peak RSS on the CPU) and its compile caches are its own, and running out of memory
-ends only that row. The trainer reads the built-in corpus, cut into windows of L tokens
+the difference being measured. Each (model, L, mode, loop) runs in a fresh process: its peak memory
+(CUDA max_memory_allocated, or the process's peak RSS on the CPU) and its compile caches are its own, and
+running out of memory ends only that row. The trainer reads the built-in corpus, cut into windows of L tokens
 (data/throughput-V-L, prepared on first use), with ZeRO 0 like the bare loop, and is timed over
 its second half of steps (the first half compiles and warms up). The table is returned
 (run_benchmark appends it to benchmarks/throughput.md) and the plot is written to
@@ -208,7 +208,10 @@ def measure(
 
 def run_in_fresh_process(kwargs: dict) -> dict:
     """`measure(**kwargs)` in its own process; a failure (e.g. out of memory) becomes a row saying so."""
-    code = "import json,sys; from msllm.bench.throughput import measure; print(json.dumps(measure(**json.loads(sys.argv[1]))))"
+    code = (
+        "import json,sys; from msllm.bench.throughput import measure; "
+        "print(json.dumps(measure(**json.loads(sys.argv[1]))))"
+    )
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -385,7 +388,8 @@ def table(rows: list[dict], setting: Setting) -> str:
     for r in rows:
         if "error" in r:
             lines.append(
-                f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} | | {r['error']} | | | | |"
+                f"| {r['model']} | {r['mode']} | {r['loop']} | {r.get('loss', '')} | {r['L']} "
+                f"| | {r['error']} | | | | |"
             )
             continue
         ref = bare.get((r["model"], r["mode"], r["L"], r.get("loss")))

@@ -125,7 +125,10 @@ class Checkpointer:
             free = shutil.disk_usage(self.root).free
             need = _estimate_bytes(engine)
             if free < need:
-                return f"no space left on device in {self.root}: needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
+                return (
+                    f"no space left on device in {self.root}: needs about {need / 2**20:.1f} MiB, "
+                    f"{free / 2**20:.1f} MiB free"
+                )
         except OSError as exc:
             return describe_write_error(exc, self.root)
         return ""

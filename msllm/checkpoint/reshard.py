@@ -98,7 +98,8 @@ def check_global_batch(ckpt: Path, saved: Layout, now: Layout, keep: bool) -> No
         fix = f"--set train.grad_accum_steps={saved.global_batch // per_step}"
     else:
         fix = (
-            f"a train.micro_batch_size x train.grad_accum_steps of {saved.global_batch // now.dp} per data-parallel rank"
+            f"a train.micro_batch_size x train.grad_accum_steps of {saved.global_batch // now.dp} "
+            "per data-parallel rank"
             if saved.global_batch % now.dp == 0
             else f"a data-parallel degree that divides {saved.global_batch}"
         )

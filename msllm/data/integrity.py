@@ -62,7 +62,8 @@ def check_index(index: Any, where: str) -> None:
             name = info.get("basename") if isinstance(info, dict) else info
             if not _is_relative_name(name):
                 raise DataError(
-                    f"{where}: shard {number} names its {key} file {short_repr(name, limit=300)}, which is not a file inside the split's "
+                    f"{where}: shard {number} names its {key} file {short_repr(name, limit=300)}, "
+                    "which is not a file inside the split's "
                     f"folder (absolute, `..`, empty or not a name): refused, nothing read or written; {_FIX}"
                 )
 

@@ -216,7 +216,8 @@ def load_tokenizer_file(path: str | Path) -> SentencePieceTokenizer | ByteTokeni
     if head.startswith(b"{"):
         if head != BYTES_DESCRIPTOR:
             raise DataError(
-                f"{path} is neither a sentencepiece model nor msllm's bytes descriptor {BYTES_DESCRIPTOR.decode().strip()}"
+                f"{path} is neither a sentencepiece model nor msllm's bytes descriptor "
+                f"{BYTES_DESCRIPTOR.decode().strip()}"
             )
         return ByteTokenizer()
     return SentencePieceTokenizer(load_sentencepiece(path))

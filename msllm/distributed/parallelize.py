@@ -23,12 +23,12 @@ from __future__ import annotations
 from fairscale.nn.checkpoint import checkpoint_wrapper
 from torch import nn
 
+from msllm.distributed.dims import ParallelDims
 from msllm.distributed.sequence import apply_sequence_parallel
 from msllm.models.layers import Block
 from msllm.models.mamba2 import MambaBlock
 
 BLOCKS = (Block, MambaBlock)  # what activation checkpointing and compilation wrap, one layer each
-from msllm.distributed.dims import ParallelDims
 
 
 def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> nn.Module:

@@ -7,8 +7,8 @@
     retina     one stack, attention ever coarser with distance (retina/)
 
 Each architecture is a folder (its model, its own config fields, its spec: spec.py) listed in
-registry.py. Shared blocks live in layers.py, attention.py, chunking.py, mamba2.py. Parallelism and activation checkpointing are applied from outside
-(msllm.distributed.parallelize).
+registry.py. Shared blocks live in layers.py, attention.py, chunking.py, mamba2.py. Parallelism and activation
+checkpointing are applied from outside (msllm.distributed.parallelize).
 """
 
 from __future__ import annotations

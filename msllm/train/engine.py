@@ -92,9 +92,9 @@ def lr_at(step: int, train_cfg) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, recipe, device_name: str) -> torch.optim.Optimizer:
-    """AdamW over param_groups' groups (two, or per scale with train.lr_multipliers). With optimizer offload on an accelerator, DeepSpeed's CPU Adam
-    (its AdamW mode); otherwise torch's AdamW, which needs no compiled op and is deterministic: on
-    CUDA its fused kernel (one launch for all parameters, as in the bare loop `msllm bench
+    """AdamW over param_groups' groups (two, or per scale with train.lr_multipliers). With optimizer offload on an
+    accelerator, DeepSpeed's CPU Adam (its AdamW mode); otherwise torch's AdamW, which needs no compiled op
+    and is deterministic: on CUDA its fused kernel (one launch for all parameters, as in the bare loop `msllm bench
     throughput` compares with), elsewhere its multi-tensor (foreach) form."""
     t = recipe.train
     groups = param_groups(model, t.weight_decay, t.lr, lr_multipliers(recipe))

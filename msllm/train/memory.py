@@ -416,7 +416,12 @@ def check_precision_supported(precision: str) -> None:
         )
         raise RecipeError(
             f"train.precision {precision} is not supported on this {accel.device_name()} (DeepSpeed: "
-            f"{'fp16 needs a GPU, or a CPU with AVX512-FP16 or AMX-FP16' if precision == 'fp16' else 'bf16 needs a GPU of compute capability 8.0 or newer'}): "
+            + (
+                "fp16 needs a GPU, or a CPU with AVX512-FP16 or AMX-FP16"
+                if precision == "fp16"
+                else "bf16 needs a GPU of compute capability 8.0 or newer"
+            )
+            + "): "
             f"set train.precision to {others}"
         )
 

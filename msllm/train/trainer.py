@@ -162,8 +162,9 @@ class Trainer:
         say(f"run: {run_record.describe(state.run_record)}")
         say(
             f"training {r.model.arch}: {self.n_params:,} parameters | {self.tokens_per_step:,} tokens/step "
-            f"(global batch {self.global_batch} = micro {r.train.micro_batch_size} x accum {self.gas} x dp {self.dims.dp}, "
-            f"seq_len {r.data.seq_len}) | world {self.denv.world_size} ({self.dims.describe()}, {self.denv.launcher}) | "
+            f"(global batch {self.global_batch} = micro {r.train.micro_batch_size} x accum {self.gas} "
+            f"x dp {self.dims.dp}, seq_len {r.data.seq_len}) | world {self.denv.world_size} "
+            f"({self.dims.describe()}, {self.denv.launcher}) | "
             f"ZeRO {r.parallel.zero_stage} | {r.train.precision} on {self.accel.device_name()} | "
             f"loss {self.loss_kernel}" + (" (auto)" if r.train.loss_kernel == "auto" else "") + " | "
             f"steps {state.step}/{self.max_steps}"
@@ -201,10 +202,16 @@ class Trainer:
                     return
                 if plan.last:
                     break
-            summary = f"finished {state.step} steps ({state.tokens:,} tokens) in {fmt_duration(time.perf_counter() - t_start)}"
+            summary = (
+                f"finished {state.step} steps ({state.tokens:,} tokens) in "
+                f"{fmt_duration(time.perf_counter() - t_start)}"
+            )
             if self.eval.last_row:
                 e = self.eval.last_row
-                summary += f" | validation loss {e['loss']:.4f} | ppl {e['perplexity']:.2f} | bits per byte {e['bits_per_byte']:.4f}"
+                summary += (
+                    f" | validation loss {e['loss']:.4f} | ppl {e['perplexity']:.2f} "
+                    f"| bits per byte {e['bits_per_byte']:.4f}"
+                )
             say(summary)
         finally:
             self.schedule.close()

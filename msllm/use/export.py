@@ -12,7 +12,8 @@ a checkpoint or a run's output_dir, loaded and checked by msllm.use.load).
 The folder is written under a temporary name next to DIR and renamed into place at the end; an
 existing DIR is replaced only with --force, and only if it is an export (it holds export.json) or
 an empty folder: a file, a link or a folder of other files is refused in one line, whatever the
-flags. The old export is moved aside (`.DIR.old-<time>-<pid>`) until the new one is in place. Every file gets the mode a plain file gets here.
+flags. The old export is moved aside (`.DIR.old-<time>-<pid>`) until the new one is in place. Every file gets
+the mode a plain file gets here.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def write_export(loaded, out_dir: Path) -> Path:
             ) from None
         raise
     print(
-        f"exported {loaded.path} (step {meta.get('step')}) to {out_dir}: model.safetensors, config.json, recipe.yaml, tokenizer.model {hf_note}"
+        f"exported {loaded.path} (step {meta.get('step')}) to {out_dir}: model.safetensors, config.json, "
+        f"recipe.yaml, tokenizer.model {hf_note}"
     )
     return out_dir
 

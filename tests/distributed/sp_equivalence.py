@@ -145,7 +145,7 @@ def main() -> None:
         loss.backward()
         check(f"{name} logits", local_logits, my_slice(logits, 1, sp_rank, sp_size))
         worst = 0.0
-        for (pname, p_ref), (_, p) in zip(reference.named_parameters(), split.named_parameters()):
+        for (_pname, p_ref), (_, p) in zip(reference.named_parameters(), split.named_parameters()):
             grad = p.grad.clone()
             dist.all_reduce(grad, group=group)  # the gradient averaging DeepSpeed does over ranks
             grad /= sp_size

@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).parent / "data_torchrun_script.py"
 
 def _windows(batch: dict) -> list[tuple]:
     """Whole samples (inputs and the last label) of a batch, as hashable rows."""
-    return [tuple(i + l[-1:]) for i, l in zip(batch["input_ids"], batch["labels"])]
+    return [tuple(ids + labels[-1:]) for ids, labels in zip(batch["input_ids"], batch["labels"])]
 
 
 @pytest.mark.slow

@@ -150,7 +150,8 @@ def test_missing_bucket_bad_credentials_and_unreachable_endpoint_are_one_line_er
     for source in ("text", "shards"):
         line = _one_line_error(_cli(wrong_secret, "prep", recipe(f"s3://{BUCKET}/y", source=source)))
         assert line.startswith(
-            f"msllm prep: error: cannot download s3://{BUCKET}/y/manifest.json: access denied (403): check the credentials"
+            f"msllm prep: error: cannot download s3://{BUCKET}/y/manifest.json: access denied (403): "
+            "check the credentials"
         )
         line = _one_line_error(_cli(closed, "prep", recipe(f"s3://{BUCKET}/z", source=source)))
         assert line.startswith(

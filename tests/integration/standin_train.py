@@ -6,8 +6,8 @@ It behaves the way the launchers expect of the trainer: it reads the rank from t
 variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or from srun's (SLURM_PROCID,
 SLURM_NTASKS, SLURM_LOCALID plus MASTER_ADDR/MASTER_PORT), joins a gloo process group, does one
 all_reduce per step, writes a checkpoint every `checkpoint.every` steps and at the end into
-`run.output_dir/checkpoints/step_000000N/` (a `COMPLETE` marker last, as the trainer does), resumes from the latest complete
-checkpoint, and on SIGTERM or SIGUSR1 saves a checkpoint at the current step and exits 0.
+`run.output_dir/checkpoints/step_000000N/` (a `COMPLETE` marker last, as the trainer does), resumes from the
+latest complete checkpoint, and on SIGTERM or SIGUSR1 saves a checkpoint at the current step and exits 0.
 
 It logs `msllm-standin: start_step=N rank=R world=W host=H` once per rank, the same facts the
 tests read from the real trainer's log.

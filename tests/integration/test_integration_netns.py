@@ -95,7 +95,7 @@ def _launch(two_hosts, trainer, shards_dir, out, tmp_path, static: bool):
                 *launcher,
             ]
             results[host] = (procs.start(host, cmd, tmp_path / f"{host}.log", env=env), tmp_path / f"{host}.log")
-        for host, (proc, log) in results.items():
+        for host, (proc, _log) in results.items():
             try:
                 proc.wait(timeout=420)
             except Exception:

@@ -24,7 +24,7 @@ def rank_pids(launcher: int) -> dict[int, int]:
             continue
         try:
             status = (entry / "status").read_text()
-            ppid = int(next(l for l in status.splitlines() if l.startswith("PPid:")).split()[1])
+            ppid = int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
             if ppid != launcher:
                 continue
             env = dict(v.split("=", 1) for v in (entry / "environ").read_text().split("\0") if "=" in v)
@@ -67,9 +67,9 @@ def test_a_rank_killed_mid_run_is_one_line_on_the_survivor(tmp_path, tiny_data, 
         in lines[0]
     )
     # torchrun prints its own ChildFailedError traceback; the survivor prints none ("[rank0]: Traceback").
-    assert not [l for l in stderr.splitlines() if l.startswith("[rank") or ("File " in l and "/msllm/" in l)], stderr[
-        -4000:
-    ]
+    assert not [
+        line for line in stderr.splitlines() if line.startswith("[rank") or ("File " in line and "/msllm/" in line)
+    ], stderr[-4000:]
     saved = latest_complete(out / "checkpoints")
     assert saved is not None and step_of(saved) >= 2 and str(saved) in lines[0]
     if killed == 1:

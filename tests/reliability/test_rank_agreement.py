@@ -43,8 +43,8 @@ def test_ranks_with_different_recipes_all_stop_with_one_line(tmp_path, tiny_data
     assert "the ranks were started with different recipes (rank 1 vs rank 0: " + shown in line, line
     assert "same recipe file and the same --set overrides" in line
     # torchrun prints its own ChildFailedError traceback; none comes from msllm's code.
-    assert not [l for l in proc.stderr.splitlines() if l.strip().startswith("File ") and "/msllm/" in l], proc.stderr[
-        -3000:
-    ]
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File ") and "/msllm/" in line], (
+        proc.stderr[-3000:]
+    )
     assert elapsed < 120
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()

@@ -147,7 +147,8 @@ BAD = [
     ),
     (
         "retina blocks straddle ranks",
-        "model: {arch: retina, n_heads: 4, retina_factor: 4, retina_levels: 3, scales: [{window: 8}]}\ndata: {seq_len: 72}\nparallel: {sp: 2}\n",
+        "model: {arch: retina, n_heads: 4, retina_factor: 4, retina_levels: 3, scales: [{window: 8}]}\n"
+        "data: {seq_len: 72}\nparallel: {sp: 2}\n",
         "parallel.sp: retina's coarsest blocks of 16 tokens must not straddle ranks: data.seq_len/sp = 36",
     ),
     ("list expected", GOOD + "train: {betas: 0.9}\n", "train.betas: expected a list, got float 0.9"),
@@ -162,7 +163,8 @@ BAD = [
     (
         "another arch's field",
         GOOD.replace("n_heads: 4", "n_heads: 4\n  retina_levels: 2"),
-        "model.retina_levels is for retina only, not bottom_up (bottom_up's own fields: final_layers, aggregation, residual_proj, stage_norms)",
+        "model.retina_levels is for retina only, not bottom_up "
+        "(bottom_up's own fields: final_layers, aggregation, residual_proj, stage_norms)",
     ),
     (
         "unknown model key names the arch",

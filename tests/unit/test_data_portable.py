@@ -88,7 +88,8 @@ def test_killed_prep_continues_where_it_stopped_and_gives_the_same_shards(tmp_pa
         "model:\n  arch: vanilla\n"
         "data:\n  source: text\n"
         f"  paths: ['{tmp_path}/corpus/*.txt']\n  shards_dir: {tmp_path}/shards\n  seq_len: 64\n"
-        f"  workers: 2\n  validation_fraction: 0.1\n  prep_checkpoint_bytes: 40000\n  tokenizer:\n    model: {tokenizer}\n"
+        "  workers: 2\n  validation_fraction: 0.1\n  prep_checkpoint_bytes: 40000\n"
+        f"  tokenizer:\n    model: {tokenizer}\n"
     )
     progress = tmp_path / ".shards.partial" / "progress.json"
     run = start_msllm("prep", recipe, python_code=_PAUSE_IN_PART_3)

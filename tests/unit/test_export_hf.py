@@ -66,7 +66,8 @@ for name in inputs["names"]:
                            use_cache=cache)[0, len(p):].tolist()
             for p in inputs["prompts"]]
     same = inputs["same_length_prompts"]
-    out["generate_batch"] = model.generate(torch.tensor(same), max_new_tokens=inputs["new_tokens"], do_sample=False)[:, len(same[0]):].tolist()
+    out["generate_batch"] = model.generate(torch.tensor(same), max_new_tokens=inputs["new_tokens"],
+                                           do_sample=False)[:, len(same[0]):].tolist()
     lines = [line for text in validation for line in text.splitlines()]
     out["lines"] = [tokenizer(line)["input_ids"] for line in lines]
     out["documents"] = [tokenizer(text)["input_ids"] for text in validation]

@@ -173,7 +173,8 @@ def test_the_model_says_which_patterns_it_attends_with():
     assert attention_patterns(tiny_model("retina")) == [RetinaPattern(8, 2, 3)]
 
 
-def test_the_real_liger_kernel_passes_its_check_under_the_interpreter(cpu_kernels):
+@pytest.mark.usefixtures("cpu_kernels")
+def test_the_real_liger_kernel_passes_its_check_under_the_interpreter():
     if not installed("liger"):
         pytest.skip("liger-kernel is not installed (pip install -e '.[dev]')")
     (loss_kernel, _, record), lines = check("strict", "liger")

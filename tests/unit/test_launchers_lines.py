@@ -1,9 +1,9 @@
 """Every launch line the docs print, dry-run: what it would start must fit its recipe.
 
 The lines: each `launchers/...`, `sbatch ...` and `docker compose ...` command in a code block of
-the documentation (every page of docs/, README.md, launchers/slurm/README.md), or in the header comments of a recipe, a launch script or
-docker/compose.yaml, and each such inline `code` span there that names a recipe. Each is run as
-written, from the repository root (RECIPE stands for recipes/quickstart.yaml, `[...]` parts are
+the documentation (every page of docs/, README.md, launchers/slurm/README.md), or in the header comments of a
+recipe, a launch script or docker/compose.yaml, and each such inline `code` span there that names a recipe.
+Each is run as written, from the repository root (RECIPE stands for recipes/quickstart.yaml, `[...]` parts are
 left out, $PWD is the repository):
 
 - `launchers/local.sh ...`: its --dry-run, on a machine where torch sees no GPU (so a line that
@@ -301,7 +301,9 @@ def _scontrol_env(tmp: Path) -> dict:
     env = {"SLURM_CONF": str(conf), "TMPDIR": str(tmp)}
     if shutil.which("scontrol"):
         return env
-    warnings.warn("scontrol is not installed: the sbatch lines are dry-run with a stand-in that expands node lists")
+    warnings.warn(
+        "scontrol is not installed: the sbatch lines are dry-run with a stand-in that expands node lists", stacklevel=2
+    )
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
     standin = bin_dir / "scontrol"
@@ -387,7 +389,9 @@ def compose_config(compose_file: Path, env_prefix: dict) -> dict:
             }
             for name, s in services.items()
         }
-    warnings.warn("docker compose is not installed: compose.yaml is read and its variables substituted here")
+    warnings.warn(
+        "docker compose is not installed: compose.yaml is read and its variables substituted here", stacklevel=2
+    )
     raw = _interpolate(yaml.safe_load(compose_file.read_text()), env)
     out = {}
     for name, s in raw["services"].items():

@@ -183,7 +183,8 @@ def test_liger_compiled_for_a_gpu_cannot_be_interpreted_later(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel", ["liger", "cce"])
-def test_fused_kernels_match_chunked_on_the_cpu(cpu_kernels, kernel):
+@pytest.mark.usefixtures("cpu_kernels")
+def test_fused_kernels_match_chunked_on_the_cpu(kernel):
     """Values and gradients through lm_loss, with ignored labels and a batch dimension; small
     sizes (N=64, d=32, vocab=300): the interpreter runs Triton's programs in Python."""
     if not installed(kernel):
@@ -199,7 +200,8 @@ def test_fused_kernels_match_chunked_on_the_cpu(cpu_kernels, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["liger", "cce"])
-def test_a_tiny_model_trains_3_steps_on_a_fused_kernel_as_on_chunked(cpu_kernels, kernel):
+@pytest.mark.usefixtures("cpu_kernels")
+def test_a_tiny_model_trains_3_steps_on_a_fused_kernel_as_on_chunked(kernel):
     """The bare step (msllm.train.bare: model_loss, backward, AdamW) three times from the same
     weights: the same losses (1e-5 relative) and the same weights after (1e-5 absolute: AdamW's
     first steps move each weight by about lr whatever the gradient's size, so a gradient that

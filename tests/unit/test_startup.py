@@ -11,7 +11,9 @@ from fixtures.train import check, make_recipe, msllm
 # At exit, print which heavy modules the command imported.
 _REPORT_IMPORTS = """
 import atexit, json, sys
-atexit.register(lambda: print("IMPORTED " + json.dumps({m: m in sys.modules for m in ("deepspeed", "transformers", "torchvision")})))
+atexit.register(
+    lambda: print("IMPORTED " + json.dumps({m: m in sys.modules for m in ("deepspeed", "transformers", "torchvision")}))
+)
 """
 
 
@@ -55,7 +57,8 @@ def test_streaming_imports_without_transformers_and_its_unused_parts_load_on_use
         "assert 'transformers' not in sys.modules and 'torchvision' not in sys.modules\n"
         "from streaming.text import StreamingC4\n"  # the deferred subpackage loads, whole
         "from transformers.tokenization_utils_base import BatchEncoding\n"  # the real one
-        "assert BatchEncoding.__module__ == 'transformers.tokenization_utils_base' and hasattr(BatchEncoding, 'char_to_token')\n"
+        "assert BatchEncoding.__module__ == 'transformers.tokenization_utils_base'"
+        " and hasattr(BatchEncoding, 'char_to_token')\n"
         "print('ok')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -275,7 +275,7 @@ def test_eval_command_matches_the_last_eval(reference_run):
     recipe, out, _ = reference_run
     proc = check(msllm("eval", recipe, "--checkpoint", out))
     last = rows(out, "eval")[-1]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("eval ")][-1]
+    line = [text for text in proc.stdout.splitlines() if text.startswith("eval ")][-1]
     assert "(step 12)" in line and f"bpb {last['bits_per_byte']:.4f}" in line
 
 
