@@ -81,6 +81,7 @@ def test_the_trainer_is_measured_on_its_own_shards_and_compared_with_the_bare_lo
     )
 
 
+@pytest.mark.slow
 def test_the_loss_kernels_are_timed_against_each_other():
     setting = dataclasses.replace(CPU, tokens_per_step=64, steps=1, rounds=1, loss_length=32)
     rows = loss_rows(setting, cuda=False)

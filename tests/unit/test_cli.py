@@ -59,6 +59,7 @@ def test_bench_help_says_where_results_go():
     assert "append" in text and "benchmarks/" in text and "unless --out" in text
 
 
+@pytest.mark.slow
 def test_bench_outside_a_checkout_names_the_missing_recipes_and_the_lab_in_one_line(tmp_path):
     """Where no recipes/ is (an installed package, another folder), a benchmark that measures the
     shipped recipes says which file and --recipes; a moved experiment names python -m lab."""
