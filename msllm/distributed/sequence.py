@@ -11,7 +11,8 @@ to the other ranks of the group:
 - causal pooling's shift: the previous rank's last k-1 positions (a halo exchange);
 - full attention (coarse scales): DeepSpeed-Ulysses, an all-to-all that trades the sequence split
   for a head split, attention over the whole scale, and the reverse all-to-all;
-- retina's pooled distant keys: all-gathered over the group (L/k long, small);
+- retina's pooled distant keys: all-gathered over the group (L/k long, small; its module is
+  retina's own, msllm/models/retina/parallelize.py, built on the primitives here);
 - RoPE: positions counted from the rank's first position (passed explicitly, as to the
   attention kernels).
 
@@ -23,6 +24,8 @@ same optimizer step as sp = 1.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,8 +34,7 @@ from torch import nn
 from msllm.models.attention import LocalCausalAttention, local_attention
 from msllm.models.layers import Rotary, ShiftRight, shift_right
 from msllm.models.registry import SPECS
-from msllm.models.retina import RetinaAttention, pool_levels, retina_attention
-from msllm.models.spec import LOCAL
+from msllm.models.spec import LOCAL, UNSUPPORTED
 
 
 class _FromPreviousRank(torch.autograd.Function):
@@ -103,7 +105,7 @@ def previous_rank_keys(k: torch.Tensor, v: torch.Tensor, n: int, group: dist.Pro
     return kv[0], kv[1]
 
 
-class _GroupMember:
+class GroupMember:
     """What every sequence-parallel module knows: its group and its place in it."""
 
     def _join(self, group: dist.ProcessGroup) -> None:
@@ -116,7 +118,7 @@ class _GroupMember:
         return self.sp_rank * x.shape[dim]
 
 
-class HaloShiftRight(ShiftRight, _GroupMember):
+class HaloShiftRight(ShiftRight, GroupMember):
     """Causal pooling's shift, filled with the previous rank's last positions."""
 
     def __init__(self, shift: int, group: dist.ProcessGroup):
@@ -127,7 +129,7 @@ class HaloShiftRight(ShiftRight, _GroupMember):
         return shift_right(x, previous_rank_tail(x, self.shift, 1, self.group))
 
 
-class SlicedRotary(Rotary, _GroupMember):
+class SlicedRotary(Rotary, GroupMember):
     """RoPE of a slice: positions counted from the slice's first position in the whole sequence."""
 
     def __init__(self, rotary: Rotary, group: dist.ProcessGroup):
@@ -139,7 +141,7 @@ class SlicedRotary(Rotary, _GroupMember):
         return super().forward(q, k, first_position=self.first_position(q, dim=-2))
 
 
-class HaloLocalAttention(LocalCausalAttention, _GroupMember):
+class HaloLocalAttention(LocalCausalAttention, GroupMember):
     """Sliding-window attention whose first queries see the previous rank's last w keys."""
 
     def __init__(self, window: int, group: dist.ProcessGroup):
@@ -151,25 +153,7 @@ class HaloLocalAttention(LocalCausalAttention, _GroupMember):
         return local_attention(q, k, v, self.window, past, first_position=self.first_position(q, dim=2))
 
 
-class SequenceParallelRetina(RetinaAttention, _GroupMember):
-    """Retina attention over a split sequence: the fine keys' halo from the previous rank, and
-    each level's pooled keys gathered from the whole group (blocks never straddle ranks)."""
-
-    def __init__(self, pattern, group: dist.ProcessGroup):
-        super().__init__(pattern.window, pattern.factor, pattern.levels)
-        self._join(group)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        p = self.pattern
-        past = previous_rank_keys(k, v, p.block, self.group)
-        pooled = []
-        for k_level, v_level in pool_levels(k, v, p.factor, p.levels):
-            both = gather_sequence(torch.stack((k_level, v_level)), 3, self.group)
-            pooled.append((both[0], both[1]))  # [B, H, sp * L_local / k^level, D] each, ranks in order
-        return retina_attention(q, k, v, p, pooled, past, first_position=self.first_position(q, dim=2))
-
-
-class UlyssesAttention(nn.Module, _GroupMember):
+class UlyssesAttention(nn.Module, GroupMember):
     """Full causal attention over a split sequence through DeepSpeed-Ulysses: all-to-all from
     [B, L/sp, H, D] to [B, L, H/sp, D], causal SDPA over the whole scale, and back."""
 
@@ -215,21 +199,31 @@ def apply_sequence_parallel(model: nn.Module, group: dist.ProcessGroup | None) -
                     f"{type(child).__name__} ({name} in {type(parent).__name__}) is declared by no "
                     "architecture's spec (msllm.models.spec): declare its sequence-parallel kind"
                 )
-            if kind in SWAPS:
-                setattr(parent, name, SWAPS[kind](child, group))
+            swap = SWAPS.get(kind) or own_swap(kind)
+            if swap is not None:
+                setattr(parent, name, swap(child, group))
             elif kind != LOCAL:
                 raise ValueError(f"{type(child).__name__} does not run under sequence parallelism ({kind})")
     return model
 
 
-# What each kind an architecture's spec declares (msllm.models.spec) is swapped for.
+# What each shared kind an architecture's spec declares (msllm.models.spec) is swapped for; an
+# architecture's own module names its swap by its dotted path (retina's: retina/parallelize.py).
 SWAPS = {
-    "retina": lambda child, group: SequenceParallelRetina(child.pattern, group),
     "halo_attention": lambda child, group: HaloLocalAttention(child.window, group),
     "ulysses": lambda child, group: UlyssesAttention(group),
     "halo_shift": lambda child, group: HaloShiftRight(child.shift, group),
     "sliced_rotary": lambda child, group: SlicedRotary(child, group),
 }
+
+
+def own_swap(kind: str):
+    """An architecture's own swap, which its spec names by the dotted path of a function
+    (module, group) -> module ("msllm.models.retina.parallelize.sequence_parallel"); None otherwise."""
+    if kind in (LOCAL, UNSUPPORTED) or "." not in kind:
+        return None
+    module, _, name = kind.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _module_kinds(model: nn.Module) -> dict[type, str]:

@@ -12,7 +12,10 @@ of the model, by kind:
     "ulysses"         full attention: DeepSpeed-Ulysses all-to-all
     "halo_shift"      causal pooling's shift: the previous rank's last k-1 positions
     "sliced_rotary"   RoPE counted from the rank's first position
-    "retina"          retina attention: its halo and its pooled distant keys gathered
+    "pkg.mod.func"    an architecture's own module's swap, named by its dotted path: a function
+                      (module, group) -> its sequence-parallel form, e.g. retina's attention
+                      (retina/parallelize.py: the fine keys' halo, each level's pooled keys gathered);
+                      named, not imported, so that the spec stays free of torch.distributed
     LOCAL             the module looks at each position alone, or only through its children
                       (which are declared themselves), or within groups that never straddle ranks
     UNSUPPORTED       mixes positions and has no sequence-parallel form: the recipe checks keep it

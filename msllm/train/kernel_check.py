@@ -35,7 +35,7 @@ from msllm.distributed import collectives
 from msllm.distributed.env import say
 from msllm.errors import KernelError, clip
 from msllm.models.attention import LocalCausalAttention, SlidingWindow, kernel_for, local_attention, use_kernel
-from msllm.models.retina import RetinaAttention, retina_attention
+from msllm.models.retina import retina_attention
 from msllm.train.loss import IGNORE_INDEX, lm_loss
 
 MODES = ("fallback", "strict", "off")
@@ -263,7 +263,7 @@ def attention_patterns(model: torch.nn.Module) -> list:
     """The distinct patterns of the model's local and retina attention (empty: full attention only)."""
     patterns = []
     for module in model.modules():
-        if isinstance(module, RetinaAttention):
+        if getattr(module, "pattern", None) is not None:  # an attention core that carries its pattern (retina's)
             pattern = module.pattern
         elif isinstance(module, LocalCausalAttention):
             pattern = SlidingWindow(module.window)

@@ -12,7 +12,9 @@ RETINA = ArchSpec(
     summary="one stack, attention ever coarser with distance",
     config=RetinaConfig,
     model=RetinaLM,
-    modules={RetinaLM: LOCAL, RetinaAttention: "retina"},
+    # Its attention core's sequence-parallel form lives beside it (parallelize.py), named here rather
+    # than imported: this file is inlined into Hugging Face exports, which cannot import msllm.distributed.
+    modules={RetinaLM: LOCAL, RetinaAttention: "msllm.models.retina.parallelize.sequence_parallel"},
     tiny={
         "scales": [{"factor": 1, "layers": 2, "attention": "local", "window": 8}],
         "retina_levels": 3,
