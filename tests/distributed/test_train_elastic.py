@@ -151,7 +151,6 @@ def test_a_resume_that_would_change_the_global_batch_names_the_set_that_keeps_it
 def test_conversion_is_made_once_beside_the_original_which_it_never_changes(references, tmp_path):
     """msllm.checkpoint.reshard.convert (rank 0's part) on a copy of the ZeRO-1 checkpoint."""
     from fixtures.reliability import tree_digest
-
     from msllm.checkpoint.files import verify_checkpoint
     from msllm.checkpoint.reshard import SEAL, convert, verify_universal
     from msllm.errors import ReshardError
