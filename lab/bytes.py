@@ -1,20 +1,33 @@
-"""`python -m lab bytes`: byte-level models and learned chunking against BPE, with seeds.
+"""`python -m lab bytes`: byte-level models and learned chunking against BPE, controlled, with seeds.
 
-Trains the recipes in lab/recipes/bytes/ on the built-in corpus, 3 seeds each:
+Trains the recipes in lab/recipes/bytes/ on the built-in corpus, 3 seeds each (issue 35's comparison):
 
-    vanilla-bpe              vanilla on BPE tokens (a 4096-piece sentencepiece BPE tokenizer)
-    vanilla-bytes-local      vanilla on bytes, local attention
-    bottom_up-bytes-fixed    bottom-up on bytes, fixed pooling by 4
-    bottom_up-bytes-dynamic  bottom-up on bytes, learned chunks (pool: dynamic, target ratio 4)
+    vanilla-bpe                         vanilla on BPE tokens (a 4096-piece sentencepiece BPE tokenizer)
+    bottom_up-bytes-fixed               bottom-up on bytes, fixed pooling: the causal mean of every 4 bytes
+    bottom_up-bytes-fixed-boundaries    dynamic chunking's code path (selection, EMA, straight-through
+                                        confidence, H-Net's ingredients) with a chunk ending every 4 bytes
+    bottom_up-bytes-fixed-boundaries-3  the same every 3 bytes (with the one above: equal compression)
+    bottom_up-bytes-dynamic             learned boundaries as msllm had them (no H-Net ingredients)
+    bottom_up-bytes-hnet                learned boundaries with H-Net's training ingredients
+    bottom_up-bytes-hnet-mamba2         the same with Mamba-2 layers at the bytes (H-Net's outer stages)
 
-Every model reads the same bytes of text per step for the same steps and is sized to about the
-same training FLOPs per byte (FLOPs per token, msllm.models.flops_per_token, times the shards'
-tokens per byte; the dynamic model's at its realised compression too). Reported per model:
-validation bits per byte (mean, sd, range over seeds), FLOPs per byte, the memory of a training
-step (msllm.train.memory.step_memory), tokens/s and bytes/s; for the dynamic model the realised
-compression and the learned chunk lengths. Two plots (bits per byte against training FLOPs, the
-chunk-length histogram) and a verdict computed from the numbers: does learned chunking beat fixed
-pooling, by how much against the seed spread?
+Neighbours in the list differ in one thing, so each verdict isolates one: learned against fixed
+boundaries (hnet against fixed-boundaries), the ingredients (hnet against dynamic), the outer mixer
+(hnet-mamba2 against hnet), the dynamic code path against mean pooling (fixed-boundaries against
+fixed). Every model reads the same bytes of text per step for the same steps and is sized to about
+the same training FLOPs per byte (FLOPs per token, msllm.models.flops_per_token, times the shards'
+tokens per byte; a learned model's at its realised compression). A learned model whose realised
+compression is not 4 is also compared at equal compression: against the fixed-boundary models'
+bits per byte interpolated (linearly in the compression) to its own.
+
+Reported per model: validation bits per byte (mean, sd, range over seeds), FLOPs per byte, the
+memory of a training step (msllm.train.memory.step_memory), tokens/s and bytes/s; for the dynamic
+models the realised compression, the chunk lengths of the trained models and the router's
+diagnostics (the fraction of boundaries at a word start against the rate random boundaries would
+give, the spread of p, the fraction of p near the threshold), whose curves over training are
+plotted. Three plots (bits per byte against training FLOPs, the chunk-length histograms, the
+router against the step) and a verdict computed from the numbers: a difference counts when it
+exceeds twice its standard error over the seeds.
 
 Runs go through lab.paper's SeedGrid and train_once (a subprocess of `msllm train` each; a finished run's
 result.json is kept and a rerun skips it), so an interrupted benchmark continues where it stopped.
@@ -40,10 +53,22 @@ from msllm.models import build_model, flops_per_token
 from msllm.train.memory import count_parameters, step_memory
 from msllm.use.load import load_model
 
-MODELS = ("vanilla-bpe", "vanilla-bytes-local", "bottom_up-bytes-fixed", "bottom_up-bytes-dynamic")
-FIXED, DYNAMIC = "bottom_up-bytes-fixed", "bottom_up-bytes-dynamic"
-HISTOGRAM_BATCHES = 8  # validation batches the trained dynamic model is cut on for the chunk lengths
+MODELS = (
+    "vanilla-bpe",
+    "bottom_up-bytes-fixed",
+    "bottom_up-bytes-fixed-boundaries",
+    "bottom_up-bytes-fixed-boundaries-3",
+    "bottom_up-bytes-dynamic",
+    "bottom_up-bytes-hnet",
+    "bottom_up-bytes-hnet-mamba2",
+)
+BPE, FIXED, FIXED_BOUNDARIES, _, DYNAMIC, HNET, HNET_MAMBA2 = MODELS
+HISTOGRAM_BATCHES = 8  # validation batches each trained dynamic model is cut on for the chunk lengths
 LONGEST_CHUNK = 32  # the histogram's last bin holds every chunk of this many positions or more
+# The router's diagnostics (msllm.models.chunking.DynamicChunking.stats), logged per dynamic scale s
+# as NAME_s<s> on every train row of metrics.jsonl.
+ROUTER = ("compression", "p_std", "p_near_threshold", "word_start_boundaries", "word_start_rate")
+END_FRACTION = 0.25  # "at the end of training": the mean over the last quarter of the train rows
 
 
 def bench_bytes(args: argparse.Namespace) -> str:
@@ -66,14 +91,16 @@ def dynamic_scale(recipe):
 
 
 def add_chunking(result: dict, folder: Path, recipe) -> dict:
-    """For a dynamic model: the realised compression over training (train rows' mean) and the
-    chunk lengths of the trained model on validation data, added to result.json once."""
+    """For a model with a dynamic scale: the router's diagnostics over training (`router`: step and
+    ROUTER values of every train row), the realised compression (the train rows' mean, which the
+    FLOPs follow) and the chunk lengths of the trained model on validation data, added to
+    result.json once."""
     s, _ = dynamic_scale(recipe)
-    if s is None or "chunk_lengths" in result:
+    if s is None or "router" in result:
         return result
 
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    compression = [r[f"compression_s{s}"] for r in rows if r["kind"] == "train"]
+    router = [[r["step"], *(r.get(f"{name}_s{s}") for name in ROUTER)] for r in rows if r["kind"] == "train"]
     model = load_model(str(folder)).model
     loader = build_dataloader(recipe.data, "validation", recipe.train.micro_batch_size, seed=0, shuffle=False)
     lengths: collections.Counter = collections.Counter()
@@ -89,8 +116,8 @@ def add_chunking(result: dict, folder: Path, recipe) -> dict:
                 lengths.update(min(int(n), LONGEST_CHUNK) for n in torch.diff(ends))
     result = dict(
         result,
-        compression=statistics.mean(compression),
-        compression_last=compression[-1],
+        compression=statistics.mean(r[1] for r in router),
+        router=router,
         chunk_lengths={str(k): v for k, v in sorted(lengths.items())},
     )
     result_file = folder / "result.json"
@@ -98,6 +125,18 @@ def add_chunking(result: dict, folder: Path, recipe) -> dict:
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(result_file)
     return result
+
+
+def router_at_end(result: dict) -> dict[str, float]:
+    """Each ROUTER diagnostic at the end of training (the mean over the last END_FRACTION of the
+    train rows; a diagnostic the run did not log, e.g. word starts on BPE tokens, is left out)."""
+    rows = result["router"][-max(1, round(len(result["router"]) * END_FRACTION)) :]
+    out = {}
+    for i, name in enumerate(ROUTER, start=1):
+        values = [r[i] for r in rows if r[i] is not None]
+        if values:
+            out[name] = statistics.mean(values)
+    return out
 
 
 def tokens_per_byte(recipe) -> float:
@@ -121,9 +160,14 @@ def model_config(recipe, compression: float | None = None):
     return cfg
 
 
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(results: list[dict], recipe) -> dict:
     """Mean and spread over seeds; FLOPs per byte (at the realised compression for a dynamic
-    model); the memory of a training step; speed in tokens and bytes per second."""
+    model); the memory of a training step; speed in tokens and bytes per second; for a dynamic
+    model its boundaries (learned or fixed) and the router at the end of training."""
     bpb = [x["bits_per_byte"] for x in results]
     tpb = tokens_per_byte(recipe)
 
@@ -139,17 +183,21 @@ def summarize(results: list[dict], recipe) -> dict:
         recipe.train.precision,
         recipe.parallel.zero_stage,
     )
-    compression = [x["compression"] for x in results if "compression" in x]
-    realised = statistics.mean(compression) if compression else None
+    _, scale = dynamic_scale(recipe)
+    dynamic = [x for x in results if "router" in x]
+    realised, realised_sd = mean_sd([x["compression"] for x in dynamic]) if dynamic else (None, 0.0)
     fpt = flops_per_token(model_config(recipe, realised), recipe.data.seq_len)
     speed = statistics.mean(x["tokens_per_s"] for x in results if x["tokens_per_s"])
     lengths: collections.Counter = collections.Counter()
     for x in results:
         lengths.update({int(k): v for k, v in x.get("chunk_lengths", {}).items()})
+    at_end = [router_at_end(x) for x in dynamic]
+    router = {name: mean_sd([e[name] for e in at_end]) for name in ROUTER if at_end and name in at_end[0]}
+    bpb_mean, bpb_sd = mean_sd(bpb)
     return {
         "parameters": parameters,
-        "bpb_mean": statistics.mean(bpb),
-        "bpb_sd": statistics.stdev(bpb) if len(bpb) > 1 else 0.0,
+        "bpb_mean": bpb_mean,
+        "bpb_sd": bpb_sd,
         "bpb_min": min(bpb),
         "bpb_max": max(bpb),
         "seeds": len(bpb),
@@ -162,10 +210,17 @@ def summarize(results: list[dict], recipe) -> dict:
         "bytes_per_s": speed / tpb,
         "memory": memory.as_dict(),
         "compression": realised,
-        "compression_sd": statistics.stdev(compression) if len(compression) > 1 else 0.0,
-        "target_ratio": dynamic_scale(recipe)[1].target_ratio if realised is not None else None,
+        "compression_sd": realised_sd,
+        "target_ratio": scale.target_ratio if scale is not None else None,
+        "boundaries": scale.boundaries if scale is not None else None,
+        "router": router,
         "chunk_lengths": dict(sorted(lengths.items())),
     }
+
+
+def learned(summary: dict) -> list[str]:
+    """The models whose boundaries are learned, in the summary's order."""
+    return [m for m, s in summary.items() if s["boundaries"] == "learned"]
 
 
 def compare(model: dict, reference: dict) -> tuple[str, float, float]:
@@ -173,66 +228,134 @@ def compare(model: dict, reference: dict) -> tuple[str, float, float]:
     the seeds): a difference counts when it exceeds twice its standard error."""
     diff = model["bpb_mean"] - reference["bpb_mean"]
     se = math.sqrt(model["bpb_sd"] ** 2 / model["seeds"] + reference["bpb_sd"] ** 2 / reference["seeds"])
+    return judge(diff, se), diff, se
+
+
+def judge(diff: float, se: float) -> str:
     if diff < -2 * se:
-        return "better", diff, se
+        return "better"
     if diff > 2 * se:
-        return "worse", diff, se
-    return "within noise", diff, se
+        return "worse"
+    return "within noise"
+
+
+def at_compression(summary: dict, compression: float) -> dict | None:
+    """The fixed-boundary models' bits per byte at `compression`, interpolated linearly between the
+    two whose compressions bracket it ({"bpb_mean", "bpb_se", "between"}), or None outside their range
+    (no extrapolation)."""
+    fixed = sorted((s["compression"], m) for m, s in summary.items() if s["boundaries"] == "fixed" and s["compression"])
+    for (c_low, low), (c_high, high) in zip(fixed, fixed[1:]):
+        if c_low <= compression <= c_high:
+            w = (compression - c_low) / (c_high - c_low)
+            lo, hi = summary[low], summary[high]
+            return {
+                "bpb_mean": (1 - w) * lo["bpb_mean"] + w * hi["bpb_mean"],
+                "bpb_se": math.sqrt(
+                    (1 - w) ** 2 * lo["bpb_sd"] ** 2 / lo["seeds"] + w**2 * hi["bpb_sd"] ** 2 / hi["seeds"]
+                ),
+                "between": (low, high),
+            }
+    return None
 
 
 def verdict(summary: dict) -> list[str]:
-    """Plain-words conclusions computed from the table: dynamic against fixed first, then each
-    byte-level model against BPE."""
+    """Plain-words conclusions computed from the table: each question answered by the pair of models
+    that differ in that one thing (present in the summary), then each byte-level model against BPE."""
 
     def against(name: str, reference: str) -> str:
         word, diff, se = compare(summary[name], summary[reference])
         relative = f"{abs(diff) / se:.1f} standard errors" if se else "no seed spread"
         spread = max(summary[name]["bpb_sd"], summary[reference]["bpb_sd"])
         return (
-            (
-                f"{name} is **{word}** than {reference}: {diff:+.4f} bits/byte ({relative}; the larger seed sd "
-                f"is {spread:.4f})"
-            )
-            if word != "within noise"
-            else (
-                f"{name} is **within noise** of {reference}: {diff:+.4f} bits/byte ({relative}; the larger seed sd "
-                f"is {spread:.4f})"
-            )
+            f"{name} is **{word}** {'of' if word == 'within noise' else 'than'} {reference}: {diff:+.4f} bits/byte "
+            f"({relative}; the larger seed sd is {spread:.4f})"
         )
 
+    def question(text: str, name: str, reference: str) -> str:
+        answer = {"better": "Yes", "worse": "No, it is worse", "within noise": "Not measurably"}
+        return f"- {text} **{answer[compare(summary[name], summary[reference])[0]]}.** " + against(name, reference)
+
+    def flops(name: str, reference: str) -> str:
+        return f"FLOPs/byte {summary[name]['flops_per_byte'] / summary[reference]['flops_per_byte']:.2f}x {reference}'s"
+
+    def compression(name: str) -> str:
+        s = summary[name]
+        return f"realised compression {s['compression']:.2f} (target {s['target_ratio']:g})"
+
     lines = []
-    if FIXED in summary and DYNAMIC in summary:
-        word = compare(summary[DYNAMIC], summary[FIXED])[0]
-        answer = {"better": "Yes", "worse": "No, it is worse", "within noise": "Not measurably"}[word]
-        d = summary[DYNAMIC]
+    if HNET in summary and FIXED_BOUNDARIES in summary:
         lines.append(
-            f"- Does learned chunking beat fixed pooling here? **{answer}.** "
-            + against(DYNAMIC, FIXED)
-            + f"; realised compression {d['compression']:.2f} (target {d['target_ratio']:g}), FLOPs/byte "
-            f"{d['flops_per_byte'] / summary[FIXED]['flops_per_byte']:.2f}x the fixed model's."
+            question(
+                "Do learned boundaries beat fixed ones (the same code path and ingredients)?", HNET, FIXED_BOUNDARIES
+            )
+            + f"; {compression(HNET)}, {flops(HNET, FIXED_BOUNDARIES)}."
         )
-    if "vanilla-bpe" in summary:
+    for name in learned(summary):
+        s = summary[name]
+        equal = at_compression(summary, s["compression"])
+        if s["compression"] is not None and abs(s["compression"] - s["target_ratio"]) > 0.05 and equal:
+            se = math.sqrt(s["bpb_sd"] ** 2 / s["seeds"] + equal["bpb_se"] ** 2)
+            diff = s["bpb_mean"] - equal["bpb_mean"]
+            lines.append(
+                f"- At equal compression ({s['compression']:.2f}), {name} is **{judge(diff, se)}** "
+                f"{'of' if judge(diff, se) == 'within noise' else 'than'} fixed boundaries there "
+                f"({' and '.join(equal['between'])} interpolated: {equal['bpb_mean']:.4f}): {diff:+.4f} bits/byte "
+                f"({abs(diff) / se if se else 0:.1f} standard errors)."
+            )
+    if HNET in summary and DYNAMIC in summary:
+        lines.append(question("Do H-Net's training ingredients help learned chunking?", HNET, DYNAMIC) + ".")
+    if HNET_MAMBA2 in summary and HNET in summary:
+        lines.append(question("Do Mamba-2 outer stages help?", HNET_MAMBA2, HNET) + f"; {flops(HNET_MAMBA2, HNET)}.")
+    if FIXED_BOUNDARIES in summary and FIXED in summary:
+        lines.append(
+            question(
+                "Does dynamic chunking's code path with fixed boundaries beat mean pooling?", FIXED_BOUNDARIES, FIXED
+            )
+            + "."
+        )
+    if FIXED in summary:
+        for name in learned(summary):
+            lines.append(
+                question("Does learned chunking beat fixed pooling here?", name, FIXED)
+                + f"; {compression(name)}, {flops(name, FIXED)}."
+            )
+    for name in learned(summary):
+        router = summary[name]["router"]
+        if "word_start_boundaries" not in router:
+            continue
+        (at_start, sd), (rate, _) = router["word_start_boundaries"], router["word_start_rate"]
+        word = judge(rate - at_start, sd / math.sqrt(summary[name]["seeds"]))
+        found = {"better": "more often than", "worse": "less often than", "within noise": "as often as"}[word]
+        lines.append(
+            f"- Did {name}'s boundaries learn where words start? At the end of training "
+            f"{100 * at_start:.1f}% ± {100 * sd:.1f}% of its boundaries fall at a word start, **{found}** "
+            f"random boundaries would ({100 * rate:.1f}%); {100 * router['p_near_threshold'][0]:.0f}% of p within "
+            f"0.05 of the threshold, p's sd {router['p_std'][0]:.3f}."
+        )
+    if BPE in summary:
         for name in summary:
-            if name != "vanilla-bpe":
-                lines.append(f"- {against(name, 'vanilla-bpe')}.")
+            if name != BPE:
+                lines.append(f"- {against(name, BPE)}.")
     return lines
 
 
 def plot(summary: dict, results: dict[str, list[dict]], out: Path) -> list[str]:
-    """lab/results/bytes-bpb.png (bits per byte against training FLOPs) and, with a dynamic model,
-    lab/results/bytes-chunks.png (its learned chunk lengths)."""
+    """lab/results/bytes-bpb.png (bits per byte against training FLOPs) and, with learned models,
+    bytes-chunks.png (their chunk lengths) and bytes-router.png (their router over training)."""
     plotting.save(bpb_figure(summary, results), out / "bytes-bpb.png")
     names = ["bytes-bpb.png"]
-    if DYNAMIC in summary and summary[DYNAMIC]["chunk_lengths"]:
-        plotting.save(chunks_figure(summary[DYNAMIC]), out / "bytes-chunks.png")
-        names.append("bytes-chunks.png")
+    chunked = [m for m in learned(summary) if summary[m]["chunk_lengths"]]
+    if chunked:
+        plotting.save(chunks_figure({m: summary[m] for m in chunked}), out / "bytes-chunks.png")
+        plotting.save(router_figure({m: results[m] for m in chunked}), out / "bytes-router.png")
+        names += ["bytes-chunks.png", "bytes-router.png"]
     return names
 
 
 def bpb_figure(summary: dict, results: dict[str, list[dict]]):
     """Validation bits per byte against training FLOPs (tokens seen times FLOPs per token): each
     model's mean over its seeds, and the band from the lowest to the highest seed."""
-    fig, axes = plotting.new_figure(8.5, 4.5)
+    fig, axes = plotting.new_figure(9.5, 4.5)
     ax = axes[0, 0]
     for model, runs in results.items():
         fpt = summary[model]["flops_per_token"]
@@ -243,29 +366,75 @@ def bpb_figure(summary: dict, results: dict[str, list[dict]]):
     ax.set_xlabel("training FLOPs (TFLOP)")
     ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e12:,.1f}")
     ax.set_ylabel("validation bits per byte")
-    ax.set_title("Bytes vs BPE, fixed pooling vs learned chunks\n(mean of the seeds; band: lowest to highest)")
+    ax.set_title(
+        "Bytes vs BPE, fixed pooling vs fixed and learned chunks\n(mean of the seeds; band: lowest to highest)"
+    )
     ax.grid(alpha=0.3)
     plotting.legend_outside(fig, "right upper", ncols=1)
     return fig
 
 
-def chunks_figure(dynamic: dict):
-    """The learned chunk lengths of the dynamic model (all seeds, validation data), with the target."""
-    fig, axes = plotting.new_figure(8.5, 4.0)
+def chunks_figure(models: dict[str, dict]):
+    """The chunk lengths of each learned model (all seeds, validation data), beside the lengths that
+    boundaries placed at random at the same rate would give (geometric, the same mean length)."""
+    fig, axes = plotting.new_figure(9.5, 4.0)
     ax = axes[0, 0]
-    lengths = dynamic["chunk_lengths"]
-    total = sum(lengths.values())
-    ax.bar(list(lengths), [100 * v / total for v in lengths.values()], label="learned chunks")
-    ax.axvline(
-        dynamic["target_ratio"], color="black", linestyle="--", label=f"target ratio {dynamic['target_ratio']:g}"
-    )
-    ax.set_xlabel(f"chunk length in bytes (the last bar: {LONGEST_CHUNK} or more)")
+    width = 0.8 / len(models)
+    for i, (name, s) in enumerate(models.items()):
+        lengths = s["chunk_lengths"]
+        total = sum(lengths.values())
+        ax.bar(
+            [k - 0.4 + (i + 0.5) * width for k in lengths],
+            [100 * v / total for v in lengths.values()],
+            width,
+            label=name,
+        )
+        if i == 0:
+            mean = sum(k * v for k, v in lengths.items()) / total
+            ks = range(1, LONGEST_CHUNK)
+            ax.plot(
+                ks,
+                [100 * (1 / mean) * (1 - 1 / mean) ** (k - 1) for k in ks],
+                color="black",
+                linestyle=":",
+                label=f"random boundaries, mean {mean:.2f} ({name})",
+            )
+    ax.axvline(next(iter(models.values()))["target_ratio"], color="black", linestyle="--", label="target ratio")
+    ax.set_xlabel(f"chunk length in bytes (the last bars: {LONGEST_CHUNK} or more)")
     ax.set_ylabel("% of chunks")
-    ax.set_title(
-        f"Learned chunk lengths on validation bytes (mean compression in training {dynamic['compression']:.2f})"
-    )
+    ax.set_title("Learned chunk lengths on validation bytes (trained models, all seeds)")
     ax.grid(alpha=0.3, axis="y")
     plotting.legend_outside(fig, "right upper", ncols=1)
+    return fig
+
+
+def router_figure(results: dict[str, list[dict]]):
+    """The router of each learned model against the training step (mean of the seeds; band: lowest
+    to highest): the compression, the fraction of boundaries at a word start (with the rate of random
+    boundaries, dotted), the spread of p and the fraction of p near the threshold."""
+    fig, axes = plotting.new_figure(11, 6.5, nrows=2, ncols=2)
+    panels = (
+        ("compression", "compression (positions per chunk)"),
+        ("word_start_boundaries", "boundaries at a word start"),
+        ("p_std", "sd of p"),
+        ("p_near_threshold", "p within 0.05 of 0.5"),
+    )
+    for ax, (name, title) in zip(axes.flat, panels):
+        i = 1 + ROUTER.index(name)
+        for model, runs in results.items():
+            steps = [r[0] for r in runs[0]["router"]]
+            curves = [[r[i] for r in run["router"]] for run in runs]
+            if any(v is None for c in curves for v in c):
+                continue
+            plotting.seed_band(ax, model, steps, curves)
+            if name == "word_start_boundaries":
+                rate = [r[1 + ROUTER.index("word_start_rate")] for r in runs[0]["router"]]
+                ax.plot(steps, rate, color="black", linestyle=":", label="random boundaries (the word-start rate)")
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_yscale("log")
+    plotting.legend_outside(fig, "lower center", ncols=2)
     return fig
 
 
@@ -273,39 +442,47 @@ def to_markdown(summary: dict, seeds: tuple, jobs: int, threads: int, plots: lis
     rows = [
         f"Recipes: lab/recipes/bytes/ (seeds {', '.join(map(str, seeds))}; {jobs} run{'s' if jobs != 1 else ''} at a "
         f"time, {threads} thread{'s' if threads != 1 else ''} each). FLOPs/byte: training FLOPs per token "
-        "(msllm.models.flops_per_token) times the shards' tokens per byte; for the dynamic model at its realised "
+        "(msllm.models.flops_per_token) times the shards' tokens per byte; for a dynamic model at its realised "
         "compression (nominal: at its target ratio). Memory: one training step on one rank "
         "(msllm.train.memory.step_memory; "
-        "for the dynamic model at its untrained boundaries on random bytes).",
+        "for a dynamic model at its untrained boundaries on random bytes). Compression: mean over training and "
+        "seeds. Word starts: the fraction of boundaries at a word start at the end of training (the last "
+        f"{END_FRACTION:.0%} of the train rows), and in brackets the rate random boundaries would give.",
         "",
         "| model | parameters | val bits/byte (mean ± sd) | range | tokens/byte | MFLOP/byte | nominal MFLOP/byte | "
-        "train bytes | tokens/s | bytes/s | step memory MiB | compression |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "train bytes | tokens/s | bytes/s | step memory MiB | compression | word starts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, s in summary.items():
         compression = (
-            f"{s['compression']:.2f} ± {s['compression_sd']:.2f} (target {s['target_ratio']:g})"
+            f"{s['compression']:.2f} ± {s['compression_sd']:.2f} (target {s['target_ratio']:g}, {s['boundaries']})"
             if s["compression"] is not None
             else ""
+        )
+        starts = s["router"].get("word_start_boundaries")
+        word_starts = (
+            f"{100 * starts[0]:.1f}% ({100 * s['router']['word_start_rate'][0]:.1f}%)" if starts is not None else ""
         )
         rows.append(
             f"| {m} | {s['parameters'] / 1e6:.2f} M | {s['bpb_mean']:.4f} ± {s['bpb_sd']:.4f} | "
             f"{s['bpb_min']:.4f}-{s['bpb_max']:.4f} | {s['tokens_per_byte']:.3f} | {s['flops_per_byte'] / 1e6:.2f} | "
             f"{s['nominal_flops_per_byte'] / 1e6:.2f} | {s['train_bytes']:,.0f} | {s['tokens_per_s']:,.0f} | "
-            f"{s['bytes_per_s']:,.0f} | {s['memory']['total'] / 2**20:,.1f} | {compression} |"
+            f"{s['bytes_per_s']:,.0f} | {s['memory']['total'] / 2**20:,.1f} | {compression} | {word_starts} |"
         )
-    dynamic = summary.get(DYNAMIC)
-    if dynamic and dynamic["chunk_lengths"]:
-        lengths = dynamic["chunk_lengths"]
+    for name in learned(summary):
+        lengths = summary[name]["chunk_lengths"]
         total = sum(lengths.values())
+        if not total:
+            continue
         mean = sum(k * v for k, v in lengths.items()) / total
         common = ", ".join(
             f"{k}: {100 * v / total:.0f}%" for k, v in sorted(lengths.items(), key=lambda kv: -kv[1])[:5]
         )
+        random = ", ".join(f"{k}: {100 * (1 / mean) * (1 - 1 / mean) ** (k - 1):.0f}%" for k in range(1, 6))
         rows += [
             "",
-            f"Learned chunk lengths of {DYNAMIC} (trained models, {HISTOGRAM_BATCHES} validation batches per "
-            f"seed, {total:,} chunks): mean {mean:.2f} bytes; most common {common}.",
+            f"Chunk lengths of {name} (trained models, {HISTOGRAM_BATCHES} validation batches per seed, {total:,} "
+            f"chunks): mean {mean:.2f} bytes; most common {common} (random boundaries at that mean: {random}).",
         ]
     rows += [
         "",

@@ -170,6 +170,13 @@ class ScaleConfig:
     ratio_loss_weight: float = doc(
         0.03, "pool dynamic: weight alpha of H-Net's ratio loss, added to the per-token LM loss (>= 0)."
     )
+    boundaries: Literal["learned", "fixed"] = doc(
+        "learned",
+        "pool dynamic: where chunks end. `learned`: where the router's p >= 0.5 (H-Net). `fixed`: every "
+        "target_ratio positions (an integer then), as fixed pooling cuts, while p stays the router's for the "
+        "EMA and the straight-through confidence: an ablation that keeps dynamic chunking's selection, EMA "
+        "and STE and fixes only where chunks end (python -m lab bytes).",
+    )
     mixer: Literal["attention", "mamba2"] = doc(
         "attention",
         "What mixes positions in this scale's layers: `attention` (transformer blocks: attention and "
@@ -541,8 +548,8 @@ class Recipe:
 
     def to_display_yaml(self) -> str:
         """The recipe as `msllm show-config` prints it: to_yaml() without the `window` of the
-        scales that read none (ModelConfig.uses_window), without `pool`, `target_ratio` and
-        `ratio_loss_weight` on fixed scales (the default pooling; the other two mean nothing there),
+        scales that read none (ModelConfig.uses_window), without `pool`, `target_ratio`,
+        `ratio_loss_weight` and `boundaries` on fixed scales (the default pooling; the others mean nothing there),
         without `mixer` on attention scales and `attention` on Mamba-2 ones, and without
         `model.mamba` when no scale is Mamba-2. to_yaml()
         stays what run folders, checkpoints and exports save; this form loads back into a recipe
@@ -552,7 +559,7 @@ class Recipe:
             if not self.model.uses_window(scale):
                 del raw["window"]
             if scale.pool == "fixed":
-                del raw["pool"], raw["target_ratio"], raw["ratio_loss_weight"]
+                del raw["pool"], raw["target_ratio"], raw["ratio_loss_weight"], raw["boundaries"]
             if scale.mixer == "attention":
                 del raw["mixer"]
             else:
@@ -1041,12 +1048,22 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
                 )
             if not scale.target_ratio > 1.0:
                 fail(f"{key}.target_ratio", f"must be above 1, got {scale.target_ratio}")
+            if scale.boundaries == "fixed" and scale.target_ratio != int(scale.target_ratio):
+                fail(
+                    f"{key}.target_ratio",
+                    "boundaries: fixed cuts every target_ratio positions: give a whole number, "
+                    f"not {scale.target_ratio}",
+                )
             if scale.ratio_loss_weight < 0:
                 fail(f"{key}.ratio_loss_weight", f"must not be negative, got {scale.ratio_loss_weight}")
             if recipe.parallel.sp > 1:
                 fail("parallel.sp", "a dynamic-chunking scale does not run under sequence parallelism yet; use sp 1")
         elif s > 0 and scale.factor < 2:
             fail(f"{key}.factor", f"a coarser scale needs a pooling factor >= 2, got {scale.factor}")
+        if scale.pool == "fixed" and scale.boundaries != "learned":
+            fail(
+                f"{key}.boundaries", "is read by dynamic scales only (pool: dynamic); a fixed scale cuts every `factor`"
+            )
         if scale.layers < 0 or (scale.layers == 0 and not m.arch_config.multi_scale):
             fail(f"{key}.layers", f"must be at least 1, got {scale.layers}")
         if scale.window < 1:

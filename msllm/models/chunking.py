@@ -21,6 +21,11 @@ before t. Whether t is a boundary is decided from h_t and h_(t-1) only, so chang
 move boundaries at t and later, never before: the chunks that positions < t read stay the same.
 (H-Net calls s_j the *start* of its chunk s_j .. s_(j+1) - 1; the computation is the same.)
 
+With `fixed_every` k (ScaleConfig.boundaries: fixed), the boundaries are the positions 0, k, 2k, ...,
+where fixed pooling by k cuts, whatever p says; p is still the router's, for the EMA and the
+confidence. It isolates where chunks end: selection, dechunking and the straight-through path stay
+those of learned chunking. (Its ratio loss, F = 1/k = 1/N, is a constant: no gradient.)
+
 On the meta device (msllm.models.flops_per_token) there are no values to place boundaries by: the
 coarse sequence then has ceil(n / target_ratio) positions, the count training aims at.
 
@@ -80,9 +85,17 @@ class DynamicChunking(nn.Module):
     upsample(y, chunks) -> [B, n, d]. After each forward, `ratio_loss` (weighted, a scalar tensor)
     and `stats` (detached: boundary fraction, mean p, compression) describe the last batch."""
 
-    def __init__(self, d: int, target_ratio: float, ratio_loss_weight: float, whitespace_ids: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        d: int,
+        target_ratio: float,
+        ratio_loss_weight: float,
+        whitespace_ids: tuple[int, ...] = (),
+        fixed_every: int = 0,
+    ):
         super().__init__()
         self.target_ratio = target_ratio
+        self.fixed_every = fixed_every  # > 0: a boundary every fixed_every positions (module docstring)
         self.whitespace_ids = tuple(whitespace_ids)  # byte_whitespace_ids: the word-start diagnostics
         self.ratio_loss_weight = ratio_loss_weight
         self.wq = nn.Linear(d, d, bias=False)
@@ -114,8 +127,11 @@ class DynamicChunking(nn.Module):
         word-start diagnostics."""
         B, n, d = h.shape
         p = self.boundary_probabilities(h)
-        boundaries = p >= 0.5
         positions = torch.arange(n, device=h.device)
+        if self.fixed_every:
+            boundaries = (positions % self.fixed_every == 0).expand(B, n)
+        else:
+            boundaries = p >= 0.5
         if h.is_meta:
             M = math.ceil(n / self.target_ratio)
         else:

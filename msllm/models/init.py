@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -125,22 +126,40 @@ def assign(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
+# parameters_on_meta patches nn.Module.register_parameter, which every thread shares: the patch is
+# installed while any thread is inside (a count under a lock) and acts only in the threads that are
+# (a thread-local depth). A plain save-patch-restore lost the original when two threads overlapped
+# (the second saved the first's patch and restored it for good: every later model was built on meta).
+_REGISTER_PARAMETER = nn.Module.register_parameter
+_ON_META = threading.local()
+_PATCH_LOCK = threading.Lock()
+_patch_users = 0
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    if getattr(_ON_META, "depth", 0) and param is not None and param.device.type != "meta":
+        param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _REGISTER_PARAMETER(module, name, param)
+
+
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside put their parameters on the meta device (their buffers stay where they
-    are: RoPE's frequencies are small and computed once). Their own init then draws nothing."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
+    """Modules built inside (in this thread) put their parameters on the meta device (their buffers
+    stay where they are: RoPE's frequencies are small and computed once). Their own init then draws
+    nothing."""
+    global _patch_users
+    with _PATCH_LOCK:
+        _patch_users += 1
+        nn.Module.register_parameter = _register_parameter
+    _ON_META.depth = getattr(_ON_META, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _ON_META.depth -= 1
+        with _PATCH_LOCK:
+            _patch_users -= 1
+            if not _patch_users:
+                nn.Module.register_parameter = _REGISTER_PARAMETER
 
 
 def materialise(model: nn.Module, device: torch.device | str) -> nn.Module:

@@ -1,4 +1,4 @@
-"""`python -m lab bytes`: real (tiny) runs of its four models, resumability, the verdict."""
+"""`python -m lab bytes`: real (tiny) runs of its models, resumability, the verdict."""
 
 import argparse
 import json
@@ -12,23 +12,85 @@ from lab import paper
 RECIPES = Path(__file__).resolve().parents[2] / "lab" / "recipes" / "bytes"
 
 
-def summary(bpb: list[float], **extra) -> dict:
+def summary(bpb: list[float], boundaries=None, compression=None, target_ratio=None, **extra) -> dict:
     import statistics
 
-    return {"bpb_mean": statistics.mean(bpb), "bpb_sd": statistics.stdev(bpb), "seeds": len(bpb), **extra}
+    return {
+        "bpb_mean": statistics.mean(bpb),
+        "bpb_sd": statistics.stdev(bpb),
+        "seeds": len(bpb),
+        "flops_per_byte": 10e6,
+        "boundaries": boundaries,
+        "compression": compression,
+        "target_ratio": target_ratio,
+        "router": {},
+        **extra,
+    }
+
+
+def learned(bpb: list[float], compression: float, **extra) -> dict:
+    return summary(bpb, "learned", compression, 4.0, **extra)
 
 
 def test_the_verdict_weighs_dynamic_against_fixed_by_the_seed_spread():
-    fixed = summary([2.00, 2.01, 1.99], flops_per_byte=10e6)
-    dynamic = dict(compression=3.9, target_ratio=4.0, flops_per_byte=10.5e6)
-    better = {bench.FIXED: fixed, bench.DYNAMIC: summary([1.90, 1.91, 1.89], **dynamic)}
-    noise = {bench.FIXED: fixed, bench.DYNAMIC: summary([1.995, 2.012, 1.985], **dynamic)}
-    worse = {bench.FIXED: fixed, bench.DYNAMIC: summary([2.10, 2.11, 2.09], **dynamic)}
+    fixed = summary([2.00, 2.01, 1.99])
+    dynamic = dict(compression=3.9, flops_per_byte=10.5e6)
+    better = {bench.FIXED: fixed, bench.DYNAMIC: learned([1.90, 1.91, 1.89], **dynamic)}
+    noise = {bench.FIXED: fixed, bench.DYNAMIC: learned([1.995, 2.012, 1.985], **dynamic)}
+    worse = {bench.FIXED: fixed, bench.DYNAMIC: learned([2.10, 2.11, 2.09], **dynamic)}
     assert bench.verdict(better)[0].startswith("- Does learned chunking beat fixed pooling here? **Yes.**")
     assert "-0.1000 bits/byte (12.2 standard errors" in bench.verdict(better)[0]
     assert "**Not measurably.**" in bench.verdict(noise)[0]
     assert "**No, it is worse.**" in bench.verdict(worse)[0]
     assert "realised compression 3.90 (target 4), FLOPs/byte 1.05x" in bench.verdict(better)[0]
+
+
+def test_the_verdict_asks_each_question_of_the_pair_that_differs_in_it():
+    """Learned against fixed boundaries (with the equal-compression comparison, interpolated between
+    the fixed-boundary models at 3 and 4), the ingredients, Mamba-2, the code path, the word starts."""
+    models = {
+        bench.FIXED: summary([2.00, 2.01, 1.99]),
+        bench.FIXED_BOUNDARIES: summary([1.98, 1.99, 1.97], "fixed", 4.0, 4.0),
+        "bottom_up-bytes-fixed-boundaries-3": summary([1.90, 1.91, 1.89], "fixed", 3.0, 3.0),
+        bench.DYNAMIC: learned([2.10, 2.11, 2.09], 3.5),
+        bench.HNET: learned(
+            [1.95, 1.96, 1.94],
+            3.5,
+            router={
+                "word_start_boundaries": (0.30, 0.01),
+                "word_start_rate": (0.16, 0.0),
+                "p_near_threshold": (0.05, 0.01),
+                "p_std": (0.3, 0.01),
+            },
+        ),
+        bench.HNET_MAMBA2: learned([1.95, 1.97, 1.93], 3.5),
+    }
+    lines = bench.verdict(models)
+    assert lines[0].startswith("- Do learned boundaries beat fixed ones (the same code path and ingredients)? **Yes.**")
+    # at 3.5: halfway between 1.90 (every 3) and 1.98 (every 4) = 1.94, so hnet's 1.95 is within noise
+    hnet_equal = next(line for line in lines if line.startswith(f"- At equal compression (3.50), {bench.HNET}"))
+    assert "**within noise** of fixed boundaries there" in hnet_equal and "interpolated: 1.9400" in hnet_equal
+    assert any(f"{bench.DYNAMIC} is **worse** than fixed boundaries there" in line for line in lines)
+    assert any(line.startswith("- Do H-Net's training ingredients help learned chunking? **Yes.**") for line in lines)
+    assert any(line.startswith("- Do Mamba-2 outer stages help? **Not measurably.**") for line in lines)
+    assert any(
+        line.startswith("- Does dynamic chunking's code path with fixed boundaries beat mean pooling?")
+        for line in lines
+    )
+    words = next(line for line in lines if line.startswith(f"- Did {bench.HNET}'s boundaries learn"))
+    assert (
+        "30.0% ± 1.0% of its boundaries fall at a word start, **more often than** random boundaries would (16.0%)"
+        in words
+    )
+
+
+def test_equal_compression_is_not_extrapolated():
+    models = {
+        bench.FIXED_BOUNDARIES: summary([1.98, 1.99, 1.97], "fixed", 4.0, 4.0),
+        "bottom_up-bytes-fixed-boundaries-3": summary([1.90, 1.91, 1.89], "fixed", 3.0, 3.0),
+    }
+    assert bench.at_compression(models, 2.5) is None and bench.at_compression(models, 4.2) is None
+    assert bench.at_compression(models, 3.0)["bpb_mean"] == pytest.approx(1.90)
 
 
 @pytest.mark.slow
@@ -49,12 +111,16 @@ def test_bench_bytes_trains_every_model_and_seed_and_skips_finished_runs(tmp_pat
     assert results["vanilla-bpe-seed1"]["bits_per_byte"] != results["vanilla-bpe-seed2"]["bits_per_byte"]
     dynamic = results["bottom_up-bytes-dynamic-seed1"]
     assert dynamic["compression"] >= 1.0 and sum(dynamic["chunk_lengths"].values()) > 0
+    assert [row[0] for row in dynamic["router"]] == [1, 2, 3, 4]  # the router's diagnostics at every step
     assert "compression" not in results["bottom_up-bytes-fixed-seed1"]
+    # fixed boundaries: every chunk of the trained model is 4 bytes long
+    assert set(results["bottom_up-bytes-fixed-boundaries-seed1"]["chunk_lengths"]) == {"4"}
     for model in bench.MODELS:
         assert text.count(f"| {model} |") == 1
     assert "Does learned chunking beat fixed pooling here?" in text
     assert (tmp_path / "out" / "bytes-bpb.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "bytes-chunks.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "bytes-router.png").stat().st_size > 10_000
 
     # A second run trains nothing: it reads the saved results (no subprocess may start).
     def no_training(*a, **k):

@@ -66,6 +66,27 @@ def test_the_ema_dechunking_matches_its_recurrence_and_serves_each_chunk_from_it
             torch.testing.assert_close(fine[b, t], z[b, chunks.chunk_of[b, t]])
 
 
+def test_fixed_boundaries_cut_where_fixed_pooling_cuts_and_the_router_still_learns():
+    """boundaries: fixed (fixed_every 4): chunks end at 0, 4, 8, ... whatever p says, as fixed pooling
+    by 4 cuts; p is still the router's, and the router gets a gradient through the EMA and the
+    straight-through confidence. The ratio loss is constant (F = 1/N over 20 positions): no gradient."""
+    torch.manual_seed(2)
+    chunking = DynamicChunking(8, target_ratio=4.0, ratio_loss_weight=0.03, fixed_every=4).double()
+    torch.nn.init.normal_(chunking.wq.weight)
+    h = torch.randn(2, 20, 8, dtype=torch.float64)
+    coarse, chunks = chunking(h)
+    starts = [0, 4, 8, 12, 16]
+    for b in range(2):
+        assert chunks.boundaries[b].nonzero()[:, 0].tolist() == starts
+        assert chunks.chunk_of[b].tolist() == [t // 4 for t in range(20)]
+    torch.testing.assert_close(coarse, h[:, starts])
+    torch.testing.assert_close(chunks.p, chunking.boundary_probabilities(h))
+    (ratio_grad,) = torch.autograd.grad(chunking.ratio_loss, chunking.wq.weight, retain_graph=True)
+    assert ratio_grad.abs().max() < 1e-12
+    chunking.upsample(coarse * 2, chunks).square().sum().backward()
+    assert chunking.wq.weight.grad.abs().max() > 1e-6
+
+
 @pytest.mark.parametrize("precision", ["bf16", "autocast"])
 def test_routing_and_dechunking_compute_in_fp32_under_bf16(precision):
     """Regression (issue 35): in bf16 the EMA clamp 1 - 1e-4 rounded to 1 (p_0 is always 1), log(1 - p)
@@ -162,6 +183,13 @@ def recipe_with(scales: list[dict], arch: str = "bottom_up", sp: int = 1):
         ([{"attention": "local"}, {"pool": "dynamic", "target_ratio": 1.0}], "bottom_up", 1, "above 1"),
         ([{"attention": "local"}, {"pool": "dynamic", "ratio_loss_weight": -1}], "bottom_up", 1, "negative"),
         ([{"attention": "local", "window": 8}, {"pool": "dynamic"}], "bottom_up", 2, "sequence parallelism"),
+        (
+            [{"attention": "local"}, {"pool": "dynamic", "boundaries": "fixed", "target_ratio": 3.5}],
+            "bottom_up",
+            1,
+            "whole number",
+        ),
+        ([{"attention": "local"}, {"factor": 4, "boundaries": "fixed"}], "bottom_up", 1, "dynamic scales only"),
     ],
 )
 def test_bad_dynamic_settings_fail_with_one_line(scales, arch, sp, message):

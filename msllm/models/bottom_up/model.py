@@ -91,7 +91,13 @@ class BottomUpLM(CausalLM):
         # pools[i] takes scale i to scale i+1; upsamples[i] takes scale i+1 straight to the tokens
         # (a dynamic scale: from the finer scale's positions, after its own dechunking).
         self.pools = nn.ModuleList(
-            DynamicChunking(d, scale.target_ratio, scale.ratio_loss_weight, byte_whitespace_ids(cfg.vocab_size))
+            DynamicChunking(
+                d,
+                scale.target_ratio,
+                scale.ratio_loss_weight,
+                byte_whitespace_ids(cfg.vocab_size),
+                fixed_every=int(scale.target_ratio) if scale.boundaries == "fixed" else 0,
+            )
             if scale.pool == "dynamic"
             else CausalPool(d, scale.factor, cfg.pooling)
             for scale in cfg.scales[1:]
