@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from lab import RECIPES, REPO, RESULTS
-from lab.paper import SeedGrid
+from lab.paper import SeedGrid, compare, judge
 from msllm.bench import plotting
 from msllm.data import build_dataloader, read_manifest
 from msllm.models import build_model, flops_per_token
@@ -221,22 +221,6 @@ def summarize(results: list[dict], recipe) -> dict:
 def learned(summary: dict) -> list[str]:
     """The models whose boundaries are learned, in the summary's order."""
     return [m for m, s in summary.items() if s["boundaries"] == "learned"]
-
-
-def compare(model: dict, reference: dict) -> tuple[str, float, float]:
-    """("better" | "worse" | "within noise", difference in bits per byte, its standard error over
-    the seeds): a difference counts when it exceeds twice its standard error."""
-    diff = model["bpb_mean"] - reference["bpb_mean"]
-    se = math.sqrt(model["bpb_sd"] ** 2 / model["seeds"] + reference["bpb_sd"] ** 2 / reference["seeds"])
-    return judge(diff, se), diff, se
-
-
-def judge(diff: float, se: float) -> str:
-    if diff < -2 * se:
-        return "better"
-    if diff > 2 * se:
-        return "worse"
-    return "within noise"
 
 
 def at_compression(summary: dict, compression: float) -> dict | None:

@@ -218,20 +218,31 @@ def summarize(model: str, results: list[dict], recipe: Path, overrides: list[str
     }
 
 
+def compare(model: dict, reference: dict) -> tuple[str, float, float]:
+    """(judge's word, the difference in mean bits per byte, its standard error over the seeds) of
+    two summaries (bpb_mean, bpb_sd, seeds)."""
+    diff = model["bpb_mean"] - reference["bpb_mean"]
+    se = math.sqrt(model["bpb_sd"] ** 2 / model["seeds"] + reference["bpb_sd"] ** 2 / reference["seeds"])
+    return judge(diff, se), diff, se
+
+
+def judge(diff: float, se: float) -> str:
+    """The word for a difference in bits per byte (lower is better): "better" or "worse" when it
+    exceeds twice its standard error, else "within noise"."""
+    if diff < -2 * se:
+        return "better"
+    if diff > 2 * se:
+        return "worse"
+    return "within noise"
+
+
 def verdict(model: dict, reference: dict) -> tuple[str, str]:
     """(holds | does not hold | within noise, the reason) for "smaller memory and better
     likelihood than the reference". A bits-per-byte difference counts when it exceeds twice its
     standard error over the seeds; within that, the claim is undecided ("within noise") unless the
     memory half already fails."""
     memory = model["memory"]["total"] / reference["memory"]["total"] - 1
-    diff = model["bpb_mean"] - reference["bpb_mean"]
-    se = math.sqrt(model["bpb_sd"] ** 2 / model["seeds"] + reference["bpb_sd"] ** 2 / reference["seeds"])
-    if diff < -2 * se:
-        likelihood = "better"
-    elif diff > 2 * se:
-        likelihood = "worse"
-    else:
-        likelihood = "within noise"
+    likelihood, diff, se = compare(model, reference)
     size = f"{diff:+.4f} bits/byte, {abs(diff) / se:.1f} standard errors" if se else f"{diff:+.4f} bits/byte"
     why = f"memory {memory:+.0%} ({'smaller' if memory < 0 else 'larger'}); likelihood {likelihood} ({size})"
     if memory >= 0 or likelihood == "worse":

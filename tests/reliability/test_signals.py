@@ -7,22 +7,15 @@ import signal
 import time
 
 from fixtures.reliability import checkpoints
-from fixtures.train import check, losses, make_recipe, msllm, start_msllm, wait_for_a_signal_before_step, wait_for_line
+from fixtures.train import check, losses, make_recipe, msllm, start_msllm, train_and_signal_before_step, wait_for_line
 from msllm.train.schedule import StopSignals
 
 
 def test_ctrl_c_checkpoints_and_the_rerun_is_exact(tmp_path, tiny_data, reference_run):
     _, ref_out, _ = reference_run
     recipe, out = make_recipe(tmp_path, tiny_data, checkpoint={"every": 0})
-    proc = start_msllm("train", recipe, python_code=wait_for_a_signal_before_step(5))
-    try:
-        wait_for_line(proc, "WAITING FOR A SIGNAL BEFORE STEP 5")
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-2000:]
+    code, rest, err = train_and_signal_before_step(recipe, 5, signal.SIGINT)
+    assert code == 0, err[-2000:]
     stopped = [line for line in rest.splitlines() if line.startswith("stopped after step")]
     assert stopped == ["stopped after step 5 on SIGINT: checkpoint saved; rerun to resume"]
     assert checkpoints(out) == ["step_0000005"]

@@ -52,6 +52,11 @@ def dockerfiles() -> list[Path]:
     return sorted(p for p in (REPO / "docker").rglob("*Dockerfile*") if not p.name.endswith(".dockerignore"))
 
 
+def lint(*command: str) -> subprocess.CompletedProcess:
+    """A linter run from the repository, its output captured."""
+    return subprocess.run(list(command), capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
 def test_there_is_something_to_check():
     names = {p.relative_to(REPO).as_posix() for p in shell_scripts()}
     assert {"launchers/local.sh", "launchers/slurm/train.sbatch", "launchers/deepspeed/train.sbatch"} <= names, names
@@ -60,13 +65,7 @@ def test_there_is_something_to_check():
 
 @pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_shellcheck(script):
-    proc = subprocess.run(
-        [_tool("shellcheck"), "--shell=bash", "--severity=style", "--external-sources", str(script)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    proc = lint(_tool("shellcheck"), "--shell=bash", "--severity=style", "--external-sources", str(script))
     assert proc.returncode == 0, f"shellcheck {script.relative_to(REPO)}:\n{proc.stdout}{proc.stderr}"
 
 
@@ -77,13 +76,7 @@ def test_scripts_are_executable(script):
 
 @pytest.mark.parametrize("dockerfile", dockerfiles(), ids=lambda p: p.relative_to(REPO).as_posix())
 def test_hadolint(dockerfile):
-    proc = subprocess.run(
-        [_tool("hadolint"), "--no-color", "--failure-threshold", "info", str(dockerfile)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    proc = lint(_tool("hadolint"), "--no-color", "--failure-threshold", "info", str(dockerfile))
     assert proc.returncode == 0 and not proc.stdout.strip(), (
         f"hadolint {dockerfile.relative_to(REPO)}:\n{proc.stdout}{proc.stderr}"
     )

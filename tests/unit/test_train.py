@@ -18,9 +18,7 @@ from fixtures.train import (
     make_recipe,
     msllm,
     rows,
-    start_msllm,
-    wait_for_a_signal_before_step,
-    wait_for_line,
+    train_and_signal_before_step,
 )
 from msllm.config import from_dict
 from msllm.errors import RecipeError
@@ -303,15 +301,8 @@ def test_exact_resume_single_rank(tmp_path, tiny_data, reference_run):
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, tiny_data):
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 0})
-    proc = start_msllm("train", recipe, python_code=wait_for_a_signal_before_step(4))
-    try:
-        wait_for_line(proc, "WAITING FOR A SIGNAL BEFORE STEP 4")
-        proc.send_signal(signal.SIGTERM)
-        rest, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    code, rest, err = train_and_signal_before_step(recipe, 4, signal.SIGTERM)
+    assert code == 0, err[-3000:]
     assert "stopped after step 4 on SIGTERM: checkpoint saved" in rest
     assert max(losses(out)) == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004"]
