@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="paper, bytes: recipe override for every run (e.g. train.max_steps=4 for a smoke test)",
     )
     p.add_argument("--seeds", type=int, nargs="+", help="paper, bytes: seeds of each model (default 1 2 3)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        help="paper, bytes: the models to train, by recipe name in --recipes (default: the experiment's own list)",
+    )
     p.add_argument("--jobs", type=int, default=0, help="paper, bytes: runs at a time (default: 2 on 2+ cores)")
     p.add_argument(
         "--runs",

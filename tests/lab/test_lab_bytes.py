@@ -128,3 +128,20 @@ def test_bench_bytes_trains_every_model_and_seed_and_skips_finished_runs(tmp_pat
 
     monkeypatch.setattr(paper.subprocess, "run", no_training)
     assert bench.bench_bytes(args) == text
+
+
+def test_models_picks_the_recipes_to_train(tmp_path):
+    from lab.__main__ import build_parser
+    from msllm.errors import MsllmError
+
+    def grid(*argv):
+        args = build_parser().parse_args(["bytes", *argv])
+        return paper.SeedGrid.from_args(args, "bytes", RECIPES, tmp_path, bench.MODELS)
+
+    assert grid().models == bench.MODELS
+    assert grid("--models", "bottom_up-bytes-fixed", "vanilla-bytes-local").models == (
+        "bottom_up-bytes-fixed",
+        "vanilla-bytes-local",
+    )
+    with pytest.raises(MsllmError, match=r"no recipe .*nope\.yaml \(pass --recipes DIR"):
+        grid("--models", "nope")
