@@ -9,7 +9,7 @@ Each experiment appends its result, with the command, date and machine, to lab/r
 user runs on their own hardware.
 
     paper.py       paper: the paper's comparison trained on the built-in corpus, with seeds
-    bytes.py       bytes: BPE vs byte-level models, fixed pooling vs learned chunking, with seeds
+    bytes.py       bytes: learned chunking against fixed boundaries and pooling, controlled, and against BPE
     scaling.py     scaling: step time and step memory against the sequence length
     quickstart.py  train-quickstart: both quickstart recipes end to end
     recipes/       the experiments' own recipes (recipes/paper, recipes/bytes)
@@ -22,47 +22,41 @@ current folder: `python -m lab` runs the same from anywhere in the checkout.
 from __future__ import annotations
 
 import argparse
-import importlib
 from collections.abc import Callable
 from pathlib import Path
+
+from msllm.bench import lazy
 
 LAB = Path(__file__).resolve().parent
 REPO = LAB.parent
 RECIPES = LAB / "recipes"
 RESULTS = LAB / "results"
 
-
-def _lazy(module: str, function: str, doc: str) -> Callable[[argparse.Namespace], str]:
-    """The experiment `lab.module.function`, imported only when it runs."""
-
-    def run(args: argparse.Namespace) -> str:
-        return getattr(importlib.import_module(f"lab.{module}"), function)(args)
-
-    run.__doc__ = doc
-    return run
-
-
 EXPERIMENTS: dict[str, Callable[[argparse.Namespace], str]] = {
-    "paper": _lazy(
+    "paper": lazy(
         "paper",
         "bench_paper",
         "The paper's comparison trained on the built-in corpus: bits per byte over seeds, memory split, verdict, "
         "plots.",
+        package="lab",
     ),
-    "bytes": _lazy(
+    "bytes": lazy(
         "bytes",
         "bench_bytes",
-        "BPE vanilla vs byte-level vanilla, fixed-pooling and dynamic-chunking bottom-up at equal FLOPs/byte, "
-        "seeds, verdict.",
+        "Learned chunking controlled: fixed pooling, fixed and learned boundaries, H-Net's ingredients, Mamba-2 "
+        "outer stages and BPE vanilla at equal FLOPs/byte, seeds, router diagnostics, verdicts.",
+        package="lab",
     ),
-    "scaling": _lazy(
+    "scaling": lazy(
         "scaling",
         "bench_scaling",
         "Step time and training-step memory against L (1k-16k) per architecture, fitted exponents.",
+        package="lab",
     ),
-    "train-quickstart": _lazy(
+    "train-quickstart": lazy(
         "quickstart",
         "bench_quickstart",
         "Both quickstart recipes end to end: wall time, tokens/s, validation bits per byte.",
+        package="lab",
     ),
 }

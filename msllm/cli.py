@@ -51,6 +51,10 @@ def line_buffered_stdout() -> None:
 
 def _add_recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="path to a YAML recipe")
+    _add_overrides(p)
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
         dest="overrides",
@@ -175,14 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show-config", help="print the resolved recipe (bases and overrides applied)")
     p.add_argument("recipe", nargs="?", help="path to a YAML recipe")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a recipe value (YAML scalar syntax); repeatable",
-    )
+    _add_overrides(p)
     p.add_argument("--docs", action="store_true", help="list every recipe field with its type and doc")
     p.set_defaults(func=cmd_show_config)
 

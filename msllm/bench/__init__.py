@@ -43,66 +43,67 @@ from pathlib import Path
 from msllm.errors import MsllmError
 
 
-def _lazy(module: str, function: str, doc: str) -> Callable[[argparse.Namespace], str]:
-    """The benchmark `module.function`, imported only when it runs (torch, streaming are slow to import)."""
+def lazy(module: str, function: str, doc: str, package: str = "msllm.bench") -> Callable[[argparse.Namespace], str]:
+    """The benchmark `package.module.function`, imported only when it runs (torch, streaming are slow
+    to import). The lab's experiments (lab/__init__.py) are made the same way, from package "lab"."""
 
     def run(args: argparse.Namespace) -> str:
-        return getattr(importlib.import_module(f"msllm.bench.{module}"), function)(args)
+        return getattr(importlib.import_module(f"{package}.{module}"), function)(args)
 
     run.__doc__ = doc
     return run
 
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
-    "data-prep": _lazy(
+    "data-prep": lazy(
         "data", "bench_data_prep", "msllm prep throughput (tokenize + write, tokens/s) at the quickstart size."
     ),
-    "data-loader": _lazy(
+    "data-loader": lazy(
         "data", "bench_data_loader", "Train/validation loader throughput (tokens/s) against what training consumes."
     ),
-    "sequence-parallel": _lazy(
+    "sequence-parallel": lazy(
         "sequence_parallel",
         "bench_sequence_parallel",
         "Per-rank training-step memory, step time and bytes sent at 16k tokens, sp = 1, 2, 4, per multi-scale arch.",
     ),
-    "models": _lazy(
+    "models": lazy(
         "models",
         "bench_models",
         "Parameters, FLOPs/token and training-step memory of the paper-comparison recipes (vanilla-14 vs 30-layer).",
     ),
-    "throughput": _lazy(
+    "throughput": lazy(
         "throughput",
         "bench_throughput",
         "msllm train against a bare loop: tokens/s, MFU, peak memory per arch and HF Llama, eager and compiled, "
         "against L.",
     ),
-    "attention": _lazy(
+    "attention": lazy(
         "attention",
         "bench_attention",
         "One layer's sliding-window attention per kernel: forward + backward time, saved bytes, agreement with dense.",
     ),
-    "loss": _lazy(
+    "loss": lazy(
         "loss",
         "bench_loss",
         "The loss kernels: quickstart tokens/s with dense and chunked alternating; the loss's memory at BookCorpus "
         "sizes.",
     ),
-    "startup": _lazy(
+    "startup": lazy(
         "startup",
         "bench_startup",
         "Start-up cost of eval, generate, export, inspect and a finished train against `import torch, msllm`.",
     ),
-    "model-startup": _lazy(
+    "model-startup": lazy(
         "model_startup",
         "bench_model_startup",
         "Per-rank memory and time from building a 300M model to its first step: ZeRO-3 on 4 CPU ranks vs whole on 1.",
     ),
-    "generate": _lazy(
+    "generate": lazy(
         "generate",
         "bench_generate",
         "Cached decoding tokens/s per arch against the uncached loop, vanilla and HF Llama generate; prefill; plot.",
     ),
-    "gpu": _lazy(
+    "gpu": lazy(
         "gpu",
         "bench_gpu",
         "GPU only: the CUDA-only tests, the kernels' start-up checks (doctor), attention and throughput, one file.",
