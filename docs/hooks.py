@@ -31,7 +31,8 @@ def on_files(files, config):
     files.append(File.generated(config, "reference/config.md", content=config_reference()))
     files.append(File.generated(config, "reference/cli.md", content=cli_reference()))
     for folder in RESULT_FOLDERS:
-        for path in sorted((ROOT / folder).iterdir()):
-            if path.suffix in RESULT_FILES:
-                files.append(File.generated(config, f"{folder}/{path.name}", abs_src_path=str(path)))
+        for path in sorted((ROOT / folder).rglob("*")):  # subfolders too (lab/results/bytes-ingredients/)
+            if path.is_file() and path.suffix in RESULT_FILES:
+                name = path.relative_to(ROOT / folder).as_posix()
+                files.append(File.generated(config, f"{folder}/{name}", abs_src_path=str(path)))
     return files

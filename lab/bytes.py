@@ -14,8 +14,11 @@ Trains the recipes in lab/recipes/bytes/ on the built-in corpus, 3 seeds each (i
 Neighbours in the list differ in one thing, so each verdict isolates one: learned against fixed
 boundaries (hnet against fixed-boundaries), the ingredients (hnet against dynamic), the outer mixer
 (hnet-mamba2 against hnet), the dynamic code path against mean pooling (fixed-boundaries against
-fixed). Every model reads the same bytes of text per step for the same steps and is sized to about
-the same training FLOPs per byte (FLOPs per token, msllm.models.flops_per_token, times the shards'
+fixed). The recipes bottom_up-bytes-dynamic+INGREDIENT add one ingredient at a time to
+bottom_up-bytes-dynamic (run them with --models; each is judged against it).
+
+Every model reads the same bytes of text per step for the same steps and is sized to about the
+same training FLOPs per byte (FLOPs per token, msllm.models.flops_per_token, times the shards'
 tokens per byte; a learned model's at its realised compression). A learned model whose realised
 compression is not 4 is also compared at equal compression: against the fixed-boundary models'
 bits per byte interpolated (linearly in the compression) to its own.
@@ -62,7 +65,7 @@ MODELS = (
     "bottom_up-bytes-hnet",
     "bottom_up-bytes-hnet-mamba2",
 )
-BPE, FIXED, FIXED_BOUNDARIES, _, DYNAMIC, HNET, HNET_MAMBA2 = MODELS
+BPE, FIXED, _, _, DYNAMIC, HNET, HNET_MAMBA2 = MODELS
 HISTOGRAM_BATCHES = 8  # validation batches each trained dynamic model is cut on for the chunk lengths
 LONGEST_CHUNK = 32  # the histogram's last bin holds every chunk of this many positions or more
 # The router's diagnostics (msllm.models.chunking.DynamicChunking.stats), logged per dynamic scale s
@@ -213,9 +216,33 @@ def summarize(results: list[dict], recipe) -> dict:
         "compression_sd": realised_sd,
         "target_ratio": scale.target_ratio if scale is not None else None,
         "boundaries": scale.boundaries if scale is not None else None,
+        "family": family(recipe),
         "router": router,
         "chunk_lengths": dict(sorted(lengths.items())),
     }
+
+
+def family(recipe) -> list:
+    """What a learned model and the fixed-boundary models it is judged against must share: the mixer
+    of the bytes and H-Net's ingredients as resolved (residual projection, stage norms, embedding
+    init, learning-rate multipliers)."""
+    m = recipe.model
+    return [
+        m.scales[0].mixer,
+        m.arch_config.uses_residual_proj(m),
+        m.arch_config.uses_stage_norms(m),
+        m.embedding_init_std(),
+        list(recipe.train.lr_multipliers or m.default_lr_multipliers() or []),
+    ]
+
+
+def fixed_twin(summary: dict, name: str) -> str | None:
+    """The fixed-boundary model of `name`'s family that cuts at `name`'s target ratio, if run."""
+    s = summary[name]
+    for other, o in summary.items():
+        if o["boundaries"] == "fixed" and o["family"] == s["family"] and o["target_ratio"] == s["target_ratio"]:
+            return other
+    return None
 
 
 def learned(summary: dict) -> list[str]:
@@ -223,11 +250,15 @@ def learned(summary: dict) -> list[str]:
     return [m for m, s in summary.items() if s["boundaries"] == "learned"]
 
 
-def at_compression(summary: dict, compression: float) -> dict | None:
-    """The fixed-boundary models' bits per byte at `compression`, interpolated linearly between the
-    two whose compressions bracket it ({"bpb_mean", "bpb_se", "between"}), or None outside their range
-    (no extrapolation)."""
-    fixed = sorted((s["compression"], m) for m, s in summary.items() if s["boundaries"] == "fixed" and s["compression"])
+def at_compression(summary: dict, compression: float, of_family: list | None = None) -> dict | None:
+    """The fixed-boundary models' bits per byte at `compression` (those of `of_family` only, if
+    given), interpolated linearly between the two whose compressions bracket it ({"bpb_mean",
+    "bpb_se", "between"}), or None outside their range (no extrapolation)."""
+    fixed = sorted(
+        (s["compression"], m)
+        for m, s in summary.items()
+        if s["boundaries"] == "fixed" and s["compression"] and of_family in (None, s.get("family"))
+    )
     for (c_low, low), (c_high, high) in zip(fixed, fixed[1:]):
         if c_low <= compression <= c_high:
             w = (compression - c_low) / (c_high - c_low)
@@ -267,36 +298,48 @@ def verdict(summary: dict) -> list[str]:
         return f"realised compression {s['compression']:.2f} (target {s['target_ratio']:g})"
 
     lines = []
-    if HNET in summary and FIXED_BOUNDARIES in summary:
-        lines.append(
-            question(
-                "Do learned boundaries beat fixed ones (the same code path and ingredients)?", HNET, FIXED_BOUNDARIES
+    for name in learned(summary):
+        twin = fixed_twin(summary, name)
+        if twin:
+            lines.append(
+                question(
+                    "Do learned boundaries beat fixed ones (the same code path, mixer and ingredients)?", name, twin
+                )
+                + f"; {compression(name)}, {flops(name, twin)}."
             )
-            + f"; {compression(HNET)}, {flops(HNET, FIXED_BOUNDARIES)}."
-        )
     for name in learned(summary):
         s = summary[name]
-        equal = at_compression(summary, s["compression"])
-        if s["compression"] is not None and abs(s["compression"] - s["target_ratio"]) > 0.05 and equal:
-            se = math.sqrt(s["bpb_sd"] ** 2 / s["seeds"] + equal["bpb_se"] ** 2)
-            diff = s["bpb_mean"] - equal["bpb_mean"]
+        if s["compression"] is None or abs(s["compression"] - s["target_ratio"]) <= 0.05:
+            continue
+        equal = at_compression(summary, s["compression"], s["family"])
+        if equal is None:
             lines.append(
-                f"- At equal compression ({s['compression']:.2f}), {name} is **{judge(diff, se)}** "
-                f"{'of' if judge(diff, se) == 'within noise' else 'than'} fixed boundaries there "
-                f"({' and '.join(equal['between'])} interpolated: {equal['bpb_mean']:.4f}): {diff:+.4f} bits/byte "
-                f"({abs(diff) / se if se else 0:.1f} standard errors)."
+                f"- {name} realised compression {s['compression']:.2f}: no two fixed-boundary models of its "
+                "family bracket it, so no comparison at equal compression."
             )
+            continue
+        se = math.sqrt(s["bpb_sd"] ** 2 / s["seeds"] + equal["bpb_se"] ** 2)
+        diff = s["bpb_mean"] - equal["bpb_mean"]
+        lines.append(
+            f"- At equal compression ({s['compression']:.2f}), {name} is **{judge(diff, se)}** "
+            f"{'of' if judge(diff, se) == 'within noise' else 'than'} fixed boundaries there "
+            f"({' and '.join(equal['between'])} interpolated: {equal['bpb_mean']:.4f}): {diff:+.4f} bits/byte "
+            f"({abs(diff) / se if se else 0:.1f} standard errors)."
+        )
     if HNET in summary and DYNAMIC in summary:
         lines.append(question("Do H-Net's training ingredients help learned chunking?", HNET, DYNAMIC) + ".")
+    for name in summary:  # the ingredients one at a time: lab/recipes/bytes/bottom_up-bytes-dynamic+NAME.yaml
+        if name.startswith(f"{DYNAMIC}+") and DYNAMIC in summary:
+            ingredient = name.removeprefix(f"{DYNAMIC}+")
+            lines.append(question(f"Does {ingredient} alone help learned chunking?", name, DYNAMIC) + ".")
     if HNET_MAMBA2 in summary and HNET in summary:
         lines.append(question("Do Mamba-2 outer stages help?", HNET_MAMBA2, HNET) + f"; {flops(HNET_MAMBA2, HNET)}.")
-    if FIXED_BOUNDARIES in summary and FIXED in summary:
-        lines.append(
-            question(
-                "Does dynamic chunking's code path with fixed boundaries beat mean pooling?", FIXED_BOUNDARIES, FIXED
+    for name, s in summary.items():
+        if FIXED in summary and s["boundaries"] == "fixed" and s["target_ratio"] == 4:
+            lines.append(
+                question("Does dynamic chunking's code path with fixed boundaries beat mean pooling?", name, FIXED)
+                + "."
             )
-            + "."
-        )
     if FIXED in summary:
         for name in learned(summary):
             lines.append(

@@ -12,6 +12,10 @@ from lab import paper
 RECIPES = Path(__file__).resolve().parents[2] / "lab" / "recipes" / "bytes"
 
 
+HNET_FAMILY = ["attention", True, True, 1.0, [2.0, 1.0]]
+PLAIN_FAMILY = ["attention", False, False, 0.02, [1.0, 1.0]]
+
+
 def summary(bpb: list[float], boundaries=None, compression=None, target_ratio=None, **extra) -> dict:
     import statistics
 
@@ -24,6 +28,7 @@ def summary(bpb: list[float], boundaries=None, compression=None, target_ratio=No
         "compression": compression,
         "target_ratio": target_ratio,
         "router": {},
+        "family": HNET_FAMILY,
         **extra,
     }
 
@@ -38,11 +43,15 @@ def test_the_verdict_weighs_dynamic_against_fixed_by_the_seed_spread():
     better = {bench.FIXED: fixed, bench.DYNAMIC: learned([1.90, 1.91, 1.89], **dynamic)}
     noise = {bench.FIXED: fixed, bench.DYNAMIC: learned([1.995, 2.012, 1.985], **dynamic)}
     worse = {bench.FIXED: fixed, bench.DYNAMIC: learned([2.10, 2.11, 2.09], **dynamic)}
-    assert bench.verdict(better)[0].startswith("- Does learned chunking beat fixed pooling here? **Yes.**")
-    assert "-0.1000 bits/byte (12.2 standard errors" in bench.verdict(better)[0]
-    assert "**Not measurably.**" in bench.verdict(noise)[0]
-    assert "**No, it is worse.**" in bench.verdict(worse)[0]
-    assert "realised compression 3.90 (target 4), FLOPs/byte 1.05x" in bench.verdict(better)[0]
+
+    def pooling(models):
+        return next(line for line in bench.verdict(models) if line.startswith("- Does learned chunking beat fixed"))
+
+    assert pooling(better).startswith("- Does learned chunking beat fixed pooling here? **Yes.**")
+    assert "-0.1000 bits/byte (12.2 standard errors" in pooling(better)
+    assert "**Not measurably.**" in pooling(noise)
+    assert "**No, it is worse.**" in pooling(worse)
+    assert "realised compression 3.90 (target 4), FLOPs/byte 1.05x" in pooling(better)
 
 
 def test_the_verdict_asks_each_question_of_the_pair_that_differs_in_it():
@@ -50,9 +59,10 @@ def test_the_verdict_asks_each_question_of_the_pair_that_differs_in_it():
     the fixed-boundary models at 3 and 4), the ingredients, Mamba-2, the code path, the word starts."""
     models = {
         bench.FIXED: summary([2.00, 2.01, 1.99]),
-        bench.FIXED_BOUNDARIES: summary([1.98, 1.99, 1.97], "fixed", 4.0, 4.0),
+        "bottom_up-bytes-fixed-boundaries": summary([1.98, 1.99, 1.97], "fixed", 4.0, 4.0),
         "bottom_up-bytes-fixed-boundaries-3": summary([1.90, 1.91, 1.89], "fixed", 3.0, 3.0),
-        bench.DYNAMIC: learned([2.10, 2.11, 2.09], 3.5),
+        "bottom_up-bytes-fixed-boundaries-plain": summary([2.05, 2.06, 2.04], "fixed", 4.0, 4.0, family=PLAIN_FAMILY),
+        bench.DYNAMIC: learned([2.10, 2.11, 2.09], 3.5, family=PLAIN_FAMILY),
         bench.HNET: learned(
             [1.95, 1.96, 1.94],
             3.5,
@@ -64,15 +74,23 @@ def test_the_verdict_asks_each_question_of_the_pair_that_differs_in_it():
             },
         ),
         bench.HNET_MAMBA2: learned([1.95, 1.97, 1.93], 3.5),
+        f"{bench.DYNAMIC}+embed_init": learned([2.20, 2.21, 2.19], 3.5),
     }
     lines = bench.verdict(models)
-    assert lines[0].startswith("- Do learned boundaries beat fixed ones (the same code path and ingredients)? **Yes.**")
+    # each learned model against the fixed-boundary model of its family (mixer, ingredients) at its target ratio
+    twins = [line for line in lines if line.startswith("- Do learned boundaries beat fixed ones")]
+    assert f"**No, it is worse.** {bench.DYNAMIC} is **worse** than bottom_up-bytes-fixed-boundaries-plain" in twins[0]
+    assert f"**Yes.** {bench.HNET} is **better** than bottom_up-bytes-fixed-boundaries:" in twins[1]
     # at 3.5: halfway between 1.90 (every 3) and 1.98 (every 4) = 1.94, so hnet's 1.95 is within noise
     hnet_equal = next(line for line in lines if line.startswith(f"- At equal compression (3.50), {bench.HNET}"))
     assert "**within noise** of fixed boundaries there" in hnet_equal and "interpolated: 1.9400" in hnet_equal
-    assert any(f"{bench.DYNAMIC} is **worse** than fixed boundaries there" in line for line in lines)
+    # the plain family has one fixed-boundary model only: nothing to interpolate between
+    assert f"- {bench.DYNAMIC} realised compression 3.50: no two fixed-boundary models of its family" in "\n".join(
+        lines
+    )
     assert any(line.startswith("- Do H-Net's training ingredients help learned chunking? **Yes.**") for line in lines)
     assert any(line.startswith("- Do Mamba-2 outer stages help? **Not measurably.**") for line in lines)
+    assert any(line.startswith("- Does embed_init alone help learned chunking? **No, it is worse.**") for line in lines)
     assert any(
         line.startswith("- Does dynamic chunking's code path with fixed boundaries beat mean pooling?")
         for line in lines
@@ -86,7 +104,7 @@ def test_the_verdict_asks_each_question_of_the_pair_that_differs_in_it():
 
 def test_equal_compression_is_not_extrapolated():
     models = {
-        bench.FIXED_BOUNDARIES: summary([1.98, 1.99, 1.97], "fixed", 4.0, 4.0),
+        "bottom_up-bytes-fixed-boundaries": summary([1.98, 1.99, 1.97], "fixed", 4.0, 4.0),
         "bottom_up-bytes-fixed-boundaries-3": summary([1.90, 1.91, 1.89], "fixed", 3.0, 3.0),
     }
     assert bench.at_compression(models, 2.5) is None and bench.at_compression(models, 4.2) is None
