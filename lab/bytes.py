@@ -10,11 +10,13 @@ Trains the recipes in lab/recipes/bytes/ on the built-in corpus, 3 seeds each (i
     bottom_up-bytes-dynamic             learned boundaries as msllm had them (no H-Net ingredients)
     bottom_up-bytes-hnet                learned boundaries with H-Net's training ingredients
     bottom_up-bytes-hnet-mamba2         the same with Mamba-2 layers at the bytes (H-Net's outer stages)
+    bottom_up-bytes-hnet-mamba2-fixed-boundaries  the same with a chunk ending every 4 bytes
 
-Neighbours in the list differ in one thing, so each verdict isolates one: learned against fixed
-boundaries (hnet against fixed-boundaries), the ingredients (hnet against dynamic), the outer mixer
-(hnet-mamba2 against hnet), the dynamic code path against mean pooling (fixed-boundaries against
-fixed). The recipes bottom_up-bytes-dynamic+INGREDIENT add one ingredient at a time to
+Each verdict compares two models that differ in one thing: learned against fixed boundaries (each
+learned model against the fixed-boundary model of the same mixer and ingredients: hnet against
+fixed-boundaries, hnet-mamba2 against hnet-mamba2-fixed-boundaries), the ingredients (hnet against
+dynamic), the outer mixer (hnet-mamba2 against hnet), the dynamic code path against mean pooling
+(fixed-boundaries against fixed). The recipes bottom_up-bytes-dynamic+INGREDIENT add one ingredient at a time to
 bottom_up-bytes-dynamic (run them with --models; each is judged against it).
 
 Every model reads the same bytes of text per step for the same steps and is sized to about the
@@ -64,8 +66,9 @@ MODELS = (
     "bottom_up-bytes-dynamic",
     "bottom_up-bytes-hnet",
     "bottom_up-bytes-hnet-mamba2",
+    "bottom_up-bytes-hnet-mamba2-fixed-boundaries",
 )
-BPE, FIXED, _, _, DYNAMIC, HNET, HNET_MAMBA2 = MODELS
+BPE, FIXED, _, _, DYNAMIC, HNET, HNET_MAMBA2, _ = MODELS
 HISTOGRAM_BATCHES = 8  # validation batches each trained dynamic model is cut on for the chunk lengths
 LONGEST_CHUNK = 32  # the histogram's last bin holds every chunk of this many positions or more
 # The router's diagnostics (msllm.models.chunking.DynamicChunking.stats), logged per dynamic scale s
