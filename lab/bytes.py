@@ -225,11 +225,13 @@ def summarize(results: list[dict], recipe) -> dict:
     }
 
 
-def family(recipe) -> list:
+def family(recipe) -> list | None:
     """What a learned model and the fixed-boundary models it is judged against must share: the mixer
     of the bytes and H-Net's ingredients as resolved (residual projection, stage norms, embedding
-    init, learning-rate multipliers)."""
+    init, learning-rate multipliers). None without a dynamic scale (and its ingredients)."""
     m = recipe.model
+    if dynamic_scale(recipe)[1] is None:
+        return None
     return [
         m.scales[0].mixer,
         m.arch_config.uses_residual_proj(m),
