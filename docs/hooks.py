@@ -31,7 +31,7 @@ def on_files(files, config):
     files.append(File.generated(config, "reference/config.md", content=config_reference()))
     files.append(File.generated(config, "reference/cli.md", content=cli_reference()))
     for folder in RESULT_FOLDERS:
-        for path in sorted((ROOT / folder).rglob("*")):  # subfolders too (lab/results/bytes-ingredients/)
+        for path in sorted((ROOT / folder).rglob("*")):  # subfolders too (lab/results/bytes-controls/)
             if path.is_file() and path.suffix in RESULT_FILES:
                 name = path.relative_to(ROOT / folder).as_posix()
                 files.append(File.generated(config, f"{folder}/{name}", abs_src_path=str(path)))
