@@ -1,7 +1,9 @@
 """msllm's declared dependencies (pyproject.toml) against the environment the tests run in:
 `pip check` finds nothing broken, every upper bound says why, and the core with each extra is
 satisfied by what is installed, as pip's resolver sees it (`pip install --dry-run`: offline when
-everything is installed; an extra that no longer resolves together with the core fails here)."""
+everything is installed; an extra that no longer resolves together with the core fails here), and
+a fresh resolve from the package index, as a new user's `pip install` makes it, still finds a set
+with every CPU-installable extra and gives transformers 5 and numpy >= 2.2 (issue 34)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.version import Version
 
 try:
     import tomllib
@@ -91,3 +94,27 @@ def test_every_dependency_says_what_it_is_for():
     missing = sorted({Requirement(text).name.lower() for text in requirements} - named)
     assert not missing, f"docs/dependencies.md has no row for {missing}: say what msllm uses each for"
     assert "pytest<9.2" in page
+
+
+@pytest.mark.slow
+def test_a_fresh_resolve_of_the_core_with_every_extra_gives_current_transformers_and_numpy(tmp_path):
+    """What a new user's `pip install` would choose today, nothing installed counted
+    (`--ignore-installed`): the core and every CPU-installable extra resolve together from the
+    package index, so no extra has drifted out of the core's reach upstream (a new release of a
+    dependency can break this without any change here, which the installed-set checks above
+    cannot see), and the resolution holds transformers >= 5 and numpy >= 2.2. Needs the package
+    index, as the install itself does; pip's cache makes a rerun quicker."""
+    requirements = [*PROJECT["dependencies"]]
+    for extra in CPU_INSTALLABLE:
+        requirements += PROJECT["optional-dependencies"][extra]
+    report = tmp_path / "report.json"
+    proc = _pip(
+        "install", "--dry-run", "--quiet", "--ignore-installed", "--report", str(report), *requirements, timeout=900
+    )
+    assert proc.returncode == 0, f"the core with {CPU_INSTALLABLE} no longer resolves:\n{proc.stderr[-3000:]}"
+    chosen = {
+        item["metadata"]["name"].lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
+    assert Version(chosen["transformers"]) >= Version("5"), chosen["transformers"]
+    assert Version(chosen["numpy"]) >= Version("2.2"), chosen["numpy"]

@@ -2,7 +2,7 @@
 causal LM: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 
 `MsllmForCausalLM.model` is msllm's own model (the classes above, built by `construct` from
-`config.msllm`), so its logits are msllm's. It runs under transformers 4.56+ and 5. Its forward
+`config.msllm`), so its logits are msllm's. It runs under transformers 4.57+ and 5. Its forward
 returns a CausalLMOutputWithPast:
 - with `use_cache` (the default) outside autograd, the logits come from msllm's cached decoding
   and the output's cache (`past_key_values` in transformers 4, `cache` in transformers 5) is
