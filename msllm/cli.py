@@ -317,6 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def address_space_limit(exc: ImportError) -> str | None:
+    """The one line for a library that cannot be loaded under an address-space limit (`ulimit -v`,
+    RLIMIT_AS): the dynamic loader fails to map its segments (libtorch_cpu.so, under 1-2 GiB), which
+    Python reports as an ImportError. None for any other ImportError, or without such a limit."""
+    import resource  # noqa: PLC0415 (start-up: only on a failed import)
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    text = str(exc)
+    if limit == resource.RLIM_INFINITY or not (
+        "failed to map segment" in text or "cannot allocate memory" in text.lower()
+    ):
+        return None
+    return (
+        f"cannot load a library ({text.splitlines()[0]}): the address-space limit (ulimit -v) of "
+        f"{limit / 2**30:.1f} GiB is too small for PyTorch, which maps several GiB: raise it (ulimit -v unlimited) "
+        "and rerun"
+    )
+
+
 def _not_the_cuda_home_warning(record: logging.LogRecord) -> bool:
     """On a machine with a CUDA toolkit but no GPU, importing DeepSpeed (through
     torch.utils.cpp_extension) logs "No CUDA runtime is found, using CUDA_HOME=..." on stderr, a
@@ -339,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the environment (a full disk, a read-only folder), not a bug: one line too
         where = f": {exc.filename}" if exc.filename else ""
         print(f"msllm {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # the first `import torch` of every command that needs it is under this try
+        line = address_space_limit(exc)
+        if line is None:
+            raise
+        print(f"msllm {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"msllm {args.command}: interrupted", file=sys.stderr)

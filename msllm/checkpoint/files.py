@@ -32,6 +32,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -321,7 +322,11 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         if int(meta.get("zero_stage", 0)) == 0:
             sd = load_torch_file(ckpt / "mp_rank_00_model_states.pt")["module"]
         else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415 (heavy: DeepSpeed)
+            # DeepSpeed's first import logs the accelerator it picked ("Setting accelerator to CPU")
+            # through a handler bound to sys.stdout at that moment: imported with stdout sent to
+            # stderr, that line and DeepSpeed's later ones stay out of what `msllm generate` prints.
+            with contextlib.redirect_stdout(sys.stderr):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415 (heavy: DeepSpeed)
 
             with contextlib.redirect_stdout(io.StringIO()), safe_loading(ckpt):
                 sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

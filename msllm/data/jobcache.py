@@ -31,6 +31,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import socket
 import time
@@ -42,10 +43,14 @@ import streaming.base.shared
 import streaming.base.shared.prefix
 import streaming.base.util
 
-from msllm.errors import DataError
+from msllm.errors import DataError, short_repr
 from msllm.safe_files import open_lock_nofollow
 
 JOB_ENV = "MSLLM_DATA_JOB"
+# A tag names a folder and a lock file in data.cache_dir and streaming's blocks in /dev/shm: one
+# path component, never `..` or a slash (which would put them outside the cache), and short enough
+# that the longest shared-memory name stays under NAME_MAX (255) with a long host name.
+_TAG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
 _LOCK_SUFFIX = ".lock"
 ROOT_MARKER = ".msllm-cache"  # in a cache root: its cache id, then what the folder is
@@ -80,13 +85,25 @@ def job_tag() -> str:
     """This job's tag (see the module docstring), fixed at its first use in a process."""
     if PROCESS.tag is None:
         if os.environ.get(JOB_ENV):
-            PROCESS.tag = os.environ[JOB_ENV]
+            PROCESS.tag = checked_job_tag(os.environ[JOB_ENV])
         elif "MASTER_PORT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             rendezvous = "\0".join(os.environ.get(k, "") for k in _RENDEZVOUS_VARIABLES)
             PROCESS.tag = "j" + hashlib.sha1(rendezvous.encode()).hexdigest()[:10]
         else:
             PROCESS.tag = f"p{os.getpid()}"
     return PROCESS.tag
+
+
+def checked_job_tag(tag: str) -> str:
+    """`tag` (MSLLM_DATA_JOB's value) if it is one safe name; a one-line DataError otherwise,
+    raised before anything is created from it."""
+    if _TAG_PATTERN.fullmatch(tag) is None:
+        raise DataError(
+            f"{JOB_ENV}={short_repr(tag)} is not a job tag: it names a folder in data.cache_dir and shared "
+            "memory in /dev/shm, so it must be one name of at most 64 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit (no '/', no '..'): set it to such a name (e.g. myjob-1), or unset it"
+        )
+    return tag
 
 
 def adopt_job_tag(tag: str) -> None:
@@ -160,6 +177,7 @@ def job_cache_folder(cache_root: Path) -> Path:
 def claim_cache_root(cache_root: Path) -> str:
     """The cache id of `cache_root`, claiming the folder for msllm if it is absent or empty; a
     DataError naming what is there if it holds files without msllm's marker."""
+    job_tag()  # a bad MSLLM_DATA_JOB is refused before the cache (or anything in it) is made
     root = cache_root.absolute()
     if root in PROCESS.claimed_roots:
         return PROCESS.claimed_roots[root]

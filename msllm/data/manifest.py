@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,13 @@ def store_unreachable(exc: BaseException, shards_dir: str) -> DataError | None:
     if not is_remote(shards_dir) or "background thread failed" not in str(exc).lower():
         return None
     cause = _download_cause(exc) or _BackgroundFailures.last
+    missing = missing_object(cause) if cause is not None else None
+    if missing is not None:  # the store answered: the object is not there, and waiting will not bring it
+        return DataError(
+            f"{missing} is missing from the object store at {shards_dir} (not found): the dataset there is "
+            "incomplete: restore the object (or remove the dataset there and run `msllm prep RECIPE` again), "
+            "then rerun the same command: training resumes from the last checkpoint"
+        )
     why = storage_error(cause) if cause is not None else "a shard download failed"
     return DataError(
         f"the object store at {shards_dir} is unreachable ({why}); msllm gave up on a shard after at most "
@@ -191,6 +199,19 @@ def _download_cause(exc: BaseException) -> BaseException | None:
             return cause
         cause = cause.__cause__
     return None
+
+
+# How streaming's downloaders word a missing object ("Object s3://b/x/shard.00003.mds.zstd not found").
+_NOT_FOUND = re.compile(r"Object (\S+?) not found")
+
+
+def missing_object(exc: BaseException) -> str | None:
+    """The object that a failed download did not find (as streaming names it), or None when `exc`
+    is not a not-found error (S3's 403 stays "access denied": it may be either)."""
+    if not isinstance(exc, FileNotFoundError) and storage_code(exc) not in ("404", "NoSuchKey"):
+        return None
+    match = _NOT_FOUND.search(str(exc))
+    return match.group(1) if match else (getattr(exc, "filename", None) or "a shard object")
 
 
 def storage_code(exc: BaseException) -> str:
@@ -213,9 +234,11 @@ def storage_error(exc: BaseException) -> str:
         )
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return "no credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError"):
-        endpoint = os.environ.get("S3_ENDPOINT_URL")
-        where = f"S3_ENDPOINT_URL={endpoint}" if endpoint else "the default endpoint"
+    endpoint = os.environ.get("S3_ENDPOINT_URL")
+    where = f"S3_ENDPOINT_URL={endpoint}" if endpoint else "the default endpoint"
+    if name in ("ConnectTimeoutError", "ReadTimeoutError"):  # a store that accepts and never answers (frozen)
+        return f"the object store did not answer in time ({where}): check the endpoint and the network"
+    if name in ("EndpointConnectionError", "ConnectionClosedError"):
         return f"cannot connect to the object store ({where}): check the endpoint and the network"
     text = str(exc).splitlines()[0] if str(exc) else repr(exc)
     return f"{name}: {text}"

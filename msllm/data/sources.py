@@ -102,22 +102,28 @@ def iter_documents(data_cfg: DataConfig) -> Iterator[str]:
 
 
 class DecodeErrorCounter:
-    """Bytes that are not UTF-8: fail at the first one, or skip the document and count it."""
+    """Documents that are not UTF-8 text (bytes that are not UTF-8, or a lone surrogate that a JSON
+    escape such as "\\ud800" makes and UTF-8 cannot encode): fail at the first one, or skip the
+    document and count it."""
+
+    BYTES = "bytes that are not UTF-8"
 
     def __init__(self, policy: str):
         self.policy = policy
-        self.skipped: dict[Path, int] = {}
+        self.skipped: dict[str, dict[Path, int]] = {}  # what was wrong -> file -> documents skipped
 
-    def bad(self, path: Path, where: str) -> None:
+    def bad(self, path: Path, where: str, what: str = BYTES, detail: str = "") -> None:
+        """`what`: the kind of fault (the skip report counts by kind); `detail`: more about this one."""
         if self.policy == "fail":
-            raise DataError(f"{where}: bytes that are not UTF-8; fix the file or set data.on_decode_error: skip")
-        self.skipped[path] = self.skipped.get(path, 0) + 1
+            raise DataError(f"{where}: {what}{detail}; fix the file or set data.on_decode_error: skip")
+        counts = self.skipped.setdefault(what, {})
+        counts[path] = counts.get(path, 0) + 1
 
     def report(self) -> None:
-        if self.skipped:
-            total = sum(self.skipped.values())
-            files = ", ".join(f"{p} ({n})" for p, n in self.skipped.items())
-            message = f"msllm prep: skipped {total} document(s) with bytes that are not UTF-8: {files}"
+        for what, skipped in self.skipped.items():
+            total = sum(skipped.values())
+            files = ", ".join(f"{p} ({n})" for p, n in skipped.items())
+            message = f"msllm prep: skipped {total} document(s) with {what}: {files}"
             if message not in _reported:  # prep reads the corpus more than once: say it once
                 _reported.add(message)
                 print(message)
@@ -165,8 +171,26 @@ def _jsonl_documents(path: Path, text_field: str, errors: DecodeErrorCounter) ->
             text = record[text_field]
             if not isinstance(text, str):
                 raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
-            if text.strip():
+            surrogate = _lone_surrogate(text)
+            if surrogate is not None:  # the split's hash and every tokenizer encode the text as UTF-8
+                errors.bad(
+                    path,
+                    where,
+                    "a lone surrogate",
+                    f" ({surrogate}) in field {text_field!r}, which UTF-8 cannot encode",
+                )
+            elif text.strip():
                 yield text
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate of `text` as its JSON escape (e.g. \\ud800), or None if `text` is
+    Unicode text that UTF-8 can encode (json.loads pairs a valid surrogate pair into one character)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
+    return None
 
 
 def _decode(raw: bytes, path: Path, where: str, errors: DecodeErrorCounter) -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -43,32 +44,76 @@ MAX_SENTENCE_BYTES = 1 << 16
 def train_tokenizer(
     train_documents: Iterable[str], cfg: TokenizerConfig, out_path: Path, num_threads: int, seed: int = 0
 ) -> None:
-    """Train a sentencepiece model on the documents (one training "sentence" per non-empty line)."""
-    spm.set_random_generator_seed(seed)  # sentencepiece samples input_sentence_size lines at random
+    """Train a sentencepiece model on the documents (one training "sentence" per non-empty line).
+
+    sentencepiece trains in a child process that this one feeds the lines through a pipe: once it
+    has read them, its C++ trainer does not return to Python until it is done (a minute and more on
+    a large corpus), so a Ctrl-C here waited that long; the child is killed at once instead. The
+    caller gives a temporary `out_path`: a child killed mid-write leaves no model under the real name."""
+    options = dict(
+        model_type=cfg.type,
+        vocab_size=cfg.vocab_size,
+        byte_fallback=cfg.byte_fallback,
+        character_coverage=cfg.character_coverage,
+        input_sentence_size=cfg.input_sentence_size,
+        shuffle_input_sentence=True,
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        num_threads=num_threads,
+        minloglevel=2,  # warnings and errors only: prep shows its own progress
+    )
+    context = multiprocessing.get_context("spawn")  # never a fork of a process that may hold threads
+    lines_in, lines_out = context.Pipe(duplex=False)
+    result_in, result_out = context.Pipe(duplex=False)
+    child = context.Process(
+        target=_train_in_child, args=(lines_in, result_out, options, str(out_path), seed), daemon=True
+    )
+    child.start()
+    lines_in.close()
+    result_out.close()
     try:
-        with out_path.open("wb") as model_file:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=_lines(train_documents),
-                model_writer=model_file,
-                model_type=cfg.type,
-                vocab_size=cfg.vocab_size,
-                byte_fallback=cfg.byte_fallback,
-                character_coverage=cfg.character_coverage,
-                input_sentence_size=cfg.input_sentence_size,
-                shuffle_input_sentence=True,
-                max_sentence_length=MAX_SENTENCE_BYTES,
-                normalization_rule_name="identity",
-                remove_extra_whitespaces=False,
-                split_digits=True,
-                pad_id=PAD_ID,
-                unk_id=UNK_ID,
-                bos_id=BOS_ID,
-                eos_id=EOS_ID,
-                num_threads=num_threads,
-                minloglevel=2,  # warnings and errors only: prep shows its own progress
-            )
-    except (RuntimeError, ValueError) as exc:  # sentencepiece's errors (a full disk is an OSError: prep names it)
-        raise _explain_training_error(exc, cfg) from None
+        try:
+            batch: list[str] = []
+            for line in _lines(train_documents):  # the corpus's own errors are raised here, in this process
+                batch.append(line)
+                if len(batch) == _LINES_PER_MESSAGE:
+                    lines_out.send(batch)
+                    batch = []
+            lines_out.send(batch)
+            lines_out.send(None)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the child stopped reading: its result says why
+        lines_out.close()
+        try:
+            outcome = result_in.recv()
+        except EOFError:  # it died without a word (killed: out of memory?)
+            child.join()
+            outcome = ("died", child.exitcode)
+        child.join()
+    finally:
+        if child.is_alive():  # this process failed or was interrupted (Ctrl-C): the child stops now
+            child.kill()
+            child.join()
+    if outcome is None:
+        return
+    kind, detail = outcome
+    if kind == "os":
+        raise OSError(*detail)  # a full disk: prep names the file
+    if kind == "died":
+        raise DataError(
+            f"sentencepiece's training process ended without a model (exit {detail}; killed for lack of memory?): "
+            "lower data.tokenizer.input_sentence_size"
+        )
+    raise _explain_training_error(RuntimeError(detail), cfg)
+
+
+_LINES_PER_MESSAGE = 4096  # lines sent to the training process at a time
 
 
 def _lines(documents: Iterable[str]) -> Iterator[str]:
@@ -76,6 +121,29 @@ def _lines(documents: Iterable[str]) -> Iterator[str]:
         for line in document.splitlines():
             if line.strip():
                 yield line
+
+
+def _train_in_child(lines, result, options: dict, out_path: str, seed: int) -> None:
+    """The training process of `train_tokenizer`: sentencepiece on the lines received, the model
+    written to `out_path`; sends None, or (kind, detail) of its failure."""
+    import signal  # noqa: PLC0415 (only in the training process)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group: the parent decides
+
+    def received() -> Iterator[str]:
+        while (batch := lines.recv()) is not None:
+            yield from batch
+
+    spm.set_random_generator_seed(seed)  # sentencepiece samples input_sentence_size lines at random
+    try:
+        with open(out_path, "wb") as model_file:
+            spm.SentencePieceTrainer.train(sentence_iterator=received(), model_writer=model_file, **options)
+    except OSError as exc:
+        result.send(("os", (exc.errno, exc.strerror, exc.filename)))
+    except (RuntimeError, ValueError) as exc:  # sentencepiece's errors
+        result.send(("sentencepiece", str(exc)))
+    else:
+        result.send(None)
 
 
 def _explain_training_error(exc: Exception, cfg: TokenizerConfig) -> DataError:

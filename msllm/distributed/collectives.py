@@ -18,11 +18,18 @@ import datetime
 import hashlib
 import json
 import os
+import socket
+import time
 
 import torch
 
-from msllm.distributed.env import DistEnv, check_master_resolves
-from msllm.errors import MsllmError, PeerLostError, RecipeError, short_repr
+from msllm.distributed.env import START_TIMEOUT_ENV, DistEnv, check_master_resolves, start_timeout_s
+from msllm.errors import LauncherError, MsllmError, PeerLostError, RecipeError, short_repr
+
+# How long a collective may wait for the other ranks once all have started (a checkpoint written
+# by rank 0 alone, an eval on one rank, may hold the others at a barrier that long).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
+WAITING_NOTE_AFTER_S = 10.0  # a start still waiting after this says whom it waits for
 
 
 def init_distributed(denv: DistEnv) -> None:
@@ -36,12 +43,121 @@ def init_distributed(denv: DistEnv) -> None:
         get_accelerator().set_device(denv.local_rank)
     if denv.world_size > 1:
         check_master_resolves()  # one line naming MASTER_ADDR, not a rendezvous traceback
+        # Started here on a store whose rendezvous is bounded and says whom it waits for
+        # (DeepSpeed's env:// start waits the whole PROCESS_GROUP_TIMEOUT in silence); DeepSpeed
+        # then adopts the started group. A bound device, as DeepSpeed gives it on CUDA.
+        device = get_accelerator().device_name()
+        torch.distributed.init_process_group(
+            get_accelerator().communication_backend_name(),
+            store=rendezvous(denv),
+            rank=denv.rank,
+            world_size=denv.world_size,
+            timeout=PROCESS_GROUP_TIMEOUT,
+            **({"device_id": torch.device(device, denv.local_rank)} if device == "cuda" else {}),
+        )
     deepspeed.init_distributed(
         dist_backend=get_accelerator().communication_backend_name(),
         auto_mpi_discovery=False,
         verbose=False,
-        timeout=datetime.timedelta(minutes=60),
+        timeout=PROCESS_GROUP_TIMEOUT,
     )
+
+
+def rendezvous(denv: DistEnv) -> torch.distributed.TCPStore:
+    """The job's store at MASTER_ADDR:MASTER_PORT once every rank has reached it, within
+    MSLLM_START_TIMEOUT (msllm.distributed.env.start_timeout_s). A rank still waiting after
+    WAITING_NOTE_AFTER_S prints whom it waits for, where and how long; at the bound it stops with
+    one LauncherError naming the ranks that never came (or rank 0, whose store never opened).
+
+    Rank 0 hosts the store, unless torchrun's agent already does at that address (as torch's own
+    env:// rendezvous decides). Each rank marks itself present under a key of this start (a
+    torchrun restart reuses the agent's store: the key names the restart)."""
+    host, port, world = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), denv.world_size
+    where, limit = f"{host}:{port}", start_timeout_s()
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    prefix = f"msllm/start/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    hosts = denv.rank == 0 and not agent
+    started = time.monotonic()
+    waiting = _WaitingNote(started, limit)
+    # A client waits for the server's port with plain connects: a TCPStore's own retries print a
+    # C++ stack trace at each failed attempt.
+    while not hosts and not _listening(host, port):
+        waiting.say(f"rank {denv.rank}: waiting for rank 0 to open the job's store at {where}")
+        if time.monotonic() - started >= limit:
+            raise LauncherError(
+                f"rank {denv.rank}: rank 0 did not open the job's store at {where} within {limit:g} s "
+                f"({START_TIMEOUT_ENV}): start rank 0 with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, "
+                "or check that this host reaches it"
+            )
+        time.sleep(0.5)
+    try:
+        store = torch.distributed.TCPStore(
+            host,
+            port,
+            world,
+            is_master=hosts,
+            timeout=datetime.timedelta(seconds=max(1.0, started + limit - time.monotonic())),
+            wait_for_workers=False,
+            multi_tenant=True,
+        )
+    except torch.distributed.DistNetworkError as exc:
+        what = "open" if hosts else "reach"  # rank 0: MASTER_PORT taken; another: the server went away
+        raise LauncherError(
+            f"launcher environment: rank {denv.rank} cannot {what} the job's store at {where} ({_first_line(exc)}): "
+            + ("set MASTER_PORT to a free port" if hosts else "check that rank 0 is running and reachable")
+        ) from None
+    try:
+        store.set(f"{prefix}/rank/{denv.rank}", "1")
+        arrived = store.add(f"{prefix}/arrived", 1)
+        while arrived < world:
+            waiting.say(f"waiting for {world - arrived} more rank(s) at {where}")
+            if time.monotonic() - started >= limit:
+                missing = [r for r in range(world) if not store.check([f"{prefix}/rank/{r}"])]
+                shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+                raise LauncherError(
+                    f"rank(s) {shown} of {world} did not join the job at {where} within {limit:g} s "
+                    f"({START_TIMEOUT_ENV}): start them with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, "
+                    "or check that they reach it"
+                )
+            time.sleep(0.2)
+            arrived = store.add(f"{prefix}/arrived", 0)
+    except torch.distributed.DistError:  # rank 0 gave up first (and said whom it waited for), or died
+        raise LauncherError(
+            f"rank {denv.rank}: the job's store at {where} closed before every rank joined: rank 0 stopped "
+            f"(its own line says why; a rank that never started stops it after {START_TIMEOUT_ENV})"
+        ) from None
+    store.set_timeout(PROCESS_GROUP_TIMEOUT)
+    return store
+
+
+class _WaitingNote:
+    """The line a rank prints, once, when the start has taken WAITING_NOTE_AFTER_S (or half the
+    bound, if shorter): who is awaited, where, and how long it will wait (stdout, with the rank's
+    other progress lines). Asked before each check of the bound, so it always comes before the
+    line that gives up."""
+
+    def __init__(self, started: float, limit: float):
+        self.started, self.limit, self.printed = started, limit, False
+        self.after = min(WAITING_NOTE_AFTER_S, limit / 2)
+
+    def say(self, who: str) -> None:
+        if self.printed or time.monotonic() - self.started < self.after:
+            return
+        self.printed = True
+        print(f"{who} (up to {self.limit:g} s; set {START_TIMEOUT_ENV} to change)", flush=True)
+
+
+def _listening(host: str, port: int) -> bool:
+    """Whether something accepts connections at host:port now."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def is_initialized() -> bool:

@@ -16,7 +16,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from msllm.errors import LauncherError
+from msllm.errors import LauncherError, short_repr
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ def read_env(environ: dict | None = None) -> DistEnv:
         raise LauncherError(f"launcher environment: rank {rank} is not within world size {world}")
     if world > 1:
         _check_master(env)
+        start_timeout_s(env)  # a bad value: one line now, not after the wait it sets
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
     return DistEnv(rank=rank, world_size=world, local_rank=local, launcher=launcher)
 
@@ -114,6 +115,32 @@ def check_master_resolves(env=None) -> None:
             f"launcher environment: MASTER_ADDR {addr!r} does not resolve to an address "
             f"({getattr(exc, 'strerror', None) or exc}): set it to the host of rank 0"
         ) from None
+
+
+START_TIMEOUT_ENV = "MSLLM_START_TIMEOUT"
+# How long the ranks of a job wait for each other at start-up (seconds). Longer than any normal
+# start stagger (nodes of one job start within seconds; a container image unpacked or torch imported
+# from a network filesystem, within minutes), and a sixth of the process group's 60 minutes: a job
+# whose peer never starts ends in 10 minutes, not an hour. Slower sites set MSLLM_START_TIMEOUT.
+DEFAULT_START_TIMEOUT_S = 600.0
+
+
+def start_timeout_s(env=None) -> float:
+    """MSLLM_START_TIMEOUT (seconds > 0), or DEFAULT_START_TIMEOUT_S; a LauncherError if it is not a number."""
+    env = os.environ if env is None else env
+    text = env.get(START_TIMEOUT_ENV, "").strip()
+    if not text:
+        return DEFAULT_START_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise LauncherError(
+            f"launcher environment: {START_TIMEOUT_ENV} {short_repr(text)} is not a number of seconds > 0: set it "
+            f"to e.g. {DEFAULT_START_TIMEOUT_S:.0f}, or unset it"
+        )
+    return seconds
 
 
 def say(*args) -> None:

@@ -20,6 +20,7 @@ throughput and MFU msllm.metrics'.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import numbers
@@ -31,7 +32,7 @@ from pathlib import Path
 from msllm.checkpoint.runfolder import check_run_folder_held
 from msllm.distributed import collectives
 from msllm.distributed.env import say
-from msllm.errors import DataError
+from msllm.errors import DataError, MsllmError
 from msllm.metrics import fmt_duration
 from msllm.run_record import manifest_sha256
 from msllm.safe_files import open_append_nofollow, write_new
@@ -189,12 +190,33 @@ class JsonlLogger(Callback):
                     continue  # a torn last line
             write_new(path, "".join(k + "\n" for k in kept))
         self.f = open_append_nofollow(path)  # a link planted since: ELOOP, never a write through it
+        self.failed = False
 
     def on_log(self, row: dict) -> None:
-        self.f.write(json.dumps(row, allow_nan=True) + "\n")
+        try:
+            self.f.write(json.dumps(row, allow_nan=True) + "\n")  # line buffered: written (or failed) here
+        except OSError as exc:
+            self.failed = True
+            raise self._write_error(exc) from None
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()  # flushes again what failed to write
+        except OSError as exc:
+            if not self.failed:  # else the first failure is already on its way, in one line
+                raise self._write_error(exc) from None
+
+    def _write_error(self, exc: OSError) -> MsllmError:
+        """A failed write is one line naming the file (the OSError of a write names none). A rerun
+        resumes from the last checkpoint, and drops the rows written after it, a torn one too."""
+        folder = self.path.parent
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = f"free space in {folder} (or raise the quota)"
+        else:
+            fix = f"fix {folder}"
+        return MsllmError(
+            f"cannot write {self.path}: {exc.strerror or exc}: {fix}, then rerun: it resumes from the last checkpoint"
+        )
 
 
 class TensorBoardLogger(Callback):

@@ -355,6 +355,9 @@ def train(recipe, overwrite: bool = False) -> None:
             f"train.max_steps {recipe.train.max_steps}"
         )
         return
+    from msllm.data.jobcache import job_tag  # noqa: PLC0415 (start-up: a finished run's msllm train imports no streaming)
+
+    job_tag()  # a bad MSLLM_DATA_JOB is one line before the run folder or the data cache is made
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # ranks share the cores

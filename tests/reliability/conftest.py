@@ -35,3 +35,22 @@ def run_copy(tmp_path, trained_run, tiny_data):
     recipe, copy = make_recipe(tmp_path, tiny_data, **TRAINED)
     shutil.copytree(out, copy)
     return recipe, copy
+
+
+@pytest.fixture(scope="session")
+def zero1_run(made_once, tiny_data):
+    """(recipe, output_dir) of a finished 2-step ZeRO-1 run (its checkpoint is DeepSpeed's sharded
+    one, read through zero_to_fp32), made once per test run. Never write into it."""
+
+    def make(tmp):
+        recipe, _ = make_recipe(
+            tmp,
+            tiny_data,
+            parallel={"zero_stage": 1},
+            train={"max_steps": 2},
+            eval={"every": 0, "max_batches": 1},
+            checkpoint={"every": 2, "keep_last": 1},
+        )
+        check(msllm("train", recipe))
+
+    return recipe_paths(made_once("reliability_zero1", make))

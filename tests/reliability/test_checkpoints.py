@@ -242,3 +242,19 @@ def test_write_error_inside_torch_save_is_one_line(tmp_path, tiny_data):
     line = one_line_error(proc, "train")
     assert "could not save checkpoint" in line and "step_0000003" in line and "there is no earlier checkpoint" in line
     assert checkpoints(out) == []  # the partial folder is gone
+
+
+def test_generate_from_a_zero_checkpoint_prints_only_the_text(zero1_run, capsys):
+    """Probe class: a command whose stdout is its product (`msllm generate` from a ZeRO-1
+    checkpoint, read through DeepSpeed's zero_to_fp32). DeepSpeed's first import logged "Setting
+    accelerator to CPU" on stdout, ahead of the text; now stdout is exactly the generated text
+    (DeepSpeed's line goes to stderr)."""
+    from msllm.use.generate import generate_cli
+
+    _, out = zero1_run
+    args = ("--prompt", "The", "--prompt", "A cat", "--temperature", "0", "--max-new-tokens", "6")
+    proc = check(msllm("generate", out, *args))
+    texts = generate_cli(str(out), ["The", "A cat"], max_new_tokens=6, temperature=0)  # greedy: the same texts
+    capsys.readouterr()
+    assert texts[0].startswith("The") and texts[1].startswith("A cat")
+    assert proc.stdout == "\n\n".join(texts) + "\n", proc.stdout

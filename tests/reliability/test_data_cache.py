@@ -12,7 +12,8 @@ import subprocess
 import sys
 
 from fixtures.launch import clean_env
-from fixtures.reliability import cli, one_line, tree_digest
+from fixtures.reliability import cli, one_line, one_line_error, tree_digest
+from fixtures.train import msllm
 from msllm.data.jobcache import ENTRY_MARKER, ROOT_MARKER
 
 
@@ -96,3 +97,23 @@ def test_cache_still_removes_its_own_stale_folders_and_nothing_else(tmp_path):
         assert (root / ".lock").is_file()
     finally:
         running.communicate("\n", timeout=60)
+
+
+def test_a_job_tag_that_is_a_path_is_refused_before_anything_is_made(tmp_path, trained_run):
+    """Probe class: path-like fields (MSLLM_DATA_JOB=../../victim/esc). The tag names the job's folder
+    and lock in data.cache_dir: as a path it put them (and the cache's entry marker) outside it.
+    Now train and eval refuse it in one line, and nothing is made inside the cache or outside it."""
+    recipe, run = trained_run
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    cache = tmp_path / "a" / "b" / "cache"
+    env = clean_env(MSLLM_DATA_JOB="../../victim/esc")
+    for args in (
+        ("train", recipe, "--set", f"run.output_dir={tmp_path / 'out'}"),
+        ("eval", recipe, "--checkpoint", run),
+    ):
+        proc = msllm(*args, "--set", f"data.cache_dir={cache}", env=env)
+        line = one_line_error(proc, args[0])
+        assert "MSLLM_DATA_JOB='../../victim/esc' is not a job tag:" in line, line
+        assert "set it to such a name (e.g. myjob-1), or unset it" in line, line
+        assert list(victim.iterdir()) == [] and not (tmp_path / "a").exists() and not (tmp_path / "out").exists()

@@ -195,3 +195,45 @@ def test_a_bad_recipe_for_train_is_exactly_one_stderr_line(tmp_path, tiny_data):
     recipe, _ = make_recipe(tmp_path, tiny_data)
     proc = msllm("train", recipe, "--set", f"data.shards_dir={junk}")
     assert proc.returncode == 2 and proc.stderr.splitlines() == [one_line_error(proc, "train")], proc.stderr
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "unigram"])
+def test_a_lone_surrogate_in_a_jsonl_corpus_is_one_line(tmp_path, tiny_data, capsys, tokenizer):
+    """Probe class: byte-level data (a jsonl record whose text holds a lone surrogate, "\\ud800", which
+    json.loads accepts and UTF-8 cannot encode). It was a UnicodeEncodeError traceback in the split's
+    hash or the byte tokenizer; now it is one line naming the file and line, and no dataset is made;
+    with data.on_decode_error: skip the record is skipped and counted."""
+    corpus = tmp_path / "corpus.jsonl"
+    records = [json.dumps({"text": t}) for t in corpus_text().split("\n\n")]
+    records.insert(3, '{"text": "a lone \\ud800 surrogate"}')
+    corpus.write_text("\n".join(records) + "\n")
+    recipe, _ = make_recipe(tmp_path, tiny_data)
+    shards = tmp_path / "s"
+    overrides = ["data.source=jsonl", f"data.paths=[{corpus}]", f"data.shards_dir={shards}"]
+    overrides.append(f"data.tokenizer.type={tokenizer}")
+    code, _, err = _prep(capsys, recipe, *overrides)
+    line = one_line(code, err, "prep")
+    assert f"{corpus}:4: a lone surrogate (\\ud800) in field 'text', which UTF-8 cannot encode; fix the file" in line
+    assert "or set data.on_decode_error: skip" in line
+    assert not shards.exists() and not list(tmp_path.rglob("manifest.json"))  # no dataset, whole or in part
+
+    code, out, err = _prep(capsys, recipe, *overrides, "data.on_decode_error=skip")
+    assert code == 0, err
+    assert f"skipped 1 document(s) with a lone surrogate: {corpus} (1)" in out
+    assert (shards / "manifest.json").is_file()
+
+
+def test_surrogate_bytes_in_a_text_corpus_are_one_line(tmp_path, tiny_data, capsys):
+    """Probe class: byte-level data (a text corpus holding a surrogate encoded as UTF-8 bytes, ED A0 80,
+    which strict UTF-8 rejects): one line naming the file, no dataset made."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(corpus_text().encode() + b"\n\na lone \xed\xa0\x80 surrogate\n")
+    recipe, _ = make_recipe(tmp_path, tiny_data)
+    shards = tmp_path / "s"
+    for tokenizer in ("bytes", "unigram"):
+        code, _, err = _prep(
+            capsys, recipe, f"data.paths=[{corpus}]", f"data.shards_dir={shards}", f"data.tokenizer.type={tokenizer}"
+        )
+        line = one_line(code, err, "prep")
+        assert f"{corpus}: bytes that are not UTF-8; fix the file or set data.on_decode_error: skip" in line
+        assert not shards.exists() and not list(tmp_path.rglob("manifest.json"))

@@ -22,6 +22,8 @@ def _user_folder(path):
 
 @pytest.mark.parametrize("force", [True, False])
 def test_prep_into_a_folder_of_user_files_deletes_nothing(tmp_path, tiny_data, capsys, force):
+    """Probe class: `prep --force` on a user's folder (data.shards_dir naming a folder of the
+    user's own files), with and without --force."""
     recipe, _ = make_recipe(tmp_path, tiny_data)
     mine = tmp_path / "mine"
     before = _user_folder(mine)
@@ -34,6 +36,7 @@ def test_prep_into_a_folder_of_user_files_deletes_nothing(tmp_path, tiny_data, c
 
 
 def test_prep_force_replaces_its_own_dataset_and_removes_the_aside_copy(tmp_path, tiny_data, capsys):
+    """Probe class: `prep --force` on msllm's own dataset (what --force is for still works)."""
     recipe, _ = make_recipe(tmp_path, tiny_data)
     shards = tmp_path / "shards"
     shutil.copytree(tiny_data[1], shards)
@@ -46,6 +49,7 @@ def test_prep_force_replaces_its_own_dataset_and_removes_the_aside_copy(tmp_path
 
 @pytest.mark.parametrize("what", ["folder", "file"])
 def test_export_force_over_user_files_deletes_nothing(run_copy, tmp_path, capsys, what):
+    """Probe class: `export --force` on a user's folder (or a user's file)."""
     _, out = run_copy
     dest = tmp_path / "mine"
     if what == "folder":
@@ -63,6 +67,7 @@ def test_export_force_over_user_files_deletes_nothing(run_copy, tmp_path, capsys
 
 
 def test_export_force_replaces_its_own_export(run_copy, tmp_path, capsys):
+    """Probe class: `export --force` on msllm's own export (what --force is for still works)."""
     _, out = run_copy
     dest = tmp_path / "exported"
     for args in ([], ["--force"]):
@@ -75,6 +80,7 @@ def test_export_force_replaces_its_own_export(run_copy, tmp_path, capsys):
 
 
 def test_import_hf_force_over_a_user_file_deletes_nothing(tmp_path, tiny_data, capsys):
+    """Probe class: `import-hf --out FILE --force` on a user's own file."""
     folder = write_llama_folder(tmp_path / "llama", tiny_data[1] / "tokenizer.model")
     mine = tmp_path / "recipe.yaml"
     mine.write_text("run: {name: my own recipe}\n")

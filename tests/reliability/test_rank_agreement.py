@@ -30,6 +30,7 @@ sys.exit(main(args))
     ],
 )
 def test_ranks_with_different_recipes_all_stop_with_one_line(tmp_path, tiny_data, override, shown):
+    """Probe class: ranks that disagree (2 ranks under torchrun, rank 1 given another --set)."""
     recipe, out = make_recipe(tmp_path, tiny_data, eval={"every": 0, "max_batches": 1})
     script = tmp_path / "per_rank.py"
     script.write_text(PER_RANK)

@@ -169,3 +169,43 @@ def test_run_folder_deleted_during_training_stops_with_one_line(tmp_path, tiny_d
     assert f"run.output_dir {out} was deleted or moved while this run trained (its .lock is gone)" in line
     assert "put the folder back and rerun the same command to resume" in line
     assert not out.exists()  # the step-6 checkpoint was not written into a new folder
+
+
+# metrics.jsonl's descriptor is moved onto /dev/full before its 5th row: the kernel's own ENOSPC,
+# through the real line-buffered file (whose close flushes the failed line again), at a known step.
+METRICS_FILL_UP = """
+import os
+import msllm.train.callbacks as _callbacks
+_open = _callbacks.open_append_nofollow
+def _open_filling_up(path):
+    f = _open(path)
+    write, rows = f.write, []
+    def write_until_full(text):
+        rows.append(text)
+        if len(rows) == 5:
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, f.fileno())
+            os.close(full)
+        return write(text)
+    f.write = write_until_full
+    return f
+_callbacks.open_append_nofollow = _open_filling_up
+"""
+
+
+def test_no_space_for_metrics_names_the_file_and_a_rerun_resumes(tmp_path, tiny_data):
+    """Probe class: no space left for metrics.jsonl mid-run (ENOSPC from /dev/full at step 5). Its
+    OSError named no file; now the line names metrics.jsonl, says to free space, and that a rerun
+    resumes from the last checkpoint (step 3): the rerun gives steps 1-6 once each."""
+    recipe, out = make_recipe(
+        tmp_path, tiny_data, train={"max_steps": 6}, eval={"every": 0, "max_batches": 1}, checkpoint={"every": 3}
+    )
+    proc = msllm("train", recipe, python_code=METRICS_FILL_UP)
+    line = one_line_error(proc, "train")
+    metrics = out / "metrics.jsonl"
+    assert f"cannot write {metrics}: No space left on device: free space in {out}" in line, line
+    assert "then rerun: it resumes from the last checkpoint" in line, line
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
+    assert checkpoints(out) == ["step_0000003"]
+    check(msllm("train", recipe))
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]

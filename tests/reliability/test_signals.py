@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 from fixtures.reliability import checkpoints
 from fixtures.train import check, losses, make_recipe, msllm, start_msllm, train_and_signal_before_step, wait_for_line
@@ -110,3 +111,52 @@ def test_kill_9_during_a_save_resumes_exactly(tmp_path, tiny_data, trained_run):
     assert "step_0000003 at step 3" in proc.stdout
     assert losses(out) == losses(trained_run[1])
     assert (partial / "COMPLETE").is_file()
+
+
+# Once sentencepiece has been fed every line (its C++ trainer runs from then on, about 15 s on the
+# corpus below), the prep prints this with the pid of the training process.
+_MARK_WHEN_ALL_LINES_ARE_FED = """
+import multiprocessing
+import msllm.data.tokenizer as _tokenizer
+_lines = _tokenizer._lines
+def _lines_then_mark(documents):
+    yield from _lines(documents)
+    print("ALL LINES FED", *[c.pid for c in multiprocessing.active_children()], flush=True)
+_tokenizer._lines = _lines_then_mark
+"""
+
+
+def test_ctrl_c_during_tokenizer_training_stops_promptly(tmp_path, tiny_data):
+    """Probe class: Ctrl-C in every command (`msllm prep` while sentencepiece trains). Its C++
+    trainer does not return to Python until done, so SIGINT took 14 s (15 s here, before the fix)
+    to act; it now trains in a child process that is killed at once. The bound, 10 s from the signal to
+    the exit, is a hang guard: the stop takes well under a second; no tokenizer.model is left,
+    no dataset, no training process."""
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 10))) for _ in range(10**5)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(" ".join(rng.choices(words, k=20)) for _ in range(60000)) + "\n")
+    shards = tmp_path / "shards"
+    recipe, _ = make_recipe(
+        tmp_path, tiny_data, data={"paths": [str(corpus)], "shards_dir": str(shards), "tokenizer": {"vocab_size": 8000}}
+    )
+    proc = start_msllm("prep", recipe, python_code=_MARK_WHEN_ALL_LINES_ARE_FED)
+    try:
+        trainer_pids = [int(pid) for pid in wait_for_line(proc, "ALL LINES FED").split()[3:]]
+        proc.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        elapsed = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and [line for line in err.splitlines() if line.startswith("msllm ")] == [
+        "msllm prep: interrupted"
+    ], err[-3000:]
+    assert elapsed < 10, elapsed
+    assert len(trainer_pids) == 1 and not Path(f"/proc/{trainer_pids[0]}").exists()  # killed and reaped
+    assert not shards.exists() and not list(tmp_path.rglob("tokenizer.model"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 
 import pytest
 
@@ -158,3 +159,28 @@ def test_import_hf_fifo_in_the_folder_is_one_line(tmp_path, tiny_data, capsys, n
     code, _, err = cli(capsys, "import-hf", folder, "--out", tmp_path / "r.yaml")
     assert f"{folder / name} is a FIFO (named pipe), not a file" in one_line(code, err, "import-hf")
     assert not (tmp_path / "r.yaml").exists()
+
+
+def _address_space_of(gib: float):
+    """A preexec_fn: the child runs under `ulimit -v` of `gib` GiB (RLIMIT_AS)."""
+
+    def limit():
+        size = int(gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+    return limit
+
+
+@pytest.mark.parametrize("gib", [1, 2])
+def test_an_address_space_limit_too_small_for_torch_is_one_line(tmp_path, tiny_data, trained_run, gib):
+    """Probe class: ulimits (`ulimit -v` of 1 and 2 GiB: the loader cannot map libtorch's segments).
+    It was an ImportError traceback; now every command that imports torch says, in one line, that
+    the address-space limit is too small and how to raise it."""
+    recipe, run = make_recipe(tmp_path, tiny_data)
+    _, trained = trained_run
+    for args in (("train", recipe), ("eval", recipe, "--checkpoint", trained), ("generate", trained, "--prompt", "A")):
+        line = one_line_error(msllm(*args, preexec_fn=_address_space_of(gib)), args[0])
+        assert "libtorch" in line and "failed to map segment" in line, line
+        assert f"the address-space limit (ulimit -v) of {gib:.1f} GiB is too small for PyTorch" in line, line
+        assert "raise it (ulimit -v unlimited) and rerun" in line, line
+    assert not run.exists()

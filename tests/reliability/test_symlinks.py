@@ -25,6 +25,7 @@ def _outside(tmp_path):
 
 @pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "recipe.yaml", "run.json", "checkpoints", "tensorboard"])
 def test_train_refuses_a_run_folder_entry_linked_outside(tmp_path, tiny_data, name):
+    """Probe class: planted symlinks (a run folder entry replaced by a link to a file outside)."""
     outside = _outside(tmp_path)
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 2}, eval={"every": 0, "max_batches": 1})
     out.mkdir()
@@ -39,7 +40,8 @@ def test_train_refuses_a_run_folder_entry_linked_outside(tmp_path, tiny_data, na
 
 
 def test_a_link_inside_the_run_folder_is_replaced_not_followed(tmp_path, tiny_data):
-    """A link that stays inside the folder is allowed; msllm replaces it by its own file."""
+    """Probe class: planted symlinks (a link that stays inside the run folder): allowed; msllm
+    replaces it by its own file."""
     recipe, out = make_recipe(tmp_path, tiny_data, train={"max_steps": 2}, eval={"every": 0, "max_batches": 1})
     out.mkdir()
     (out / "notes.txt").write_text("kept\n")
@@ -57,8 +59,9 @@ def test_a_link_inside_the_run_folder_is_replaced_not_followed(tmp_path, tiny_da
 
 
 def test_the_writers_replace_a_link_planted_after_the_start(tmp_path):
-    """The run-start check aside, the writers themselves never follow a link (one planted while the
-    run trains): run.json and metrics.jsonl are written by rename, metrics.jsonl appended with O_NOFOLLOW."""
+    """Probe class: planted symlinks (planted while the run trains). The run-start check aside,
+    the writers themselves never follow a link: run.json and metrics.jsonl are written by rename,
+    metrics.jsonl appended with O_NOFOLLOW."""
     from msllm import run_record
     from msllm.safe_files import open_append_nofollow
     from msllm.train.callbacks import JsonlLogger
@@ -82,6 +85,7 @@ def test_the_writers_replace_a_link_planted_after_the_start(tmp_path):
 
 
 def test_prep_lock_linked_outside_is_one_line(tmp_path, tiny_data, capsys):
+    """Probe class: planted symlinks (prep's staging lock linked to a file outside)."""
     outside = _outside(tmp_path)
     recipe, _ = make_recipe(tmp_path, tiny_data)
     shards = tmp_path / "shards"
@@ -93,8 +97,8 @@ def test_prep_lock_linked_outside_is_one_line(tmp_path, tiny_data, capsys):
 
 
 def test_import_hf_out_link_is_replaced_not_written_through(tmp_path, tiny_data, capsys):
-    """`import-hf --out LINK --force` where LINK leads to a recipe msllm wrote elsewhere: the link is
-    replaced by the new recipe; the file it pointed to is unchanged."""
+    """Probe class: planted symlinks (`import-hf --out LINK --force` where LINK leads to a recipe
+    msllm wrote elsewhere): the link is replaced by the new recipe; the file it pointed to is unchanged."""
     folder = write_llama_folder(tmp_path / "llama", tiny_data[1] / "tokenizer.model")
     elsewhere = tmp_path / "elsewhere.yaml"
     code, _, err = cli(capsys, "import-hf", folder, "--out", elsewhere)
