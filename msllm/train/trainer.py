@@ -61,6 +61,7 @@ from msllm.metrics import MfuMeter, Throughput, accelerator_max_allocated, fmt_d
 from msllm.safe_files import write_new
 from msllm.train.callbacks import ConsoleLogger, EvalCallback, JsonlLogger, ShardsWatch, TensorBoardLogger
 from msllm.train.engine import build_engine, build_model_for_training, lr_at, param_names
+from msllm.train.host_allocator import freed_blocks_returned
 from msllm.train.kernel_check import at_start
 from msllm.train.loss import choose_kernel, model_loss
 from msllm.train.memory import check_can_train, check_fits
@@ -136,10 +137,11 @@ class Trainer:
 
         recipe = self.recipe
         seed_everything(recipe.run.seed)
-        model = build_model_for_training(recipe, self.build_device)
-        if recipe.train.init_from:  # a Hugging Face Llama's weights instead of the random init (a resume replaces them)
-            load_initial_weights(model, recipe.model, recipe.train.init_from, self.shards.tokenizer_sha256)
-        return build_engine(parallelize(model, self.dims, recipe), recipe, self.dims)
+        with freed_blocks_returned():  # the build's large temporaries must not stay as a fragmented heap
+            model = build_model_for_training(recipe, self.build_device)
+            if recipe.train.init_from:  # a Hugging Face Llama's weights, not the random init (a resume replaces them)
+                load_initial_weights(model, recipe.model, recipe.train.init_from, self.shards.tokenizer_sha256)
+            return build_engine(parallelize(model, self.dims, recipe), recipe, self.dims)
 
     def per_rank_streams(self) -> None:
         """The RNG streams of this rank from here on (after the model and the kernel check)."""
