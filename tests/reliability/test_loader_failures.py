@@ -34,6 +34,7 @@ def _run_on_small_shards(tmp_path, tiny_data):
     return recipe, out, shards
 
 
+@pytest.mark.slow
 def test_a_later_shard_that_fails_its_hash_is_one_line(tmp_path, tiny_data):
     """Probe class: a flipped byte in a later training shard (found by streaming's download thread)."""
     recipe, out, shards = _run_on_small_shards(tmp_path, tiny_data)
@@ -45,6 +46,7 @@ def test_a_later_shard_that_fails_its_hash_is_one_line(tmp_path, tiny_data):
     assert_kept(before, out / "checkpoints")  # what a rerun resumes from
 
 
+@pytest.mark.slow
 @pytest.mark.needs_root("mounts a 64 KiB tmpfs as data.cache_dir")
 def test_a_full_cache_dir_is_one_line(tmp_path, tiny_data):
     """Probe class: data.cache_dir on a 64 KiB tmpfs, filled by the shards the loader's thread copies."""

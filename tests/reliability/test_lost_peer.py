@@ -35,6 +35,7 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return ranks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("killed", [1, 0])
 def test_a_rank_killed_mid_run_is_one_line_on_the_survivor(tmp_path, tiny_data, killed):
     """Probe class: a lost peer (kill -9 of one rank of two, gloo under torchrun)."""

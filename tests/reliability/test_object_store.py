@@ -86,6 +86,7 @@ def _ended(proc: subprocess.Popen, timeout: float) -> tuple[subprocess.Completed
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_store_stopped_mid_run_is_one_line_within_the_bound(tmp_path, store):
     """Probe class: the object store going away (the S3 server killed mid-run)."""
     from msllm.checkpoint.files import latest_complete, step_of
@@ -108,6 +109,7 @@ def test_store_stopped_mid_run_is_one_line_within_the_bound(tmp_path, store):
     assert saved is not None and step_of(saved) >= 2
 
 
+@pytest.mark.slow
 def test_a_shard_object_missing_from_the_store_is_named(tmp_path, store):
     """Probe class: the object store going away (one shard object deleted from the store). It
     was worded "the store is unreachable (not found ...)"; now the line names the missing object
@@ -137,6 +139,7 @@ _manifest.STORE_GIVE_UP_S = _manifest.DOWNLOAD_RETRIES * _manifest.CLIENT_ATTEMP
 SHORT_GIVE_UP_S = 2 * 3 * (2 + 2)
 
 
+@pytest.mark.slow
 def test_a_store_frozen_mid_run_is_one_line_within_the_bound(tmp_path, store):
     """Probe class: the object store going away (the S3 server frozen by SIGSTOP mid-run: it
     accepts connections and never answers). The read timeouts bound it: one line, exit 2, the

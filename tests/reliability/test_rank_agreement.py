@@ -29,6 +29,7 @@ sys.exit(main(args))
         ("run.seed=2", "run.seed 2 vs 1"),
     ],
 )
+@pytest.mark.slow
 def test_ranks_with_different_recipes_all_stop_with_one_line(tmp_path, tiny_data, override, shown):
     """Probe class: ranks that disagree (2 ranks under torchrun, rank 1 given another --set)."""
     recipe, out = make_recipe(tmp_path, tiny_data, eval={"every": 0, "max_batches": 1})

@@ -106,6 +106,7 @@ def test_seed_out_of_range_is_refused_by_every_command(tmp_path, tiny_data, caps
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_largest_seed_trains(tmp_path, tiny_data):
     """2**63 - 1 is accepted because torch, numpy and streaming all take it (with the per-rank offset)."""
     recipe, out = make_recipe(

@@ -12,6 +12,7 @@ from fixtures.train import check, make_recipe, msllm, rows, start_msllm, wait_fo
 from msllm.checkpoint.files import latest_complete, step_of
 
 
+@pytest.mark.slow
 def test_second_training_refused_and_lock_stale_after_kill_9(tmp_path, tiny_data):
     recipe, out = make_recipe(
         tmp_path, tiny_data, train={"max_steps": 100000}, checkpoint={"every": 2}, eval={"every": 0, "max_batches": 1}
@@ -44,6 +45,7 @@ def test_fresh_start_into_a_finished_run_refused(run_copy):
     assert tree_digest(out) == before
 
 
+@pytest.mark.slow
 def test_overwrite_moves_the_old_run_aside(run_copy, trained_run):
     recipe, out = run_copy
     before = tree_digest(out)
@@ -118,6 +120,7 @@ def test_read_only_shards_dir_to_prepare(tmp_path, tiny_data):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_overwrite_of_a_finished_run_moves_it_aside_and_starts(run_copy):
     """Probe class: `msllm train --overwrite` on a finished run (checkpoint.resume true): it starts
     afresh, as its help says, instead of "nothing to do"."""
@@ -147,6 +150,7 @@ _schedule.Schedule.at = _wait_then_plan
 """
 
 
+@pytest.mark.slow
 def test_run_folder_deleted_during_training_stops_with_one_line(tmp_path, tiny_data):
     """Probe class: run.output_dir deleted (rm -rf) while the run trains: its lock went with it."""
     import shutil

@@ -16,6 +16,7 @@ from fixtures.train import msllm_command
 TINY_SHM = 'mount -t tmpfs -o size=8k tmpfs /dev/shm && exec "$@"'
 
 
+@pytest.mark.slow
 @pytest.mark.needs_root("mounts an 8 KiB tmpfs on /dev/shm in a mount namespace")
 def test_full_dev_shm_is_one_line_and_keeps_the_run(run_copy):
     """Probe class: a full /dev/shm (an 8 KiB tmpfs), on a resumed run."""

@@ -7,11 +7,14 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from fixtures.reliability import checkpoints
 from fixtures.train import check, losses, make_recipe, msllm, start_msllm, train_and_signal_before_step, wait_for_line
 from msllm.train.schedule import StopSignals
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_and_the_rerun_is_exact(tmp_path, tiny_data, reference_run):
     _, ref_out, _ = reference_run
     recipe, out = make_recipe(tmp_path, tiny_data, checkpoint={"every": 0})
@@ -50,6 +53,7 @@ engine.TorchCheckpointEngine.save = save
 """
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once(tmp_path, tiny_data):
     """Ctrl-C (delivered twice at once, as torchrun passes it on), then, while the checkpoint is
     being written, a second Ctrl-C: exit 130 without waiting; the earlier checkpoint is intact."""
@@ -87,6 +91,7 @@ engine.TorchCheckpointEngine.save = save
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save_resumes_exactly(tmp_path, tiny_data, trained_run):
     """Killed while step 6 is half written: the rerun ignores it, resumes step 3 and logs the same
     losses as the uninterrupted run."""

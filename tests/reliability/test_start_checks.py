@@ -24,6 +24,7 @@ _cpu.CPU_Accelerator.is_fp16_supported = lambda self: False
 """
 
 
+@pytest.mark.slow
 def test_fp16_on_a_cpu_without_fp16_is_one_line(tmp_path, tiny_data):
     """Probe class: a precision the accelerator does not support (fp16 on a CPU without fp16 kernels)."""
     recipe, out = make_recipe(tmp_path, tiny_data, train={"precision": "fp16"})
@@ -43,6 +44,7 @@ def test_fp16_on_a_cpu_without_fp16_is_one_line(tmp_path, tiny_data):
         ("eval.micro_batch_size", "lower eval.micro_batch_size"),
     ],
 )
+@pytest.mark.slow
 def test_a_micro_batch_that_cannot_fit_is_one_line(tmp_path, tiny_data, key, shown):
     """Probe class: a micro-batch of 2**40 samples (its activations checked before any batch is drawn)."""
     recipe, out = make_recipe(tmp_path, tiny_data)
@@ -52,6 +54,7 @@ def test_a_micro_batch_that_cannot_fit_is_one_line(tmp_path, tiny_data, key, sho
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_msllm_eval_refuses_a_micro_batch_that_cannot_fit(run_copy):
     """Probe class: `msllm eval` with eval.micro_batch_size 2**40."""
     recipe, out = run_copy

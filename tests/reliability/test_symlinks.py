@@ -39,6 +39,7 @@ def test_train_refuses_a_run_folder_entry_linked_outside(tmp_path, tiny_data, na
     assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written in the run folder either
 
 
+@pytest.mark.slow
 def test_a_link_inside_the_run_folder_is_replaced_not_followed(tmp_path, tiny_data):
     """Probe class: planted symlinks (a link that stays inside the run folder): allowed; msllm
     replaces it by its own file."""

@@ -42,6 +42,7 @@ def _private_shards(tmp_path, tiny_data):
     return (corpus, mine)
 
 
+@pytest.mark.slow
 def test_shards_swapped_under_a_run_stop_it_and_its_checkpoints_keep_the_old_tokenizer(tmp_path, tiny_data):
     data = _private_shards(tmp_path, tiny_data)
     tokenizer = (data[1] / "tokenizer.model").read_bytes()

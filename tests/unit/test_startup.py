@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fixtures.train import check, make_recipe, msllm
 
 # At exit, print which heavy modules the command imported.
@@ -24,6 +26,7 @@ def imported(proc) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_commands_over_a_trained_model_import_neither_deepspeed_nor_transformers(tmp_path, reference_run):
     recipe, out, _ = reference_run
     for args in (
