@@ -16,6 +16,10 @@ namespaces), lab/ (the experiments of lab/ at toy sizes).
 A test marked `@pytest.mark.needs_root("why")` skips, saying why, when not run as root, and fails
 instead under CI (CI=true), which must run every test (`.ci/run` runs as root).
 
+A test marked `@pytest.mark.needs_cuda("why")` skips, saying why, where torch sees no CUDA device
+(every CI machine so far): the marker is how `msllm bench gpu` finds them (`pytest -m needs_cuda`
+over tests/), so every CUDA-only test carries it rather than its own skipif.
+
 CI runs the suite on two pytest-xdist workers (`-n 2`). A module whose tests share a module-scoped
 fixture (dockerd and its image, a slurm cluster, exported models) runs on one worker, as one xdist
 group (`--dist loadgroup`, which the addopts in pyproject.toml select), so that the fixture is built
@@ -77,7 +81,16 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
-    """`needs_root` without root: a skip, or under CI a failure (before any fixture is made)."""
+    """`needs_root` without root: a skip, or under CI a failure; `needs_cuda` without a CUDA device:
+    a skip (before any fixture is made)."""
+    cuda = item.get_closest_marker("needs_cuda")
+    if cuda is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip(
+                f"needs CUDA ({cuda.args[0] if cuda.args else 'see the test'}): run it on a GPU, e.g. msllm bench gpu"
+            )
     marker = item.get_closest_marker("needs_root")
     if marker is None or os.geteuid() == 0:
         return

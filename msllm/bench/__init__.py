@@ -17,6 +17,7 @@ the package, and go through run_benchmark with their own registry (`python -m la
     model_startup.py      model-startup: per-rank memory and time from building the model to step 1, ZeRO-3 x4 vs whole
     generate.py           generate: cached decoding against the uncached loop, per arch and HF Llama; prefill
     gpu.py                gpu: the CUDA-only tests, the kernels' start-up checks, attention and throughput (GPU only)
+    ops.py                ops: operations dispatched per training step at BookCorpus sizes, eager and compiled (counted)
 
 To add a benchmark: a module here with a function `bench_NAME(args) -> str` (heavy imports inside
 it), and an entry in BENCHMARKS.
@@ -102,6 +103,11 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], str]] = {
         "generate",
         "bench_generate",
         "Cached decoding tokens/s per arch against the uncached loop, vanilla and HF Llama generate; prefill; plot.",
+    ),
+    "ops": lazy(
+        "ops",
+        "bench_ops",
+        "Operations dispatched per training step of each arch at BookCorpus sizes, eager and compiled (no timing).",
     ),
     "gpu": lazy(
         "gpu",

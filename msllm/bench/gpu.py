@@ -1,9 +1,10 @@
 """`msllm bench gpu`: everything in msllm that only a GPU can check or measure, in one command and
 one results file (benchmarks/gpu.md), for whoever has a GPU:
 
-    1. the tests that skip without CUDA (`CUDA_TESTS`: FlexAttention forward and backward against
-       the dense reference, a model on FlexAttention compiled as one graph, the fused loss kernels
-       against chunked), in a fresh pytest process, with its summary and any failure;
+    1. the tests that skip without CUDA, every test under tests/ marked `needs_cuda` (FlexAttention
+       forward and backward against the dense reference, a model on FlexAttention compiled as one
+       graph, the fused loss kernels against chunked, mamba-ssm's scan against PyTorch's), in a
+       fresh pytest process, with its summary and any failure;
     2. the start-up checks of the kernels each GPU would train with (`msllm doctor --json`'s
        report: versions, devices, kernels and their checks, matmul rate against the peak);
     3. `msllm bench attention` (one layer's sliding-window attention per kernel at L = 64k);
@@ -31,16 +32,16 @@ from msllm.bench.throughput import bench_throughput
 from msllm.doctor import collect, format_report
 from msllm.errors import MsllmError
 
-CUDA_TESTS = ("tests/unit/test_loss.py", "tests/unit/test_attention_kernels.py")
-CUDA_SELECTION = "cuda"  # pytest -k: the tests of CUDA_TESTS that skip without a GPU have "cuda" in their names
+CUDA_TESTS = "tests"  # the test folder of a checkout: pytest -m CUDA_MARKER selects in all of it
+CUDA_MARKER = "needs_cuda"  # tests/conftest.py skips the tests it marks where torch sees no CUDA device
 
 
 def cuda_tests(root: Path = Path(".")) -> dict:
-    """The CUDA-only tests of the checkout at `root` in a fresh pytest process: its exit code and
-    the end of its report."""
-    if not all((root / test).is_file() for test in CUDA_TESTS):
+    """The CUDA-only tests (marked `needs_cuda`) of the checkout at `root` in a fresh pytest
+    process: its exit code and the end of its report."""
+    if not (root / CUDA_TESTS / "conftest.py").is_file():
         raise MsllmError(
-            f"no {CUDA_TESTS[0]} under {root}: the CUDA tests are in an msllm checkout; pass --recipes "
+            f"no {CUDA_TESTS}/conftest.py under {root}: the CUDA tests are in an msllm checkout; pass --recipes "
             "DIR, the recipes/ folder of one (its parent holds tests/)"
         )
     cmd = [
@@ -53,9 +54,9 @@ def cuda_tests(root: Path = Path(".")) -> dict:
         "-rfEs",
         "-p",
         "no:cacheprovider",
-        "-k",
-        CUDA_SELECTION,
-        *CUDA_TESTS,
+        "-m",
+        CUDA_MARKER,
+        CUDA_TESTS,
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)

@@ -218,9 +218,6 @@ def test_retina_query_10_sees_token_6_with_window_4_factor_2_and_3_levels():
 # On a GPU (skipped on the CPU, where FlexAttention has no backward): the kernel that trains there
 # ----------------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention backward)")
-
-
 CUDA_PATTERNS = {
     "window-300": SlidingWindow(300),
     "retina-w4-k2-3": RetinaPattern(4, 2, 3),
@@ -228,7 +225,7 @@ CUDA_PATTERNS = {
 }
 
 
-@needs_cuda
+@pytest.mark.needs_cuda("FlexAttention backward")
 @pytest.mark.parametrize("name", list(CUDA_PATTERNS))
 def test_flex_matches_the_dense_reference_forward_and_backward_on_cuda(name):
     """A slice after a halo (as under sequence parallelism), float32, forward and gradients."""
@@ -252,7 +249,7 @@ def test_flex_matches_the_dense_reference_forward_and_backward_on_cuda(name):
         torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3, msg=f"{name}: {what}")
 
 
-@needs_cuda
+@pytest.mark.needs_cuda("FlexAttention backward")
 @pytest.mark.parametrize("arch", ["bottom_up", "retina"])
 def test_a_model_on_flex_attention_compiles_as_one_graph_on_cuda(arch):
     """The BlockMask is built inside the graph when compiling (no cache lookup, no graph break)."""

@@ -226,10 +226,7 @@ def test_a_tiny_model_trains_3_steps_on_a_fused_kernel_as_on_chunked(kernel):
         torch.testing.assert_close(runs[kernel][1][name], p, rtol=0, atol=1e-5, msg=name)
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fused kernels are CUDA-only)")
-
-
-@cuda
+@pytest.mark.needs_cuda("the fused kernels are CUDA-only")
 @pytest.mark.parametrize("kernel", ["liger", "cce"])
 def test_fused_cuda_kernels_match_chunked(kernel):
     if not installed(kernel):

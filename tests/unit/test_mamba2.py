@@ -129,7 +129,7 @@ def test_flops_count_the_mamba2_layers():
     )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel needs CUDA")
+@pytest.mark.needs_cuda("mamba-ssm's fused kernel")
 def test_the_mamba_ssm_kernel_matches_the_pytorch_scan_on_cuda():
     pytest.importorskip("mamba_ssm")
     m, _ = mixer(dtype=torch.float32)

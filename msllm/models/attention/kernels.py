@@ -177,17 +177,30 @@ def flex_offsets(layout) -> list[int]:
     return offsets + [at]
 
 
-def flex_mask_mod(pattern, first_position: int, layout):
-    """FlexAttention's mask_mod: the pattern's ranges over the segments laid end to end."""
+def flex_mask_mod(pattern, first_position: int, layout, device=None):
+    """FlexAttention's mask_mod: the pattern's ranges over the segments laid end to end.
+
+    What varies with the length (the first position; each segment's length, first index and
+    offset) is read from 0-d tensors that the mask_mod captures, not from Python ints:
+    torch.compile makes a captured tensor an input of the graph, guarded on its shape only, but
+    bakes a captured int into the graph as a constant, so that every new length compiled flex
+    again. 0-d, so that their shapes are the same for every pattern (inductor's CPU flex kernel
+    fails to compile with a captured tensor of symbolic size)."""
     offsets = flex_offsets(layout)
 
+    def numbers(values):
+        return [torch.tensor(value, device=device) for value in values]
+
+    (start,) = numbers([first_position])
+    lengths, firsts, laid_at = numbers(n for n, _ in layout), numbers(f for _, f in layout), numbers(offsets[:-1])
+
     def mask_mod(b, h, q_idx, kv_idx):
-        t = first_position + q_idx
+        t = start + q_idx
         seen = kv_idx < 0  # all False
-        for s, (length, first) in enumerate(layout):
-            local = kv_idx - offsets[s]
-            inside = (local >= 0) & (local < length)
-            seen = seen | (inside & visible(pattern, t, s, first + local))
+        for s in range(len(layout)):
+            local = kv_idx - laid_at[s]
+            inside = (local >= 0) & (local < lengths[s])
+            seen = seen | (inside & visible(pattern, t, s, firsts[s] + local))
         return seen
 
     return mask_mod
@@ -226,16 +239,22 @@ def flex_block_mask(pattern, first_position: int, q_len: int, layout, device):
         *table(partial),
         *table(every),
         BLOCK_SIZE=FLEX_BLOCK,
-        mask_mod=flex_mask_mod(pattern, first_position, layout),
-        seq_lengths=(n_q * FLEX_BLOCK, n_kv * FLEX_BLOCK),
+        mask_mod=flex_mask_mod(pattern, first_position, layout, device),
+        seq_lengths=(q_len, n_kv * FLEX_BLOCK),
     )
 
 
 @functools.cache
-def _compiled_flex_attention():
+def _compiled_flex_attention(backend: str = "inductor"):
+    """flex_attention compiled with torch's automatic dynamic shapes: the first lengths compile a
+    graph for their shapes, the next ones a graph with the lengths symbolic, which torch
+    specialises on whether there is one block of queries and one block of keys (it specialises
+    sizes of 1): 4 graphs at most, whatever the lengths (tests/unit/test_recompile.py counts them;
+    `backend`: the tests pass a cheaper one). With static shapes every length compiled again, and
+    after torch's recompile limit (8) flex_attention ran unfused, its memory quadratic in L."""
     from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415 (heavy and optional: flex_attention imports torch._dynamo, 0.25 s; torch 2.4 has none)
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, backend=backend, dynamic=None)
 
 
 def _flex(q, segments, pattern, first_position, layout):
@@ -245,13 +264,20 @@ def _flex(q, segments, pattern, first_position, layout):
         return torch.cat([F.pad(x, (0, 0, 0, _padded(x.shape[2]) - x.shape[2])) for x in tensors], dim=2)
 
     keys, values = laid_out([s.keys for s in segments]), laid_out([s.values for s in segments])
-    block_mask = flex_block_mask(pattern, first_position, L, layout, q.device)
-    q = F.pad(q, (0, 0, 0, _padded(L) - L))
     if torch.compiler.is_compiling():  # the enclosing compile fuses it
         from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415 (heavy and optional: flex_attention imports torch._dynamo, 0.25 s; torch 2.4 has none)
-    else:
-        flex_attention = _compiled_flex_attention()
-    return flex_attention(q, keys, values, block_mask=block_mask)[:, :, :L]
+
+        # The queries as they are: padding them and slicing the output would add a guard on
+        # whether L is a multiple of 128, and so one more graph for the lengths on each side.
+        block_mask = flex_block_mask(pattern, first_position, L, layout, q.device)
+        return flex_attention(q, keys, values, block_mask=block_mask)
+    # Padded to whole blocks here, outside the compiled kernel: its graph sees multiples of 128 only,
+    # so the lengths that pad alike share one graph (and one cached BlockMask), and the kernel
+    # needs no bounds checks.
+    padded = _padded(L)
+    block_mask = flex_block_mask(pattern, first_position, padded, layout, q.device)
+    q = F.pad(q, (0, 0, 0, padded - L))
+    return _compiled_flex_attention()(q, keys, values, block_mask=block_mask)[:, :, :L]
 
 
 # ----------------------------------------------------------------------------------------------
