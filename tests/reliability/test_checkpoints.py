@@ -38,6 +38,7 @@ def test_flipped_bytes_in_latest_fall_back_to_the_previous(run_copy, trained_run
     assert (out / "checkpoints" / "step_0000006" / "COMPLETE").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"", b"garbage" * 1000])
 def test_empty_or_garbage_model_states_fall_back(run_copy, trained_run, content):
     recipe, out = run_copy
@@ -120,6 +121,7 @@ def test_pruning_never_deletes_the_last_verified_checkpoint(tmp_path):
     assert checkpoints(tmp_path) == ["step_0000001", "step_0000003"]
 
 
+@pytest.mark.slow
 def test_nan_update_never_applied_nor_saved(tmp_path, tiny_data):
     """lr=1e6: the first updates blow the weights up and the gradients turn NaN; those updates are
     skipped, no checkpoint is saved during the streak, the checkpoints holding the blown-up weights
@@ -156,6 +158,7 @@ trainer_module.Trainer.train_step = train_step
 """
 
 
+@pytest.mark.slow
 def test_divergence_names_the_last_good_checkpoint_and_rerun_resumes_it(tmp_path, tiny_data, reference_run):
     """NaN gradients from step 5 on: step_0000004 holds the weights that gave them and is set
     aside; step_0000002 is named; the rerun resumes it and matches an uninterrupted run exactly."""
@@ -244,6 +247,7 @@ def test_write_error_inside_torch_save_is_one_line(tmp_path, tiny_data):
     assert checkpoints(out) == []  # the partial folder is gone
 
 
+@pytest.mark.slow
 def test_generate_from_a_zero_checkpoint_prints_only_the_text(zero1_run, capsys):
     """Probe class: a command whose stdout is its product (`msllm generate` from a ZeRO-1
     checkpoint, read through DeepSpeed's zero_to_fp32). DeepSpeed's first import logged "Setting

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from fixtures.launch import clean_env
 from fixtures.reliability import cli, one_line, one_line_error, tree_digest
 from fixtures.train import msllm
@@ -99,6 +101,7 @@ def test_cache_still_removes_its_own_stale_folders_and_nothing_else(tmp_path):
         running.communicate("\n", timeout=60)
 
 
+@pytest.mark.slow
 def test_a_job_tag_that_is_a_path_is_refused_before_anything_is_made(tmp_path, trained_run):
     """Probe class: path-like fields (MSLLM_DATA_JOB=../../victim/esc). The tag names the job's folder
     and lock in data.cache_dir: as a path it put them (and the cache's entry marker) outside it.

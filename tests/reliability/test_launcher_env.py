@@ -29,6 +29,7 @@ def test_bad_master_address_or_port_is_one_line(tmp_path, tiny_data, variables, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("present", [0, 1])
 def test_a_peer_rank_that_never_starts_is_awaited_within_the_bound(tmp_path, tiny_data, present):
     """Probe class: a peer rank that never starts (one rank of a world of 2 started by hand, gloo).

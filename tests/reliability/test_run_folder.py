@@ -37,6 +37,7 @@ def test_second_training_refused_and_lock_stale_after_kill_9(tmp_path, tiny_data
     assert [r["step"] for r in rows(out)] == list(range(1, step_of(saved) + 2))
 
 
+@pytest.mark.slow
 def test_fresh_start_into_a_finished_run_refused(run_copy):
     recipe, out = run_copy
     before = tree_digest(out)
@@ -68,6 +69,7 @@ def test_rerun_of_a_finished_run_adds_no_eval_row(run_copy):
     assert tree_digest(out / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_output_dir_that_is_a_file(tmp_path, tiny_data):
     recipe, _ = make_recipe(tmp_path, tiny_data)
     blocker = tmp_path / "a_file"
@@ -82,6 +84,7 @@ def _tmpfs(where, options):
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_root("mounts a tmpfs")
 @pytest.mark.parametrize("case", ["read-only", "full"])
 def test_unusable_output_disk_at_start(tmp_path, tiny_data, case):
@@ -108,6 +111,7 @@ def test_unusable_output_disk_at_start(tmp_path, tiny_data, case):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_root("mounts a read-only tmpfs")
 def test_read_only_shards_dir_to_prepare(tmp_path, tiny_data):
     disk = tmp_path / "ro"
@@ -197,6 +201,7 @@ _callbacks.open_append_nofollow = _open_filling_up
 """
 
 
+@pytest.mark.slow
 def test_no_space_for_metrics_names_the_file_and_a_rerun_resumes(tmp_path, tiny_data):
     """Probe class: no space left for metrics.jsonl mid-run (ENOSPC from /dev/full at step 5). Its
     OSError named no file; now the line names metrics.jsonl, says to free space, and that a rerun

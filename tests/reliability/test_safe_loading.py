@@ -14,6 +14,7 @@ from fixtures.reliability import Malicious, checkpoints, one_line_error, plant_m
 from fixtures.train import check, clean_env, msllm
 
 
+@pytest.mark.slow
 def test_the_planted_file_really_runs_code_under_an_unsafe_load(tmp_path):
     """The fixture is live: torch.load(weights_only=False), what msllm did before, runs it."""
     import torch
@@ -43,6 +44,7 @@ def test_malicious_model_states_refused(run_copy, tmp_path, command):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "trainer_state_rank0.pt"])
 def test_malicious_file_refused_on_resume(run_copy, tmp_path, name):
     recipe, out = run_copy
@@ -56,6 +58,7 @@ def test_malicious_file_refused_on_resume(run_copy, tmp_path, name):
     assert checkpoints(out) == ["step_0000003", "step_0000006"]
 
 
+@pytest.mark.slow
 def test_user_cannot_switch_safe_loading_off_by_environment(run_copy, tmp_path):
     """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the environment does not reopen the hole."""
     _, out = run_copy

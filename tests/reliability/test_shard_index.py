@@ -27,6 +27,7 @@ def _shards_with(tmp_path, tiny_data, split: str, key: str, name: str):
     return shards
 
 
+@pytest.mark.slow
 def test_absolute_raw_name_in_a_train_index_writes_nothing_there(tmp_path, tiny_data):
     """The issue's case: training used to write the 136 kB decompressed shard at that path, exit 0."""
     target = tmp_path / "elsewhere" / "written.mds"

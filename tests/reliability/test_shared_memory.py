@@ -57,6 +57,7 @@ def test_shared_memory_estimate():
         check_shared_memory("train", 1 << 40)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_root("mounts an 8 KiB tmpfs on /dev/shm in a mount namespace")
 def test_full_dev_shm_with_two_ranks_is_one_line_on_each(run_copy):
     """Probe class: a full /dev/shm (an 8 KiB tmpfs) under 2 ranks (torchrun, gloo), on a resumed

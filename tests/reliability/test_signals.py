@@ -131,6 +131,7 @@ _tokenizer._lines = _lines_then_mark
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_tokenizer_training_stops_promptly(tmp_path, tiny_data):
     """Probe class: Ctrl-C in every command (`msllm prep` while sentencepiece trains). Its C++
     trainer does not return to Python until done, so SIGINT took 14 s (15 s here, before the fix)

@@ -94,6 +94,7 @@ def _init_from_recipe(tmp_path, tiny_data, folder, section):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_init_from_weights_that_are_a_fifo_or_a_device_are_one_line(tmp_path, tiny_data, kind):
     """Probe class: a FIFO (would block forever) or a device (/dev/zero, endless) named model.safetensors."""
@@ -111,6 +112,7 @@ def test_init_from_weights_that_are_a_fifo_or_a_device_are_one_line(tmp_path, ti
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_init_from_weights_of_another_shape_are_one_line(tmp_path, tiny_data):
     """Probe class: a safetensors tensor whose shape is not what config.json makes it."""
     folder, section = _llama_with_weights(tmp_path, tiny_data, wrong_shape="model.layers.1.mlp.up_proj.weight")
@@ -123,6 +125,7 @@ def test_init_from_weights_of_another_shape_are_one_line(tmp_path, tiny_data):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_init_from_a_malformed_config_is_one_line(tmp_path, tiny_data):
     """Probe class: a malformed config.json value (num_attention_heads 0) read by train.init_from."""
     folder, section = _llama_with_weights(tmp_path, tiny_data)
@@ -174,6 +177,7 @@ def _address_space_of(gib: float):
     return limit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gib", [1, 2])
 def test_an_address_space_limit_too_small_for_torch_is_one_line(tmp_path, tiny_data, trained_run, gib):
     """Probe class: ulimits (`ulimit -v` of 1 and 2 GiB: the loader cannot map libtorch's segments).

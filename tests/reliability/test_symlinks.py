@@ -23,6 +23,7 @@ def _outside(tmp_path):
     return outside
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "recipe.yaml", "run.json", "checkpoints", "tensorboard"])
 def test_train_refuses_a_run_folder_entry_linked_outside(tmp_path, tiny_data, name):
     """Probe class: planted symlinks (a run folder entry replaced by a link to a file outside)."""

@@ -107,6 +107,7 @@ def test_a_trainer_state_without_its_dataloader_entry_falls_back(run_copy):
     assert "has no dataloader entry" in proc.stdout and "step_0000003 at step 3" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("allowed", [True, False])
 def test_every_checkpoint_corrupt_restarts_loudly_or_stops(run_copy, allowed):
     recipe, out = run_copy
@@ -123,6 +124,7 @@ def test_every_checkpoint_corrupt_restarts_loudly_or_stops(run_copy, allowed):
     assert {"step_0000003.corrupt", "step_0000006.corrupt"} <= set(checkpoints(out))  # kept, renamed
 
 
+@pytest.mark.slow
 def test_a_model_too_big_for_memory_is_refused_before_anything_is_allocated(tmp_path, tiny_data, capsys):
     from msllm.train.memory import available_bytes
 

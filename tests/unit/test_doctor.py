@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import msllm.models.attention.kernels as attention
@@ -41,6 +42,7 @@ def test_doctor_json_has_every_part(tmp_path):
     assert output["what"] == "output" and output["exists"] is False and output["free_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_doctor_text_runs():
     done = msllm("doctor", "--no-check", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -8,12 +8,15 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from fixtures.launch import clean_env
 from fixtures.train import make_recipe, msllm_command
 
 STEP_LINE = re.compile(r"^step +\d+/", flags=re.M)
 
 
+@pytest.mark.slow
 def test_step_lines_reach_a_file_while_the_run_goes_on(tmp_path, tiny_data):
     recipe, out = make_recipe(
         tmp_path,

@@ -62,7 +62,10 @@ def chunking_model():
     )
 
 
-@pytest.mark.parametrize("arch", ["vanilla", "bottom_up", "retina"])
+@pytest.mark.parametrize(
+    "arch",
+    ["vanilla", pytest.param("bottom_up", marks=pytest.mark.slow), pytest.param("retina", marks=pytest.mark.slow)],
+)
 def test_training_at_one_shape_compiles_once_and_other_lengths_at_most_twice_more(arch):
     """Training's shape: compiled on the first step, never again. Other lengths (eval at another
     length, a recipe's seq_len changed on resume): automatic dynamic shapes compile once more with
@@ -97,6 +100,7 @@ def test_dynamic_chunking_changes_its_chunk_count_every_step_without_recompiling
     assert graphs() <= first + 1, (counts, first, graphs())
 
 
+@pytest.mark.slow
 def test_eval_pads_its_short_last_batch_and_compiles_nothing_for_it():
     """7 validation samples in batches of 4: the last batch (3 rows) is padded to 4 rows of
     ignored labels, so it reuses the graphs of the first (no_grad graphs: eval's own). The loss is
