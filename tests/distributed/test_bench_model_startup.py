@@ -40,9 +40,12 @@ def test_each_rank_records_its_startup_memory_and_times(tmp_path):
             assert all(record[field] > 0 for field in FIELDS), record
             assert record["peak_reset"] is True  # VmHWM was reset before the build (Linux)
             assert record["parameters"] == runs[0]["records"][0]["parameters"]
-            # the high-water marks only grow, and start from what was resident before the build
-            assert record["base_rss"] <= record["built_peak"] <= record["engine_peak"] <= record["startup_peak"]
-            assert record["startup_peak"] <= record["step_peak"]
+            # the high-water marks only grow, and start from what was resident before the build,
+            # within 4 MiB: the kernel reads VmHWM from per-CPU RSS counters that are summed
+            # approximately (a later read was seen 212 KiB below an earlier one)
+            slack = 4 * 2**20
+            marks = [record[k] for k in ("base_rss", "built_peak", "engine_peak", "startup_peak", "step_peak")]
+            assert all(later >= earlier - slack for earlier, later in zip(marks, marks[1:])), marks
             assert record["startup_rss_trimmed"] <= record["startup_peak"] and startup_bytes(record) > 0
             assert record["to_first_step_s"] > record["engine_s"] >= record["build_s"]
     text = to_markdown(runs, RECIPE)
