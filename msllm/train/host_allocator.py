@@ -1,6 +1,6 @@
 """Host memory freed while the model is built goes back to the system (glibc's malloc only).
 
-    freed_blocks_returned()   a context for the start-up (model build and deepspeed.initialize)
+    freed_blocks_returned()   a context for a ZeRO-3 start-up (model build and deepspeed.initialize)
 
 Why: building the model allocates and frees large blocks on the host (zero.Init builds each module
 whole for a moment before partitioning it; init_parameters computes each parameter's whole value).

@@ -38,6 +38,7 @@ multiplied back by that divisor (`Trainer.grad_scale`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -137,7 +138,10 @@ class Trainer:
 
         recipe = self.recipe
         seed_everything(recipe.run.seed)
-        with freed_blocks_returned():  # the build's large temporaries must not stay as a fragmented heap
+        # ZeRO-3 builds each rank's partitions between large temporaries: they must not stay as a
+        # fragmented heap (below ZeRO 3 every rank holds the whole model anyway: glibc as it is)
+        sharded = recipe.parallel.zero_stage == 3
+        with freed_blocks_returned() if sharded else contextlib.nullcontext():
             model = build_model_for_training(recipe, self.build_device)
             if recipe.train.init_from:  # a Hugging Face Llama's weights, not the random init (a resume replaces them)
                 load_initial_weights(model, recipe.model, recipe.train.init_from, self.shards.tokenizer_sha256)
