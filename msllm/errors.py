@@ -20,6 +20,12 @@ def clip(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for quoting
+    another library's error inside msllm's one line."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class MsllmError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 

@@ -24,7 +24,7 @@ import time
 import torch
 
 from msllm.distributed.env import START_TIMEOUT_ENV, DistEnv, check_master_resolves, start_timeout_s
-from msllm.errors import LauncherError, MsllmError, PeerLostError, RecipeError, short_repr
+from msllm.errors import LauncherError, MsllmError, PeerLostError, RecipeError, first_line, short_repr
 
 # How long a collective may wait for the other ranks once all have started (a checkpoint written
 # by rank 0 alone, an eval on one rank, may hold the others at a barrier that long).
@@ -103,7 +103,7 @@ def rendezvous(denv: DistEnv) -> torch.distributed.TCPStore:
     except torch.distributed.DistNetworkError as exc:
         what = "open" if hosts else "reach"  # rank 0: MASTER_PORT taken; another: the server went away
         raise LauncherError(
-            f"launcher environment: rank {denv.rank} cannot {what} the job's store at {where} ({_first_line(exc)}): "
+            f"launcher environment: rank {denv.rank} cannot {what} the job's store at {where} ({first_line(exc)}): "
             + ("set MASTER_PORT to a free port" if hosts else "check that rank 0 is running and reachable")
         ) from None
     try:
@@ -154,10 +154,6 @@ def _listening(host: str, port: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def is_initialized() -> bool:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from msllm.checkpoint.files import consolidated_state_dict, read_meta, read_recipe, resolve_checkpoint
 from msllm.data.tokenizer import file_sha256, load_tokenizer_file
-from msllm.errors import CheckpointError, MsllmError
+from msllm.errors import CheckpointError, MsllmError, first_line
 from msllm.models import build_model
 
 EXPORT_FILES = ("model.safetensors", "recipe.yaml", "tokenizer.model", "export.json")
@@ -75,7 +75,7 @@ def _load_export(folder: Path) -> LoadedModel:
             raise ValueError("not a JSON object")
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(
-            f"{folder}/export.json cannot be read ({_first_line(exc)}): export the checkpoint again"
+            f"{folder}/export.json cannot be read ({first_line(exc)[:200]}): export the checkpoint again"
         ) from None
     recipe = read_recipe(folder)
     tokenizer = _tokenizer(folder / "tokenizer.model", meta.get("tokenizer_sha256"), recipe.model.vocab_size)
@@ -83,7 +83,7 @@ def _load_export(folder: Path) -> LoadedModel:
         state = load_file(str(folder / "model.safetensors"))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(
-            f"{folder}/model.safetensors is not a readable safetensors file ({_first_line(exc)}): "
+            f"{folder}/model.safetensors is not a readable safetensors file ({first_line(exc)[:200]}): "
             "export the checkpoint again"
         ) from None
     return LoadedModel(_build(recipe, state, folder), recipe, meta, tokenizer, folder, "export")
@@ -96,7 +96,7 @@ def _build(recipe, state: dict, where: Path) -> torch.nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"{where}: the weights do not fit its recipe's model ({recipe.model.arch}): {_first_line(exc)}"
+            f"{where}: the weights do not fit its recipe's model ({recipe.model.arch}): {first_line(exc)[:200]}"
         ) from None
     return model.eval()
 
@@ -120,8 +120,3 @@ def _tokenizer(path: Path, expected_sha256: str | None, vocab_size: int):
             "not the tokenizer this model was trained with"
         )
     return tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
